@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the engine (``python -m bench.core_ratios`` compares the core twins)."""

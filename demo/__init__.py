@@ -1,0 +1,1 @@
+"""A demo batch through a real worker: ``python -m demo``."""

@@ -1,0 +1,40 @@
+"""engine: a broker-less prefork task worker over ZeroMQ with Celery's task API.
+
+::
+
+    from engine import Engine
+
+    app = Engine("proj", backend="sqlite:///results.db")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(2, 2)
+
+The hot paths (message codec, registry lookup, backoff, state recording) are
+compiled with Cython; ``HAS_EXTENSION`` tells whether the compiled core is in
+use (``ENGINE_NO_EXTENSIONS=1`` forces the pure-Python twin).
+"""
+
+from engine import states
+from engine.app import Engine
+from engine.canvas import Signature, chain, signature
+from engine.core import HAS_EXTENSION, IMPLEMENTATION
+from engine.result import AsyncResult, EagerResult
+from engine.task import Task
+
+__all__ = (
+    "Engine",
+    "Task",
+    "AsyncResult",
+    "EagerResult",
+    "Signature",
+    "signature",
+    "chain",
+    "states",
+    "HAS_EXTENSION",
+    "IMPLEMENTATION",
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""Type stub of the engine core; ``engine._core`` and ``engine._core_py`` share this API.
+
+See the module docstring of either twin for wire format v1.
+"""
+
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from typing import Any, Final
+
+IMPLEMENTATION: Final[str]
+#: The first element of every encoded task message.
+WIRE_VERSION: Final[int]
+#: Number of elements in the message envelope array.
+ENVELOPE_SIZE: Final[int]
+#: Deepest nesting of containers accepted in ``options`` (the map counts as 1).
+MAX_OPTIONS_DEPTH: Final[int]
+
+class TaskMessage:
+    """One task invocation; decoded messages unpack ``args``/``kwargs`` lazily."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int
+    eta: float | None
+    expires: float | None
+    queue: str
+    reply_to: str | None
+    parent_id: str | None
+    root_id: str | None
+    ignore_result: bool
+    options: dict[str, Any]
+    __hash__: None  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        id: str,
+        task: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        retries: int = 0,
+        eta: float | None = None,
+        expires: float | None = None,
+        queue: str = "celery",
+        reply_to: str | None = None,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        ignore_result: bool = False,
+        options: Mapping[str, Any] | None = None,
+    ) -> None: ...
+    @property
+    def payload(self) -> bytes:
+        """The packed ``[args, kwargs]`` (cached)."""
+    def copy(self, **changes: Any) -> TaskMessage:
+        """A new message with the given attributes replaced."""
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict."""
+    def __eq__(self, other: object) -> bool: ...
+
+def encode_message(msg: TaskMessage) -> bytes:
+    """Encode one message (wire format v1)."""
+
+def decode_message(data: bytes | bytearray | memoryview) -> TaskMessage:
+    """Decode one message; MessageDecodeError on any problem."""
+
+def encode_batch(messages: Iterable[TaskMessage]) -> bytes:
+    """Encode messages as a msgpack array of bin."""
+
+def decode_batch(data: bytes | bytearray | memoryview) -> list[TaskMessage]:
+    """Decode a batch; MessageDecodeError naming the bad item."""
+
+def split_batch(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The encoded items of a batch, not decoded."""
+
+class TaskRegistry(Mapping[str, Any]):
+    """Task name -> task object."""
+
+    def __init__(self) -> None: ...
+    def register(self, name: str, task: Any) -> None:
+        """Register or replace ``name``."""
+    def unregister(self, name: str) -> None:
+        """Remove ``name``; NotRegistered if absent."""
+    def lookup(self, name: str) -> Any:
+        """The task ``name``; NotRegistered if absent."""
+    def __getitem__(self, name: str) -> Any: ...
+    def get(self, name: str, default: Any = None) -> Any: ...  # type: ignore[override]
+    def __contains__(self, name: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def keys(self) -> KeysView[str]: ...
+    def values(self) -> ValuesView[Any]: ...
+    def items(self) -> ItemsView[str, Any]: ...
+
+def compute_backoff(
+    retries: int,
+    factor: float = 1.0,
+    maximum: float = 600.0,
+    jitter: bool = True,
+    rand: float | None = None,
+) -> float:
+    """``min(maximum, factor * 2**retries)``, times ``rand``/``random.random()`` if jitter."""
+
+class StateRecord:
+    """The state of one task at one moment (read-only)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def result(self) -> Any: ...
+    @property
+    def traceback(self) -> str | None: ...
+    @property
+    def timestamp(self) -> float: ...
+    __hash__: None  # type: ignore[assignment]
+    def __init__(
+        self,
+        task_id: str,
+        state: str,
+        result: Any = None,
+        traceback: str | None = None,
+        timestamp: float = 0.0,
+    ) -> None: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+    def __eq__(self, other: object) -> bool: ...
+
+class StateRecorder:
+    """Latest state per task id with precedence, plus the set changed since the last flush."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_entries(self) -> int: ...
+    def __init__(self, batch_size: int = 512, max_entries: int = 100_000) -> None: ...
+    def record(
+        self,
+        task_id: str,
+        state: str,
+        result: Any = None,
+        traceback: str | None = None,
+        timestamp: float | None = None,
+    ) -> bool:
+        """Record a state; False if precedence dropped it."""
+    def get(self, task_id: str) -> StateRecord | None: ...
+    def state_of(self, task_id: str) -> str: ...
+    def forget(self, task_id: str) -> None: ...
+    def flush(self) -> list[StateRecord]:
+        """Records changed since the last flush, in first-change order."""
+    @property
+    def pending(self) -> int: ...
+    @property
+    def should_flush(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, task_id: object) -> bool: ...

@@ -1,0 +1,1487 @@
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
+# cython: initializedcheck=False, cdivision=True
+"""Compiled core of the engine: task messages, the registry, backoff, the state recorder.
+
+``engine._core_py`` is the pure-Python twin with the same names and behaviour; import
+from ``engine.core``, which picks one of them.
+
+Wire format v1
+==============
+
+A task message is a msgpack array of exactly 13 elements::
+
+    [1, id:str, task:str, payload:bin, retries:int>=0, eta:float|nil, expires:float|nil,
+     queue:str, reply_to:str|nil, parent_id:str|nil, root_id:str|nil, ignore_result:bool,
+     options:map|nil]
+
+``payload`` is ``msgpack.packb([list(args), dict(kwargs)])`` kept as opaque bytes, so a
+supervisor can route a message without decoding its arguments; ``kwargs`` keys must be
+str. ``eta``/``expires`` are float64 unix timestamps (an int on the wire is accepted and
+read as float). ``options`` is nil when empty, else a map with str keys. Strings are UTF-8.
+
+A batch is a msgpack array of bin, each item one encoded message.
+
+Here the envelope is read by a small bounds-checked msgpack reader over the raw buffer
+(that is where the speed over the twin comes from). A non-empty ``options`` map is first
+measured and validated by a depth-limited skip, then read by the same reader; only if it
+holds an ext type is the slice handed to ``msgpack.unpackb`` instead.
+Every declared length is checked against the bytes left before it is used, so a tiny
+buffer can never make the decoder allocate much. The encoder writes the envelope itself
+and produces exactly the bytes ``msgpack.packb`` would (the tests check it).
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.math cimport ldexp
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+import operator
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import msgpack
+
+from engine.exceptions import MessageDecodeError, NotRegistered
+from engine.states import PRECEDENCE, READY_STATES
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+
+__all__ = (
+    "ENVELOPE_SIZE",
+    "IMPLEMENTATION",
+    "MAX_OPTIONS_DEPTH",
+    "WIRE_VERSION",
+    "StateRecord",
+    "StateRecorder",
+    "TaskMessage",
+    "TaskRegistry",
+    "compute_backoff",
+    "decode_batch",
+    "decode_message",
+    "encode_batch",
+    "encode_message",
+    "split_batch",
+)
+
+#: Which twin this is: ``"cython"`` here, ``"python"`` in ``engine._core_py``.
+IMPLEMENTATION = "cython"
+#: The first element of every encoded task message.
+WIRE_VERSION = 1
+#: Number of elements in the message envelope array.
+ENVELOPE_SIZE = 13
+#: Deepest nesting of containers accepted in ``options`` (the map itself counts as 1,
+#: empty containers count too). This is msgpack's own limit (1024 containers including
+#: the envelope), so this decoder rejects exactly what the twin's ``msgpack.unpackb`` does.
+MAX_OPTIONS_DEPTH = 1023
+
+cdef enum:
+    _MAX_DEPTH = 1023
+    _ENVELOPE_SIZE = 13
+    _WIRE_VERSION = 1
+
+cdef object _packb = msgpack.packb
+cdef object _unpackb = msgpack.unpackb
+cdef object _MDE = MessageDecodeError
+cdef object _MISSING = object()
+cdef object _FALLBACK = object()
+cdef frozenset _READY = frozenset(READY_STATES)
+cdef dict _PRECEDENCE_INDEX = {name: index for index, name in enumerate(PRECEDENCE)}
+cdef object _CUSTOM_PRECEDENCE = _PRECEDENCE_INDEX[None]
+cdef frozenset _FIELD_SET = frozenset((
+    "id", "task", "args", "kwargs", "retries", "eta", "expires", "queue",
+    "reply_to", "parent_id", "root_id", "ignore_result", "options",
+))
+
+
+# -- validation shared by the constructor and the setters -----------------------------------
+
+cdef object _check_str(object value, str name):
+    if not isinstance(value, str):
+        raise TypeError(f"TaskMessage.{name} must be str, got {type(value).__name__}")
+    return value
+
+
+cdef object _check_opt_str(object value, str name):
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"TaskMessage.{name} must be str or None, got {type(value).__name__}")
+    return value
+
+
+cdef object _check_time(object value, str name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"TaskMessage.{name} must be a float or None, got {type(value).__name__}")
+    return float(value)
+
+
+cdef object _check_retries(object value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"TaskMessage.retries must be int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"TaskMessage.retries must be >= 0, got {value}")
+    return int(value)
+
+
+cdef dict _check_str_keys(object value, str name):
+    if value is None:
+        return {}
+    cdef dict result = dict(value)
+    for key in result:
+        if not isinstance(key, str):
+            raise TypeError(f"TaskMessage.{name} keys must be str, got {type(key).__name__}")
+    return result
+
+
+cdef str _kind_of(object value):
+    # msgpack type names, so errors read the same as the envelope reader's.
+    if value is None:
+        return "nil"
+    if type(value) is bool:
+        return "bool"
+    if type(value) is int:
+        return "int"
+    if type(value) is float:
+        return "float"
+    if type(value) is str:
+        return "str"
+    if type(value) is bytes:
+        return "bin"
+    if type(value) is list:
+        return "array"
+    if type(value) is dict:
+        return "map"
+    return "ext"
+
+
+cdef tuple _unpack_payload(bytes payload):
+    # Map keys may be any hashable here: args can legitimately hold {1: "a"}.
+    try:
+        obj = _unpackb(payload, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:
+        raise _MDE(f"task message payload is not valid msgpack: {exc!r}") from exc
+    if type(obj) is not list or len(<list>obj) != 2:
+        raise _MDE("task message payload must be a 2-element array [args, kwargs]")
+    args = (<list>obj)[0]
+    kwargs = (<list>obj)[1]
+    if type(args) is not list:
+        raise _MDE(f"task message payload args must be an array, got {_kind_of(args)}")
+    if type(kwargs) is not dict:
+        raise _MDE(f"task message payload kwargs must be a map, got {_kind_of(kwargs)}")
+    for key in <dict>kwargs:
+        if type(key) is not str:
+            raise _MDE(f"task message payload kwargs keys must be str, got {_kind_of(key)}")
+    return tuple(<list>args), kwargs
+
+
+cdef inline bytes _pack(object obj):
+    return _packb(obj, use_bin_type=True, use_single_float=False)
+
+
+@cython.freelist(32)
+cdef class TaskMessage:
+    """One task invocation: what the producer sends and the worker executes.
+
+    TaskMessage(id, task, args=(), kwargs=None, *, retries=0, eta=None, expires=None,
+    queue="celery", reply_to=None, parent_id=None, root_id=None, ignore_result=False,
+    options=None)
+
+    A message decoded by ``decode_message`` keeps its arguments as the raw ``payload``
+    bytes until ``args`` or ``kwargs`` is first read, so routing never pays for them.
+    Reading either hands out live objects, so the cached payload is dropped then and
+    re-packed when next needed; assign a new value rather than relying on in-place edits
+    of nested objects being noticed.
+    """
+
+    def __init__(self, id, task, args=(), kwargs=None, *, retries=0, eta=None, expires=None,
+                 queue="celery", reply_to=None, parent_id=None, root_id=None,
+                 ignore_result=False, options=None):
+        self._id = _check_str(id, "id")
+        self._task = _check_str(task, "task")
+        self._args = tuple(args) if args is not None else ()
+        self._kwargs = _check_str_keys(kwargs, "kwargs")
+        self._payload = None
+        self._retries = _check_retries(retries)
+        self._eta = _check_time(eta, "eta")
+        self._expires = _check_time(expires, "expires")
+        self._queue = _check_str(queue, "queue")
+        self._reply_to = _check_opt_str(reply_to, "reply_to")
+        self._parent_id = _check_opt_str(parent_id, "parent_id")
+        self._root_id = _check_opt_str(root_id, "root_id")
+        self._ignore_result = bool(ignore_result)
+        self._options = _check_str_keys(options, "options")
+
+    cdef int _decode(self) except -1:
+        # _args is None only while the payload has not been unpacked yet.
+        if self._args is None:
+            if self._payload is None:
+                self._args = ()
+                self._kwargs = {}
+            else:
+                self._args, self._kwargs = _unpack_payload(self._payload)
+        return 0
+
+    cdef bytes _get_payload(self):
+        if self._payload is None:
+            self._decode()
+            self._payload = _pack([list(self._args), self._kwargs])
+        return self._payload
+
+    @property
+    def id(self):
+        """The task id (a UUID string by convention)."""
+        return self._id
+
+    @id.setter
+    def id(self, value):
+        self._id = _check_str(value, "id")
+
+    @property
+    def task(self):
+        """The registered name of the task to run."""
+        return self._task
+
+    @task.setter
+    def task(self, value):
+        self._task = _check_str(value, "task")
+
+    @property
+    def args(self):
+        """Positional arguments (decoded from the payload on first read)."""
+        self._decode()
+        self._payload = None
+        return self._args
+
+    @args.setter
+    def args(self, value):
+        self._decode()
+        self._args = tuple(value) if value is not None else ()
+        self._payload = None
+
+    @property
+    def kwargs(self):
+        """Keyword arguments (decoded from the payload on first read)."""
+        self._decode()
+        self._payload = None
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value):
+        self._decode()
+        self._kwargs = _check_str_keys(value, "kwargs")
+        self._payload = None
+
+    @property
+    def payload(self):
+        """The packed ``[args, kwargs]`` as sent on the wire (packed once, then cached)."""
+        return self._get_payload()
+
+    @property
+    def retries(self):
+        """How many times this task has been retried so far."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, value):
+        self._retries = _check_retries(value)
+
+    @property
+    def eta(self):
+        """Earliest time to run, as a unix timestamp, or None for now."""
+        return self._eta
+
+    @eta.setter
+    def eta(self, value):
+        self._eta = _check_time(value, "eta")
+
+    @property
+    def expires(self):
+        """Unix timestamp after which the task is revoked instead of run, or None."""
+        return self._expires
+
+    @expires.setter
+    def expires(self, value):
+        self._expires = _check_time(value, "expires")
+
+    @property
+    def queue(self):
+        """Name of the queue the message was sent to."""
+        return self._queue
+
+    @queue.setter
+    def queue(self, value):
+        self._queue = _check_str(value, "queue")
+
+    @property
+    def reply_to(self):
+        """Where the result should be sent, or None."""
+        return self._reply_to
+
+    @reply_to.setter
+    def reply_to(self, value):
+        self._reply_to = _check_opt_str(value, "reply_to")
+
+    @property
+    def parent_id(self):
+        """Id of the task that sent this one, or None."""
+        return self._parent_id
+
+    @parent_id.setter
+    def parent_id(self, value):
+        self._parent_id = _check_opt_str(value, "parent_id")
+
+    @property
+    def root_id(self):
+        """Id of the first task of the workflow, or None."""
+        return self._root_id
+
+    @root_id.setter
+    def root_id(self, value):
+        self._root_id = _check_opt_str(value, "root_id")
+
+    @property
+    def ignore_result(self):
+        """True when no result should be stored."""
+        return self._ignore_result
+
+    @ignore_result.setter
+    def ignore_result(self, value):
+        self._ignore_result = bool(value)
+
+    @property
+    def options(self):
+        """Free-form execution options (links, time limits...): str keys, msgpack values."""
+        return self._options
+
+    @options.setter
+    def options(self, value):
+        self._options = _check_str_keys(value, "options")
+
+    def copy(self, **changes):
+        """Return a new message with the given attributes replaced.
+
+        An undecoded payload is shared, not decoded, unless only one of args/kwargs changes.
+        """
+        for name in changes:
+            if name not in _FIELD_SET:
+                raise TypeError(f"copy() got an unexpected keyword argument {name!r}")
+        cdef TaskMessage new = TaskMessage.__new__(TaskMessage)
+        new._id = self._id
+        new._task = self._task
+        new._args = self._args
+        new._kwargs = dict(self._kwargs) if self._kwargs is not None else None
+        new._payload = self._payload
+        new._retries = self._retries
+        new._eta = self._eta
+        new._expires = self._expires
+        new._queue = self._queue
+        new._reply_to = self._reply_to
+        new._parent_id = self._parent_id
+        new._root_id = self._root_id
+        new._ignore_result = self._ignore_result
+        new._options = dict(self._options) if self._options is not None else {}
+        if "args" in changes and "kwargs" in changes:
+            new._args, new._kwargs, new._payload = (), {}, None  # nothing to keep: no decode
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
+
+    def to_dict(self):
+        """Return every field as a plain dict (``args`` as a tuple)."""
+        return {
+            "id": self._id, "task": self._task, "args": self.args, "kwargs": dict(self.kwargs),
+            "retries": self._retries, "eta": self._eta, "expires": self._expires,
+            "queue": self._queue, "reply_to": self._reply_to, "parent_id": self._parent_id,
+            "root_id": self._root_id, "ignore_result": self._ignore_result,
+            "options": dict(self._options),
+        }
+
+    def __eq__(self, other):
+        if not isinstance(other, TaskMessage):
+            return NotImplemented
+        cdef TaskMessage o = <TaskMessage>other
+        if self is o:
+            return True
+        if not (self._id == o._id and self._task == o._task
+                and self._retries == o._retries and self._eta == o._eta
+                and self._expires == o._expires and self._queue == o._queue
+                and self._reply_to == o._reply_to and self._parent_id == o._parent_id
+                and self._root_id == o._root_id
+                and self._ignore_result == o._ignore_result
+                and self._options == o._options):
+            return False
+        if self._args is None and o._args is None and self._payload == o._payload:
+            return True
+        self._decode()
+        o._decode()
+        return self._args == o._args and self._kwargs == o._kwargs
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None  # mutable
+
+    def __repr__(self):
+        return f"<TaskMessage {self._task}[{self._id}] retries={self._retries}>"
+
+
+# -- encoder --------------------------------------------------------------------------------
+# Writes what msgpack.packb writes: the smallest header for every length and integer,
+# str8 allowed (use_bin_type=True), floats as float64.
+
+cdef inline unsigned char* _put16(unsigned char* p, uint16_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 8)
+    p[1] = <unsigned char>v
+    return p + 2
+
+
+cdef inline unsigned char* _put32(unsigned char* p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+    return p + 4
+
+
+cdef inline unsigned char* _put64(unsigned char* p, uint64_t v) noexcept nogil:
+    _put32(p, <uint32_t>(v >> 32))
+    return _put32(p + 4, <uint32_t>v)
+
+
+cdef inline Py_ssize_t _str_size(Py_ssize_t n) except -1:
+    if n < 32:
+        return 1 + n
+    if n < 256:
+        return 2 + n
+    if n < 65536:
+        return 3 + n
+    if (<uint64_t>n >> 32) == 0:
+        return 5 + n
+    raise ValueError("unicode string is too large")
+
+
+cdef inline Py_ssize_t _bin_size(Py_ssize_t n) except -1:
+    if n < 256:
+        return 2 + n
+    if n < 65536:
+        return 3 + n
+    if (<uint64_t>n >> 32) == 0:
+        return 5 + n
+    raise ValueError("memoryview is too large")
+
+
+cdef inline Py_ssize_t _uint_size(uint64_t v) noexcept nogil:
+    if v < 128:
+        return 1
+    if v < 256:
+        return 2
+    if v < 65536:
+        return 3
+    if (v >> 32) == 0:
+        return 5
+    return 9
+
+
+cdef inline unsigned char* _put_str(unsigned char* p, const char* s, Py_ssize_t n) noexcept nogil:
+    if n < 32:
+        p[0] = <unsigned char>(0xa0 | n)
+        p += 1
+    elif n < 256:
+        p[0] = 0xd9
+        p[1] = <unsigned char>n
+        p += 2
+    elif n < 65536:
+        p[0] = 0xda
+        p = _put16(p + 1, <uint16_t>n)
+    else:
+        p[0] = 0xdb
+        p = _put32(p + 1, <uint32_t>n)
+    memcpy(p, s, n)
+    return p + n
+
+
+cdef inline unsigned char* _put_bin(unsigned char* p, const char* s, Py_ssize_t n) noexcept nogil:
+    if n < 256:
+        p[0] = 0xc4
+        p[1] = <unsigned char>n
+        p += 2
+    elif n < 65536:
+        p[0] = 0xc5
+        p = _put16(p + 1, <uint16_t>n)
+    else:
+        p[0] = 0xc6
+        p = _put32(p + 1, <uint32_t>n)
+    memcpy(p, s, n)
+    return p + n
+
+
+cdef inline unsigned char* _put_uint(unsigned char* p, uint64_t v) noexcept nogil:
+    if v < 128:
+        p[0] = <unsigned char>v
+        return p + 1
+    if v < 256:
+        p[0] = 0xcc
+        p[1] = <unsigned char>v
+        return p + 2
+    if v < 65536:
+        p[0] = 0xcd
+        return _put16(p + 1, <uint16_t>v)
+    if (v >> 32) == 0:
+        p[0] = 0xce
+        return _put32(p + 1, <uint32_t>v)
+    p[0] = 0xcf
+    return _put64(p + 1, v)
+
+
+cdef inline unsigned char* _put_time(unsigned char* p, object value):
+    cdef double d
+    cdef uint64_t bits
+    if value is None:
+        p[0] = 0xc0
+        return p + 1
+    d = value
+    memcpy(&bits, &d, 8)
+    p[0] = 0xcb
+    return _put64(p + 1, bits)
+
+
+cdef inline unsigned char* _put_opt_str(unsigned char* p, const char* s,
+                                        Py_ssize_t n) noexcept nogil:
+    if s == NULL:
+        p[0] = 0xc0
+        return p + 1
+    return _put_str(p, s, n)
+
+
+cdef inline const char* _utf8(object value, Py_ssize_t* n, Py_ssize_t* size) except? NULL:
+    # NULL with size 1 stands for nil.
+    if value is None:
+        size[0] += 1
+        return NULL
+    cdef const char* s = PyUnicode_AsUTF8AndSize(value, n)
+    size[0] += _str_size(n[0])
+    return s
+
+
+cdef bytes _encode(TaskMessage msg):
+    cdef Py_ssize_t n_id, n_task, n_queue, n_reply = 0, n_parent = 0, n_root = 0
+    cdef Py_ssize_t size = 2  # array header + version
+    cdef const char* s_id = _utf8(msg._id, &n_id, &size)
+    cdef const char* s_task = _utf8(msg._task, &n_task, &size)
+    cdef const char* s_queue = _utf8(msg._queue, &n_queue, &size)
+    cdef const char* s_reply = _utf8(msg._reply_to, &n_reply, &size)
+    cdef const char* s_parent = _utf8(msg._parent_id, &n_parent, &size)
+    cdef const char* s_root = _utf8(msg._root_id, &n_root, &size)
+    if s_id == NULL or s_task == NULL or s_queue == NULL:
+        raise TypeError("TaskMessage id, task and queue must be str")
+    cdef bytes payload = msg._get_payload()
+    cdef Py_ssize_t n_payload = PyBytes_GET_SIZE(payload)
+    size += _bin_size(n_payload)
+    cdef uint64_t retries = PyLong_AsUnsignedLongLong(msg._retries)
+    size += _uint_size(retries)
+    size += 1 if msg._eta is None else 9
+    size += 1 if msg._expires is None else 9
+    size += 1  # ignore_result
+    cdef bytes options = _pack(msg._options) if msg._options else None
+    size += 1 if options is None else PyBytes_GET_SIZE(options)
+
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* start = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef unsigned char* p = start
+    p[0] = 0x90 | _ENVELOPE_SIZE
+    p[1] = 1
+    p = _put_str(p + 2, s_id, n_id)
+    p = _put_str(p, s_task, n_task)
+    p = _put_bin(p, PyBytes_AS_STRING(payload), n_payload)
+    p = _put_uint(p, retries)
+    p = _put_time(p, msg._eta)
+    p = _put_time(p, msg._expires)
+    p = _put_str(p, s_queue, n_queue)
+    p = _put_opt_str(p, s_reply, n_reply)
+    p = _put_opt_str(p, s_parent, n_parent)
+    p = _put_opt_str(p, s_root, n_root)
+    p[0] = 0xc3 if msg._ignore_result else 0xc2
+    p += 1
+    if options is None:
+        p[0] = 0xc0
+        p += 1
+    else:
+        memcpy(p, PyBytes_AS_STRING(options), PyBytes_GET_SIZE(options))
+        p += PyBytes_GET_SIZE(options)
+    if p - start != size:  # pragma: no cover - a bug in the size computation
+        raise AssertionError("encode_message size mismatch")
+    return out
+
+
+def encode_message(msg):
+    """Encode ``msg`` as a wire-format v1 message (see the module docstring)."""
+    if not isinstance(msg, TaskMessage):
+        raise TypeError(f"expected a TaskMessage, got {type(msg).__name__}")
+    return _encode(<TaskMessage>msg)
+
+
+def encode_batch(messages):
+    """Encode several messages as one msgpack array of bin (each an encoded message)."""
+    return _pack([encode_message(msg) for msg in messages])
+
+
+# -- decoder --------------------------------------------------------------------------------
+
+cdef inline uint16_t _be16(const unsigned char* p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _be64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+
+cdef str _kind(unsigned char c):
+    # The msgpack type a first byte announces, as the twin's error messages name it.
+    if c <= 0x7f or c >= 0xe0 or 0xcc <= c <= 0xd3:
+        return "int"
+    if c <= 0x8f or c == 0xde or c == 0xdf:
+        return "map"
+    if c <= 0x9f or c == 0xdc or c == 0xdd:
+        return "array"
+    if c <= 0xbf or 0xd9 <= c <= 0xdb:
+        return "str"
+    if c == 0xc0:
+        return "nil"
+    if c == 0xc2 or c == 0xc3:
+        return "bool"
+    if c == 0xca or c == 0xcb:
+        return "float"
+    if 0xc4 <= c <= 0xc6:
+        return "bin"
+    if c == 0xc1:
+        return "invalid byte 0xc1"
+    return "ext"
+
+
+cdef object _field_error(str field, str expected, str got):
+    return _MDE(f"task message field {field!r} must be {expected}, got {got}")
+
+
+cdef inline int _need(_Reader* r, Py_ssize_t n, str what) except -1:
+    if n > r.end - r.pos:
+        raise _MDE(f"{what} is truncated")
+    return 0
+
+
+cdef inline int _need_field(_Reader* r, Py_ssize_t n, str field) except -1:
+    if n > r.end - r.pos:
+        raise _MDE(f"task message is truncated (in field {field!r})")
+    return 0
+
+
+cdef object _read_int(_Reader* r, str field, str expected):
+    """Return the integer at r.pos as a Python int; raise if it is not an integer."""
+    _need_field(r, 1, field)
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    if c <= 0x7f:
+        r.pos += 1
+        return <long>c
+    if c >= 0xe0:
+        r.pos += 1
+        return <long>(<int8_t>c)
+    if c == 0xcc:
+        _need_field(r, 2, field)
+        r.pos += 2
+        return <long>p[1]
+    if c == 0xcd:
+        _need_field(r, 3, field)
+        r.pos += 3
+        return <long>_be16(p + 1)
+    if c == 0xce:
+        _need_field(r, 5, field)
+        r.pos += 5
+        return <uint64_t>_be32(p + 1)
+    if c == 0xcf:
+        _need_field(r, 9, field)
+        r.pos += 9
+        return _be64(p + 1)
+    if c == 0xd0:
+        _need_field(r, 2, field)
+        r.pos += 2
+        return <long>(<int8_t>p[1])
+    if c == 0xd1:
+        _need_field(r, 3, field)
+        r.pos += 3
+        return <long>(<int16_t>_be16(p + 1))
+    if c == 0xd2:
+        _need_field(r, 5, field)
+        r.pos += 5
+        return <long>(<int32_t>_be32(p + 1))
+    if c == 0xd3:
+        _need_field(r, 9, field)
+        r.pos += 9
+        return <int64_t>_be64(p + 1)
+    raise _field_error(field, expected, _kind(c))
+
+
+cdef object _read_str(_Reader* r, str field, bint nil_ok):
+    _need_field(r, 1, field)
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    cdef Py_ssize_t n
+    if 0xa0 <= c <= 0xbf:
+        n = c & 0x1f
+        r.pos += 1
+    elif c == 0xd9:
+        _need_field(r, 2, field)
+        n = p[1]
+        r.pos += 2
+    elif c == 0xda:
+        _need_field(r, 3, field)
+        n = _be16(p + 1)
+        r.pos += 3
+    elif c == 0xdb:
+        _need_field(r, 5, field)
+        n = _be32(p + 1)
+        r.pos += 5
+    elif c == 0xc0 and nil_ok:
+        r.pos += 1
+        return None
+    else:
+        raise _field_error(field, "str or nil" if nil_ok else "str", _kind(c))
+    _need_field(r, n, field)
+    try:
+        s = PyUnicode_DecodeUTF8(<char*>r.buf + r.pos, n, NULL)
+    except UnicodeDecodeError:
+        raise _MDE(f"task message field {field!r} is not valid UTF-8") from None
+    r.pos += n
+    return s
+
+
+cdef bytes _read_bin(_Reader* r, str field):
+    _need_field(r, 1, field)
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    cdef Py_ssize_t n
+    if c == 0xc4:
+        _need_field(r, 2, field)
+        n = p[1]
+        r.pos += 2
+    elif c == 0xc5:
+        _need_field(r, 3, field)
+        n = _be16(p + 1)
+        r.pos += 3
+    elif c == 0xc6:
+        _need_field(r, 5, field)
+        n = _be32(p + 1)
+        r.pos += 5
+    else:
+        raise _field_error(field, "bin", _kind(c))
+    _need_field(r, n, field)
+    cdef bytes b = PyBytes_FromStringAndSize(<char*>r.buf + r.pos, n)
+    r.pos += n
+    return b
+
+
+cdef object _read_time(_Reader* r, str field):
+    _need_field(r, 1, field)
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    cdef uint32_t bits32
+    cdef uint64_t bits64
+    cdef float f
+    cdef double d
+    if c == 0xc0:
+        r.pos += 1
+        return None
+    if c == 0xcb:
+        _need_field(r, 9, field)
+        bits64 = _be64(p + 1)
+        memcpy(&d, &bits64, 8)
+        r.pos += 9
+        return d
+    if c == 0xca:
+        _need_field(r, 5, field)
+        bits32 = _be32(p + 1)
+        memcpy(&f, &bits32, 4)
+        r.pos += 5
+        return <double>f
+    return float(_read_int(r, field, "a float or nil"))
+
+
+cdef Py_ssize_t _skip_object(_Reader* r, str field) except -1:
+    """Advance r.pos past one msgpack object; return its nesting depth of containers.
+
+    No recursion: an explicit stack of "items left" per open container. A container that
+    announces more items than bytes left is rejected before anything else happens.
+    """
+    cdef uint64_t stack[_MAX_DEPTH]
+    cdef Py_ssize_t depth = 0, max_depth = 0
+    cdef uint64_t todo = 1, children
+    cdef bint container
+    cdef Py_ssize_t skip
+    cdef const unsigned char* p
+    cdef unsigned char c
+    while True:
+        if todo == 0:
+            if depth == 0:
+                return max_depth
+            depth -= 1
+            todo = stack[depth]
+            continue
+        todo -= 1
+        _need_field(r, 1, field)
+        p = r.buf + r.pos
+        c = p[0]
+        r.pos += 1
+        children = 0
+        skip = 0
+        container = (0x80 <= c <= 0x9f) or 0xdc <= c <= 0xdf
+        if c <= 0x7f or c >= 0xe0 or c == 0xc0 or c == 0xc2 or c == 0xc3:
+            pass
+        elif c <= 0x8f:
+            children = (c & 0x0f) * 2
+        elif c <= 0x9f:
+            children = c & 0x0f
+        elif c <= 0xbf:
+            skip = c & 0x1f
+        elif c == 0xc4 or c == 0xd9:
+            _need_field(r, 1, field)
+            skip = p[1]
+            r.pos += 1
+        elif c == 0xc5 or c == 0xda:
+            _need_field(r, 2, field)
+            skip = _be16(p + 1)
+            r.pos += 2
+        elif c == 0xc6 or c == 0xdb:
+            _need_field(r, 4, field)
+            skip = _be32(p + 1)
+            r.pos += 4
+        elif c == 0xc7:
+            _need_field(r, 1, field)
+            skip = <Py_ssize_t>p[1] + 1
+            r.pos += 1
+        elif c == 0xc8:
+            _need_field(r, 2, field)
+            skip = <Py_ssize_t>_be16(p + 1) + 1
+            r.pos += 2
+        elif c == 0xc9:
+            _need_field(r, 4, field)
+            skip = <Py_ssize_t>_be32(p + 1) + 1
+            r.pos += 4
+        elif c == 0xca or c == 0xce or c == 0xd2:
+            skip = 4
+        elif c == 0xcb or c == 0xcf or c == 0xd3:
+            skip = 8
+        elif c == 0xcc or c == 0xd0:
+            skip = 1
+        elif c == 0xcd or c == 0xd1:
+            skip = 2
+        elif c == 0xd4:
+            skip = 2
+        elif c == 0xd5:
+            skip = 3
+        elif c == 0xd6:
+            skip = 5
+        elif c == 0xd7:
+            skip = 9
+        elif c == 0xd8:
+            skip = 17
+        elif c == 0xdc:
+            _need_field(r, 2, field)
+            children = _be16(p + 1)
+            r.pos += 2
+        elif c == 0xdd:
+            _need_field(r, 4, field)
+            children = _be32(p + 1)
+            r.pos += 4
+        elif c == 0xde:
+            _need_field(r, 2, field)
+            children = <uint64_t>_be16(p + 1) * 2
+            r.pos += 2
+        elif c == 0xdf:
+            _need_field(r, 4, field)
+            children = <uint64_t>_be32(p + 1) * 2
+            r.pos += 4
+        else:  # 0xc1, never used by msgpack
+            raise _MDE(f"task message field {field!r} contains the invalid byte 0xc1")
+        if skip:
+            _need_field(r, skip, field)
+            r.pos += skip
+        # Empty containers count too: msgpack checks its stack before looking at the size.
+        if container and depth >= _MAX_DEPTH:
+            raise _MDE(f"task message field {field!r} is nested deeper than "
+                       f"{_MAX_DEPTH} levels")
+        if children:
+            if children > <uint64_t>(r.end - r.pos):
+                raise _MDE(f"task message is truncated (in field {field!r})")
+            stack[depth] = todo
+            depth += 1
+            if depth > max_depth:
+                max_depth = depth
+            todo = children
+
+
+cdef object _read_value(_Reader* r):
+    """Read one options value as ``unpackb(raw=False, strict_map_key=True)`` would.
+
+    Only called after ``_skip_object`` has checked lengths and depth. Returns
+    ``_FALLBACK`` on an ext type, whose conversion is left to msgpack itself.
+    """
+    _need_field(r, 1, "options")
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    cdef Py_ssize_t n
+    if c <= 0x7f or c >= 0xe0 or 0xcc <= c <= 0xd3:
+        return _read_int(r, "options", "int")
+    if c <= 0x8f:
+        r.pos += 1
+        return _read_map(r, c & 0x0f)
+    if c <= 0x9f:
+        r.pos += 1
+        return _read_list(r, c & 0x0f)
+    if c <= 0xbf or 0xd9 <= c <= 0xdb:
+        return _read_str(r, "options", False)
+    if c == 0xc0:
+        r.pos += 1
+        return None
+    if c == 0xc2 or c == 0xc3:
+        r.pos += 1
+        return c == 0xc3
+    if 0xc4 <= c <= 0xc6:
+        return _read_bin(r, "options")
+    if c == 0xca or c == 0xcb:
+        return _read_time(r, "options")
+    if c == 0xdc or c == 0xde:
+        _need_field(r, 3, "options")
+        n = _be16(p + 1)
+        r.pos += 3
+        return _read_list(r, n) if c == 0xdc else _read_map(r, n)
+    if c == 0xdd or c == 0xdf:
+        _need_field(r, 5, "options")
+        n = _be32(p + 1)
+        r.pos += 5
+        return _read_list(r, n) if c == 0xdd else _read_map(r, n)
+    return _FALLBACK
+
+
+cdef object _read_list(_Reader* r, Py_ssize_t n):
+    cdef list out = []
+    cdef Py_ssize_t i
+    for i in range(n):
+        item = _read_value(r)
+        if item is _FALLBACK:
+            return item
+        out.append(item)
+    return out
+
+
+cdef object _read_map(_Reader* r, Py_ssize_t n):
+    cdef dict out = {}
+    cdef Py_ssize_t i
+    for i in range(n):
+        key = _read_value(r)
+        if key is _FALLBACK:
+            return key
+        if type(key) is not str and type(key) is not bytes:
+            raise _MDE(f"task message field 'options' has a map key of type {_kind_of(key)} "
+                       f"(only str is allowed)")
+        value = _read_value(r)
+        if value is _FALLBACK:
+            return value
+        out[key] = value
+    return out
+
+
+cdef dict _read_options(_Reader* r):
+    _need_field(r, 1, "options")
+    cdef unsigned char c = r.buf[r.pos]
+    if c == 0xc0 or c == 0x80:
+        r.pos += 1
+        return {}
+    if not (0x80 <= c <= 0x8f or c == 0xde or c == 0xdf):
+        raise _field_error("options", "a map or nil", _kind(c))
+    cdef Py_ssize_t start = r.pos
+    _skip_object(r, "options")
+    # The common case (no ext types) is read here, without msgpack's per-call setup cost.
+    cdef _Reader sub
+    sub.buf = r.buf
+    sub.pos = start
+    sub.end = r.pos
+    options = _read_value(&sub)
+    if options is _FALLBACK:
+        raw = PyBytes_FromStringAndSize(<char*>r.buf + start, r.pos - start)
+        try:
+            options = _unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+        except Exception as exc:
+            raise _MDE(f"task message field 'options' is not valid msgpack: {exc!r}") from exc
+    for key in <dict>options:
+        if type(key) is not str:
+            raise _MDE(f"task message field 'options' keys must be str, got {_kind_of(key)}")
+    return <dict>options
+
+
+cdef TaskMessage _decode_envelope(const unsigned char* buf, Py_ssize_t size):
+    cdef _Reader r
+    r.buf = buf
+    r.pos = 0
+    r.end = size
+    _need(&r, 1, "task message")
+    cdef unsigned char c = buf[0]
+    cdef Py_ssize_t count
+    if 0x90 <= c <= 0x9f:
+        count = c & 0x0f
+        r.pos = 1
+    elif c == 0xdc:
+        _need(&r, 3, "task message")
+        count = _be16(buf + 1)
+        r.pos = 3
+    elif c == 0xdd:
+        _need(&r, 5, "task message")
+        count = _be32(buf + 1)
+        r.pos = 5
+    else:
+        raise _MDE(f"task message must be an array, got {_kind(c)}")
+    if count != _ENVELOPE_SIZE:
+        raise _MDE(f"task message must be a {ENVELOPE_SIZE}-element array, "
+                   f"got {count} elements")
+
+    version = _read_int(&r, "version", "int")
+    if version != 1:  # _WIRE_VERSION; a Python compare since any int can arrive
+        raise _MDE(f"unsupported task message version {version} "
+                   f"(this engine reads {WIRE_VERSION})")
+    cdef TaskMessage msg = TaskMessage.__new__(TaskMessage)
+    msg._id = _read_str(&r, "id", False)
+    msg._task = _read_str(&r, "task", False)
+    msg._payload = _read_bin(&r, "payload")
+    retries = _read_int(&r, "retries", "a non-negative int")
+    if retries < 0:
+        raise _field_error("retries", "a non-negative int", str(retries))
+    msg._retries = retries
+    msg._eta = _read_time(&r, "eta")
+    msg._expires = _read_time(&r, "expires")
+    msg._queue = _read_str(&r, "queue", False)
+    msg._reply_to = _read_str(&r, "reply_to", True)
+    msg._parent_id = _read_str(&r, "parent_id", True)
+    msg._root_id = _read_str(&r, "root_id", True)
+    _need_field(&r, 1, "ignore_result")
+    c = buf[r.pos]
+    if c == 0xc3:
+        msg._ignore_result = True
+    elif c == 0xc2:
+        msg._ignore_result = False
+    else:
+        raise _field_error("ignore_result", "bool", _kind(c))
+    r.pos += 1
+    msg._options = _read_options(&r)
+    if r.pos != r.end:
+        raise _MDE(f"task message has {r.end - r.pos} trailing bytes")
+    return msg
+
+
+cdef object _as_buffer(object data, str what):
+    # bytes, bytearray and flat byte memoryviews are read in place; any other memoryview
+    # is copied, so both twins read exactly the same bytes.
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, memoryview):
+        try:
+            if data.c_contiguous and data.itemsize == 1:
+                return data
+            return data.tobytes()
+        except ValueError as exc:  # released memoryview
+            raise _MDE(f"{what} is not readable: {exc}") from exc
+    raise _MDE(f"{what} must be bytes-like, got {type(data).__name__}")
+
+
+cdef int _get_view(object data, Py_buffer* view, str what) except -1:
+    try:
+        PyObject_GetBuffer(_as_buffer(data, what), view, PyBUF_SIMPLE)
+    except BufferError as exc:
+        raise _MDE(f"{what} is not readable: {exc}") from exc
+    return 0
+
+
+def decode_message(data):
+    """Decode one wire-format v1 message; any problem raises MessageDecodeError.
+
+    Accepts bytes, bytearray or memoryview. The arguments stay packed until
+    ``.args``/``.kwargs`` is read; a bad payload raises MessageDecodeError then.
+    """
+    cdef Py_buffer view
+    if type(data) is bytes:
+        return _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(data),
+                                PyBytes_GET_SIZE(data))
+    _get_view(data, &view, "task message")
+    try:
+        return _decode_envelope(<const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef Py_ssize_t _batch_header(_Reader* r) except -1:
+    _need(r, 1, "task batch")
+    cdef unsigned char c = r.buf[r.pos]
+    cdef Py_ssize_t count
+    if 0x90 <= c <= 0x9f:
+        count = c & 0x0f
+        r.pos += 1
+    elif c == 0xdc:
+        _need(r, 3, "task batch")
+        count = _be16(r.buf + r.pos + 1)
+        r.pos += 3
+    elif c == 0xdd:
+        _need(r, 5, "task batch")
+        count = _be32(r.buf + r.pos + 1)
+        r.pos += 5
+    else:
+        raise _MDE(f"task batch must be an array, got {_kind(c)}")
+    if count > r.end - r.pos:
+        raise _MDE("task batch is truncated")
+    return count
+
+
+cdef Py_ssize_t _batch_item(_Reader* r, Py_ssize_t index) except -1:
+    """Read the bin header of item ``index``; return the item's length (not consumed)."""
+    _need(r, 1, "task batch")
+    cdef const unsigned char* p = r.buf + r.pos
+    cdef unsigned char c = p[0]
+    cdef Py_ssize_t n
+    if c == 0xc4:
+        _need(r, 2, "task batch")
+        n = p[1]
+        r.pos += 2
+    elif c == 0xc5:
+        _need(r, 3, "task batch")
+        n = _be16(p + 1)
+        r.pos += 3
+    elif c == 0xc6:
+        _need(r, 5, "task batch")
+        n = _be32(p + 1)
+        r.pos += 5
+    else:
+        raise _MDE(f"task batch item {index} must be bin, got {_kind(c)}")
+    _need(r, n, "task batch")
+    return n
+
+
+cdef list _read_batch(const unsigned char* buf, Py_ssize_t size, bint decode):
+    cdef _Reader r
+    r.buf = buf
+    r.pos = 0
+    r.end = size
+    cdef Py_ssize_t count = _batch_header(&r), i, n
+    cdef Py_ssize_t first = r.pos
+    cdef list out = []
+    # Validate the whole batch structure before decoding any item, as the twin does.
+    for i in range(count):
+        n = _batch_item(&r, i)
+        if not decode:
+            out.append(PyBytes_FromStringAndSize(<char*>buf + r.pos, n))
+        r.pos += n
+    if r.pos != r.end:
+        raise _MDE(f"task batch has {r.end - r.pos} trailing bytes")
+    if decode:
+        r.pos = first
+        for i in range(count):
+            n = _batch_item(&r, i)
+            try:
+                out.append(_decode_envelope(buf + r.pos, n))
+            except MessageDecodeError as exc:
+                raise _MDE(f"task batch item {i}: {exc}") from exc
+            r.pos += n
+    return out
+
+
+cdef list _batch(object data, bint decode):
+    cdef Py_buffer view
+    if type(data) is bytes:
+        return _read_batch(<const unsigned char*>PyBytes_AS_STRING(data),
+                           PyBytes_GET_SIZE(data), decode)
+    _get_view(data, &view, "task batch")
+    try:
+        return _read_batch(<const unsigned char*>view.buf, view.len, decode)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def split_batch(data):
+    """Return the encoded messages of a batch without decoding them."""
+    return _batch(data, False)
+
+
+def decode_batch(data):
+    """Decode a batch; a malformed item makes the whole batch raise MessageDecodeError."""
+    return _batch(data, True)
+
+
+# -- registry -------------------------------------------------------------------------------
+
+cdef class TaskRegistry:
+    """Task name -> task object; ``lookup`` is the worker's hot path.
+
+    A ``collections.abc.Mapping`` (virtual subclass). Refusing a second, different task
+    under a registered name is the app's job, not the registry's.
+    """
+
+    def __cinit__(self):
+        self._tasks = {}
+
+    def register(self, name, task):
+        """Register ``task`` under ``name``, replacing any previous one."""
+        if not isinstance(name, str):
+            raise TypeError(f"task name must be str, got {type(name).__name__}")
+        self._tasks[name] = task
+
+    def unregister(self, name):
+        """Remove the task ``name``; NotRegistered if there is none."""
+        try:
+            del self._tasks[name]
+        except KeyError:
+            raise NotRegistered(name) from None
+
+    cpdef object lookup(self, object name):
+        """Return the task registered as ``name``; NotRegistered if there is none."""
+        task = self._tasks.get(name, _MISSING)
+        if task is _MISSING:
+            raise NotRegistered(name)
+        return task
+
+    def __getitem__(self, name):
+        return self.lookup(name)
+
+    def get(self, name, default=None):
+        """Return the task registered as ``name``, or ``default``."""
+        return self._tasks.get(name, default)
+
+    def __contains__(self, name):
+        return name in self._tasks
+
+    def __len__(self):
+        return len(self._tasks)
+
+    def __iter__(self):
+        return iter(self._tasks)
+
+    def keys(self):
+        """The registered names."""
+        return self._tasks.keys()
+
+    def values(self):
+        """The registered tasks."""
+        return self._tasks.values()
+
+    def items(self):
+        """``(name, task)`` pairs."""
+        return self._tasks.items()
+
+    def __repr__(self):
+        return f"<TaskRegistry {sorted(self._tasks)!r}>"
+
+
+Mapping.register(TaskRegistry)
+
+
+# -- backoff --------------------------------------------------------------------------------
+
+def compute_backoff(retries, double factor=1.0, double maximum=600.0, bint jitter=True,
+                    rand=None):
+    """Seconds to wait before retry number ``retries``: ``min(maximum, factor * 2**retries)``.
+
+    Negative ``retries`` count as 0; ``factor <= 0`` gives 0.0. With ``jitter`` the delay
+    is multiplied by ``rand`` (for tests) or ``random.random()``. Never negative.
+    """
+    cdef int overflow = 0
+    cdef long long n = PyLong_AsLongLongAndOverflow(operator.index(retries), &overflow)
+    cdef double delay, r
+    if overflow:
+        n = 1024 if overflow > 0 else 0
+    if not factor > 0.0:
+        return 0.0
+    if n <= 0:
+        delay = factor
+    elif n <= 1023:
+        delay = factor * ldexp(1.0, <int>n)  # exactly factor * 2.0 ** n
+    else:  # 2.0 ** 1024 overflows; the cap applies long before
+        delay = maximum
+    delay = delay if delay < maximum else maximum
+    if jitter:
+        if rand is None:
+            r = random.random()
+        else:
+            r = rand
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"rand must be in [0, 1], got {r}")
+        delay = delay * r
+    return delay if delay > 0.0 else 0.0
+
+
+# -- state recorder -------------------------------------------------------------------------
+
+@cython.freelist(64)
+cdef class StateRecord:
+    """The state of one task at one moment (immutable).
+
+    StateRecord(task_id, state, result=None, traceback=None, timestamp=0.0)
+    """
+
+    def __init__(self, task_id, state, result=None, traceback=None, double timestamp=0.0):
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be str, got {type(task_id).__name__}")
+        if not isinstance(state, str):
+            raise TypeError(f"state must be str, got {type(state).__name__}")
+        if traceback is not None and not isinstance(traceback, str):
+            raise TypeError(f"traceback must be str or None, got {type(traceback).__name__}")
+        self.task_id = task_id
+        self.state = state
+        self.result = result
+        self.traceback = traceback
+        self.timestamp = timestamp
+
+    def to_dict(self):
+        """Return the fields as a plain dict."""
+        return {"task_id": self.task_id, "state": self.state, "result": self.result,
+                "traceback": self.traceback, "timestamp": self.timestamp}
+
+    def __eq__(self, other):
+        if not isinstance(other, StateRecord):
+            return NotImplemented
+        cdef StateRecord o = <StateRecord>other
+        return (self.task_id == o.task_id and self.state == o.state
+                and self.timestamp == o.timestamp and self.traceback == o.traceback
+                and self.result == o.result)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<StateRecord {self.task_id} {self.state} at {self.timestamp:.6f}>"
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class StateRecorder:
+    """Latest state per task id, plus the records changed since the last ``flush``.
+
+    StateRecorder(batch_size=512, max_entries=100_000)
+
+    Precedence: once a task is ready (SUCCESS/FAILURE/REVOKED) only a strictly stronger
+    ready state replaces it, so a late STARTED or a duplicate FAILURE after SUCCESS is
+    dropped. Before that the latest record wins.
+
+    Memory is bounded by ``max_entries``: past it the least recently flushed entries are
+    evicted (pending ones never are). An evicted id loses its precedence memory: a late
+    record for it is accepted as if the task were new.
+    """
+
+    def __init__(self, Py_ssize_t batch_size=512, Py_ssize_t max_entries=100_000):
+        if batch_size < 1 or max_entries < 1:
+            raise ValueError("batch_size and max_entries must be >= 1")
+        self.batch_size = batch_size
+        self.max_entries = max_entries
+        self._table = {}
+        self._pending = {}
+        # An OrderedDict because popping the oldest from a plain dict degrades to O(n).
+        self._clean = OrderedDict()
+
+    cpdef bint record(self, object task_id, object state, object result=None,
+                      object traceback=None, object timestamp=None) except -1:
+        """Record a state; return False if precedence dropped it (see the class docstring)."""
+        if not isinstance(state, str) or len(<str>state) == 0:
+            raise ValueError(f"state must be a non-empty str, got {state!r}")
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be str, got {type(task_id).__name__}")
+        if traceback is not None and not isinstance(traceback, str):
+            raise TypeError(f"traceback must be str or None, got {type(traceback).__name__}")
+        cdef double ts = _now() if timestamp is None else <double>timestamp
+        current = self._table.get(task_id)
+        if current is not None and (<StateRecord>current).state in _READY:
+            if state not in _READY or (
+                    _PRECEDENCE_INDEX.get(state, _CUSTOM_PRECEDENCE)
+                    >= _PRECEDENCE_INDEX.get((<StateRecord>current).state, _CUSTOM_PRECEDENCE)):
+                return False
+        cdef StateRecord rec = StateRecord.__new__(StateRecord)
+        rec.task_id = task_id
+        rec.state = state
+        rec.result = result
+        rec.traceback = traceback
+        rec.timestamp = ts
+        self._table[task_id] = rec
+        if task_id not in self._pending:
+            self._pending[task_id] = None
+            if current is not None:
+                del self._clean[task_id]  # not pending yet present: it was clean
+            elif len(self._table) > self.max_entries:
+                self._evict()
+        return True
+
+    cdef int _evict(self) except -1:
+        cdef dict table = self._table
+        clean = self._clean
+        while len(table) > self.max_entries and clean:
+            del table[clean.popitem(last=False)[0]]
+        return 0
+
+    def get(self, task_id):
+        """Return the latest record of ``task_id``, or None."""
+        return self._table.get(task_id)
+
+    def state_of(self, task_id):
+        """Return the latest state of ``task_id``; ``"PENDING"`` when unknown."""
+        rec = self._table.get(task_id)
+        return "PENDING" if rec is None else (<StateRecord>rec).state
+
+    def forget(self, task_id):
+        """Drop everything known about ``task_id`` (no error if unknown)."""
+        self._table.pop(task_id, None)
+        self._pending.pop(task_id, None)
+        self._clean.pop(task_id, None)
+
+    def flush(self):
+        """Return the latest record of every task changed since the last flush.
+
+        Ordered by first change; the pending set is cleared.
+        """
+        cdef dict table = self._table
+        clean = self._clean
+        cdef list out = [table[task_id] for task_id in self._pending]
+        for task_id in self._pending:
+            clean[task_id] = None
+        self._pending.clear()
+        if len(table) > self.max_entries:
+            self._evict()
+        return out
+
+    @property
+    def pending(self):
+        """Number of tasks changed since the last flush."""
+        return len(self._pending)
+
+    @property
+    def should_flush(self):
+        """True when ``pending`` has reached ``batch_size``."""
+        return len(self._pending) >= self.batch_size
+
+    def __len__(self):
+        return len(self._table)
+
+    def __contains__(self, task_id):
+        return task_id in self._table
+
+    def __repr__(self):
+        return f"<StateRecorder entries={len(self._table)} pending={len(self._pending)}>"

@@ -1,0 +1,834 @@
+"""Pure-Python twin of the compiled core (``engine._core``).
+
+Same public names, same behaviour, same bytes on the wire; only slower. It is
+used when ``ENGINE_NO_EXTENSIONS=1`` is set or the extension is not built (see
+``engine.core``), and it is the reference the compiled core is tested against.
+
+Wire format v1
+==============
+
+A task message is a msgpack array of exactly 13 elements::
+
+    [1, id:str, task:str, payload:bin, retries:int>=0, eta:float|nil, expires:float|nil,
+     queue:str, reply_to:str|nil, parent_id:str|nil, root_id:str|nil, ignore_result:bool,
+     options:map|nil]
+
+``payload`` is ``msgpack.packb([list(args), dict(kwargs)])`` kept as opaque bytes, so a
+supervisor can route a message without decoding its arguments; ``kwargs`` keys must be
+str. ``eta``/``expires`` are float64 unix timestamps (an int on the wire is accepted and
+read as float). ``options`` is nil when empty, else a map with str keys. Strings are UTF-8.
+
+A batch is a msgpack array of bin, each item one encoded message.
+
+Decoding never trusts a length: msgpack bounds every declared length by the input size,
+and every problem is reported as ``engine.exceptions.MessageDecodeError``.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import msgpack
+from msgpack import ExtraData
+
+from engine.exceptions import MessageDecodeError, NotRegistered
+from engine.states import PRECEDENCE, READY_STATES
+
+__all__ = (
+    "ENVELOPE_SIZE",
+    "IMPLEMENTATION",
+    "MAX_OPTIONS_DEPTH",
+    "WIRE_VERSION",
+    "StateRecord",
+    "StateRecorder",
+    "TaskMessage",
+    "TaskRegistry",
+    "compute_backoff",
+    "decode_batch",
+    "decode_message",
+    "encode_batch",
+    "encode_message",
+    "split_batch",
+)
+
+#: Which twin this is: ``"python"`` here, ``"cython"`` in ``engine._core``.
+IMPLEMENTATION = "python"
+#: The first element of every encoded task message.
+WIRE_VERSION = 1
+#: Number of elements in the message envelope array.
+ENVELOPE_SIZE = 13
+#: Deepest nesting of containers accepted in ``options`` (the map itself counts as 1,
+#: empty containers count too). This is msgpack's own limit (1024 containers including
+#: the envelope), spelled out so that the compiled decoder, which reads ``options`` itself,
+#: rejects exactly what ``msgpack.unpackb`` rejects.
+MAX_OPTIONS_DEPTH = 1023
+
+_FIELDS = (
+    "id", "task", "args", "kwargs", "retries", "eta", "expires", "queue",
+    "reply_to", "parent_id", "root_id", "ignore_result", "options",
+)
+_FIELD_SET = frozenset(_FIELDS)
+_KINDS = {
+    type(None): "nil", bool: "bool", int: "int", float: "float",
+    str: "str", bytes: "bin", list: "array", dict: "map",
+}
+_PRECEDENCE_INDEX = {name: index for index, name in enumerate(PRECEDENCE)}
+_CUSTOM_PRECEDENCE = _PRECEDENCE_INDEX[None]
+
+
+def _kind(value: object) -> str:
+    # msgpack type names, so errors read the same as the compiled decoder's.
+    return _KINDS.get(type(value), "ext")
+
+
+# -- validation shared by the constructor and the setters -----------------------------------
+
+def _check_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"TaskMessage.{name} must be str, got {type(value).__name__}")
+    return value
+
+
+def _check_opt_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"TaskMessage.{name} must be str or None, got {type(value).__name__}")
+    return value
+
+
+def _check_time(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"TaskMessage.{name} must be a float or None, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"TaskMessage.retries must be int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"TaskMessage.retries must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_str_keys(value: Any, name: str) -> dict:
+    if value is None:
+        return {}
+    result = dict(value)
+    for key in result:
+        if not isinstance(key, str):
+            raise TypeError(f"TaskMessage.{name} keys must be str, got {type(key).__name__}")
+    return result
+
+
+def _unpack_payload(payload: bytes) -> tuple[tuple, dict]:
+    # Map keys may be any hashable here: args can legitimately hold {1: "a"}.
+    try:
+        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:
+        raise MessageDecodeError(f"task message payload is not valid msgpack: {exc!r}") from exc
+    if type(obj) is not list or len(obj) != 2:
+        raise MessageDecodeError("task message payload must be a 2-element array [args, kwargs]")
+    args, kwargs = obj
+    if type(args) is not list:
+        raise MessageDecodeError(f"task message payload args must be an array, got {_kind(args)}")
+    if type(kwargs) is not dict:
+        raise MessageDecodeError(f"task message payload kwargs must be a map, got {_kind(kwargs)}")
+    for key in kwargs:
+        if type(key) is not str:
+            raise MessageDecodeError(
+                f"task message payload kwargs keys must be str, got {_kind(key)}")
+    return tuple(args), kwargs
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=False)
+
+
+class TaskMessage:
+    """One task invocation: what the producer sends and the worker executes.
+
+    A message decoded by ``decode_message`` keeps its arguments as the raw ``payload``
+    bytes until ``args`` or ``kwargs`` is first read, so routing never pays for them.
+    Reading either hands out live objects, so the cached payload is dropped then and
+    re-packed when next needed; assign a new value rather than relying on in-place edits
+    of nested objects being noticed.
+    """
+
+    __slots__ = (
+        "_args",
+        "_eta",
+        "_expires",
+        "_id",
+        "_ignore_result",
+        "_kwargs",
+        "_options",
+        "_parent_id",
+        "_payload",
+        "_queue",
+        "_reply_to",
+        "_retries",
+        "_root_id",
+        "_task",
+    )
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __init__(self, id: str, task: str, args: Iterable[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None, *, retries: int = 0,
+                 eta: float | None = None, expires: float | None = None,
+                 queue: str = "celery", reply_to: str | None = None,
+                 parent_id: str | None = None, root_id: str | None = None,
+                 ignore_result: bool = False, options: Mapping[str, Any] | None = None) -> None:
+        self._id = _check_str(id, "id")
+        self._task = _check_str(task, "task")
+        self._args = tuple(args) if args is not None else ()
+        self._kwargs = _check_str_keys(kwargs, "kwargs")
+        self._payload = None
+        self._retries = _check_retries(retries)
+        self._eta = _check_time(eta, "eta")
+        self._expires = _check_time(expires, "expires")
+        self._queue = _check_str(queue, "queue")
+        self._reply_to = _check_opt_str(reply_to, "reply_to")
+        self._parent_id = _check_opt_str(parent_id, "parent_id")
+        self._root_id = _check_opt_str(root_id, "root_id")
+        self._ignore_result = bool(ignore_result)
+        self._options = _check_str_keys(options, "options")
+
+    def _decode(self) -> None:
+        # _args is None only while the payload has not been unpacked yet.
+        if self._args is None:
+            if self._payload is None:
+                self._args, self._kwargs = (), {}
+            else:
+                self._args, self._kwargs = _unpack_payload(self._payload)
+
+    @property
+    def id(self) -> str:
+        """The task id (a UUID string by convention)."""
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = _check_str(value, "id")
+
+    @property
+    def task(self) -> str:
+        """The registered name of the task to run."""
+        return self._task
+
+    @task.setter
+    def task(self, value: str) -> None:
+        self._task = _check_str(value, "task")
+
+    @property
+    def args(self) -> tuple:
+        """Positional arguments (decoded from the payload on first read)."""
+        self._decode()
+        self._payload = None
+        return self._args
+
+    @args.setter
+    def args(self, value: Iterable[Any]) -> None:
+        self._decode()
+        self._args = tuple(value) if value is not None else ()
+        self._payload = None
+
+    @property
+    def kwargs(self) -> dict:
+        """Keyword arguments (decoded from the payload on first read)."""
+        self._decode()
+        self._payload = None
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: Mapping[str, Any] | None) -> None:
+        self._decode()
+        self._kwargs = _check_str_keys(value, "kwargs")
+        self._payload = None
+
+    @property
+    def payload(self) -> bytes:
+        """The packed ``[args, kwargs]`` as sent on the wire (packed once, then cached)."""
+        if self._payload is None:
+            self._decode()
+            self._payload = _pack([list(self._args), self._kwargs])
+        return self._payload
+
+    @property
+    def retries(self) -> int:
+        """How many times this task has been retried so far."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self._retries = _check_retries(value)
+
+    @property
+    def eta(self) -> float | None:
+        """Earliest time to run, as a unix timestamp, or None for now."""
+        return self._eta
+
+    @eta.setter
+    def eta(self, value: float | None) -> None:
+        self._eta = _check_time(value, "eta")
+
+    @property
+    def expires(self) -> float | None:
+        """Unix timestamp after which the task is revoked instead of run, or None."""
+        return self._expires
+
+    @expires.setter
+    def expires(self, value: float | None) -> None:
+        self._expires = _check_time(value, "expires")
+
+    @property
+    def queue(self) -> str:
+        """Name of the queue the message was sent to."""
+        return self._queue
+
+    @queue.setter
+    def queue(self, value: str) -> None:
+        self._queue = _check_str(value, "queue")
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where the result should be sent, or None."""
+        return self._reply_to
+
+    @reply_to.setter
+    def reply_to(self, value: str | None) -> None:
+        self._reply_to = _check_opt_str(value, "reply_to")
+
+    @property
+    def parent_id(self) -> str | None:
+        """Id of the task that sent this one, or None."""
+        return self._parent_id
+
+    @parent_id.setter
+    def parent_id(self, value: str | None) -> None:
+        self._parent_id = _check_opt_str(value, "parent_id")
+
+    @property
+    def root_id(self) -> str | None:
+        """Id of the first task of the workflow, or None."""
+        return self._root_id
+
+    @root_id.setter
+    def root_id(self, value: str | None) -> None:
+        self._root_id = _check_opt_str(value, "root_id")
+
+    @property
+    def ignore_result(self) -> bool:
+        """True when no result should be stored."""
+        return self._ignore_result
+
+    @ignore_result.setter
+    def ignore_result(self, value: bool) -> None:
+        self._ignore_result = bool(value)
+
+    @property
+    def options(self) -> dict:
+        """Free-form execution options (links, time limits...): str keys, msgpack values."""
+        return self._options
+
+    @options.setter
+    def options(self, value: Mapping[str, Any] | None) -> None:
+        self._options = _check_str_keys(value, "options")
+
+    def copy(self, **changes: Any) -> TaskMessage:
+        """Return a new message with the given attributes replaced.
+
+        An undecoded payload is shared, not decoded, unless only one of args/kwargs changes.
+        """
+        for name in changes:
+            if name not in _FIELD_SET:
+                raise TypeError(f"copy() got an unexpected keyword argument {name!r}")
+        new = TaskMessage.__new__(TaskMessage)
+        new._id = self._id
+        new._task = self._task
+        new._args = self._args
+        new._kwargs = dict(self._kwargs) if self._kwargs is not None else None
+        new._payload = self._payload
+        new._retries = self._retries
+        new._eta = self._eta
+        new._expires = self._expires
+        new._queue = self._queue
+        new._reply_to = self._reply_to
+        new._parent_id = self._parent_id
+        new._root_id = self._root_id
+        new._ignore_result = self._ignore_result
+        new._options = dict(self._options)
+        if "args" in changes and "kwargs" in changes:
+            new._args, new._kwargs, new._payload = (), {}, None  # nothing to keep: no decode
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return every field as a plain dict (``args`` as a tuple)."""
+        return {
+            "id": self._id, "task": self._task, "args": self.args, "kwargs": dict(self.kwargs),
+            "retries": self._retries, "eta": self._eta, "expires": self._expires,
+            "queue": self._queue, "reply_to": self._reply_to, "parent_id": self._parent_id,
+            "root_id": self._root_id, "ignore_result": self._ignore_result,
+            "options": dict(self._options),
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskMessage):
+            return NotImplemented
+        if self is other:
+            return True
+        if not (self._id == other._id and self._task == other._task
+                and self._retries == other._retries and self._eta == other._eta
+                and self._expires == other._expires and self._queue == other._queue
+                and self._reply_to == other._reply_to and self._parent_id == other._parent_id
+                and self._root_id == other._root_id
+                and self._ignore_result == other._ignore_result
+                and self._options == other._options):
+            return False
+        if self._args is None and other._args is None and self._payload == other._payload:
+            return True
+        self._decode()
+        other._decode()
+        return self._args == other._args and self._kwargs == other._kwargs
+
+    def __repr__(self) -> str:
+        return f"<TaskMessage {self._task}[{self._id}] retries={self._retries}>"
+
+
+def _check_message(msg: Any) -> TaskMessage:
+    if not isinstance(msg, TaskMessage):
+        raise TypeError(f"expected a TaskMessage, got {type(msg).__name__}")
+    return msg
+
+
+def encode_message(msg: TaskMessage) -> bytes:
+    """Encode ``msg`` as a wire-format v1 message (see the module docstring)."""
+    _check_message(msg)
+    return _pack([
+        WIRE_VERSION, msg._id, msg._task, msg.payload, msg._retries, msg._eta, msg._expires,
+        msg._queue, msg._reply_to, msg._parent_id, msg._root_id, msg._ignore_result,
+        msg._options or None,
+    ])
+
+
+def _as_buffer(data: Any, what: str) -> Any:
+    # bytes, bytearray and flat byte memoryviews go to msgpack as they are; any other
+    # memoryview is copied, so both twins read exactly the same bytes.
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, memoryview):
+        try:
+            if data.c_contiguous and data.itemsize == 1:
+                return data
+            return data.tobytes()
+        except ValueError as exc:  # released memoryview
+            raise MessageDecodeError(f"{what} is not readable: {exc}") from exc
+    raise MessageDecodeError(f"{what} must be bytes-like, got {type(data).__name__}")
+
+
+def _unpack(data: Any, what: str) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except ExtraData as exc:
+        raise MessageDecodeError(
+            f"{what} has {len(exc.extra)} trailing bytes") from exc
+    except Exception as exc:
+        raise MessageDecodeError(f"{what} is not valid msgpack: {exc!r}") from exc
+
+
+def _field_error(name: str, expected: str, got: str) -> MessageDecodeError:
+    return MessageDecodeError(f"task message field {name!r} must be {expected}, got {got}")
+
+
+def _str_field(value: Any, name: str) -> str:
+    if type(value) is not str:
+        raise _field_error(name, "str", _kind(value))
+    return value
+
+
+def _opt_str_field(value: Any, name: str) -> str | None:
+    if value is not None and type(value) is not str:
+        raise _field_error(name, "str or nil", _kind(value))
+    return value
+
+
+def _time_field(value: Any, name: str) -> float | None:
+    if value is None or type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _field_error(name, "a float or nil", _kind(value))
+
+
+def _from_envelope(obj: Any) -> TaskMessage:
+    if type(obj) is not list:
+        raise MessageDecodeError(f"task message must be an array, got {_kind(obj)}")
+    if len(obj) != ENVELOPE_SIZE:
+        raise MessageDecodeError(
+            f"task message must be a {ENVELOPE_SIZE}-element array, got {len(obj)} elements")
+    (version, id_, task, payload, retries, eta, expires, queue, reply_to, parent_id,
+     root_id, ignore_result, options) = obj
+    if type(version) is not int:
+        raise _field_error("version", "int", _kind(version))
+    if version != WIRE_VERSION:
+        raise MessageDecodeError(
+            f"unsupported task message version {version} (this engine reads {WIRE_VERSION})")
+    msg = TaskMessage.__new__(TaskMessage)
+    msg._id = _str_field(id_, "id")
+    msg._task = _str_field(task, "task")
+    if type(payload) is not bytes:
+        raise _field_error("payload", "bin", _kind(payload))
+    msg._payload = payload
+    msg._args = msg._kwargs = None
+    if type(retries) is not int:
+        raise _field_error("retries", "a non-negative int", _kind(retries))
+    if retries < 0:
+        raise _field_error("retries", "a non-negative int", str(retries))
+    msg._retries = retries
+    msg._eta = _time_field(eta, "eta")
+    msg._expires = _time_field(expires, "expires")
+    msg._queue = _str_field(queue, "queue")
+    msg._reply_to = _opt_str_field(reply_to, "reply_to")
+    msg._parent_id = _opt_str_field(parent_id, "parent_id")
+    msg._root_id = _opt_str_field(root_id, "root_id")
+    if type(ignore_result) is not bool:
+        raise _field_error("ignore_result", "bool", _kind(ignore_result))
+    msg._ignore_result = ignore_result
+    if options is None:
+        options = {}
+    elif type(options) is not dict:
+        raise _field_error("options", "a map or nil", _kind(options))
+    else:
+        for key in options:
+            if type(key) is not str:
+                raise MessageDecodeError(
+                    f"task message field 'options' keys must be str, got {_kind(key)}")
+    msg._options = options
+    return msg
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> TaskMessage:
+    """Decode one wire-format v1 message; any problem raises MessageDecodeError.
+
+    The arguments stay packed until ``.args``/``.kwargs`` is read; a bad payload raises
+    MessageDecodeError then.
+    """
+    return _from_envelope(_unpack(_as_buffer(data, "task message"), "task message"))
+
+
+def encode_batch(messages: Iterable[TaskMessage]) -> bytes:
+    """Encode several messages as one msgpack array of bin (each an encoded message)."""
+    return _pack([encode_message(msg) for msg in messages])
+
+
+def split_batch(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """Return the encoded messages of a batch without decoding them."""
+    items = _unpack(_as_buffer(data, "task batch"), "task batch")
+    if type(items) is not list:
+        raise MessageDecodeError(f"task batch must be an array, got {_kind(items)}")
+    for index, item in enumerate(items):
+        if type(item) is not bytes:
+            raise MessageDecodeError(f"task batch item {index} must be bin, got {_kind(item)}")
+    return items
+
+
+def decode_batch(data: bytes | bytearray | memoryview) -> list[TaskMessage]:
+    """Decode a batch; a malformed item makes the whole batch raise MessageDecodeError."""
+    messages = []
+    for index, item in enumerate(split_batch(data)):
+        try:
+            messages.append(decode_message(item))
+        except MessageDecodeError as exc:
+            raise MessageDecodeError(f"task batch item {index}: {exc}") from exc
+    return messages
+
+
+class TaskRegistry:
+    """Task name -> task object; ``lookup`` is the worker's hot path.
+
+    A ``collections.abc.Mapping`` (virtual subclass). Refusing a second, different task
+    under a registered name is the app's job, not the registry's.
+    """
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Any] = {}
+
+    def register(self, name: str, task: Any) -> None:
+        """Register ``task`` under ``name``, replacing any previous one."""
+        if not isinstance(name, str):
+            raise TypeError(f"task name must be str, got {type(name).__name__}")
+        self._tasks[name] = task
+
+    def unregister(self, name: str) -> None:
+        """Remove the task ``name``; NotRegistered if there is none."""
+        try:
+            del self._tasks[name]
+        except KeyError:
+            raise NotRegistered(name) from None
+
+    def lookup(self, name: str) -> Any:
+        """Return the task registered as ``name``; NotRegistered if there is none."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise NotRegistered(name) from None
+
+    __getitem__ = lookup
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Return the task registered as ``name``, or ``default``."""
+        return self._tasks.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
+
+    def keys(self):
+        """The registered names."""
+        return self._tasks.keys()
+
+    def values(self):
+        """The registered tasks."""
+        return self._tasks.values()
+
+    def items(self):
+        """``(name, task)`` pairs."""
+        return self._tasks.items()
+
+    def __repr__(self) -> str:
+        return f"<TaskRegistry {sorted(self._tasks)!r}>"
+
+
+Mapping.register(TaskRegistry)
+
+
+def _real(value: Any, name: str) -> float:
+    # Like C's double conversion in the compiled twin: numbers only, never strings.
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
+    return float(value)
+
+
+def compute_backoff(retries: int, factor: float = 1.0, maximum: float = 600.0,
+                    jitter: bool = True, rand: float | None = None) -> float:
+    """Seconds to wait before retry number ``retries``: ``min(maximum, factor * 2**retries)``.
+
+    Negative ``retries`` count as 0; ``factor <= 0`` gives 0.0. With ``jitter`` the delay
+    is multiplied by ``rand`` (for tests) or ``random.random()``. Never negative.
+    """
+    retries = operator.index(retries)
+    factor = _real(factor, "factor")
+    maximum = _real(maximum, "maximum")
+    if not factor > 0.0:
+        return 0.0
+    if retries <= 0:
+        delay = factor
+    elif retries <= 1023:
+        delay = factor * 2.0 ** retries
+    else:  # 2.0 ** 1024 raises OverflowError; the cap applies long before
+        delay = maximum
+    delay = delay if delay < maximum else maximum  # noqa: FURB136 - NaN handled as in C
+    if jitter:
+        if rand is None:
+            r = random.random()
+        else:
+            r = _real(rand, "rand")
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"rand must be in [0, 1], got {r}")
+        delay = delay * r
+    return delay if delay > 0.0 else 0.0  # noqa: FURB136
+
+
+class StateRecord:
+    """The state of one task at one moment (immutable)."""
+
+    __slots__ = ("_result", "_state", "_task_id", "_timestamp", "_traceback")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, task_id: str, state: str, result: Any = None,
+                 traceback: str | None = None, timestamp: float = 0.0) -> None:
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be str, got {type(task_id).__name__}")
+        if not isinstance(state, str):
+            raise TypeError(f"state must be str, got {type(state).__name__}")
+        if traceback is not None and not isinstance(traceback, str):
+            raise TypeError(f"traceback must be str or None, got {type(traceback).__name__}")
+        self._task_id = task_id
+        self._state = state
+        self._result = result
+        self._traceback = traceback
+        self._timestamp = _real(timestamp, "timestamp")
+
+    @property
+    def task_id(self) -> str:
+        """Id of the task."""
+        return self._task_id
+
+    @property
+    def state(self) -> str:
+        """State name (see ``engine.states``)."""
+        return self._state
+
+    @property
+    def result(self) -> Any:
+        """Return value, exception or progress metadata."""
+        return self._result
+
+    @property
+    def traceback(self) -> str | None:
+        """Formatted traceback for failures, else None."""
+        return self._traceback
+
+    @property
+    def timestamp(self) -> float:
+        """Unix time the state was recorded."""
+        return self._timestamp
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict."""
+        return {"task_id": self._task_id, "state": self._state, "result": self._result,
+                "traceback": self._traceback, "timestamp": self._timestamp}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StateRecord):
+            return NotImplemented
+        return (self._task_id == other._task_id and self._state == other._state
+                and self._timestamp == other._timestamp and self._traceback == other._traceback
+                and self._result == other._result)
+
+    def __repr__(self) -> str:
+        return f"<StateRecord {self._task_id} {self._state} at {self._timestamp:.6f}>"
+
+
+class StateRecorder:
+    """Latest state per task id, plus the records changed since the last ``flush``.
+
+    Precedence: once a task is ready (SUCCESS/FAILURE/REVOKED) only a strictly stronger
+    ready state replaces it, so a late STARTED or a duplicate FAILURE after SUCCESS is
+    dropped. Before that the latest record wins.
+
+    Memory is bounded by ``max_entries``: past it the least recently flushed entries are
+    evicted (pending ones never are). An evicted id loses its precedence memory: a late
+    record for it is accepted as if the task were new.
+    """
+
+    __slots__ = ("_batch_size", "_clean", "_max_entries", "_pending", "_table")
+
+    def __init__(self, batch_size: int = 512, max_entries: int = 100_000) -> None:
+        if batch_size < 1 or max_entries < 1:
+            raise ValueError("batch_size and max_entries must be >= 1")
+        self._batch_size = int(batch_size)
+        self._max_entries = int(max_entries)
+        self._table: dict[str, StateRecord] = {}
+        #: Ids changed since the last flush, in first-change order (a dict as ordered set).
+        self._pending: dict[str, None] = {}
+        #: Ids in the table that are not pending, least recently flushed first. An
+        #: OrderedDict because popping the oldest from a plain dict degrades to O(n).
+        self._clean: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def batch_size(self) -> int:
+        """Pending count at which ``should_flush`` becomes true."""
+        return self._batch_size
+
+    @property
+    def max_entries(self) -> int:
+        """Table size past which old flushed entries are evicted."""
+        return self._max_entries
+
+    def record(self, task_id: str, state: str, result: Any = None,
+               traceback: str | None = None, timestamp: float | None = None) -> bool:
+        """Record a state; return False if precedence dropped it (see the class docstring)."""
+        if not isinstance(state, str) or not state:
+            raise ValueError(f"state must be a non-empty str, got {state!r}")
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be str, got {type(task_id).__name__}")
+        if traceback is not None and not isinstance(traceback, str):
+            raise TypeError(f"traceback must be str or None, got {type(traceback).__name__}")
+        current = self._table.get(task_id)
+        if current is not None and current._state in READY_STATES and (
+                state not in READY_STATES
+                or _PRECEDENCE_INDEX.get(state, _CUSTOM_PRECEDENCE)
+                >= _PRECEDENCE_INDEX.get(current._state, _CUSTOM_PRECEDENCE)):
+            return False
+        rec = StateRecord.__new__(StateRecord)
+        rec._task_id = task_id
+        rec._state = state
+        rec._result = result
+        rec._traceback = traceback
+        rec._timestamp = time.time() if timestamp is None else _real(timestamp, "timestamp")
+        self._table[task_id] = rec
+        if task_id not in self._pending:
+            self._pending[task_id] = None
+            if current is not None:
+                del self._clean[task_id]  # not pending yet present: it was clean
+            elif len(self._table) > self._max_entries:
+                self._evict()
+        return True
+
+    def _evict(self) -> None:
+        table, clean = self._table, self._clean
+        while len(table) > self._max_entries and clean:
+            del table[clean.popitem(last=False)[0]]
+
+    def get(self, task_id: str) -> StateRecord | None:
+        """Return the latest record of ``task_id``, or None."""
+        return self._table.get(task_id)
+
+    def state_of(self, task_id: str) -> str:
+        """Return the latest state of ``task_id``; ``"PENDING"`` when unknown."""
+        rec = self._table.get(task_id)
+        return "PENDING" if rec is None else rec._state
+
+    def forget(self, task_id: str) -> None:
+        """Drop everything known about ``task_id`` (no error if unknown)."""
+        self._table.pop(task_id, None)
+        self._pending.pop(task_id, None)
+        self._clean.pop(task_id, None)
+
+    def flush(self) -> list[StateRecord]:
+        """Return the latest record of every task changed since the last flush.
+
+        Ordered by first change; the pending set is cleared.
+        """
+        table, clean = self._table, self._clean
+        out = [table[task_id] for task_id in self._pending]
+        for task_id in self._pending:
+            clean[task_id] = None
+        self._pending.clear()
+        if len(table) > self._max_entries:
+            self._evict()
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Number of tasks changed since the last flush."""
+        return len(self._pending)
+
+    @property
+    def should_flush(self) -> bool:
+        """True when ``pending`` has reached ``batch_size``."""
+        return len(self._pending) >= self._batch_size
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._table
+
+    def __repr__(self) -> str:
+        return f"<StateRecorder entries={len(self._table)} pending={len(self._pending)}>"

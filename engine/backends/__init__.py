@@ -1,0 +1,34 @@
+"""Result backends: where task states and results are stored and read.
+
+:func:`backend_from_url` picks one by URL scheme. ``None`` gives the
+:class:`~engine.backends.base.DisabledBackend`, which says clearly that
+results are off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.backends.base import Backend, DisabledBackend
+from engine.exceptions import ImproperlyConfigured
+
+__all__ = ("Backend", "DisabledBackend", "backend_from_url", "BACKENDS")
+
+#: URL scheme -> 'module:Class' of the backend that serves it.
+BACKENDS = {
+    "memory": "engine.backends.memory:MemoryBackend",
+    "sqlite": "engine.backends.sqlite:SQLiteBackend",
+}
+
+
+def backend_from_url(url: str | None, app: Any = None) -> Backend:
+    """Return the backend for ``url`` (``memory://`` ...), or the disabled backend for None."""
+    from engine.utils.imports import symbol_by_name
+
+    if not url:
+        return DisabledBackend(url, app)
+    scheme = url.partition("://")[0] if "://" in url else url
+    if scheme not in BACKENDS:
+        raise ImproperlyConfigured(
+            f"no result backend for URL {url!r}; known schemes: {', '.join(sorted(BACKENDS))}")
+    return symbol_by_name(BACKENDS[scheme])(url, app)

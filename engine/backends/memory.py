@@ -1,0 +1,54 @@
+"""An in-process result backend (``memory://``) for tests and eager runs.
+
+Results live in this process only; waiters are woken by a condition variable
+instead of polling.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterable
+
+from engine import states
+from engine.backends.base import Backend
+from engine.core import StateRecord, StateRecorder
+from engine.exceptions import TimeoutError
+
+__all__ = ("MemoryBackend",)
+
+
+class MemoryBackend(Backend):
+    """Keeps records in a core StateRecorder, so state precedence applies as in real backends."""
+
+    def __init__(self, url: str | None = None, app: Any = None) -> None:
+        super().__init__(url, app)
+        self._table = StateRecorder()
+        self._changed = threading.Condition()
+
+    def store(self, records: Iterable[StateRecord]) -> None:
+        with self._changed:
+            for record in records:
+                self._table.record(record.task_id, record.state, record.result, record.traceback, record.timestamp)
+            self._table.flush()
+            self._changed.notify_all()
+
+    def get_encoded(self, task_id: str) -> StateRecord | None:
+        with self._changed:
+            return self._table.get(task_id)
+
+    def forget(self, task_id: str) -> None:
+        with self._changed:
+            self._table.forget(task_id)
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5) -> StateRecord:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                record = self._table.get(task_id)
+                if record is not None and record.state in states.READY_STATES:
+                    return self.get(task_id)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"the result of task {task_id} was not ready within {timeout}s")
+                self._changed.wait(remaining)

@@ -1,0 +1,109 @@
+"""The embedded database backend: ``sqlite:///path/to/results.db``.
+
+WAL mode lets every worker on a host write and any process read at once.
+Workers write in batches (one transaction per recorder flush), so storing
+results costs little throughput. The table keeps one final state per task
+id: a late or duplicate non-final state never overwrites a final one, and a
+final state is replaced only by a stronger one (SUCCESS over FAILURE), the
+rule of the core's recorder. Readers poll with backoff; the Tasks guide
+warns that polling a database is expensive, so ``wait_for`` starts at 1 ms
+and backs off to ``interval``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Iterable
+
+from engine import states
+from engine.backends.base import Backend
+from engine.core import StateRecord
+from engine.exceptions import ImproperlyConfigured
+
+__all__ = ("SQLiteBackend",)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS engine_results (
+    task_id   TEXT PRIMARY KEY,
+    state     TEXT NOT NULL,
+    ready     INTEGER NOT NULL,
+    strength  INTEGER NOT NULL,
+    result    BLOB,
+    traceback TEXT,
+    date_done REAL NOT NULL
+)
+"""
+INDEX = "CREATE INDEX IF NOT EXISTS engine_results_date_done ON engine_results (date_done)"
+UPSERT = """
+INSERT INTO engine_results (task_id, state, ready, strength, result, traceback, date_done)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (task_id) DO UPDATE SET
+    state = excluded.state, ready = excluded.ready, strength = excluded.strength,
+    result = excluded.result, traceback = excluded.traceback, date_done = excluded.date_done
+WHERE engine_results.ready = 0 OR (excluded.ready = 1 AND excluded.strength < engine_results.strength)
+"""
+
+
+class SQLiteBackend(Backend):
+    """Results in one SQLite file shared by every process on the host."""
+
+    def __init__(self, url: str | None = None, app: Any = None) -> None:
+        super().__init__(url, app)
+        path = (url or "").partition("://")[2]
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///relative.db and sqlite:////abs/path.db, as SQLAlchemy reads them
+        if not path:
+            raise ImproperlyConfigured(f"sqlite backend URL needs a path: sqlite:///results.db, got {url!r}")
+        self.path = path
+        self._local = threading.local()
+        self.expires = float(app.conf.result_expires) if app is not None else 86400.0
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(SCHEMA)
+            connection.execute(INDEX)
+            local.connection, local.pid = connection, os.getpid()
+        return local.connection
+
+    def store(self, records: Iterable[StateRecord]) -> None:
+        rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
+                 r.result, r.traceback, r.timestamp or time.time()) for r in records]
+        if not rows:
+            return
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(UPSERT, rows)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def get_encoded(self, task_id: str) -> StateRecord | None:
+        row = self._connection().execute(
+            "SELECT state, result, traceback, date_done FROM engine_results WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        return StateRecord(task_id, row[0], row[1], row[2], row[3])
+
+    def forget(self, task_id: str) -> None:
+        self._connection().execute("DELETE FROM engine_results WHERE task_id = ?", (task_id,))
+
+    def cleanup(self, now: float | None = None) -> int:
+        """Delete results older than ``result_expires``; return how many."""
+        cutoff = (now or time.time()) - self.expires
+        cursor = self._connection().execute("DELETE FROM engine_results WHERE date_done < ?", (cutoff,))
+        return cursor.rowcount
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            connection.close()
+        self._local = threading.local()

@@ -1,0 +1,220 @@
+"""Signatures and chains: task calls described as data, to run later or elsewhere.
+
+A :class:`Signature` is a dict (``task``, ``args``, ``kwargs``, ``options``,
+``immutable``), so it travels in a message as it is. ``add.s(2)`` is a partial
+call: arguments given when it is applied are *prepended*, so in a chain each
+step's return value becomes the next step's first argument, unless the step is
+immutable (``si``). ``sig1 | sig2 | sig3`` builds a :class:`chain`; the worker
+sends each next step when the previous one succeeds, and a failing step fails
+every later step's result with its exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+__all__ = ("Signature", "signature", "maybe_signature", "chain")
+
+
+class Signature(dict):
+    """One task call: its name, (partial) arguments and sending options."""
+
+    def __init__(self, task: Any, args: Any = None, kwargs: dict | None = None, options: dict | None = None,
+                 *, immutable: bool = False, app: Any = None) -> None:
+        name = task if isinstance(task, str) else task.name
+        if app is None and not isinstance(task, str):
+            app = task.app
+        super().__init__(task=name, args=list(args or ()), kwargs=dict(kwargs or {}),
+                         options=dict(options or {}), immutable=bool(immutable))
+        self._app = app
+
+    # dict keys read as attributes, as in Celery.
+    task = property(lambda self: self["task"], doc="The task name.")
+    args = property(lambda self: tuple(self["args"]), doc="Positional arguments.")
+    kwargs = property(lambda self: self["kwargs"], doc="Keyword arguments.")
+    options = property(lambda self: self["options"], doc="apply_async options.")
+    immutable = property(lambda self: self["immutable"], doc="True: arguments given later are ignored.")
+
+    @property
+    def app(self) -> Any:
+        """The app whose registry resolves the task name."""
+        if self._app is None:
+            raise RuntimeError(f"signature of {self.task!r} has no app: build it with task.s() or app.signature()")
+        return self._app
+
+    @property
+    def type(self) -> Any:
+        """The registered task this signature calls."""
+        return self.app.tasks.lookup(self.task)
+
+    @property
+    def id(self) -> str | None:
+        """The task id this call will have, once frozen."""
+        return self.options.get("task_id")
+
+    def _merge(self, args: Any = (), kwargs: dict | None = None, options: dict | None = None
+               ) -> tuple[tuple, dict, dict]:
+        if self.immutable:
+            return self.args, dict(self.kwargs), {**self.options, **(options or {})}
+        return (tuple(args or ()) + self.args, {**self.kwargs, **(kwargs or {})},
+                {**self.options, **(options or {})})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the task body here, directly."""
+        call_args, call_kwargs, _ = self._merge(args, kwargs)
+        return self.type(*call_args, **call_kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        """Send the call, with extra (prepended) arguments."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Send the call: ``args`` are prepended (unless immutable); options override the signature's."""
+        call_args, call_kwargs, call_options = self._merge(args, kwargs, options)
+        return self.type.apply_async(call_args, call_kwargs, **call_options)
+
+    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Run the call here, eagerly, and return its EagerResult."""
+        call_args, call_kwargs, call_options = self._merge(args, kwargs, options)
+        for key in ("countdown", "eta", "expires", "queue"):
+            call_options.pop(key, None)
+        return self.type.apply(call_args, call_kwargs, **call_options)
+
+    def clone(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "Signature":
+        """Return a copy with extra arguments and options merged in."""
+        call_args, call_kwargs, call_options = self._merge(args, kwargs, options)
+        return Signature(self.task, call_args, call_kwargs, call_options, immutable=self.immutable, app=self._app)
+
+    def set(self, immutable: bool | None = None, **options: Any) -> "Signature":
+        """Set options (and immutability) in place; returns the signature."""
+        if immutable is not None:
+            self["immutable"] = bool(immutable)
+        self["options"].update(options)
+        return self
+
+    def freeze(self, task_id: str | None = None) -> Any:
+        """Give the call its task id now (if it has none) and return its AsyncResult."""
+        from engine.task import new_task_id
+
+        options = self["options"]
+        if task_id is not None or "task_id" not in options:
+            options["task_id"] = task_id or new_task_id()
+        return self.app.AsyncResult(options["task_id"], task_name=self.task)
+
+    def link(self, callback: "Signature") -> "Signature":
+        """Send ``callback`` with this call's result when it succeeds."""
+        self["options"].setdefault("link", []).append(dict(callback))
+        return callback
+
+    def link_error(self, errback: "Signature") -> "Signature":
+        """Send ``errback`` with this call's task id when it fails."""
+        self["options"].setdefault("link_error", []).append(dict(errback))
+        return errback
+
+    def __or__(self, other: Any) -> "chain":
+        if isinstance(other, chain):
+            return chain(self, *other.tasks, app=self._app)
+        if isinstance(other, Signature):
+            return chain(self, other, app=self._app)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        args = ", ".join([*(repr(a) for a in self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())])
+        return f"{self.task}({args}){'!' if self.immutable else ''}"
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (dict(self),))
+
+
+def _rebuild(data: dict) -> Signature:
+    return maybe_signature(data)
+
+
+def maybe_signature(data: Any, app: Any = None) -> Any:
+    """Return ``data`` as a Signature (a plain dict from a message becomes one); None stays None."""
+    if data is None or (isinstance(data, Signature) and (app is None or data._app is app)):
+        return data
+    if isinstance(data, chain):
+        return data
+    sig = Signature(data["task"], data.get("args"), data.get("kwargs"), data.get("options"),
+                    immutable=data.get("immutable", False), app=app if app is not None else getattr(data, "_app", None))
+    return sig
+
+
+def signature(task: Any, args: Any = None, kwargs: dict | None = None, *, app: Any = None, **options: Any
+              ) -> Signature:
+    """Build a signature from a task or a task name (a name needs ``app``)."""
+    return Signature(task, args, kwargs, options, app=app)
+
+
+class chain:
+    """Steps run one after another, each step's result prepended to the next step's arguments.
+
+    Calling or ``apply_async()`` returns the AsyncResult of the last step; its
+    ``parent`` links lead back to the first.
+    """
+
+    def __init__(self, *tasks: Any, app: Any = None) -> None:
+        flat: list[Signature] = []
+        for task in tasks[0] if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain)) else tasks:
+            flat.extend(task.tasks if isinstance(task, chain) else [task])
+        if not flat:
+            raise ValueError("a chain needs at least one signature")
+        self.tasks: list[Signature] = [step.clone() for step in flat]
+        self._app = app or flat[0]._app
+
+    @property
+    def app(self) -> Any:
+        """The app of the chain's first step."""
+        return self._app
+
+    def __or__(self, other: Any) -> "chain":
+        if isinstance(other, (Signature, chain)):
+            return chain(self, other, app=self._app)
+        return NotImplemented
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Send the chain (as Celery's chain call does)."""
+        return self.apply_async(args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        """Send the chain with extra arguments for its first step."""
+        return self.apply_async(args, kwargs)
+
+    def _freeze(self) -> list[Any]:
+        results = []
+        parent = None
+        for step in self.tasks:
+            result = step.freeze()
+            result.parent = parent
+            parent = result
+            results.append(result)
+        return results
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Send the first step, carrying the rest; return the last step's AsyncResult."""
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        results = self._freeze()
+        first, rest = self.tasks[0], self.tasks[1:]
+        # The message carries the remaining steps reversed, so each hop pops the next one.
+        first.apply_async(args, kwargs, chain=[dict(step) for step in reversed(rest)] or None, **options)
+        return results[-1]
+
+    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Run every step here, in order; stop at the first failure (which the result then holds)."""
+        from engine import states
+
+        self._freeze()
+        result = None
+        for index, step in enumerate(self.tasks):
+            result = step.apply(args, kwargs, **options) if index == 0 else step.apply((result.result,))
+            if result.state != states.SUCCESS:
+                break
+        return result
+
+    def __iter__(self) -> Iterable[Signature]:
+        return iter(self.tasks)
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(step) for step in self.tasks)

@@ -1,0 +1,156 @@
+"""``engine-worker``: start a worker for an app.
+
+Exit statuses: 0 after a warm shutdown (every accepted task ran), 1 when the
+worker cannot start (app not found, address in use, bad option), 2 for a
+usage error, 3 after a cold shutdown (running tasks were killed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import click
+
+from engine.exceptions import ImproperlyConfigured
+
+__all__ = ("worker_main", "find_app")
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s %(process)d] %(task_name)s%(task_id_sep)s%(message)s"
+
+
+def find_app(spec: str) -> Any:
+    """Import ``module`` or ``module:attr`` and return its Engine.
+
+    ``module`` alone picks the attribute named ``app``, else the only Engine
+    in the module. The current directory is importable, as with Celery's ``-A``.
+    """
+    from engine.app import Engine
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"cannot import app module {module_name!r}: {exc}") from exc
+    if attr:
+        app = getattr(module, attr, None)
+        if not isinstance(app, Engine):
+            raise ImproperlyConfigured(f"{spec!r} is not an engine.Engine (got {type(app).__name__})")
+        return app
+    app = getattr(module, "app", None)
+    if isinstance(app, Engine):
+        return app
+    found = [value for value in vars(module).values() if isinstance(value, Engine)]
+    if len(found) == 1:
+        return found[0]
+    raise ImproperlyConfigured(
+        f"module {module_name!r} has {'no' if not found else 'several'} Engine app(s); name one as '{module_name}:attr'")
+
+
+class _TaskFields(logging.Filter):
+    """Fills the task fields of LOG_FORMAT: ``name[id]: `` inside a task, nothing outside."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from engine import context
+
+        running = context.current()
+        if running is not None and running[1].id and not record.name.startswith("engine."):
+            record.task_name, record.task_id_sep = f"{running[0].name}[{running[1].id}]", ": "
+        else:
+            record.task_name, record.task_id_sep = "", ""
+        return True
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with process and task fields."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_TaskFields())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-A", "--app", "app_spec", required=True, help="The app: 'module' or 'module:attribute'.")
+@click.option("-c", "--concurrency", type=click.IntRange(1), default=None,
+              help="Child processes (default: the CPU count).")
+@click.option("--fair", is_flag=True, help="Give a task only to an idle child, and share children fairly "
+              "between task kinds (short tasks overtake long ones).")
+@click.option("--bind", "binds", multiple=True, help="Endpoint to bind (repeatable; default: the app's transport).")
+@click.option("--connect", "connects", multiple=True,
+              help="Endpoint of a producer that binds, to connect to (repeatable; the ventilator pattern).")
+@click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume (default: task_default_queue).")
+@click.option("--backend", default=None, help="Result backend URL (overrides the app's).")
+@click.option("--prefetch-multiplier", type=click.IntRange(1), default=None,
+              help="Tasks each child holds ahead in the default mode.")
+@click.option("--max-tasks-per-child", type=click.IntRange(1), default=None,
+              help="Replace a child after it ran this many tasks.")
+@click.option("--max-memory-per-child", type=click.IntRange(1), default=None,
+              help="Replace a child whose resident memory exceeds this many KiB (checked after each task).")
+@click.option("--time-limit", type=float, default=None, help="Hard time limit in seconds: the child is killed.")
+@click.option("--soft-time-limit", type=float, default=None,
+              help="Soft time limit in seconds: SoftTimeLimitExceeded is raised in the task.")
+@click.option("-l", "--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
+@click.option("-n", "--hostname", default=None, help="Worker name (default: engine@HOST-PID).")
+def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple, connects: tuple,
+                queues: str | None, backend: str | None, prefetch_multiplier: int | None,
+                max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
+                soft_time_limit: float | None, loglevel: str, hostname: str | None) -> None:
+    """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
+
+    Exit status: 0 warm shutdown, 1 start-up failure, 2 usage error, 3 cold shutdown.
+    SIGTERM or SIGINT: warm shutdown (finish accepted tasks); a second one, or SIGQUIT: cold.
+    """
+    from engine import core
+    from engine.worker.supervisor import EXIT_FAILURE, Supervisor
+
+    setup_logging(loglevel)
+    log = logging.getLogger("engine.worker")
+    try:
+        app = find_app(app_spec)
+        if backend:
+            app.conf.result_backend = backend
+        concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
+        hostname = hostname or f"engine@{socket.gethostname()}-{os.getpid()}"
+        supervisor = Supervisor(
+            app, concurrency=concurrency, fair=fair, binds=list(binds) or None, connects=list(connects) or None,
+            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+            prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
+            hostname=hostname)
+        supervisor.start()
+    except Exception as exc:  # start-up failures: one clear line, no traceback
+        log.error("cannot start worker: %s", exc)
+        sys.exit(EXIT_FAILURE)
+    _banner(supervisor, app_spec, core)
+    log.info("%s ready.", hostname)
+    sys.exit(supervisor.run())
+
+
+def _banner(supervisor: Any, app_spec: str, core: Any) -> None:
+    endpoints = [f"bind {e}" for e in supervisor.binds] + [f"connect {e}" for e in supervisor.connects]
+    lines = [
+        f"engine-worker {supervisor.hostname}",
+        f"  app:         {app_spec} ({len(supervisor.registry)} tasks)",
+        f"  transport:   {', '.join(endpoints)}",
+        f"  concurrency: {supervisor.concurrency} (prefork), mode: {'fair' if supervisor.fair else 'fifo'}",
+        f"  queues:      {', '.join(supervisor.queues)}",
+        f"  backend:     {supervisor.app.conf.result_backend or 'disabled'}",
+        f"  core:        {'compiled' if core.HAS_EXTENSION else 'pure Python'}",
+    ]
+    public = [e for e in supervisor.binds if not any(h in e for h in ("127.0.0.1", "localhost", "ipc://", "inproc://", "[::1]"))]
+    if public:
+        lines.append(f"  WARNING: binding {', '.join(public)} without CURVE: anyone who reaches it can run tasks")
+    click.echo("\n".join(lines), err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    worker_main()

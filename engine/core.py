@@ -1,0 +1,72 @@
+"""The engine's core, compiled or pure: import task-message and state-table names from here.
+
+``engine._core`` (Cython) and ``engine._core_py`` (pure Python) are twins with the same
+public names, behaviour and wire bytes. This module picks one at import time:
+
+* ``ENGINE_NO_EXTENSIONS`` set to ``1``/``true``/``yes`` (any case) selects the pure twin,
+  for debugging or for platforms without a compiler;
+* otherwise the compiled core is used. If it was not built, a ``RuntimeWarning`` says so
+  and the pure twin is used: everything works, only slower. ``pip install -e .`` builds it.
+
+``HAS_EXTENSION`` tells which one was picked and ``IMPLEMENTATION`` names it
+(``"cython"`` or ``"python"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+__all__ = (
+    "ENVELOPE_SIZE",
+    "HAS_EXTENSION",
+    "IMPLEMENTATION",
+    "MAX_OPTIONS_DEPTH",
+    "WIRE_VERSION",
+    "StateRecord",
+    "StateRecorder",
+    "TaskMessage",
+    "TaskRegistry",
+    "compute_backoff",
+    "decode_batch",
+    "decode_message",
+    "encode_batch",
+    "encode_message",
+    "split_batch",
+)
+
+
+def _extensions_disabled() -> bool:
+    return os.environ.get("ENGINE_NO_EXTENSIONS", "").strip().lower() in {"1", "true", "yes"}
+
+
+if _extensions_disabled():
+    from engine import _core_py as _impl
+else:
+    try:
+        from engine import _core as _impl
+    except ImportError as exc:
+        warnings.warn(
+            f"engine: the compiled core (engine._core) is not built ({exc}); using the slow "
+            "pure-Python twin. Run `pip install -e .` to build it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        from engine import _core_py as _impl
+
+#: True when the compiled core is in use.
+HAS_EXTENSION: bool = _impl.IMPLEMENTATION == "cython"
+IMPLEMENTATION: str = _impl.IMPLEMENTATION
+WIRE_VERSION = _impl.WIRE_VERSION
+ENVELOPE_SIZE = _impl.ENVELOPE_SIZE
+MAX_OPTIONS_DEPTH = _impl.MAX_OPTIONS_DEPTH
+TaskMessage = _impl.TaskMessage
+encode_message = _impl.encode_message
+decode_message = _impl.decode_message
+encode_batch = _impl.encode_batch
+decode_batch = _impl.decode_batch
+split_batch = _impl.split_batch
+TaskRegistry = _impl.TaskRegistry
+compute_backoff = _impl.compute_backoff
+StateRecord = _impl.StateRecord
+StateRecorder = _impl.StateRecorder

@@ -1,0 +1,437 @@
+"""The Task class: what a call sends, and what a worker runs.
+
+``@app.task`` turns a function into a subclass of the app's base task class
+and instantiates it once per process, so a task is "closer to an Actor" than
+to a function: attributes set on it (a database connection, a cache) persist
+across calls in that process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Callable
+
+from engine import context, states
+from engine.core import StateRecorder, TaskMessage, compute_backoff
+from engine.exceptions import (
+    Ignore,
+    ImproperlyConfigured,
+    MaxRetriesExceededError,
+    Reject,
+    Retry,
+)
+from engine.routing import route_queue
+from engine.utils.imports import symbol_by_name
+
+__all__ = ("Task", "new_task_id")
+
+#: ``apply_async`` options that travel in the message but have no parameter of their own.
+MESSAGE_OPTIONS = frozenset({"retries", "chain", "parent_id", "root_id", "reply_to", "time_limit", "soft_time_limit"})
+
+
+def new_task_id() -> str:
+    """Return a new unique task id."""
+    return str(uuid.uuid4())
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """Turn a datetime or a unix timestamp into a float timestamp."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a datetime or a unix timestamp, not {type(value).__name__}")
+
+
+def _as_signature_list(value: Any) -> list | None:
+    """Normalise ``link``/``link_error``: one signature or a list of them, as plain dicts."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(item) for item in items] or None
+
+
+class Task:
+    """A task type. Subclass it for custom base classes (``base=`` or ``task_cls=``).
+
+    Class attributes are the task's options; ``None`` means "use the app's
+    setting of the same name" (``task_ignore_result`` and so on).
+    """
+
+    #: The task's registered name.
+    name: str | None = None
+    #: The app the task belongs to.
+    app: Any = None
+    #: Check call arguments against the function's signature when sending.
+    typing: bool = True
+    #: Retries allowed before the task fails; None retries forever.
+    max_retries: int | None = 3
+    #: Seconds before a retry when ``retry()`` is given no countdown or eta.
+    default_retry_delay: float = 180
+    #: Exceptions that retry the task automatically.
+    autoretry_for: tuple = ()
+    #: Exceptions that never retry automatically, even if they match ``autoretry_for``.
+    dont_autoretry_for: tuple = ()
+    #: Keyword arguments of the automatic ``retry()`` call.
+    retry_kwargs: dict = {}
+    #: Exponential backoff for automatic retries: False, True (factor 1) or a factor in seconds.
+    retry_backoff: bool | float = False
+    #: Largest backoff delay in seconds.
+    retry_backoff_max: float = 600
+    #: Pick a random delay between 0 and the backoff delay.
+    retry_jitter: bool = True
+    #: Store no result (None: the app's ``task_ignore_result``).
+    ignore_result: bool | None = None
+    #: Acknowledge after running instead of on receipt (None: ``task_acks_late``).
+    acks_late: bool | None = None
+    #: With acks_late: run again when the child died (None: ``task_reject_on_worker_lost``).
+    reject_on_worker_lost: bool | None = None
+    #: Record STARTED (None: ``task_track_started``).
+    track_started: bool | None = None
+    #: Hard and soft time limits in seconds (None: the app's settings).
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    #: The queue the task is sent to (None: routes, then ``task_default_queue``).
+    queue: str | None = None
+    #: Exceptions that are expected: logged without a traceback.
+    throws: tuple = ()
+    #: The worker's request class for this task, a class or ``'module:Class'``.
+    Request: Any = "engine.request:Request"
+
+    MaxRetriesExceededError = MaxRetriesExceededError
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name} of {self.app.main if self.app else '?'}>"
+
+    # --- running -----------------------------------------------------------------
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The task body; ``@app.task`` replaces it with the decorated function."""
+        raise NotImplementedError("Tasks must define the run method.")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task body in this process, like calling the function."""
+        running = context.current()
+        if running is not None and running[0] is self and not running[1].called_directly \
+                and not running[1].get("_entered"):
+            # The tracer already pushed this call's request (a custom __call__ that
+            # calls super()): keep it, so self.request.id stays the message's id.
+            running[1]._entered = True
+            return self.run(*args, **kwargs)
+        context.push(self, context.Context(args=args, kwargs=kwargs, called_directly=True))
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            context.pop()
+
+    @property
+    def request(self) -> context.Context:
+        """The request of the current call of this task (an empty one outside a call)."""
+        return context.request_of(self)
+
+    @property
+    def backend(self) -> Any:
+        """The app's result backend."""
+        return self.app.backend
+
+    @property
+    def request_class(self) -> type:
+        """The resolved ``Request`` class."""
+        return symbol_by_name(self.Request)
+
+    def resolve_option(self, name: str) -> Any:
+        """Return the task's option ``name``, or the app's ``task_<name>`` setting when unset."""
+        value = getattr(self, name)
+        return value if value is not None else self.app.conf[f"task_{name}"]
+
+    # --- handlers (override in a subclass) ---------------------------------------
+
+    def before_start(self, task_id: str, args: tuple, kwargs: dict) -> None:
+        """Called by the worker before the task body runs."""
+
+    def on_success(self, retval: Any, task_id: str, args: tuple, kwargs: dict) -> None:
+        """Called by the worker when the task returned ``retval``."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """Called by the worker when the task raised ``exc``."""
+
+    def on_retry(self, exc: BaseException | None, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """Called by the worker when the task is to be retried."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """Called after the task returned or failed (not after Retry, Ignore or Reject)."""
+
+    # --- sending -----------------------------------------------------------------
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        """Send the task with these arguments; shortcut of :meth:`apply_async`."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, *, task_id: str | None = None,
+                    countdown: float | None = None, eta: Any = None, expires: Any = None,
+                    ignore_result: bool | None = None, queue: str | None = None, link: Any = None,
+                    link_error: Any = None, **options: Any) -> Any:
+        """Send the task to a worker and return its AsyncResult.
+
+        ``countdown`` (seconds) or ``eta`` (datetime or timestamp) delay the run;
+        ``expires`` (seconds from now, or a datetime) revokes the task
+        if no worker ran it by then; ``link``/``link_error`` are signatures
+        sent after success (with the result as first argument) or failure
+        (with the task id). With ``task_always_eager`` the task runs here.
+        """
+        unknown = set(options) - MESSAGE_OPTIONS
+        if unknown:
+            raise TypeError(f"apply_async() got unknown options: {', '.join(sorted(unknown))}")
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=task_id or new_task_id(), link=link, link_error=link_error,
+                              ignore_result=ignore_result, **options)
+        if self.typing:
+            self.check_arguments(args, kwargs)
+        message = self.build_message(args, kwargs, task_id=task_id, countdown=countdown, eta=eta,
+                                     expires=expires, ignore_result=ignore_result, queue=queue,
+                                     link=link, link_error=link_error, **options)
+        self.app.send_message(message)
+        return self.AsyncResult(message.id)
+
+    def build_message(self, args: tuple = (), kwargs: dict | None = None, *, task_id: str | None = None,
+                      countdown: float | None = None, eta: Any = None, expires: Any = None,
+                      ignore_result: bool | None = None, queue: str | None = None, link: Any = None,
+                      link_error: Any = None, retries: int = 0, chain: list | None = None,
+                      parent_id: str | None = None, root_id: str | None = None, reply_to: str | None = None,
+                      time_limit: float | None = None, soft_time_limit: float | None = None) -> TaskMessage:
+        """Build the TaskMessage that :meth:`apply_async` sends."""
+        now = time.time()
+        eta_ts = now + countdown if countdown is not None else _timestamp(eta, "eta")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            expires_ts: float | None = now + expires  # seconds from now, as in Celery
+        else:
+            expires_ts = _timestamp(expires, "expires")
+        kwargs = kwargs or {}
+        if queue is None:
+            queue = self.queue or route_queue(self.app.conf.task_routes, self.name, args, kwargs) \
+                or self.app.conf.task_default_queue
+        options: dict[str, Any] = {}
+        for key, value in (("link", _as_signature_list(link)), ("link_error", _as_signature_list(link_error)),
+                           ("chain", [dict(step) for step in chain] if chain else None),
+                           ("time_limit", time_limit if time_limit is not None else self.time_limit),
+                           ("soft_time_limit", soft_time_limit if soft_time_limit is not None
+                            else self.soft_time_limit)):
+            if value is not None:
+                options[key] = value
+        return TaskMessage(
+            task_id or new_task_id(), self.name, args, kwargs, retries=retries, eta=eta_ts, expires=expires_ts,
+            queue=queue, reply_to=reply_to, parent_id=parent_id, root_id=root_id,
+            ignore_result=bool(ignore_result) if ignore_result is not None else self._ignored_by_default(),
+            options=options,
+        )
+
+    def _ignored_by_default(self) -> bool:
+        # The message carries the resolved choice so the worker need not know the
+        # caller's settings; the per-call value, when given, overrides it.
+        if self.ignore_result is not None:
+            return bool(self.ignore_result)
+        return bool(self.app.conf.task_ignore_result)
+
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Raise TypeError now if the task body cannot take these arguments."""
+        sig = type(self).__dict__.get("_signature_cache")
+        if sig is None:
+            fun = getattr(self, "__wrapped__", None) or self.run
+            try:
+                sig = inspect.signature(fun)
+            except (TypeError, ValueError):
+                return
+            if getattr(self, "_bound", False):
+                params = list(sig.parameters.values())[1:]
+                sig = sig.replace(parameters=params)
+            type(self)._signature_cache = sig
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}: {exc}") from None
+
+    def apply(self, args: Any = (), kwargs: dict | None = None, task_id: str | None = None, *,
+              link: Any = None, link_error: Any = None, retries: int = 0, throw: bool | None = None,
+              ignore_result: bool | None = None, **options: Any) -> Any:
+        """Run the task here, through the worker's request and tracer, and return an EagerResult.
+
+        Retries run again at once (their countdown is ignored); ``throw``
+        (default: ``task_eager_propagates``) re-raises the task's exception.
+        """
+        from engine.result import EagerResult
+
+        options.pop("countdown", None)
+        options.pop("eta", None)
+        options.pop("expires", None)
+        options.pop("queue", None)
+        throw = self.app.conf.task_eager_propagates if throw is None else throw
+        message = self.build_message(tuple(args or ()), dict(kwargs or {}), task_id=task_id, link=link,
+                                     link_error=link_error, retries=retries, ignore_result=ignore_result,
+                                     **options)
+        recorder = StateRecorder()
+        while True:
+            request = self.request_class(message, self, recorder=recorder, eager=True)
+            outcome = request.execute(propagate=bool(throw))
+            retry = outcome.retval
+            if outcome.state != states.RETRY or not isinstance(retry, Retry) or retry.sig is None:
+                break
+            message = message.copy(retries=message.retries + 1, args=tuple(retry.sig.args),
+                                   kwargs=dict(retry.sig.kwargs))
+        return EagerResult(message.id, outcome.retval, outcome.state,
+                           traceback=outcome.einfo.traceback if outcome.einfo else None,
+                           name=self.name, app=self.app, recorder=recorder)
+
+    # --- retrying ----------------------------------------------------------------
+
+    def signature_from_request(self, request: context.Context | None = None, args: Any = None,
+                               kwargs: dict | None = None, **options: Any) -> Any:
+        """Return a signature that calls this task again as ``request`` did, with changes."""
+        request = self.request if request is None else request
+        base_options = {
+            "task_id": request.id,
+            "queue": (request.delivery_info or {}).get("queue"),
+            "link": request.callbacks,
+            "link_error": request.errbacks,
+            "chain": request.chain,
+            "parent_id": request.parent_id,
+            "root_id": request.root_id,
+            "reply_to": request.reply_to,
+            "expires": datetime.fromtimestamp(request.expires) if request.expires else None,
+            "ignore_result": request.ignore_result,
+            "time_limit": request.timelimit[0],
+            "soft_time_limit": request.timelimit[1],
+        }
+        base_options = {key: value for key, value in base_options.items() if value is not None}
+        base_options.update(options)
+        return self.signature(request.args if args is None else args,
+                              request.kwargs if kwargs is None else kwargs, **base_options)
+
+    def retry(self, args: Any = None, kwargs: dict | None = None, exc: BaseException | None = None,
+              throw: bool = True, eta: Any = None, countdown: float | None = None,
+              max_retries: int | None = None, **options: Any) -> Retry:
+        """Run this task again later with the same id (``retries + 1``).
+
+        Raises the :class:`Retry` semipredicate (unless ``throw=False``). Past
+        ``max_retries`` it raises ``exc`` instead (the task fails with it), or
+        MaxRetriesExceededError when no ``exc`` was given.
+        """
+        request = self.request
+        retries = request.retries + 1
+        if max_retries is not None:
+            self.override_max_retries = max_retries
+        max_retries = self.max_retries if max_retries is None else max_retries
+        if request.called_directly:
+            raise exc or Retry("Task can be retried", None)
+        if not eta and countdown is None:
+            countdown = self.default_retry_delay
+        if eta:
+            options["eta"] = eta
+        else:
+            options["countdown"] = countdown
+        sig = self.signature_from_request(request, args, kwargs, retries=retries, **options)
+        if max_retries is not None and retries > max_retries:
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{tuple(sig.args)} kwargs:{dict(sig.kwargs)}",
+                task_args=tuple(sig.args), task_kwargs=dict(sig.kwargs))
+        ret = Retry(exc=exc, when=eta or countdown, is_eager=request.is_eager, sig=sig)
+        if not request.is_eager:
+            try:
+                if request.retry_dispatcher is not None:
+                    request.retry_dispatcher(sig)
+                else:
+                    sig.apply_async()
+            except Exception as send_error:
+                raise Reject(send_error, requeue=False) from send_error
+        if throw:
+            raise ret
+        return ret
+
+    def backoff_delay(self, retries: int) -> float:
+        """The automatic-retry countdown for attempt ``retries`` (see ``retry_backoff``)."""
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        return compute_backoff(retries, factor, float(self.retry_backoff_max), bool(self.retry_jitter))
+
+    # --- state and results ---------------------------------------------------------
+
+    def update_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None) -> None:
+        """Record a state (often a custom one such as ``'PROGRESS'``) for this or another task."""
+        if not states.is_valid_state(state):
+            raise ValueError(f"a state must be a non-empty upper-case string, not {state!r}")
+        request = self.request
+        task_id = request.id if task_id is None else task_id
+        if task_id is None:
+            raise ValueError("update_state() outside a task call needs a task_id")
+        if task_id == request.id and request.recorder is not None:
+            request.recorder.record(task_id, state, meta, None)
+        else:
+            self.backend.store_state(task_id, state, meta)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802 - Celery's name
+        """Return the result handle of a call of this task."""
+        return self.app.AsyncResult(task_id, task_name=self.name, **kwargs)
+
+    # --- signatures ----------------------------------------------------------------
+
+    def signature(self, args: Any = None, kwargs: dict | None = None, **options: Any) -> Any:
+        """Return a signature: this task with (partial) arguments and options, to call later."""
+        from engine.canvas import Signature
+
+        immutable = options.pop("immutable", False)
+        return Signature(self.name, args, kwargs, options, immutable=immutable, app=self.app)
+
+    subtask = signature
+
+    def s(self, *args: Any, **kwargs: Any) -> Any:
+        """Shortcut: ``signature(args, kwargs)``."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Any:
+        """Shortcut for an immutable signature: later steps' results are not prepended."""
+        return self.signature(args, kwargs, immutable=True)
+
+
+def add_autoretry(task: Task) -> None:
+    """Wrap ``task.run`` so ``autoretry_for`` exceptions call ``retry()`` (with backoff)."""
+    autoretry_for = tuple(task.autoretry_for or ())
+    if not autoretry_for or "_orig_run" in task.__dict__:
+        return
+    dont_autoretry_for = tuple(task.dont_autoretry_for or ())
+    orig_run: Callable[..., Any] = task.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return orig_run(*args, **kwargs)
+        except (Ignore, Retry, Reject):
+            raise
+        except autoretry_for as exc:
+            if dont_autoretry_for and isinstance(exc, dont_autoretry_for):
+                raise
+            retry_kwargs = dict(task.retry_kwargs or {})
+            if task.retry_backoff:
+                retry_kwargs["countdown"] = task.backoff_delay(task.request.retries)
+            if "override_max_retries" in task.__dict__:
+                retry_kwargs["max_retries"] = task.__dict__["override_max_retries"]
+            try:
+                raise task.retry(exc=exc, **retry_kwargs)
+            finally:
+                task.__dict__.pop("override_max_retries", None)
+
+    run.__wrapped__ = orig_run  # type: ignore[attr-defined]
+    task._orig_run, task.run = orig_run, run  # type: ignore[method-assign]
+
+
+def validate_options(base: type, options: dict[str, Any]) -> None:
+    """Refuse task options that neither Task nor the custom base defines (typos)."""
+    unknown = [name for name in options if not hasattr(base, name)]
+    if unknown:
+        raise ImproperlyConfigured(
+            f"unknown task option(s) {', '.join(sorted(unknown))} for base {base.__module__}.{base.__qualname__}")

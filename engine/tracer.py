@@ -1,0 +1,211 @@
+"""The tracer: runs one task call and decides its final state.
+
+Both the worker's children and ``Task.apply()`` run tasks through
+:func:`trace_task`, so eager runs behave like worker runs. Order and
+conditions follow Celery's tracer:
+
+1. ``before_start``; STARTED is recorded first when ``track_started`` is on
+   (not in eager runs).
+2. The task runs. Then, by outcome:
+   - returned: link callbacks and the next chain step are sent, SUCCESS is
+     recorded, ``on_success`` runs;
+   - ``Retry``: RETRY is recorded, ``on_retry`` runs;
+   - ``Ignore`` / ``Reject``: nothing is recorded (the caller acts on Reject);
+   - any other exception: FAILURE is recorded (also for the remaining steps of
+     its chain, so the chain's result fails), errbacks are sent, ``on_failure``
+     runs.
+3. ``after_return`` runs, except after Retry, Ignore and Reject.
+
+States go to a *recorder* (anything with ``record(task_id, state, result,
+traceback)``, normally the core's StateRecorder); nothing is recorded when the
+task's result is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import traceback as traceback_module
+from time import monotonic
+from typing import Any, NamedTuple
+
+from engine import context, states
+from engine.exceptions import EncodeError, Ignore, Reject, Retry
+
+__all__ = ("ExceptionInfo", "TraceOutcome", "trace_task", "resolve_ignore_result")
+
+logger = logging.getLogger("engine.tracer")
+
+#: After these outcomes ``after_return`` is not called (as in Celery).
+NO_AFTER_RETURN = frozenset({states.IGNORED, states.RETRY, states.REJECTED})
+
+_HOSTNAME = socket.gethostname()
+
+
+class ExceptionInfo:
+    """An exception with its formatted traceback, as handlers receive it (``einfo``)."""
+
+    __slots__ = ("type", "exception", "tb", "traceback", "internal")
+
+    def __init__(self, exc_info: tuple | None = None, internal: bool = False) -> None:
+        etype, exc, tb = exc_info or sys.exc_info()
+        self.type = etype
+        self.exception = exc
+        self.tb = tb
+        self.traceback = "".join(traceback_module.format_exception(etype, exc, tb))
+        self.internal = internal
+
+    def __str__(self) -> str:
+        return self.traceback
+
+    def __repr__(self) -> str:
+        return f"<ExceptionInfo: {self.exception!r}>"
+
+
+class TraceOutcome(NamedTuple):
+    """What one traced call ended as."""
+
+    #: SUCCESS, FAILURE, RETRY, IGNORED or REJECTED.
+    state: str
+    #: The return value, or the exception (for RETRY: the Retry).
+    retval: Any
+    #: ExceptionInfo for exception outcomes, else None.
+    einfo: ExceptionInfo | None
+    #: Seconds the call took.
+    runtime: float
+
+
+def resolve_ignore_result(task: Any, request: Any) -> bool:
+    """Decide whether a result is stored: the call's choice, else the task's, else the app's."""
+    if request.ignore_result is not None:
+        return bool(request.ignore_result)
+    if task.ignore_result is not None:
+        return bool(task.ignore_result)
+    return bool(task.app.conf.task_ignore_result)
+
+
+def _runner(task: Any) -> Any:
+    # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
+    # calling run() directly saves a frame per task.
+    from engine.task import Task
+
+    return task if type(task).__call__ is not Task.__call__ else task.run
+
+
+def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
+               eager: bool = False, propagate: bool = False) -> TraceOutcome:
+    """Run ``task`` for ``request`` and record its outcome in ``recorder``.
+
+    ``propagate`` re-raises a task's exception after recording it (eager runs
+    with ``throw=True``). Exceptions of the engine itself are not swallowed.
+    """
+    task_id = request.id
+    args, kwargs = request.args, request.kwargs
+    store = None if recorder is None or resolve_ignore_result(task, request) else recorder
+    request.recorder = recorder if store is not None else None
+    retval: Any = None
+    einfo: ExceptionInfo | None = None
+    started = monotonic()
+    context.push(task, request)
+    try:
+        if store is not None and not eager and task.resolve_option("track_started"):
+            store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or _HOSTNAME})
+        try:
+            task.before_start(task_id, args, kwargs)
+            retval = _runner(task)(*args, **kwargs)
+            state = states.SUCCESS
+        except Reject as exc:
+            state, retval, einfo = states.REJECTED, exc, ExceptionInfo(internal=True)
+            logger.info("Task %s[%s] rejected (requeue=%s): %r", task.name, task_id, exc.requeue, exc.reason)
+        except Ignore as exc:
+            state, retval = states.IGNORED, exc
+            logger.info("Task %s[%s] ignored", task.name, task_id)
+        except Retry as exc:
+            state, retval, einfo = states.RETRY, exc, ExceptionInfo()
+            if store is not None:
+                store.record(task_id, states.RETRY, exc.exc if exc.exc is not None else exc, einfo.traceback)
+            task.on_retry(exc.exc, task_id, args, kwargs, einfo)
+            logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
+        except Exception as exc:
+            state, retval, einfo = states.FAILURE, exc, ExceptionInfo()
+            _record_failure(task, request, store, exc, einfo)
+            task.on_failure(exc, task_id, args, kwargs, einfo)
+            _log_failure(task, task_id, exc, einfo)
+            if propagate:
+                raise
+        else:
+            try:
+                _send_followers(task, request, retval)
+                if store is not None:
+                    store.record(task_id, states.SUCCESS, retval)
+            except EncodeError as exc:
+                # The return value cannot travel: the task fails with a clear error
+                # instead of crashing the child or the supervisor.
+                state, retval, einfo = states.FAILURE, exc, ExceptionInfo()
+                _record_failure(task, request, store, exc, einfo)
+                task.on_failure(exc, task_id, args, kwargs, einfo)
+                _log_failure(task, task_id, exc, einfo)
+                if propagate:
+                    raise
+            else:
+                _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
+                logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id, monotonic() - started,
+                            retval)
+        if state not in NO_AFTER_RETURN:
+            _call_handler(eager, task, "after_return", state, retval, task_id, args, kwargs, einfo)
+    finally:
+        context.pop()
+    return TraceOutcome(state, retval, einfo, monotonic() - started)
+
+
+def _call_handler(eager: bool, task: Any, name: str, *args: Any) -> None:
+    # The outcome is already recorded: a failing handler must not record a second
+    # one. Eager callers (tests) still see the error.
+    try:
+        getattr(task, name)(*args)
+    except Exception:
+        if eager:
+            raise
+        logger.exception("Task %s handler %s raised", task.name, name)
+
+
+def _record_failure(task: Any, request: Any, store: Any, exc: BaseException, einfo: ExceptionInfo) -> None:
+    """Record FAILURE for the task and every later step of its chain, then send errbacks."""
+    if store is not None:
+        store.record(request.id, states.FAILURE, exc, einfo.traceback)
+        for step in request.chain or ():
+            step_id = (step.get("options") or {}).get("task_id")
+            if step_id:
+                store.record(step_id, states.FAILURE, exc, einfo.traceback)
+    for errback in request.errbacks or ():
+        try:
+            _signature(task, errback).apply_async((request.id,), parent_id=request.id,
+                                                   root_id=request.root_id or request.id)
+        except Exception:
+            logger.exception("Task %s[%s]: sending errback %r failed", task.name, request.id, errback)
+
+
+def _send_followers(task: Any, request: Any, retval: Any) -> None:
+    """Send the link callbacks and the next chain step with ``retval`` as their first argument."""
+    root_id = request.root_id or request.id
+    for callback in request.callbacks or ():
+        _signature(task, callback).apply_async((retval,), parent_id=request.id, root_id=root_id)
+    if request.chain:
+        rest = list(request.chain)
+        following = _signature(task, rest.pop())
+        following.apply_async((retval,), chain=rest or None, parent_id=request.id, root_id=root_id)
+
+
+def _signature(task: Any, data: Any) -> Any:
+    from engine.canvas import maybe_signature
+
+    return maybe_signature(data, app=task.app)
+
+
+def _log_failure(task: Any, task_id: str, exc: BaseException, einfo: ExceptionInfo) -> None:
+    if task.throws and isinstance(exc, task.throws):
+        logger.info("Task %s[%s] raised expected: %r", task.name, task_id, exc)
+    else:
+        logger.error("Task %s[%s] raised unexpected: %r\n%s", task.name, task_id, exc, einfo.traceback)

@@ -1,0 +1,360 @@
+"""The client side of the transport: sends task messages to workers that have credit.
+
+``app.send_message()`` hands an encoded message to the :class:`Producer` of
+its process and returns at once. A background I/O thread owns the ZeroMQ
+sockets (they are not thread-safe); it packs waiting messages into one frame
+per worker and queue, sends only as much as each worker granted, and keeps
+every message until the worker acknowledged it. When a worker goes silent
+its unacknowledged messages go back to the outbox for another worker.
+
+At exit (``atexit``, or ``app.close()``), :meth:`Producer.flush` waits until
+every message was acknowledged, so a script that sends N tasks and exits at
+once loses none, and tasks sent before any worker is up are delivered when
+one starts. ``producer_flush_timeout`` bounds that wait.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from typing import Any
+
+import zmq
+
+from engine.core import encode_message
+from engine.transport import protocol
+from engine.transport.protocol import Peer
+
+__all__ = ("Producer",)
+
+logger = logging.getLogger("engine.producer")
+
+#: Most messages packed into one frame.
+BATCH_MAX = 512
+#: Seconds between two demand/heartbeat frames to each worker.
+HEARTBEAT = 0.25
+#: A worker not heard from for this long is presumed dead: its unacked messages are re-sent.
+PEER_TIMEOUT = 5.0
+#: Least seconds between two demand frames sent because credit ran out.
+DEMAND_EVERY = 0.001
+#: Seconds between two "still waiting" warnings during flush.
+FLUSH_WARN_EVERY = 5.0
+
+_producers: "weakref.WeakSet[Producer]" = weakref.WeakSet()
+
+
+class _Pending:
+    __slots__ = ("queue", "id", "raw", "peer", "sent_at")
+
+    def __init__(self, queue: str, task_id: str, raw: bytes) -> None:
+        self.queue = queue
+        self.id = task_id
+        self.raw = raw
+        self.peer: Any = None
+        self.sent_at = 0.0
+
+
+class Producer:
+    """One process's connection to the workers of an app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.pid = os.getpid()
+        self.client_id = f"client-{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        endpoints = app.conf.transport
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.bind = bool(app.conf.transport_bind)
+        self._outbox: collections.deque[_Pending] = collections.deque()
+        self._unacked: dict[str, _Pending] = {}
+        self._lock = threading.Condition()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._awake = False
+        self._demand_sent = 0.0
+        self._turn = 0
+        self._closing = False
+        self._result_handlers: list[Any] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-producer", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        _producers.add(self)
+
+    # --- caller side ------------------------------------------------------------
+
+    def usable(self) -> bool:
+        """False after a fork (a child must make its own) or after close."""
+        return self.pid == os.getpid() and not self._closing
+
+    def send(self, message: Any) -> None:
+        """Queue one task message for sending; returns at once."""
+        pending = _Pending(message.queue, message.id, encode_message(message))
+        with self._lock:
+            self._outbox.append(pending)
+        self._wake()
+
+    def add_result_handler(self, handler: Any) -> None:
+        """Call ``handler(body)`` in the I/O thread for each results frame (the rpc backend)."""
+        self._result_handlers.append(handler)
+
+    @property
+    def waiting(self) -> int:
+        """Messages not yet acknowledged by a worker."""
+        with self._lock:
+            return len(self._outbox) + len(self._unacked)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every sent message was acknowledged by a worker; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        warn_at = time.monotonic() + FLUSH_WARN_EVERY
+        with self._lock:
+            while self._outbox or self._unacked:
+                if not self._thread.is_alive():
+                    return False
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                if now >= warn_at:
+                    logger.warning("waiting for a worker to take %d task(s) (endpoints: %s)",
+                                   len(self._outbox) + len(self._unacked), ", ".join(self.endpoints))
+                    warn_at = now + FLUSH_WARN_EVERY
+                self._lock.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - now)))
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded by ``producer_flush_timeout``), then stop the I/O thread."""
+        if self._closing or self.pid != os.getpid():
+            return
+        if timeout is None:
+            timeout = self.app.conf.producer_flush_timeout
+        if not self.flush(timeout):
+            logger.error("closing with %d task(s) not acknowledged by any worker", self.waiting)
+        self._closing = True
+        self._wake()
+        self._thread.join(5)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        # One byte per sleep, not per message: the I/O thread drains everything it finds.
+        if not self._awake:
+            self._awake = True
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    # --- I/O thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as exc:  # reported to the constructor
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except Exception:
+            logger.exception("producer I/O thread failed")
+        finally:
+            for sock in self._sockets:
+                sock.close(linger=0)
+            with self._lock:
+                self._lock.notify_all()
+
+    def _setup(self) -> None:
+        self.context = zmq.Context.instance()
+        max_size = int(self.app.conf.max_message_size)
+        self._sockets: list[zmq.Socket] = []
+        self._peers: dict[Any, Peer] = {}
+        self._credit: dict[Any, dict[str, int]] = {}
+        if self.bind:
+            sock = self.context.socket(zmq.ROUTER)
+            protocol.tune_socket(sock, max_size)
+            for endpoint in self.endpoints:
+                sock.bind(endpoint)
+            self._router = sock
+            self._sockets.append(sock)
+        else:
+            self._router = None
+            for endpoint in self.endpoints:
+                sock = self.context.socket(zmq.DEALER)
+                protocol.tune_socket(sock, max_size)
+                sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
+                sock.connect(endpoint)
+                peer = Peer(sock, None, endpoint, endpoint)
+                self._peers[endpoint] = peer
+                self._credit[endpoint] = {}
+                self._sockets.append(sock)
+        self._poller = zmq.Poller()
+        for sock in self._sockets:
+            self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        hello = protocol.pack({"role": "client", "id": self.client_id, "host": socket.gethostname()})
+        for peer in self._peers.values():
+            self._try_send(peer, protocol.HELLO, hello)
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self._closing:
+            timeout = max(0.0, next_beat - time.monotonic())
+            events = dict(self._poller.poll(timeout * 1000))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            self._awake = False
+            for sock in self._sockets:
+                if sock in events:
+                    self._receive(sock)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + HEARTBEAT
+            self._dispatch(now)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        routed = sock is self._router
+        for _ in range(10_000):
+            frame = protocol.receive(sock, routed)
+            if frame is None:
+                return
+            route, kind, body = frame
+            peer = self._peer_for(sock, route)
+            if peer is None or not kind:
+                continue
+            peer.last_seen = time.monotonic()
+            try:
+                if kind == protocol.CREDIT:
+                    credit = self._credit.setdefault(peer.key, {})
+                    for queue, amount in protocol.unpack(body).items():
+                        credit[str(queue)] = credit.get(str(queue), 0) + max(0, int(amount))
+                elif kind == protocol.ACKS:
+                    self._acknowledge(protocol.unpack(body))
+                elif kind == protocol.RESULTS:
+                    for handler in self._result_handlers:
+                        handler(body)
+                elif kind == protocol.HELLO:
+                    peer.name = str(protocol.unpack(body).get("id", peer.name))
+            except Exception as exc:
+                logger.warning("dropping a malformed %r frame from %s: %s", kind, peer.name, exc)
+
+    def _peer_for(self, sock: zmq.Socket, route: bytes | None) -> Peer | None:
+        if route is None:
+            for peer in self._peers.values():
+                if peer.socket is sock:
+                    return peer
+            return None
+        peer = self._peers.get(route)
+        if peer is None:
+            peer = self._peers[route] = Peer(sock, route, route, route.decode(errors="replace"))
+            self._credit[route] = {}
+        return peer
+
+    def _acknowledge(self, ids: list) -> None:
+        with self._lock:
+            for task_id in ids:
+                self._unacked.pop(task_id, None)
+            self._lock.notify_all()
+
+    def _heartbeat(self, now: float) -> None:
+        """Tell every worker what waits per queue; take back messages of workers gone silent."""
+        with self._lock:
+            demand: dict[str, int] = collections.Counter(p.queue for p in self._outbox)
+            lost = [p for p in self._unacked.values()
+                    if p.peer is not None and now - max(p.sent_at, p.peer.last_seen) > PEER_TIMEOUT]
+            for pending in lost:
+                del self._unacked[pending.id]
+                pending.peer = None
+            if lost:
+                logger.warning("%d task(s) not acknowledged by a silent worker: sending them again", len(lost))
+                self._outbox.extendleft(reversed(lost))
+        for peer in list(self._peers.values()):
+            if peer.last_seen and now - peer.last_seen > PEER_TIMEOUT * 4 and peer.route is not None:
+                self._peers.pop(peer.key, None)  # a bound client forgets workers long gone
+                self._credit.pop(peer.key, None)
+        self._send_demand(now, demand)
+
+    def _send_demand(self, now: float, demand: dict[str, int]) -> None:
+        """Tell every worker how many messages wait per queue (also our heartbeat)."""
+        self._demand_sent = now
+        body = protocol.pack(dict(demand))
+        for peer in list(self._peers.values()):
+            self._try_send(peer, protocol.DEMAND, body)
+
+    def _dispatch(self, now: float) -> None:
+        """Send waiting messages to workers with credit for their queue, one frame per batch."""
+        with self._lock:
+            if not self._outbox:
+                return
+            batches: dict[Any, list[_Pending]] = {}
+            held: list[_Pending] = []
+            peers = list(self._peers.values())
+            turn = self._turn
+            while self._outbox:
+                pending = self._outbox.popleft()
+                target = None
+                # Round-robin over the workers with credit for this queue, so one
+                # burst is spread over all of them rather than filling the first.
+                for step in range(len(peers)):
+                    peer = peers[(turn + step) % len(peers)]
+                    credit = self._credit[peer.key]
+                    if credit.get(pending.queue, 0) > 0:
+                        target = peer
+                        credit[pending.queue] -= 1
+                        turn += step + 1
+                        break
+                if target is None:
+                    held.append(pending)
+                    continue
+                batches.setdefault(target.key, []).append(pending)
+            self._turn = turn % max(1, len(peers))
+            self._outbox.extend(held)
+            if held and now - self._demand_sent > DEMAND_EVERY:
+                # Out of credit: ask now rather than at the next heartbeat.
+                self._send_demand(now, collections.Counter(p.queue for p in held))
+            for key, items in batches.items():
+                peer = self._peers[key]
+                for start in range(0, len(items), BATCH_MAX):
+                    chunk = items[start:start + BATCH_MAX]
+                    frame = protocol.pack([p.raw for p in chunk])
+                    if not self._try_send(peer, protocol.TASKS, frame):
+                        self._outbox.extendleft(reversed(items[start:]))
+                        break
+                    for p in chunk:
+                        p.peer, p.sent_at = peer, now
+                        self._unacked[p.id] = p
+
+    def _try_send(self, peer: Peer, kind: bytes, body: bytes) -> bool:
+        try:
+            peer.send(kind, body)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            logger.warning("send to %s failed: %s", peer.name, exc)
+            return False
+
+
+@atexit.register
+def _flush_all() -> None:
+    """Deliver what scripts sent before they exit."""
+    for producer in list(_producers):
+        producer.close()

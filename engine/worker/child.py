@@ -1,0 +1,196 @@
+"""The loop a pool child runs: read task messages, trace them, report back.
+
+A child reads framed task messages from its pipe, looks the task up in the
+registry it inherited at fork, runs it through the task's request class and
+writes back, batched: the states to record, a DONE per task, and messages the
+task sent (retries, chain steps, callbacks), which the supervisor queues
+itself. A child never outlives its supervisor: the kernel kills it when the
+supervisor dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from engine import serialization, states
+from engine.core import decode_message, encode_message
+from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded
+from engine.worker import pipe
+
+__all__ = ("child_main", "ChildRecorder", "ChildProducer")
+
+logger = logging.getLogger("engine.worker.child")
+
+#: Exit status of a child that retires on purpose (task or memory limit): nothing it held had started.
+RETIRE_EXIT = 0
+#: Seconds between checks that the supervisor is still there.
+PARENT_CHECK = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+class ChildRecorder:
+    """The recorder a child's tracer writes to: states go to the supervisor, serialized."""
+
+    __slots__ = ("writer", "accept_pickle")
+
+    def __init__(self, writer: pipe.FrameWriter, accept_pickle: bool) -> None:
+        self.writer = writer
+        self.accept_pickle = accept_pickle
+
+    def record(self, task_id: str, state: str, result: Any = None, traceback: str | None = None,
+               timestamp: float | None = None) -> bool:
+        """Serialize one state for the supervisor; raises EncodeError for a result msgpack cannot pack."""
+        body = serialization.dumps(result, self.accept_pickle)
+        self.writer.add(pipe.RECORD, msgpack.packb(
+            [task_id, state, body, traceback, timestamp or time.time()], use_bin_type=True))
+        return True
+
+
+class ChildProducer:
+    """What ``app.send_message`` uses inside a child: the supervisor queues the message."""
+
+    def __init__(self, writer: pipe.FrameWriter) -> None:
+        self.writer = writer
+        self.pid = os.getpid()
+
+    def usable(self) -> bool:
+        return self.pid == os.getpid()
+
+    def send(self, message: Any) -> None:
+        self.writer.add(pipe.SEND, encode_message(message))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Nothing to close: the pipe belongs to the child loop."""
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the EOF and getppid() checks below still apply
+
+
+def _soft_limit_handler(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded()
+
+
+def child_main(apps: list, task_fd: int, result_fd: int, hostname: str, options: dict) -> None:
+    """Run tasks until told to stop; never returns (exits the process)."""
+    parent = os.getppid()
+    _die_with_parent()
+    import multiprocessing
+
+    multiprocessing.current_process().name = f"Child-{os.getpid()}"  # log lines say which child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, _soft_limit_handler)
+    reader = pipe.FrameReader(task_fd)
+    writer = pipe.FrameWriter(result_fd, blocking=True)
+    app = apps[0]
+    recorder = ChildRecorder(writer, bool(app.conf.accept_pickle))
+    producer = ChildProducer(writer)
+    for each in apps:
+        each._producer = producer
+    registry = app.tasks
+    max_tasks = options.get("max_tasks_per_child") or 0
+    max_memory_kib = options.get("max_memory_per_child") or 0
+    default_soft = options.get("soft_time_limit")
+    poller = select.poll()
+    poller.register(task_fd, select.POLLIN)
+    writer.add(pipe.READY, str(os.getpid()).encode())
+    writer.flush()
+    done = 0
+    exit_code = RETIRE_EXIT
+    try:
+        while True:
+            frames = reader.frames() or reader.read()
+            if not frames:
+                if reader.eof:
+                    break
+                writer.flush()  # idle: report everything before sleeping
+                if not poller.poll(PARENT_CHECK * 1000) and os.getppid() != parent:
+                    break
+                continue
+            for kind, payload in frames:
+                if kind == pipe.STOP:
+                    raise SystemExit(0)
+                if kind != pipe.TASK:
+                    continue
+                _run_one(payload, registry, recorder, writer, hostname, default_soft)
+                done += 1
+            if (max_tasks and done >= max_tasks) or (max_memory_kib and _rss_kib() > max_memory_kib):
+                break
+    except SystemExit as exc:
+        exit_code = exc.code or 0
+    finally:
+        try:
+            writer.flush()
+        except OSError:
+            pass
+        logging.shutdown()
+        os._exit(exit_code)
+
+
+def _rss_kib() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss // 1024
+
+
+def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pipe.FrameWriter,
+             hostname: str, default_soft: float | None) -> None:
+    started = time.monotonic()
+    task_id = "?"
+    state = states.FAILURE
+    requeue = False
+    try:
+        message = decode_message(payload)
+        task_id = message.id
+        task = registry.lookup(message.task)
+        soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
+        request = task.request_class(message, task, recorder=recorder, hostname=hostname)
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, float(soft))
+        try:
+            outcome = request.execute()
+        finally:
+            if soft:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        state = outcome.state
+        if state == states.REJECTED:
+            requeue = bool(getattr(outcome.retval, "requeue", False))
+    except (MessageDecodeError, NotRegistered) as exc:
+        _record_error(recorder, task_id, exc)
+    except SoftTimeLimitExceeded as exc:  # raised outside the task body (in a handler)
+        _record_error(recorder, task_id, exc)
+    except Exception as exc:  # the engine's own failure: record it, keep serving
+        logger.exception("internal error running task %s", task_id)
+        _record_error(recorder, task_id, exc)
+    writer.add(pipe.DONE, msgpack.packb([task_id, state, time.monotonic() - started, requeue]))
+
+
+def _record_error(recorder: ChildRecorder, task_id: str, exc: BaseException) -> None:
+    if task_id == "?":
+        return
+    try:
+        recorder.record(task_id, states.FAILURE, exc, f"{type(exc).__name__}: {exc}")
+    except EncodeError:
+        recorder.record(task_id, states.FAILURE, EncodeError(str(exc)), None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("engine.worker.child is started by the supervisor")

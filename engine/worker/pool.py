@@ -1,0 +1,122 @@
+"""The prefork pool: forks children, watches them, replaces those that exit or die."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+
+from engine.worker import pipe
+
+__all__ = ("Child", "Pool")
+
+logger = logging.getLogger("engine.worker.pool")
+
+
+class Child:
+    """One pool child as the supervisor sees it."""
+
+    def __init__(self, pid: int, writer: pipe.FrameWriter, reader: pipe.FrameReader) -> None:
+        self.pid = pid
+        self.writer = writer
+        self.reader = reader
+        #: Tasks handed to this child, oldest (the running one) first.
+        self.outstanding: collections.deque = collections.deque()
+        #: False once the child may take no more tasks (retiring, stopping).
+        self.accepting = True
+        self.ready = False
+        self.process = psutil.Process(pid)
+        self.born = time.monotonic()
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        """The supervisor's ends of the two pipes."""
+        return self.writer.fd, self.reader.fd
+
+    def __repr__(self) -> str:
+        return f"<Child {self.pid} outstanding={len(self.outstanding)}>"
+
+
+class Pool:
+    """Forks ``concurrency`` children that inherit the app and its registry."""
+
+    def __init__(self, apps: list, concurrency: int, hostname: str, options: dict) -> None:
+        self.apps = apps
+        self.concurrency = concurrency
+        self.hostname = hostname
+        self.options = options
+        self.children: dict[int, Child] = {}
+        self.by_fd: dict[int, Child] = {}
+
+    def start(self) -> None:
+        """Fork every child."""
+        for _ in range(self.concurrency):
+            self.spawn()
+
+    def spawn(self) -> Child:
+        """Fork one child and return it."""
+        task_r, task_w = pipe.open_pipe()
+        result_r, result_w = pipe.open_pipe()
+        inherited = [fd for child in self.children.values() for fd in child.fds]
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                for fd in (task_w, result_r, *inherited):
+                    os.close(fd)
+                from engine.worker.child import child_main
+
+                child_main(self.apps, task_r, result_w, self.hostname, self.options)
+            finally:
+                os._exit(1)
+        os.close(task_r)
+        os.close(result_w)
+        child = Child(pid, pipe.FrameWriter(task_w, blocking=False), pipe.FrameReader(result_r))
+        self.children[pid] = child
+        self.by_fd[result_r] = child
+        logger.debug("started child %d", pid)
+        return child
+
+    def forget(self, child: Child) -> int | None:
+        """Remove a child that exited (or is about to), reap it, and return its exit status."""
+        self.children.pop(child.pid, None)
+        self.by_fd.pop(child.reader.fd, None)
+        for fd in child.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return reap(child.pid)
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Signal a child (default: kill it)."""
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self) -> None:
+        """Kill every child at once (cold shutdown)."""
+        for child in list(self.children.values()):
+            self.kill(child)
+        for child in list(self.children.values()):
+            self.forget(child)
+
+
+def reap(pid: int, timeout: float = 5.0) -> int | None:
+    """Wait (bounded) for ``pid`` to exit; return its exit status, or -signal when killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.001)

@@ -1,0 +1,217 @@
+"""Which waiting task goes to which child.
+
+:class:`FifoScheduler` (the default) hands each child up to
+``prefetch_multiplier`` tasks ahead, first come first served: the fastest
+mode when tasks are alike. :class:`FairScheduler` (``--fair``) hands a task
+only to an idle child, and among the waiting tasks prefers the kind that is
+expected to finish soonest (shortest expected run time first, from a moving
+average per task name), with three guards: a task's priority grows with its
+wait (aging, so long tasks are never starved); while other kinds wait one
+kind may not hold every child; and while a short kind has been seen lately,
+long kinds leave one child free for it (for a bounded time), so a short task
+arriving just after a burst of long ones does not wait behind them. Celery's ``-Ofair`` is strict FIFO over
+idle children, so a short task queued behind long ones waits for them; here
+it overtakes them, which is the Tasks guide's advice "route long and short
+tasks to dedicated workers", done inside one worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Iterable
+
+__all__ = ("QueuedTask", "RuntimeStats", "FifoScheduler", "FairScheduler", "make_scheduler")
+
+#: Weight of the newest run time in the per-name moving average.
+EWMA_ALPHA = 0.2
+#: Seconds of expected run time that one second of waiting makes up for.
+AGING = 1.0
+#: A kind is "long" when it runs at least this long and LONG_RATIO times longer than another kind.
+LONG_MIN = 0.1
+LONG_RATIO = 10.0
+#: While a short kind was seen within this many seconds, long kinds leave one child free for it.
+RESERVE_HORIZON = 1.0
+
+
+class QueuedTask:
+    """A received task message waiting for (or assigned to) a child."""
+
+    __slots__ = ("message", "raw", "task", "received", "peer", "started")
+
+    def __init__(self, message: Any, raw: bytes, task: Any, peer: Any = None) -> None:
+        self.message = message
+        self.raw = raw
+        self.task = task
+        self.peer = peer
+        self.received = time.monotonic()
+        self.started = 0.0
+
+    @property
+    def name(self) -> str:
+        """The task name."""
+        return self.message.task
+
+    def __repr__(self) -> str:
+        return f"<QueuedTask {self.message.task}[{self.message.id}]>"
+
+
+class RuntimeStats:
+    """A moving average of run time per task name, and over all tasks."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, float] = {}
+        self.overall = 0.0
+
+    def add(self, name: str, runtime: float) -> None:
+        """Fold one measured run time in."""
+        previous = self.by_name.get(name)
+        self.by_name[name] = runtime if previous is None else previous + EWMA_ALPHA * (runtime - previous)
+        self.overall = runtime if not self.overall else self.overall + EWMA_ALPHA * (runtime - self.overall)
+
+    def estimate(self, name: str) -> float:
+        """Expected run time of ``name`` (0 while unknown: a new kind gets one try soon)."""
+        return self.by_name.get(name, 0.0)
+
+
+class FifoScheduler:
+    """First come, first served, up to ``prefetch`` tasks per child."""
+
+    fair = False
+
+    def __init__(self, prefetch: int, stats: RuntimeStats | None = None) -> None:
+        self.per_child = max(1, int(prefetch))
+        self.stats = stats or RuntimeStats()
+        self.waiting: collections.deque[QueuedTask] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def push(self, entry: QueuedTask) -> None:
+        """Queue a task behind the others."""
+        self.waiting.append(entry)
+
+    def push_front(self, entry: QueuedTask) -> None:
+        """Queue a task ahead of the others (it was taken back from a child)."""
+        self.waiting.appendleft(entry)
+
+    def drain(self) -> list[QueuedTask]:
+        """Remove and return every waiting task."""
+        entries = list(self.waiting)
+        self.waiting.clear()
+        return entries
+
+    def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
+        """Pair waiting tasks with children that have room, spreading them round-robin."""
+        out = []
+        waiting = self.waiting
+        open_children = [c for c in children if c.accepting and len(c.outstanding) < self.per_child]
+        while waiting and open_children:
+            for child in list(open_children):
+                if not waiting:
+                    break
+                out.append((child, waiting.popleft()))
+                child.outstanding.append(out[-1][1])
+                if len(child.outstanding) >= self.per_child:
+                    open_children.remove(child)
+        return out
+
+
+class FairScheduler(FifoScheduler):
+    """Idle children only; shortest expected first, with aging, a per-kind cap and a reserved child."""
+
+    fair = True
+
+    def __init__(self, prefetch: int = 1, stats: RuntimeStats | None = None) -> None:
+        super().__init__(1, stats)
+        self.by_name: dict[str, collections.deque[QueuedTask]] = {}
+        self.count = 0
+        #: When each task kind was last received: which kinds are "around".
+        self.seen: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, entry: QueuedTask) -> None:
+        self.by_name.setdefault(entry.name, collections.deque()).append(entry)
+        self.count += 1
+        self.seen[entry.name] = entry.received
+
+    def is_long(self, name: str, now: float) -> bool:
+        """True for a kind that runs far longer than another kind seen lately."""
+        expected = self.stats.estimate(name)
+        if expected < LONG_MIN:
+            return False
+        for other, when in list(self.seen.items()):
+            if now - when > RESERVE_HORIZON:
+                del self.seen[other]
+            elif other != name and self.stats.estimate(other) * LONG_RATIO <= expected:
+                return True
+        return False
+
+    def push_front(self, entry: QueuedTask) -> None:
+        self.by_name.setdefault(entry.name, collections.deque()).appendleft(entry)
+        self.count += 1
+
+    def drain(self) -> list[QueuedTask]:
+        entries = sorted((e for q in self.by_name.values() for e in q), key=lambda e: e.received)
+        self.by_name.clear()
+        self.count = 0
+        return entries
+
+    def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
+        children = list(children)
+        self.children_count = len(children)
+        idle = [c for c in children if c.accepting and not c.outstanding]
+        out = []
+        if not idle or not self.count:
+            return out
+        now = time.monotonic()
+        held: collections.Counter[str] = collections.Counter()
+        running_for: dict[str, float] = {}
+        for child in children:
+            if child.outstanding:
+                head = child.outstanding[0]
+                held[head.name] += 1
+                running_for[head.name] = max(running_for.get(head.name, 0.0), now - head.started)
+        cap = max(1, len(children) - 1)
+        long_running = sum(n for name, n in held.items() if self.is_long(name, now))
+        for child in idle:
+            name = self._pick(now, held, running_for, cap, long_running)
+            if name is None:
+                break
+            queue = self.by_name[name]
+            entry = queue.popleft()
+            if not queue:
+                del self.by_name[name]
+            self.count -= 1
+            held[name] += 1
+            if self.is_long(name, now):
+                long_running += 1
+            child.outstanding.append(entry)
+            out.append((child, entry))
+        return out
+
+    def _pick(self, now: float, held: collections.Counter, running_for: dict[str, float], cap: int,
+              long_running: int) -> str | None:
+        best_name = None
+        best_key: tuple[float, float] | None = None
+        several = len(self.by_name) > 1
+        for name, queue in self.by_name.items():
+            if several and held[name] >= cap and any(held[other] < cap for other in self.by_name if other != name):
+                continue  # one kind may not take the last child while another kind waits
+            head = queue[0]
+            if long_running >= cap and cap < self.children_count and self.is_long(name, now) \
+                    and now - head.received < max(RESERVE_HORIZON, self.stats.estimate(name)):
+                continue  # keep one child for the short kinds seen lately (bounded wait)
+            # A kind still running for longer than its average is at least that long.
+            expected = max(self.stats.estimate(name), running_for.get(name, 0.0))
+            key = (expected - AGING * (now - head.received), head.received)
+            if best_key is None or key < best_key:
+                best_name, best_key = name, key
+        return best_name
+
+
+def make_scheduler(fair: bool, prefetch: int, stats: RuntimeStats | None = None) -> FifoScheduler:
+    """Return the scheduler for ``--fair`` (True) or the default mode."""
+    return FairScheduler(prefetch, stats) if fair else FifoScheduler(prefetch, stats)

@@ -1,0 +1,68 @@
+"""Task classes and helpers the tests import by name (``'tests.support:DatabaseTask'``)."""
+
+from __future__ import annotations
+
+import functools
+
+from engine import Task
+from engine.request import Request
+
+
+class FakeDatabase:
+    """Stands in for a database connection: counts how often it was opened."""
+
+    opened = 0
+
+    def __init__(self) -> None:
+        FakeDatabase.opened += 1
+        self.rows: list = []
+
+
+class DatabaseTask(Task):
+    """The Tasks guide's DatabaseTask: one connection per process, opened on first use."""
+
+    _db = None
+
+    @property
+    def db(self) -> FakeDatabase:
+        if self._db is None:
+            self._db = FakeDatabase()
+        return self._db
+
+
+class RecordingRequest(Request):
+    """A custom request class that remembers which hooks ran."""
+
+    seen: list = []
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        super().on_failure(exc_info, send_failed_event, return_ok)
+        RecordingRequest.seen.append(("failure", self.task.name, type(exc_info.exception).__name__))
+
+    def on_success(self, retval, runtime):
+        super().on_success(retval, runtime)
+        RecordingRequest.seen.append(("success", self.task.name, retval))
+
+
+class RecordingRequestTask(Task):
+    Request = "tests.support:RecordingRequest"
+
+
+def decorator1(fun):
+    """Adds one to the result (the guide's "multiple decorators")."""
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+        return fun(*args, **kwargs) + 1
+
+    return wrapper
+
+
+def decorator2(fun):
+    """Doubles the result."""
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+        return fun(*args, **kwargs) * 2
+
+    return wrapper

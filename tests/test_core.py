@@ -1,0 +1,884 @@
+"""Tests of the engine core: every public name on both twins (the ``core`` fixture).
+
+The compiled core and its pure twin must agree on everything: results, errors, and the
+exact bytes on the wire. Hypothesis checks the round trip across twins and that no input
+can make a decoder fail with anything but MessageDecodeError.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Mapping
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine._core_py as py_core
+import engine.core
+from engine.exceptions import MessageDecodeError, NotRegistered
+
+try:
+    import engine._core as c_core
+except ImportError:  # the HAS_EXTENSION test below reports it
+    c_core = None
+
+needs_both = pytest.mark.skipif(c_core is None, reason="compiled core not built")
+FAST = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+NO_EXT = os.environ.get("ENGINE_NO_EXTENSIONS", "").strip().lower() in {"1", "true", "yes"}
+
+FIELDS = ["version", "id", "task", "payload", "retries", "eta", "expires", "queue",
+          "reply_to", "parent_id", "root_id", "ignore_result", "options"]
+
+
+def envelope(**changes):
+    """A valid v1 envelope as a list, with some elements replaced."""
+    fields = {"version": 1, "id": "abc", "task": "tasks.add",
+              "payload": msgpack.packb([[1, 2], {"z": 3}]), "retries": 0, "eta": None,
+              "expires": None, "queue": "celery", "reply_to": None, "parent_id": None,
+              "root_id": None, "ignore_result": False, "options": None}
+    fields.update(changes)
+    return [fields[name] for name in FIELDS]
+
+
+def pack(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def sample(core, **kw):
+    defaults = {"args": (1, "two", [3.0]), "kwargs": {"k": {"n": None}}, "retries": 2,
+                "eta": 1700000000.5, "expires": None, "queue": "q1", "reply_to": "r",
+                "parent_id": "p", "root_id": "root", "ignore_result": True,
+                "options": {"link": ["a", "b"], "time_limit": 30}}
+    defaults.update(kw)
+    return core.TaskMessage("id-1", "tasks.add", **defaults)
+
+
+# -- selection ------------------------------------------------------------------------------
+
+def test_compiled_core_is_loaded_in_a_normal_install():
+    if NO_EXT:
+        assert engine.core.HAS_EXTENSION is False
+        assert engine.core.IMPLEMENTATION == "python"
+    else:
+        assert engine.core.HAS_EXTENSION is True, "engine._core is not built: pip install -e ."
+        assert engine.core.IMPLEMENTATION == "cython"
+        assert engine.core.TaskMessage is c_core.TaskMessage
+
+
+def test_both_twins_export_the_same_names():
+    assert c_core is not None or NO_EXT
+    if c_core is not None:
+        assert c_core.__all__ == py_core.__all__
+    for name in py_core.__all__:
+        assert hasattr(engine.core, name)
+        assert getattr(py_core, name).__doc__ or name.isupper()
+
+
+def _select(env_value, block_extension=False):
+    env = dict(os.environ)
+    env.pop("ENGINE_NO_EXTENSIONS", None)
+    if env_value is not None:
+        env["ENGINE_NO_EXTENSIONS"] = env_value
+    code = ("import sys, warnings\n"
+            + ("sys.modules['engine._core'] = None\n" if block_extension else "")
+            + "warnings.simplefilter('error')\n"
+              "try:\n"
+              "    import engine.core as c\n"
+              "    print(c.IMPLEMENTATION)\n"
+              "except RuntimeWarning as w:\n"
+              "    print('warning:', w)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False,
+                         text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "True"])
+def test_env_var_selects_the_pure_twin(value):
+    assert _select(value) == "python"
+
+
+@pytest.mark.skipif(c_core is None, reason="compiled core not built")
+@pytest.mark.parametrize("value", [None, "0", "no", ""])
+def test_compiled_core_selected_by_default(value):
+    assert _select(value) == "cython"
+
+
+def test_missing_extension_warns_and_falls_back():
+    out = _select(None, block_extension=True)
+    assert out.startswith("warning:") and "pip install -e ." in out
+
+
+def test_implementation_names(core):
+    assert core.IMPLEMENTATION in ("cython", "python")
+    assert core.__name__.endswith("_core" if core.IMPLEMENTATION == "cython" else "_core_py")
+    assert core.WIRE_VERSION == 1 and core.ENVELOPE_SIZE == 13
+    assert core.MAX_OPTIONS_DEPTH == 1023
+
+
+# -- TaskMessage ----------------------------------------------------------------------------
+
+def test_message_defaults(core):
+    msg = core.TaskMessage("i", "t")
+    assert (msg.id, msg.task, msg.args, msg.kwargs) == ("i", "t", (), {})
+    assert (msg.retries, msg.eta, msg.expires, msg.queue) == (0, None, None, "celery")
+    assert (msg.reply_to, msg.parent_id, msg.root_id) == (None, None, None)
+    assert msg.ignore_result is False and msg.options == {}
+    assert repr(msg) == "<TaskMessage t[i] retries=0>"
+
+
+def test_message_conversions_and_validation(core):
+    msg = core.TaskMessage("i", "t", [1, 2], None, eta=5, expires=6)
+    assert msg.args == (1, 2) and msg.kwargs == {}
+    assert msg.eta == 5.0 and type(msg.eta) is float and type(msg.expires) is float
+    for bad in (None, 1, b"x"):
+        with pytest.raises(TypeError):
+            core.TaskMessage(bad, "t")
+        with pytest.raises(TypeError):
+            core.TaskMessage("i", bad)
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", retries="1")
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", retries=True)
+    with pytest.raises(ValueError):
+        core.TaskMessage("i", "t", retries=-1)
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", eta="soon")
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", kwargs={1: 2})
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", options={b"k": 1})
+    with pytest.raises(TypeError):
+        core.TaskMessage("i", "t", reply_to=3)
+    with pytest.raises(TypeError):
+        msg.id = None
+    with pytest.raises(TypeError):
+        msg.queue = 1
+
+
+def test_message_attributes_are_writable(core):
+    msg = core.TaskMessage("i", "t")
+    msg.id, msg.task, msg.args, msg.kwargs = "j", "u", [3], {"a": 1}
+    msg.retries, msg.eta, msg.expires, msg.queue = 4, 1.5, 2, "q"
+    msg.reply_to, msg.parent_id, msg.root_id = "r", "p", "o"
+    msg.ignore_result, msg.options = 1, {"x": 1}
+    assert msg.to_dict() == {
+        "id": "j", "task": "u", "args": (3,), "kwargs": {"a": 1}, "retries": 4, "eta": 1.5,
+        "expires": 2.0, "queue": "q", "reply_to": "r", "parent_id": "p", "root_id": "o",
+        "ignore_result": True, "options": {"x": 1}}
+
+
+def test_message_str_subclasses_are_accepted(core):
+    class Name(str):
+        pass
+
+    msg = core.TaskMessage(Name("i"), Name("t"), queue=Name("q"))
+    assert core.decode_message(core.encode_message(msg)).task == "t"
+
+
+def test_message_equality_and_hash(core):
+    a, b = sample(core), sample(core)
+    assert a == b
+    assert not a.__ne__(b)
+    assert a != sample(core, retries=3)
+    assert a != sample(core, args=(1,))
+    assert a != sample(core, options={})
+    assert (a == "x") is False
+    decoded = core.decode_message(core.encode_message(a))
+    assert decoded == a and a == decoded
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_message_copy(core):
+    msg = sample(core)
+    dup = msg.copy()
+    assert dup == msg and dup is not msg
+    dup.options["new"] = 1
+    assert "new" not in msg.options
+    changed = msg.copy(retries=5, queue="other", args=[9])
+    assert (changed.retries, changed.queue, changed.args) == (5, "other", (9,))
+    assert changed.kwargs == msg.kwargs and msg.retries == 2
+    with pytest.raises(TypeError):
+        msg.copy(nope=1)
+    with pytest.raises(TypeError):
+        msg.copy(id=5)
+
+
+def test_copy_keeps_an_undecoded_payload(core):
+    data = pack(envelope(payload=b"\xc1garbage"))
+    msg = core.decode_message(data)
+    dup = msg.copy(retries=1)
+    assert dup.payload == b"\xc1garbage"
+    both = msg.copy(args=(1,), kwargs={"a": 2})  # replacing both needs no decode
+    assert (both.args, both.kwargs) == ((1,), {"a": 2})
+    with pytest.raises(MessageDecodeError):
+        msg.copy(args=(1,))  # the kwargs to keep cannot be read
+
+
+def test_to_dict(core):
+    d = sample(core).to_dict()
+    assert d["args"] == (1, "two", [3.0]) and isinstance(d["args"], tuple)
+    assert set(d) == {"id", "task", "args", "kwargs", "retries", "eta", "expires", "queue",
+                      "reply_to", "parent_id", "root_id", "ignore_result", "options"}
+
+
+def test_payload_is_cached_and_invalidated(core):
+    msg = core.TaskMessage("i", "t", (1,), {"a": 2})
+    payload = msg.payload
+    assert payload == msgpack.packb([[1], {"a": 2}], use_bin_type=True)
+    assert msg.payload is payload
+    msg.args = (5,)
+    assert msg.payload == msgpack.packb([[5], {"a": 2}])
+    msg.kwargs = None
+    assert msg.payload == msgpack.packb([[5], {}])
+    msg.kwargs["late"] = 1  # an in-place edit after reading is still encoded
+    assert core.decode_message(core.encode_message(msg)).kwargs == {"late": 1}
+
+
+def test_decoded_payload_is_lazy(core):
+    data = core.encode_message(sample(core))
+    msg = core.decode_message(data)
+    assert msg.payload == sample(core).payload
+    assert core.encode_message(msg) == data  # re-encoding reuses the raw payload
+    assert msg.args == (1, "two", [3.0]) and msg.kwargs == {"k": {"n": None}}
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xc1", b"", b"\x92\x90", b"\x91\x90", b"\x92\x80\x80", b"\x92\x90\x90",
+    pack([[1], {1: 2}]), pack([[], {"a": 1}]) + b"\x00", b"\x92\x90\x81\xa1",
+    b"\x92\x91\xa2\xff\xfe\x80",
+])
+def test_bad_payload_raises_on_access_only(core, payload):
+    msg = core.decode_message(pack(envelope(payload=payload)))
+    assert msg.task == "tasks.add"
+    with pytest.raises(MessageDecodeError):
+        _ = msg.args
+    with pytest.raises(MessageDecodeError):
+        _ = msg.kwargs
+    assert core.encode_message(msg) == pack(envelope(payload=payload))
+
+
+def test_payload_args_may_hold_non_str_keys(core):
+    msg = core.TaskMessage("i", "t", ({1: "a"},))
+    assert core.decode_message(core.encode_message(msg)).args == ({1: "a"},)
+
+
+# -- wire format ----------------------------------------------------------------------------
+
+def test_encode_is_the_documented_msgpack_array(core):
+    msg = sample(core)
+    data = core.encode_message(msg)
+    assert data == msgpack.packb(
+        [1, "id-1", "tasks.add", msgpack.packb([[1, "two", [3.0]], {"k": {"n": None}}]), 2,
+         1700000000.5, None, "q1", "r", "p", "root", True,
+         {"link": ["a", "b"], "time_limit": 30}], use_bin_type=True, use_single_float=False)
+    bare = core.encode_message(core.TaskMessage("i", "t", eta=3))
+    assert msgpack.unpackb(bare)[5] == 3.0 and msgpack.unpackb(bare)[12] is None
+
+
+def test_encode_rejects_non_messages_and_unpackable_values(core):
+    with pytest.raises(TypeError):
+        core.encode_message({"id": "x"})
+    with pytest.raises(TypeError):
+        core.encode_message(None)
+    with pytest.raises(TypeError):
+        core.encode_message(core.TaskMessage("i", "t", (object(),)))
+    with pytest.raises(TypeError):
+        core.encode_message(core.TaskMessage("i", "t", options={"x": object()}))
+    with pytest.raises(OverflowError):
+        core.encode_message(core.TaskMessage("i", "t", retries=2**64))
+
+
+@pytest.mark.parametrize("length", [0, 31, 32, 255, 256, 65535, 65536, 70000])
+def test_string_and_bin_length_boundaries(core, length):
+    msg = core.TaskMessage("x" * length, "t", ("y" * length, b"z" * length), retries=length)
+    data = core.encode_message(msg)
+    assert data == py_core.encode_message(py_core.TaskMessage(
+        "x" * length, "t", ("y" * length, b"z" * length), retries=length))
+    assert core.decode_message(data) == msg
+
+
+@pytest.mark.parametrize("retries", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32,
+                                     2**63, 2**64 - 1])
+def test_retries_boundaries(core, retries):
+    data = core.encode_message(core.TaskMessage("i", "t", retries=retries))
+    assert data == pack(envelope(id="i", task="t", payload=pack([[], {}]), retries=retries))
+    assert core.decode_message(data).retries == retries
+
+
+def test_decode_accepts_bytes_like(core):
+    data = core.encode_message(sample(core))
+    for view in (bytearray(data), memoryview(data), memoryview(b"xx" + data)[2:],
+                 memoryview(bytearray(data))):
+        assert core.decode_message(view) == sample(core)
+    strided = memoryview(bytes(b for b in data for _ in range(2)))[::2]
+    assert core.decode_message(strided) == sample(core)
+
+
+@pytest.mark.parametrize("data", ["text", 5, None, [1], {"a": 1}, object()])
+def test_decode_rejects_non_bytes(core, data):
+    with pytest.raises(MessageDecodeError, match="bytes-like"):
+        core.decode_message(data)
+    with pytest.raises(MessageDecodeError, match="bytes-like"):
+        core.decode_batch(data)
+    with pytest.raises(MessageDecodeError, match="bytes-like"):
+        core.split_batch(data)
+
+
+def test_decode_rejects_released_memoryview(core):
+    view = memoryview(core.encode_message(sample(core)))
+    view.release()
+    with pytest.raises(MessageDecodeError):
+        core.decode_message(view)
+
+
+def test_decode_int_timestamps_and_wider_encodings(core):
+    msg = core.decode_message(pack(envelope(eta=10, expires=-3)))
+    assert msg.eta == 10.0 and type(msg.eta) is float and msg.expires == -3.0
+    # Non-canonical but valid encodings: array16 envelope, uint8 version, float32 eta,
+    # str8 short strings, bin16 payload, int64 retries, map16 options.
+    payload = pack([[], {}])
+    raw = (b"\xdc\x00\x0d" + b"\xcc\x01" + b"\xd9\x01i" + b"\xa1t"
+           + b"\xc5\x00" + bytes([len(payload)]) + payload + b"\xd3" + (7).to_bytes(8, "big")
+           + b"\xca\x3f\xc0\x00\x00" + b"\xc0" + b"\xa1q" + b"\xc0\xc0\xc0\xc3"
+           + b"\xde\x00\x01\xa1k\x01")
+    msg = core.decode_message(raw)
+    assert (msg.id, msg.task, msg.retries, msg.eta, msg.queue) == ("i", "t", 7, 1.5, "q")
+    assert msg.ignore_result is True and msg.options == {"k": 1}
+    assert core.decode_message(pack(envelope(options={}))).options == {}
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("version", 2, "version 2"),
+    ("version", 0, "version 0"),
+    ("version", 2**64 - 1, "version 18446744073709551615"),
+    ("version", -(2**63), "version -9223372036854775808"),
+    ("version", "1", "'version' must be int, got str"),
+    ("version", True, "'version' must be int, got bool"),
+    ("id", None, "'id' must be str, got nil"),
+    ("id", b"abc", "'id' must be str, got bin"),
+    ("task", 5, "'task' must be str, got int"),
+    ("task", ["a"], "'task' must be str, got array"),
+    ("payload", "text", "'payload' must be bin, got str"),
+    ("payload", None, "'payload' must be bin, got nil"),
+    ("retries", "1", "'retries' must be a non-negative int, got str"),
+    ("retries", -1, "'retries' must be a non-negative int, got -1"),
+    ("retries", -(2**63), "non-negative int"),
+    ("retries", 1.0, "'retries' must be a non-negative int, got float"),
+    ("retries", False, "got bool"),
+    ("eta", "now", "'eta' must be a float or nil, got str"),
+    ("eta", True, "'eta' must be a float or nil, got bool"),
+    ("expires", [1.0], "'expires' must be a float or nil, got array"),
+    ("queue", None, "'queue' must be str, got nil"),
+    ("reply_to", 1, "'reply_to' must be str or nil, got int"),
+    ("parent_id", b"p", "'parent_id' must be str or nil, got bin"),
+    ("root_id", {"a": 1}, "'root_id' must be str or nil, got map"),
+    ("ignore_result", 0, "'ignore_result' must be bool, got int"),
+    ("ignore_result", None, "'ignore_result' must be bool, got nil"),
+    ("options", [], "'options' must be a map or nil, got array"),
+    ("options", "x", "'options' must be a map or nil, got str"),
+    ("options", {b"k": 1}, "'options' keys must be str, got bin"),
+])
+def test_decode_field_errors_name_the_field(core, field, value, needle):
+    with pytest.raises(MessageDecodeError, match=None) as info:
+        core.decode_message(pack(envelope(**{field: value})))
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("data,needle", [
+    (pack(envelope()[:12]), "13-element array, got 12"),
+    (pack(envelope() + [None]), "13-element array, got 14"),
+    (pack([]), "13-element array, got 0"),
+    (pack({"a": 1}), "must be an array, got map"),
+    (pack("x"), "must be an array, got str"),
+    (pack(envelope()) + b"\x00", "1 trailing bytes"),
+    (pack(envelope()) + pack(envelope()), "trailing bytes"),
+])
+def test_decode_envelope_errors(core, data, needle):
+    with pytest.raises(MessageDecodeError) as info:
+        core.decode_message(data)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x9d", b"\xdc\x00", b"\xdd\x00\x00\x00", b"\xc1",
+    pack(envelope(id="\u00e9")).replace("\u00e9".encode(), b"\xff\xfe"),  # invalid UTF-8
+    pack(envelope(task="ab")).replace(b"\xa2ab", b"\xa2\xed\xa0"),  # encoded surrogate
+    pack(envelope(options={"k": "\u00e9"})).replace("\u00e9".encode(), b"\xc3\x28"),
+    pack(envelope(options={"k": {1: 2}})),  # nested non-str key
+    pack(envelope(options={"k": 1})).replace(b"\xa1k\x01", b"\xa1k\xc1"),
+    pack(envelope(options={"k": 1})).replace(b"\xa1k\x01", b"\xa1k\xd5\xff\x00\x00"),
+])
+def test_decode_malformed_msgpack(core, data):
+    with pytest.raises(MessageDecodeError):
+        core.decode_message(data)
+
+
+def test_decode_every_truncation(core):
+    data = core.encode_message(sample(core))
+    for end in range(len(data)):
+        with pytest.raises(MessageDecodeError):
+            core.decode_message(data[:end])
+
+
+@pytest.mark.parametrize("data", [
+    b"\x9d\x01\xdb\xff\xff\xff\xff",  # str32 of 4 GiB
+    b"\x9d\x01\xa1i\xa1t\xc6\xff\xff\xff\xff",  # bin32 of 4 GiB
+    b"\xdd\xff\xff\xff\xff\x01",  # array32 envelope of 4G elements
+    pack(envelope())[:-1] + b"\xdf\xff\xff\xff\xff",  # map32 options of 4G pairs
+    pack(envelope())[:-1] + b"\xdd\xff\xff\xff\xff",  # wrong type, huge length
+    pack(envelope())[:-1] + b"\x81\xa1k\xdd\xff\xff\xff\xff\x01",  # nested array32
+    pack(envelope())[:-1] + b"\x81\xa1k\xc9\xff\xff\xff\xff\x01",  # ext32
+])
+def test_huge_declared_lengths_do_not_allocate(core, data):
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageDecodeError):
+            core.decode_message(data)
+        with pytest.raises(MessageDecodeError):
+            core.decode_batch(pack([data]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize("data", [b"\xdd\xff\xff\xff\xff", b"\xdc\xff\xff\xc4\x00",
+                                  b"\x91\xc6\xff\xff\xff\xff\x00"])
+def test_huge_batch_lengths_do_not_allocate(core, data):
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageDecodeError):
+            core.split_batch(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+@needs_both
+@pytest.mark.parametrize("depth", [1, 2, 1020, 1021, 1022, 1023, 1024, 2000])
+@pytest.mark.parametrize("leaf", [b"\x91\xc0", b"\x90", b"\x80", b"\x81\xa1a\xc0"])
+def test_options_nesting_limit_is_the_same_in_both_twins(depth, leaf):
+    data = pack(envelope())[:-1] + b"\x81\xa1a" + b"\x91" * depth + leaf
+    outcomes = []
+    for twin in (c_core, py_core):
+        try:
+            options = twin.decode_message(data).options
+            outcomes.append(options if depth < 100 else "ok")
+        except MessageDecodeError:
+            outcomes.append("error")
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] == "error") == (1 + depth + 1 > 1023)
+
+
+# -- batches --------------------------------------------------------------------------------
+
+def test_batch_round_trip(core):
+    msgs = [sample(core), core.TaskMessage("b", "t2"), sample(core, retries=9)]
+    data = core.encode_batch(msgs)
+    assert data == msgpack.packb([core.encode_message(m) for m in msgs])
+    assert core.decode_batch(data) == msgs
+    assert core.split_batch(data) == [core.encode_message(m) for m in msgs]
+    assert core.decode_batch(bytearray(data)) == msgs
+    assert core.split_batch(memoryview(data)) == core.split_batch(data)
+    assert core.encode_batch([]) == b"\x90"
+    assert core.decode_batch(b"\x90") == [] and core.split_batch(b"\x90") == []
+    assert core.decode_batch(core.encode_batch(iter(msgs))) == msgs
+
+
+def test_encode_batch_rejects_non_messages(core):
+    with pytest.raises(TypeError):
+        core.encode_batch([core.TaskMessage("i", "t"), "x"])
+
+
+@pytest.mark.parametrize("data,needle", [
+    (pack({"a": 1}), "task batch must be an array, got map"),
+    (pack(["text"]), "task batch item 0 must be bin, got str"),
+    (pack([pack(envelope()), 5]), "task batch item 1 must be bin, got int"),
+    (pack([pack(envelope()), pack(envelope(retries=-1))]), "task batch item 1: "),
+    (pack([pack(envelope()), b"\x00"]), "task batch item 1"),
+    (pack([pack(envelope())]) + b"\x01\x02", "2 trailing bytes"),
+])
+def test_batch_errors(core, data, needle):
+    with pytest.raises(MessageDecodeError) as info:
+        core.decode_batch(data)
+    assert needle in str(info.value)
+
+
+def test_split_batch_does_not_decode_items(core):
+    data = pack([b"not a message", pack(envelope())])
+    assert core.split_batch(data) == [b"not a message", pack(envelope())]
+    with pytest.raises(MessageDecodeError, match="item 0"):
+        core.decode_batch(data)
+    for end in range(len(data)):
+        with pytest.raises(MessageDecodeError):
+            core.split_batch(data[:end])
+
+
+# -- hypothesis: round trip across twins, and fuzzing ---------------------------------------
+
+keys = st.text(max_size=8)
+leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+          | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20))
+values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
+times = st.none() | st.floats(allow_nan=False) | st.integers(-(2**53), 2**53)
+opt_text = st.none() | st.text(max_size=40)
+message_fields = st.fixed_dictionaries({
+    "id": st.text(max_size=40), "task": st.text(max_size=300),
+    "args": st.lists(values, max_size=5), "kwargs": st.dictionaries(keys, values, max_size=5),
+    "retries": st.integers(0, 2**64 - 1), "eta": times, "expires": times,
+    "queue": st.text(max_size=40), "reply_to": opt_text, "parent_id": opt_text,
+    "root_id": opt_text, "ignore_result": st.booleans(),
+    "options": st.dictionaries(keys, values, max_size=4),
+})
+
+
+def build(core, fields):
+    fields = dict(fields)
+    return core.TaskMessage(fields.pop("id"), fields.pop("task"), fields.pop("args"),
+                            fields.pop("kwargs"), **fields)
+
+
+def expected_dict(fields):
+    out = dict(fields)
+    out["args"] = tuple(fields["args"])
+    for name in ("eta", "expires"):
+        out[name] = None if fields[name] is None else float(fields[name])
+    return out
+
+
+@needs_both
+@FAST
+@given(fields=message_fields)
+def test_round_trip_across_twins(fields):
+    c_msg, p_msg = build(c_core, fields), build(py_core, fields)
+    c_data, p_data = c_core.encode_message(c_msg), py_core.encode_message(p_msg)
+    assert c_data == p_data
+    for data in (c_data, p_data):
+        for twin in (c_core, py_core):
+            decoded = twin.decode_message(data)
+            assert decoded.to_dict() == expected_dict(fields)
+    assert c_core.encode_batch([c_msg, c_msg]) == py_core.encode_batch([p_msg, p_msg])
+    assert c_core.decode_batch(py_core.encode_batch([p_msg])) == [c_msg]
+    assert py_core.decode_batch(c_core.encode_batch([c_msg])) == [p_msg]
+
+
+def _outcome(twin, func, data):
+    try:
+        result = func(twin)(data)
+    except MessageDecodeError as exc:
+        return ("error", type(exc))
+    if isinstance(result, list):
+        parts = []
+        for item in result:
+            if isinstance(item, bytes):
+                parts.append(item)
+            else:
+                parts.append(_message_outcome(twin, item))
+        return ("ok", repr(parts))
+    return ("ok", _message_outcome(twin, result))
+
+
+def _message_outcome(twin, msg):
+    assert isinstance(msg, twin.TaskMessage)
+    try:
+        args = (msg.args, msg.kwargs)
+    except MessageDecodeError:
+        args = "bad payload"
+    fields = msg.to_dict() if args != "bad payload" else {"id": msg.id, "task": msg.task}
+    return repr((args, fields, msg.retries, msg.eta, msg.options))
+
+
+def _check_fuzz(data):
+    funcs = [lambda t: t.decode_message, lambda t: t.decode_batch, lambda t: t.split_batch]
+    twins = [py_core] if c_core is None else [c_core, py_core]
+    for func in funcs:
+        outcomes = [_outcome(twin, func, data) for twin in twins]
+        assert len(set(outcomes)) == 1, outcomes
+
+
+@FAST
+@given(data=st.binary(max_size=200))
+def test_arbitrary_bytes_only_raise_decode_errors(data):
+    _check_fuzz(data)
+
+
+@st.composite
+def mutated_messages(draw):
+    data = bytearray(py_core.encode_message(build(py_core, draw(message_fields))))
+    if draw(st.booleans()):
+        data = bytearray(py_core.encode_batch([py_core.decode_message(bytes(data))]))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[pos:]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif data:
+            del data[pos]
+    return bytes(data)
+
+
+@FAST
+@given(data=mutated_messages())
+def test_mutated_messages_only_raise_decode_errors(data):
+    _check_fuzz(data)
+
+
+# -- registry -------------------------------------------------------------------------------
+
+def test_registry(core):
+    reg = core.TaskRegistry()
+    add, mul = object(), object()
+    assert len(reg) == 0 and "add" not in reg
+    reg.register("add", add)
+    reg.register("mul", mul)
+    assert reg.lookup("add") is add and reg["mul"] is mul
+    assert reg.get("add") is add and reg.get("nope") is None and reg.get("nope", 1) == 1
+    assert "add" in reg and 5 not in reg and len(reg) == 2
+    assert list(reg) == ["add", "mul"] and list(reg.keys()) == ["add", "mul"]
+    assert list(reg.values()) == [add, mul] and dict(reg.items()) == {"add": add, "mul": mul}
+    assert repr(reg) == "<TaskRegistry ['add', 'mul']>"
+    reg.register("add", mul)  # replacing is allowed: duplicate policy is the app's
+    assert reg.lookup("add") is mul
+    reg.unregister("add")
+    assert "add" not in reg
+    with pytest.raises(NotRegistered) as info:
+        reg.lookup("add")
+    assert info.value.args == ("add",) and "add" in str(info.value)
+    with pytest.raises(KeyError):
+        reg["add"]
+    with pytest.raises(NotRegistered):
+        reg.unregister("add")
+    with pytest.raises(TypeError):
+        reg.register(1, add)
+    with pytest.raises(TypeError):
+        reg.lookup([])
+    assert isinstance(reg, Mapping) and issubclass(core.TaskRegistry, Mapping)
+
+
+# -- backoff --------------------------------------------------------------------------------
+
+def test_backoff_without_jitter(core):
+    assert [core.compute_backoff(n, jitter=False) for n in range(5)] == [1, 2, 4, 8, 16]
+    assert [core.compute_backoff(n, 0.2, jitter=False) for n in range(3)] == [0.2, 0.4, 0.8]
+    assert core.compute_backoff(20, jitter=False) == 600.0
+    assert core.compute_backoff(5, 3, 50, jitter=False) == 50.0
+    assert core.compute_backoff(-4, jitter=False) == 1.0
+    assert core.compute_backoff(3, 0, jitter=False) == 0.0
+    assert core.compute_backoff(3, -1.5, jitter=False) == 0.0
+    for huge in (1023, 1024, 10**6, 10**100):
+        assert core.compute_backoff(huge, jitter=False) == 600.0
+        assert core.compute_backoff(huge, 5.0, math.inf, jitter=False) == math.inf
+    assert core.compute_backoff(1, 1, -5, jitter=False) == 0.0
+    with pytest.raises(TypeError):
+        core.compute_backoff(1.5)
+    with pytest.raises(TypeError):
+        core.compute_backoff(1, "2")
+
+
+def test_backoff_with_jitter(core):
+    assert core.compute_backoff(3, rand=0.5) == 4.0
+    assert core.compute_backoff(3, rand=0.0) == 0.0
+    assert core.compute_backoff(30, rand=1.0) == 600.0
+    with pytest.raises(ValueError):
+        core.compute_backoff(1, rand=1.5)
+    random.seed(7)
+    first = [core.compute_backoff(n) for n in range(6)]
+    random.seed(7)
+    assert [core.compute_backoff(n) for n in range(6)] == first
+    assert all(0.0 <= d <= 2 ** n for n, d in enumerate(first))
+
+
+@needs_both
+@FAST
+@given(st.integers(-5, 2000), st.floats(-10, 1e6, allow_nan=False),
+       st.floats(-10, 1e9, allow_nan=False), st.booleans(), st.floats(0, 1))
+def test_backoff_twins_agree(retries, factor, maximum, jitter, rand):
+    args = (retries, factor, maximum, jitter, rand)
+    result = c_core.compute_backoff(*args)
+    assert result == py_core.compute_backoff(*args) and result >= 0.0
+
+
+# -- state records --------------------------------------------------------------------------
+
+def test_state_record(core):
+    rec = core.StateRecord("t1", "SUCCESS", 42, None, 12.5)
+    assert (rec.task_id, rec.state, rec.result, rec.traceback, rec.timestamp) == (
+        "t1", "SUCCESS", 42, None, 12.5)
+    assert rec == core.StateRecord("t1", "SUCCESS", 42, None, 12.5)
+    assert rec != core.StateRecord("t1", "SUCCESS", 43, None, 12.5)
+    assert (rec == 1) is False
+    assert rec.to_dict() == {"task_id": "t1", "state": "SUCCESS", "result": 42,
+                             "traceback": None, "timestamp": 12.5}
+    assert "t1" in repr(rec) and "SUCCESS" in repr(rec)
+    assert core.StateRecord("t", "PENDING").timestamp == 0.0
+    with pytest.raises(AttributeError):
+        rec.state = "FAILURE"
+    with pytest.raises(TypeError):
+        core.StateRecord(1, "SUCCESS")
+    with pytest.raises(TypeError):
+        core.StateRecord("t", None)
+    with pytest.raises(TypeError):
+        core.StateRecord("t", "FAILURE", traceback=5)
+
+
+def test_recorder_latest_wins_until_ready(core):
+    rec = core.StateRecorder()
+    for state in ("RECEIVED", "STARTED", "RETRY", "STARTED", "PROGRESS"):
+        assert rec.record("a", state, timestamp=1.0) is True
+        assert rec.state_of("a") == state
+    assert rec.record("a", "SUCCESS", 3, timestamp=2.0) is True
+    for state in ("STARTED", "PROGRESS", "RETRY", "PENDING", "FAILURE", "REVOKED", "SUCCESS"):
+        assert rec.record("a", state) is False
+    assert rec.get("a") == core.StateRecord("a", "SUCCESS", 3, None, 2.0)
+
+
+@pytest.mark.parametrize("first,second,accepted", [
+    ("FAILURE", "SUCCESS", True), ("REVOKED", "SUCCESS", True),
+    ("REVOKED", "FAILURE", True), ("FAILURE", "REVOKED", False),
+    ("FAILURE", "FAILURE", False), ("SUCCESS", "FAILURE", False),
+    ("REVOKED", "REVOKED", False), ("REVOKED", "STARTED", False),
+    ("STARTED", "PENDING", True), ("PROGRESS", "STARTED", True),
+])
+def test_recorder_precedence(core, first, second, accepted):
+    rec = core.StateRecorder()
+    assert rec.record("t", first, timestamp=1.0)
+    assert rec.record("t", second, timestamp=2.0) is accepted
+    assert rec.state_of("t") == (second if accepted else first)
+
+
+def test_recorder_flush_order_and_pending(core):
+    rec = core.StateRecorder(batch_size=3)
+    assert rec.flush() == [] and rec.pending == 0 and not rec.should_flush
+    rec.record("a", "STARTED", timestamp=1.0)
+    rec.record("b", "STARTED", timestamp=1.0)
+    rec.record("a", "SUCCESS", "r", timestamp=2.0)
+    assert rec.pending == 2 and not rec.should_flush
+    rec.record("c", "FAILURE", None, "Traceback...", timestamp=3.0)
+    assert rec.should_flush and len(rec) == 3 and "c" in rec and "zz" not in rec
+    out = rec.flush()
+    assert [(r.task_id, r.state) for r in out] == [("a", "SUCCESS"), ("b", "STARTED"),
+                                                   ("c", "FAILURE")]
+    assert out[2].traceback == "Traceback..." and out[0].result == "r"
+    assert rec.pending == 0 and rec.flush() == [] and len(rec) == 3
+    rec.record("b", "SUCCESS", timestamp=4.0)
+    assert rec.record("a", "STARTED") is False
+    assert [r.state for r in rec.flush()] == ["SUCCESS"]
+
+
+def test_recorder_validation_and_unknown(core):
+    rec = core.StateRecorder()
+    assert rec.get("x") is None and rec.state_of("x") == "PENDING"
+    for bad in ("", None, 5):
+        with pytest.raises(ValueError):
+            rec.record("x", bad)
+    with pytest.raises(TypeError):
+        rec.record(5, "STARTED")
+    with pytest.raises(TypeError):
+        rec.record("x", "STARTED", timestamp="now")
+    with pytest.raises(ValueError):
+        core.StateRecorder(batch_size=0)
+    with pytest.raises(ValueError):
+        core.StateRecorder(max_entries=0)
+    assert rec.pending == 0 and len(rec) == 0
+    assert (rec.batch_size, rec.max_entries) == (512, 100_000)
+    assert "entries=0" in repr(rec)
+
+
+def test_recorder_default_timestamp_is_now(core):
+    rec = core.StateRecorder()
+    before = time.time()
+    rec.record("t", "STARTED")
+    after = time.time()
+    assert before - 0.01 <= rec.get("t").timestamp <= after + 0.01
+
+
+def test_recorder_forget(core):
+    rec = core.StateRecorder()
+    rec.record("a", "SUCCESS", timestamp=1.0)
+    rec.record("b", "SUCCESS", timestamp=1.0)
+    rec.forget("a")
+    rec.forget("missing")
+    assert "a" not in rec and rec.pending == 1
+    assert [r.task_id for r in rec.flush()] == ["b"]
+    rec.forget("b")
+    assert len(rec) == 0
+    assert rec.record("b", "STARTED") is True  # forgotten: no precedence memory left
+
+
+def test_recorder_evicts_oldest_flushed_entries(core):
+    rec = core.StateRecorder(batch_size=2, max_entries=3)
+    for tid in "abc":
+        rec.record(tid, "SUCCESS", timestamp=1.0)
+    rec.flush()
+    rec.record("a", "PROGRESS")  # refused, a stays oldest
+    assert rec.record("b", "STARTED") is False
+    rec.record("d", "STARTED", timestamp=2.0)
+    assert len(rec) == 3 and "a" not in rec and set("bcd") <= {t for t in "abcd" if t in rec}
+    # Pending entries are never evicted: the table grows until they are flushed.
+    for tid in "efg":
+        rec.record(tid, "STARTED", timestamp=3.0)
+    assert len(rec) == 4 and all(t in rec for t in "defg")
+    assert [r.task_id for r in rec.flush()] == list("defg")
+    assert len(rec) == 3 and "d" not in rec and all(t in rec for t in "efg")
+    # An evicted id has no precedence memory left.
+    assert rec.record("a", "STARTED") is True
+
+
+def test_recorder_eviction_follows_flush_order(core):
+    rec = core.StateRecorder(max_entries=2)
+    rec.record("a", "STARTED", timestamp=1.0)
+    rec.record("b", "STARTED", timestamp=1.0)
+    rec.flush()
+    rec.record("a", "SUCCESS", timestamp=2.0)  # a is updated: b is now the oldest
+    rec.flush()
+    rec.record("c", "STARTED", timestamp=3.0)
+    assert "b" not in rec and "a" in rec and "c" in rec
+
+
+def test_recorder_many_entries_stay_bounded(core):
+    rec = core.StateRecorder(batch_size=100, max_entries=1000)
+    for i in range(20_000):
+        rec.record(str(i), "SUCCESS", timestamp=1.0)
+        if rec.should_flush:
+            rec.flush()
+    rec.flush()
+    assert len(rec) == 1000 and "19999" in rec and "0" not in rec
+
+
+@needs_both
+@FAST
+@given(st.lists(st.tuples(st.sampled_from("abcdef"),
+                          st.sampled_from(["PENDING", "RECEIVED", "STARTED", "RETRY",
+                                           "PROGRESS", "SUCCESS", "FAILURE", "REVOKED",
+                                           "REJECTED", "FORGET", "FLUSH"])),
+                max_size=60))
+def test_recorder_twins_agree(ops):
+    recorders = [c_core.StateRecorder(max_entries=4), py_core.StateRecorder(max_entries=4)]
+    for step, (tid, state) in enumerate(ops):
+        results = []
+        for rec in recorders:
+            if state == "FLUSH":
+                results.append([r.to_dict() for r in rec.flush()])
+            elif state == "FORGET":
+                results.append(rec.forget(tid))
+            else:
+                results.append(rec.record(tid, state, step, None, float(step)))
+            results.append((len(rec), rec.pending, [rec.state_of(t) for t in "abcdef"]))
+        assert results[:2] == results[2:]

@@ -1,0 +1,321 @@
+"""The real ``engine-worker``: dispatch, limits, children dying, shutdown, bad input.
+
+Each test starts worker processes on free loopback ports with a fresh SQLite
+result file, and stops them by pid; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import zmq
+
+from engine import states
+from engine.exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
+from tests import workerapp
+from tests.worker_helpers import ROOT, WorkerProcess, free_endpoint, pids_alive, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Point the test app at a free endpoint and a fresh result file; yield a worker launcher."""
+    endpoint = free_endpoint()
+    backend = f"sqlite:///{tmp_path / 'results.db'}"
+    app = workerapp.app
+    app.close()
+    app.conf.update(transport=endpoint, result_backend=backend, transport_bind=False, producer_flush_timeout=30)
+    env = {"ENGINE_TEST_ENDPOINT": endpoint, "ENGINE_TEST_BACKEND": backend}
+    workers: list[WorkerProcess] = []
+
+    def start(*args: str, extra_env: dict | None = None, ready: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(*args, env={**env, **(extra_env or {})})
+        workers.append(worker)
+        return worker.wait_ready() if ready else worker
+
+    start.endpoint, start.backend, start.env, start.tmp = endpoint, backend, env, tmp_path
+    yield start
+    app.close()
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.kill()
+
+
+def results_of(ids, timeout=30):
+    """Wait for every id's result; return them in order."""
+    return [workerapp.app.AsyncResult(task_id).get(timeout=timeout, propagate=False) for task_id in ids]
+
+
+def read_runs(path):
+    runs = {}
+    if os.path.exists(path):
+        for line in open(path):
+            label, start, end, pid = line.split()
+            runs[label] = (float(start), float(end), int(pid))
+    return runs
+
+
+def test_tasks_run_and_results_are_readable(setup):
+    setup("--concurrency", "2")
+    results = [workerapp.add.delay(i, i) for i in range(200)]
+    assert [r.get(timeout=30) for r in results] == [2 * i for i in range(200)]
+    assert results[0].state == states.SUCCESS
+
+
+def test_children_are_forked_with_the_registry_and_stop_with_warm_shutdown(setup):
+    worker = setup("--concurrency", "2")
+    children = [p.pid for p in worker.children()]
+    assert len(children) == 2
+    pids = {workerapp.whoami.delay().get(timeout=20) for _ in range(20)}
+    assert pids <= set(children)
+    assert worker.stop(signal.SIGTERM) == 0
+    assert pids_alive(children) == []
+    assert "ready." in worker.output
+
+
+def test_warm_shutdown_finishes_running_tasks(setup):
+    worker = setup("--concurrency", "2")
+    runs = setup.tmp / "runs.txt"
+    result = workerapp.log_run.delay(str(runs), "slow", 1.0)
+    wait_until(lambda: worker.children() and workerapp.app.AsyncResult(result.id).state == states.PENDING, 5)
+    time.sleep(0.3)
+    assert worker.stop(signal.SIGTERM) == 0
+    assert "slow" in read_runs(runs)
+    assert result.get(timeout=5) == "slow"
+
+
+def test_second_signal_is_a_cold_shutdown_leaving_no_children(setup):
+    worker = setup("--concurrency", "2")
+    children = [p.pid for p in worker.children()]
+    workerapp.sleepy.delay(30)
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert worker.stop(signal.SIGTERM, timeout=15) == 3
+    assert pids_alive(children) == []
+
+
+def test_sigkilled_supervisor_takes_its_children_with_it(setup):
+    worker = setup("--concurrency", "2")
+    children = [p.pid for p in worker.children()]
+    workerapp.sleepy.delay(30)
+    time.sleep(0.3)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    wait_until(lambda: not pids_alive(children), 10, message="children exit after their supervisor died")
+
+
+def test_child_killed_mid_task_fails_it_with_worker_lost_and_is_replaced(setup):
+    worker = setup("--concurrency", "2")
+    before = {p.pid for p in worker.children()}
+    result = workerapp.crash.delay()
+    with pytest.raises(WorkerLostError):
+        result.get(timeout=20)
+    wait_until(lambda: len(worker.children()) == 2, 10, message="a new child replaces the dead one")
+    assert {p.pid for p in worker.children()} != before
+    assert workerapp.add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_acks_late_reject_on_worker_lost_runs_the_task_again(setup):
+    setup("--concurrency", "2")
+    marker = setup.tmp / "crashed-once"
+    assert workerapp.crash_once.delay(str(marker)).get(timeout=20) == "survived"
+    assert marker.exists()
+
+
+def test_hard_time_limit_kills_the_child_and_fails_the_task(setup):
+    worker = setup("--concurrency", "2", "--time-limit", "0.5")
+    started = time.monotonic()
+    with pytest.raises(TimeLimitExceeded):
+        workerapp.sleepy.delay(20).get(timeout=20)
+    assert time.monotonic() - started < 10
+    wait_until(lambda: len(worker.children()) == 2, 10)
+    assert workerapp.add.delay(2, 3).get(timeout=10) == 5
+
+
+def test_soft_time_limit_raises_inside_the_task(setup):
+    setup("--concurrency", "1", "--soft-time-limit", "0.3")
+    assert workerapp.soft_limited.delay(5).get(timeout=20) == "cleaned up"
+
+
+def test_max_tasks_per_child_replaces_children(setup):
+    setup("--concurrency", "1", "--max-tasks-per-child", "3")
+    pids = [workerapp.whoami.delay().get(timeout=20) for _ in range(7)]
+    assert len(set(pids)) == 3  # 3 + 3 + 1
+    assert pids[:3] == [pids[0]] * 3
+
+
+def test_max_memory_per_child_replaces_a_child_over_the_limit(setup):
+    setup("--concurrency", "1", "--max-memory-per-child", "150000")
+    first = workerapp.hog.delay(200_000).get(timeout=20)
+    second = workerapp.whoami.delay().get(timeout=20)
+    assert first != second
+
+
+def test_countdown_runs_when_due_in_order(setup):
+    setup("--concurrency", "2")
+    runs = setup.tmp / "runs.txt"
+    sent = time.time()
+    later = workerapp.log_run.apply_async((str(runs), "later"), countdown=1.0)
+    sooner = workerapp.log_run.apply_async((str(runs), "sooner"), countdown=0.5)
+    now = workerapp.log_run.delay(str(runs), "now")
+    results_of([now.id, sooner.id, later.id])
+    got = read_runs(runs)
+    assert got["now"][0] < got["sooner"][0] < got["later"][0]
+    assert got["sooner"][0] - sent >= 0.45 and got["later"][0] - sent >= 0.95
+
+
+def test_retry_comes_back_with_its_countdown(setup):
+    setup("--concurrency", "2")
+    started = time.monotonic()
+    assert workerapp.flaky.delay(2).get(timeout=20) == 2
+    assert time.monotonic() - started >= 0.4  # two retries of 0.2 s
+
+
+def test_reject_requeue_runs_the_task_again(setup):
+    setup("--concurrency", "1")
+    marker = setup.tmp / "rejected-once"
+    assert workerapp.reject_once.delay(str(marker)).get(timeout=20) == "accepted"
+
+
+def test_unknown_task_fails_with_not_registered(setup):
+    setup("--concurrency", "1")
+    result = workerapp.app.send_task("workerapp.does_not_exist", (1,))
+    with pytest.raises(NotRegistered):
+        result.get(timeout=20)
+
+
+def test_unencodable_result_fails_with_a_clear_error(setup):
+    setup("--concurrency", "1")
+    result = workerapp.unencodable.delay()
+    assert result.get(timeout=20, propagate=False).__class__.__name__ == "EncodeError"
+    assert "object" in str(result.result)
+    assert workerapp.add.delay(1, 2).get(timeout=10) == 3
+
+
+def test_routing_to_a_queue_only_its_worker_consumes(setup):
+    default_worker = setup("--concurrency", "1")
+    slow_endpoint = free_endpoint()
+    workerapp.app.close()
+    workerapp.app.conf.transport = [setup.endpoint, slow_endpoint]
+    slow_worker = setup("--concurrency", "1", "-Q", "slow", "--bind", slow_endpoint)
+    slow_children = {p.pid for p in slow_worker.children()}
+    default_children = {p.pid for p in default_worker.children()}
+    assert {workerapp.on_slow_queue.delay().get(timeout=20) for _ in range(5)} <= slow_children
+    assert {workerapp.whoami.delay().get(timeout=20) for _ in range(5)} <= default_children
+
+
+def test_two_workers_share_one_clients_load(setup):
+    first = setup("--concurrency", "1")
+    second_endpoint = free_endpoint()
+    workerapp.app.close()
+    workerapp.app.conf.transport = [setup.endpoint, second_endpoint]
+    second = setup("--concurrency", "1", "--bind", second_endpoint)
+    results = [workerapp.sleepy.delay(0.05) for _ in range(40)]
+    results_of([r.id for r in results])
+    pids_first = {p.pid for p in first.children()}
+    pids_second = {p.pid for p in second.children()}
+    served = [workerapp.whoami.delay() for _ in range(1)]
+    results_of([r.id for r in served])
+    runs_first = sum(1 for line in first.lines if "sleepy" in line and "succeeded" in line)
+    runs_second = sum(1 for line in second.lines if "sleepy" in line and "succeeded" in line)
+    assert runs_first + runs_second == 40
+    assert runs_first >= 8 and runs_second >= 8, (runs_first, runs_second)
+    assert pids_first and pids_second
+
+
+def test_fair_mode_lets_short_tasks_overtake_a_long_one(setup):
+    setup("--concurrency", "2", "--fair")
+    runs = setup.tmp / "runs.txt"
+    path = str(runs)
+    # Teach the worker the run times first, as a long-lived worker would know them.
+    results_of([workerapp.long_task.delay(path, "warm-long", 0.3).id,
+                workerapp.short_task.delay(path, "warm-short", 0.01).id])
+    sent = time.time()
+    ids = [workerapp.long_task.delay(path, "L1", 1.5).id, workerapp.long_task.delay(path, "L2", 1.5).id]
+    ids += [workerapp.short_task.delay(path, f"S{i}", 0.01).id for i in range(20)]
+    results_of(ids)
+    got = read_runs(runs)
+    short_waits = [got[f"S{i}"][0] - sent for i in range(20)]
+    assert max(short_waits) < 1.0, short_waits  # default FIFO would wait for a long task
+
+
+def test_default_mode_queues_short_tasks_behind_long_ones(setup):
+    setup("--concurrency", "1", "--prefetch-multiplier", "4")
+    runs = setup.tmp / "runs.txt"
+    path = str(runs)
+    sent = time.time()
+    ids = [workerapp.long_task.delay(path, "L1", 1.0).id]
+    ids += [workerapp.short_task.delay(path, f"S{i}", 0.01).id for i in range(3)]
+    results_of(ids)
+    got = read_runs(runs)
+    assert min(got[f"S{i}"][0] for i in range(3)) - sent >= 0.9  # FIFO: behind the long task
+
+
+def test_garbage_on_the_wire_is_dropped_and_the_worker_keeps_serving(setup):
+    worker = setup("--concurrency", "1")
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(setup.endpoint)
+    try:
+        for frames in ([b"T", b"\xc1garbage"], [b"T", b"\x92\xc4\x03abc\xc4\x01z"], [b"X", b"??"], [b"only-one"],
+                       [b"D", b"\xff"], [b"T", b"\x91\xc4\x05hello"]):
+            sock.send_multipart(frames)
+        time.sleep(0.3)
+        assert workerapp.add.delay(20, 22).get(timeout=20) == 42
+        assert worker.proc.poll() is None
+        assert "dropped" in worker.output
+    finally:
+        sock.close()
+
+
+def test_producer_that_exits_at_once_loses_nothing(setup):
+    setup("--concurrency", "2")
+    script = textwrap.dedent("""
+        import sys
+        from tests import workerapp
+        ids = [workerapp.add.delay(i, 1).id for i in range(500)]
+        print("\\n".join(ids))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **setup.env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    ids = out.stdout.split()
+    assert len(ids) == 500
+    assert results_of(ids) == [i + 1 for i in range(500)]
+
+
+def test_tasks_sent_before_any_worker_starts_are_delivered(setup):
+    script = textwrap.dedent("""
+        from tests import workerapp
+        ids = [workerapp.add.delay(i, 2).id for i in range(50)]
+        print("\\n".join(ids), flush=True)
+    """)
+    producer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **setup.env},
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert producer.poll() is None  # still holding its tasks: no worker yet
+        setup("--concurrency", "1")
+        out, _ = producer.communicate(timeout=30)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait(5)
+    assert results_of(out.split()) == [i + 2 for i in range(50)]
+
+
+def test_ventilator_pattern_client_binds_workers_connect(setup):
+    endpoint = free_endpoint()
+    workerapp.app.close()
+    workerapp.app.conf.update(transport=endpoint, transport_bind=True)
+    setup("--concurrency", "1", "--connect", endpoint)
+    assert [r.get(timeout=20) for r in [workerapp.add.delay(i, 0) for i in range(30)]] == list(range(30))

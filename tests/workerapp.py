@@ -1,0 +1,121 @@
+"""The app the worker tests run: ``engine-worker -A tests.workerapp``.
+
+Endpoint and backend come from the environment so each test picks free ones.
+Tasks that need to be observed from outside write to files given as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from engine import Engine
+from engine.exceptions import Reject, SoftTimeLimitExceeded
+
+app = Engine(
+    "workerapp",
+    transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599"),
+    backend=os.environ.get("ENGINE_TEST_BACKEND") or None,
+)
+
+_hog: list = []
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task(ignore_result=True)
+def noop():
+    return None
+
+
+@app.task
+def sleepy(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def log_run(path, label, seconds=0.0):
+    """Append ``label start end pid`` to ``path`` around a sleep of ``seconds``."""
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as fh:
+        fh.write(f"{label} {start:.6f} {time.time():.6f} {os.getpid()}\n")
+    return label
+
+
+@app.task(name="workerapp.long")
+def long_task(path, label, seconds):
+    return log_run(path, label, seconds)
+
+
+@app.task(name="workerapp.short")
+def short_task(path, label, seconds):
+    return log_run(path, label, seconds)
+
+
+@app.task
+def whoami():
+    return os.getpid()
+
+
+@app.task
+def crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def crash_once(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"
+
+
+@app.task
+def soft_limited(seconds):
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
+
+
+@app.task
+def unencodable():
+    return object()
+
+
+@app.task(bind=True, default_retry_delay=0.2)
+def flaky(self, succeed_on):
+    if self.request.retries < succeed_on:
+        raise self.retry()
+    return self.request.retries
+
+
+@app.task
+def reject_once(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise Reject("not yet", requeue=True)
+    return "accepted"
+
+
+@app.task(queue="slow")
+def on_slow_queue():
+    return os.getpid()
+
+
+@app.task
+def hog(kib):
+    _hog.append(bytearray(kib * 1024))
+    return os.getpid()
+
+
+@app.task
+def fails(message):
+    raise ValueError(message)
