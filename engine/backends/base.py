@@ -13,7 +13,7 @@ from engine.serialization import dumps, loads
 __all__ = ("Backend", "DisabledBackend")
 
 #: First and largest sleep between two polls of ``wait_for`` (seconds).
-POLL_FIRST = 0.001
+POLL_FIRST = 0.0002
 POLL_MAX = 0.5
 
 
@@ -76,7 +76,7 @@ class Backend:
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
-            sleep *= 2
+            sleep *= 1.5
 
     def close(self) -> None:
         """Release connections and files."""

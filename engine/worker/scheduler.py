@@ -6,8 +6,8 @@ mode when tasks are alike. :class:`FairScheduler` (``--fair``) hands a task
 only to an idle child, and among the waiting tasks prefers the kind that is
 expected to finish soonest (shortest expected run time first, from a moving
 average per task name), with three guards: a task's priority grows with its
-wait (aging, so long tasks are never starved); while other kinds wait one
-kind may not hold every child; and while a short kind has been seen lately,
+wait (aging, so long tasks are never starved); while a faster kind waits a
+slower kind may not hold every child; and while a short kind has been seen lately,
 long kinds leave one child free for it (for a bounded time), so a short task
 arriving just after a burst of long ones does not wait behind them. Celery's ``-Ofair`` is strict FIFO over
 idle children, so a short task queued behind long ones waits for them; here
@@ -30,8 +30,15 @@ AGING = 1.0
 #: A kind is "long" when it runs at least this long and LONG_RATIO times longer than another kind.
 LONG_MIN = 0.1
 LONG_RATIO = 10.0
-#: While a short kind was seen within this many seconds, long kinds leave one child free for it.
-RESERVE_HORIZON = 1.0
+#: Seconds a task kind counts as "around" after its last arrival.
+KIND_MEMORY = 10.0
+#: While a short kind was received within this many seconds, long kinds leave one child free for it...
+RESERVE_HORIZON = 0.1
+#: ... for at most this long per long task.
+RESERVE_HOLD = 1.0
+#: While short kinds are around, a long task waits this long after arriving before it may start,
+#: so that short tasks sent with it (still in flight) are not queued behind it.
+LONG_DELAY = 0.05
 
 
 class QueuedTask:
@@ -137,13 +144,18 @@ class FairScheduler(FifoScheduler):
         self.count += 1
         self.seen[entry.name] = entry.received
 
+    def _short_arrived_within(self, now: float, horizon: float, long_name: str) -> bool:
+        limit = self.stats.estimate(long_name) / LONG_RATIO
+        return any(now - when <= horizon and self.stats.estimate(other) <= limit
+                   for other, when in self.seen.items() if other != long_name)
+
     def is_long(self, name: str, now: float) -> bool:
         """True for a kind that runs far longer than another kind seen lately."""
         expected = self.stats.estimate(name)
         if expected < LONG_MIN:
             return False
         for other, when in list(self.seen.items()):
-            if now - when > RESERVE_HORIZON:
+            if now - when > KIND_MEMORY:
                 del self.seen[other]
             elif other != name and self.stats.estimate(other) * LONG_RATIO <= expected:
                 return True
@@ -198,12 +210,18 @@ class FairScheduler(FifoScheduler):
         best_key: tuple[float, float] | None = None
         several = len(self.by_name) > 1
         for name, queue in self.by_name.items():
-            if several and held[name] >= cap and any(held[other] < cap for other in self.by_name if other != name):
-                continue  # one kind may not take the last child while another kind waits
+            if several and held[name] >= cap and any(
+                    held[other] < cap and self.stats.estimate(other) < self.stats.estimate(name)
+                    for other in self.by_name if other != name):
+                continue  # a slower kind may not take the last child while a faster kind waits
             head = queue[0]
-            if long_running >= cap and cap < self.children_count and self.is_long(name, now) \
-                    and now - head.received < max(RESERVE_HORIZON, self.stats.estimate(name)):
-                continue  # keep one child for the short kinds seen lately (bounded wait)
+            if self.is_long(name, now):
+                waited = now - head.received
+                if waited < LONG_DELAY:
+                    continue  # short tasks sent with it are still arriving: let them go first
+                if long_running >= cap and cap < self.children_count and waited < RESERVE_HOLD \
+                        and self._short_arrived_within(now, RESERVE_HORIZON, name):
+                    continue  # keep one child for the short kinds seen lately (bounded wait)
             # A kind still running for longer than its average is at least that long.
             expected = max(self.stats.estimate(name), running_for.get(name, 0.0))
             key = (expected - AGING * (now - head.received), head.received)

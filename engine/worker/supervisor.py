@@ -51,6 +51,8 @@ STATE_FLUSH_INTERVAL = 0.02
 WINDOW_MAX = 8192
 #: Most future (ETA) tasks held before the worker stops granting credit.
 MAX_TIMERS = 100_000
+#: Seconds between two looks at tasks the fair scheduler holds back.
+HELD_RECHECK = 0.005
 #: Seconds a child gets to exit after STOP before it is killed.
 STOP_GRACE = 10.0
 
@@ -94,6 +96,7 @@ class Supervisor:
         self._kill_reason: dict[int, tuple[str, float]] = {}
         self._last_flush = 0.0
         self._next_housekeeping = 0.0
+        self._held_back = False
 
     # --- signals -------------------------------------------------------------------
 
@@ -136,7 +139,13 @@ class Supervisor:
             for fd in registered - set(self.pool.by_fd):
                 poller.unregister(fd)
                 registered.discard(fd)
-            events = poller.poll(self._poll_timeout() * 1000)
+            timeout = self._poll_timeout()
+            if timeout > 0 and self.recorder.pending:
+                # About to sleep: write states now. Under load the loop never sleeps
+                # and states go out in batches (size or age bound) instead.
+                self._flush_states(time.monotonic(), force=True)
+                timeout = self._poll_timeout()
+            events = poller.poll(timeout * 1000)
             for target, _ in events:
                 if target == self._signal_r:
                     _drain(self._signal_r)
@@ -170,10 +179,12 @@ class Supervisor:
                     return self._finish_warm()
 
     def _poll_timeout(self) -> float:
+        timeout = HOUSEKEEPING
         if len(self.scheduler) and any(c.accepting and (not c.outstanding or not self.fair)
                                        for c in self.pool.children.values()):
-            return 0.0
-        timeout = HOUSEKEEPING
+            if not self._held_back:
+                return 0.0
+            timeout = HELD_RECHECK  # the fair scheduler holds a long task back for a moment
         if self.timers:
             timeout = min(timeout, max(0.0, self.timers[0][0] - time.time()))
         if self.recorder.pending:
@@ -222,6 +233,7 @@ class Supervisor:
 
     def _dispatch(self) -> None:
         assigned = self.scheduler.assign(self.pool.children.values())
+        self._held_back = not assigned and bool(len(self.scheduler))
         if not assigned:
             return
         now = time.monotonic()

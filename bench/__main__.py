@@ -1,0 +1,84 @@
+"""``python -m bench run``: end-to-end benchmarks of the real ``engine-worker``.
+
+Each scenario starts a worker, measures, and stops it; a progress bar shows
+while it runs, a table prints at the end, ``--json FILE`` saves the figures.
+``python -m bench core`` prints the compiled-vs-pure ratios of the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+from bench.scenarios import SCENARIOS
+
+
+def _progress_bar():
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return None
+    return Progress()
+
+
+def run(options: argparse.Namespace) -> int:
+    import engine
+
+    names = options.scenarios or list(SCENARIOS)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d"), "core": engine.IMPLEMENTATION,
+              "tasks": options.tasks, "concurrency": options.concurrency, "results": {}}
+    bar = _progress_bar()
+    if bar is not None:
+        bar.start()
+    try:
+        for name in names:
+            label = f"{name} ({options.tasks} tasks, concurrency {options.concurrency})"
+            if bar is not None:
+                handle = bar.add_task(label, total=1.0)
+                progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)  # noqa: E731
+            else:
+                print(label, file=sys.stderr)
+                progress = lambda fraction: None  # noqa: E731
+            report["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    _print_table(report)
+    if options.json:
+        with open(options.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"\nengine {report['core']} core | {report['machine']} | {report['date']} | "
+          f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
+    for name, figures in report["results"].items():
+        print(f"  {name:<11} {json.dumps(figures)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="end-to-end scenarios against a real worker")
+    run_parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], metavar="SCENARIO",
+                            help=f"any of: {', '.join(SCENARIOS)} (default: all)")
+    run_parser.add_argument("--tasks", type=int, default=100_000)
+    run_parser.add_argument("--concurrency", type=int, default=2)
+    run_parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    sub.add_parser("core", help="compiled vs pure core micro-benchmarks")
+    options = parser.parse_args(argv)
+    if options.command == "core":
+        from bench.core_ratios import main as core_main
+
+        return core_main() or 0
+    return run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

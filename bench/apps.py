@@ -1,0 +1,82 @@
+"""The tasks the end-to-end benchmarks run (``engine-worker -A bench.apps``).
+
+Endpoint and backend come from the environment. ``noop`` ignores its result,
+so completions are counted in shared memory instead: each child bumps an
+8-byte counter in its own file under ``BENCH_COUNTER_DIR`` (about a
+microsecond), and the harness sums the files.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+
+from engine import Engine
+
+app = Engine(
+    "bench",
+    transport=os.environ.get("BENCH_ENDPOINT", "tcp://127.0.0.1:5598"),
+    backend=os.environ.get("BENCH_BACKEND") or None,
+)
+
+_counter: list = []
+_COUNT = struct.Struct("<q")
+
+
+def _bump() -> None:
+    if not _counter:
+        directory = os.environ.get("BENCH_COUNTER_DIR")
+        if not directory:
+            _counter.append(None)
+            return
+        path = os.path.join(directory, str(os.getpid()))
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 8)
+        fh = open(path, "r+b")
+        _counter.append(mmap.mmap(fh.fileno(), 8))
+    shared = _counter[0]
+    if shared is not None:
+        _COUNT.pack_into(shared, 0, _COUNT.unpack_from(shared, 0)[0] + 1)
+
+
+def completed(directory: str) -> int:
+    """Sum of every child's counter in ``directory``."""
+    total = 0
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as fh:
+            data = fh.read(8)
+        if len(data) == 8:
+            total += _COUNT.unpack(data)[0]
+    return total
+
+
+@app.task(ignore_result=True)
+def noop(x, y):
+    _bump()
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task(ignore_result=True, name="bench.long")
+def long_task(seconds, sent):
+    _timed("long", seconds, sent)
+
+
+@app.task(ignore_result=True, name="bench.short")
+def short_task(seconds, sent):
+    _timed("short", seconds, sent)
+
+
+def _timed(kind: str, seconds: float, sent: float) -> None:
+    """Sleep ``seconds`` and append ``kind sent start end`` to this child's file in BENCH_STARTS_DIR."""
+    start = time.time()
+    time.sleep(seconds)
+    directory = os.environ.get("BENCH_STARTS_DIR")
+    if directory:
+        with open(os.path.join(directory, f"{os.getpid()}.txt"), "a") as fh:
+            fh.write(f"{kind} {sent:.6f} {start:.6f} {time.time():.6f}\n")

@@ -1,0 +1,110 @@
+"""Start and stop the real ``engine-worker`` for the end-to-end benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_endpoint() -> str:
+    """A loopback tcp endpoint nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class Worker:
+    """An ``engine-worker -A bench.apps`` subprocess with its own endpoint, backend and counters."""
+
+    def __init__(self, concurrency: int, *extra: str, backend: str | None = None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+        self.counters = self.tmp / "counters"
+        self.starts = self.tmp / "starts"
+        self.counters.mkdir()
+        self.starts.mkdir()
+        self.endpoint = free_endpoint()
+        if backend == "sqlite":
+            backend = f"sqlite:///{self.tmp / 'results.db'}"
+        self.env = {
+            "BENCH_ENDPOINT": self.endpoint,
+            "BENCH_BACKEND": backend or "",
+            "BENCH_COUNTER_DIR": str(self.counters),
+            "BENCH_STARTS_DIR": str(self.starts),
+        }
+        os.environ.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "-A", "bench.apps", "--concurrency", str(concurrency),
+             "--loglevel", "WARNING", *extra],
+            cwd=ROOT, env={**os.environ, **self.env}, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for line in self.proc.stderr:  # the banner ends with the core line
+            if line.startswith("  core:"):
+                break
+        else:
+            raise RuntimeError("engine-worker exited before it was ready")
+        self.ps = psutil.Process(self.proc.pid)
+
+    def app(self):
+        """The bench app, pointed at this worker (a fresh producer)."""
+        from bench import apps
+
+        apps.app.close()
+        apps.app.conf.update(transport=self.endpoint, result_backend=self.env["BENCH_BACKEND"] or None)
+        return apps
+
+    def completed(self) -> int:
+        """No-op tasks finished so far."""
+        from bench.apps import completed
+
+        return completed(str(self.counters))
+
+    def wait_completed(self, count: int, timeout: float = 600) -> float:
+        """Wait until ``count`` no-op tasks finished; return the time it happened."""
+        deadline = time.monotonic() + timeout
+        while self.completed() < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.completed()} of {count} tasks completed in {timeout}s")
+            time.sleep(0.0005)
+        return time.perf_counter()
+
+    def rss(self) -> tuple[int, list[int]]:
+        """Resident memory of the supervisor and of each child, in bytes."""
+        children = self.ps.children()
+        return self.ps.memory_info().rss, [c.memory_info().rss for c in children]
+
+    def runs(self) -> list[tuple[str, float, float, float]]:
+        """``(kind, sent, start, end)`` of every timed task."""
+        rows = []
+        for path in self.starts.iterdir():
+            for line in path.read_text().splitlines():
+                kind, sent, start, end = line.split()
+                rows.append((kind, float(sent), float(start), float(end)))
+        return rows
+
+    def stop(self) -> None:
+        """Warm shutdown (killed after 30 s)."""
+        from bench import apps
+
+        apps.app.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

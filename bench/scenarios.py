@@ -1,0 +1,151 @@
+"""The end-to-end scenarios: each starts a real worker, measures, and stops it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+from bench.harness import Worker
+
+__all__ = ("SCENARIOS",)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def throughput(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """N no-op tasks, results ignored: first send to last completion."""
+    with Worker(concurrency) as worker:
+        apps = worker.app()
+        apps.noop.delay(0, 0)
+        worker.wait_completed(1, 30)  # warm: connected, children forked
+        started = time.perf_counter()
+        for i in range(tasks):
+            apps.noop.delay(i, i)
+            if i % 5000 == 0:
+                progress(i / tasks)
+        finished = worker.wait_completed(tasks + 1)
+        progress(1.0)
+    elapsed = finished - started
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
+def results_sqlite(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """N add tasks with results stored in SQLite and fetched by the client."""
+    with Worker(concurrency, backend="sqlite") as worker:
+        apps = worker.app()
+        apps.add.delay(0, 0).get(timeout=30)
+        started = time.perf_counter()
+        results = [apps.add.delay(i, i) for i in range(tasks)]
+        progress(0.5)
+        for result in results:
+            result.get(timeout=300)
+        elapsed = time.perf_counter() - started
+        progress(1.0)
+    return {"tasks": tasks, "backend": "sqlite", "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
+def latency(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """One task at a time: send to ``get()`` (SQLite backend, polled), p50 / p99 / max."""
+    samples = []
+    count = min(tasks, 500)
+    with Worker(concurrency, backend="sqlite") as worker:
+        apps = worker.app()
+        for _ in range(20):
+            apps.add.delay(1, 1).get(timeout=30)
+        for i in range(count):
+            started = time.perf_counter()
+            apps.add.delay(i, 1).get(timeout=30)
+            samples.append((time.perf_counter() - started) * 1000)
+            if i % 50 == 0:
+                progress(i / count)
+    progress(1.0)
+    return {"tasks": count, "backend": "sqlite", "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
+
+
+def _fairness_batch(worker: Worker, long_s: float, short_s: float) -> dict:
+    apps = worker.app()
+    pattern = ["L"] + ["S"] * 13 + ["L"] + ["S"] * 13 + ["L"] + ["S"] * 12 + ["L"] + ["S"] * 12
+    sent0 = time.time()
+    for kind in pattern:
+        if kind == "L":
+            apps.long_task.delay(long_s, time.time())
+        else:
+            apps.short_task.delay(short_s, time.time())
+    deadline = time.monotonic() + 120
+    while len([r for r in worker.runs() if r[1] >= sent0]) < len(pattern):
+        if time.monotonic() > deadline:
+            raise TimeoutError("fairness batch did not finish")
+        time.sleep(0.02)
+    rows = [r for r in worker.runs() if r[1] >= sent0]
+    waits = [start - sent for kind, sent, start, end in rows if kind == "short"]
+    makespan = max(end for *_, end in rows) - min(sent for _, sent, _, _ in rows)
+    return {"short_wait_p50_s": round(statistics.median(waits), 3), "short_wait_p99_s": round(_percentile(waits, 0.99), 3),
+            "short_wait_max_s": round(max(waits), 3), "makespan_s": round(makespan, 3)}
+
+
+def fairness(tasks: int, concurrency: int, progress: Callable[[float], None], long_s: float = 2.0,
+             short_s: float = 0.01) -> dict:
+    """4 long tasks and 50 short ones, L S*13 L S*13 L S*12 L S*12: fifo, fair (cold) and fair (warm)."""
+    out = {}
+    for step, (label, flags, warm) in enumerate((("fifo", (), False), ("fair_cold", ("--fair",), False),
+                                                  ("fair_warm", ("--fair",), True))):
+        with Worker(concurrency, *flags) as worker:
+            if warm:  # a long-lived worker knows its task kinds' run times
+                apps = worker.app()
+                apps.long_task.delay(min(long_s, 0.3), time.time())
+                apps.short_task.delay(short_s, time.time())
+                while len(worker.runs()) < 2:
+                    time.sleep(0.01)
+            out[label] = _fairness_batch(worker, long_s, short_s)
+        progress((step + 1) / 3)
+    return out
+
+
+def scaling(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """No-op throughput at concurrency 1, 2, 4 ... up to the CPU count."""
+    out = {}
+    levels = [1]
+    while levels[-1] * 2 <= (os.cpu_count() or 1):
+        levels.append(levels[-1] * 2)
+    for index, level in enumerate(levels):
+        out[str(level)] = throughput(tasks, level, lambda _: None)["tasks_per_s"]
+        progress((index + 1) / len(levels))
+    return {"tasks_per_s_by_concurrency": out}
+
+
+def memory(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """Supervisor and child RSS before and after N no-op tasks."""
+    with Worker(concurrency) as worker:
+        apps = worker.app()
+        apps.noop.delay(0, 0)
+        worker.wait_completed(1, 30)
+        before, children_before = worker.rss()
+        for i in range(tasks):
+            apps.noop.delay(i, i)
+            if i % 10000 == 0:
+                progress(i / tasks)
+        worker.wait_completed(tasks + 1)
+        time.sleep(0.2)
+        after, children_after = worker.rss()
+    progress(1.0)
+    mib = 1024 * 1024
+    return {"tasks": tasks, "supervisor_rss_mib_before": round(before / mib, 1),
+            "supervisor_rss_mib_after": round(after / mib, 1),
+            "child_rss_mib_before": [round(x / mib, 1) for x in children_before],
+            "child_rss_mib_after": [round(x / mib, 1) for x in children_after]}
+
+
+SCENARIOS = {
+    "throughput": throughput,
+    "results": results_sqlite,
+    "latency": latency,
+    "fairness": fairness,
+    "scaling": scaling,
+    "memory": memory,
+}
