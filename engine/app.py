@@ -8,6 +8,7 @@ from typing import Any, Callable
 from engine.config import Settings
 from engine.core import TaskRegistry
 from engine.exceptions import DuplicateTaskError, ImproperlyConfigured
+from engine.result import AsyncResult
 from engine.task import Task, add_autoretry, validate_options
 from engine.utils.imports import symbol_by_name
 
@@ -130,8 +131,6 @@ class Engine:
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802 - Celery's name
         """Return the result handle of task ``task_id``."""
-        from engine.result import AsyncResult
-
         return AsyncResult(task_id, app=self, **kwargs)
 
     # --- sending -------------------------------------------------------------------

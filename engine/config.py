@@ -71,12 +71,15 @@ DEFAULTS: dict[str, Any] = {
 
 
 class Settings:
-    """Attribute and mapping access to an app's settings, refusing unknown names."""
+    """Attribute and mapping access to an app's settings, refusing unknown names.
 
-    __slots__ = ("_values",)
+    Values live in the instance's ``__dict__``, so reading a setting is a plain
+    attribute read (it happens on every ``delay()``); only unknown names reach
+    ``__getattr__``, which raises.
+    """
 
     def __init__(self, initial: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        object.__setattr__(self, "_values", dict(DEFAULTS))
+        self.__dict__.update(DEFAULTS)
         self.update(initial or {}, **settings)
 
     @staticmethod
@@ -90,42 +93,42 @@ class Settings:
         if name.startswith("__"):
             raise AttributeError(name)
         self._check(name)
-        return self._values[name]
+        raise AttributeError(name)  # pragma: no cover - every known name is in __dict__
 
     def __setattr__(self, name: str, value: Any) -> None:
         self._check(name)
-        self._values[name] = value
+        self.__dict__[name] = value
 
     def __getitem__(self, name: str) -> Any:
         self._check(name)
-        return self._values[name]
+        return self.__dict__[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
         setattr(self, name, value)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._values
+        return name in DEFAULTS
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+        return iter(DEFAULTS)
 
     def get(self, name: str, default: Any = None) -> Any:
         """Return a setting's value, or ``default`` for a name the engine does not know."""
-        return self._values.get(name, default)
+        return self.__dict__.get(name, default) if name in DEFAULTS else default
 
     def update(self, other: Mapping[str, Any] | None = None, **settings: Any) -> None:
         """Set several settings at once; checks every name before changing any."""
         changes = {**(other or {}), **settings}
         for name in changes:
             self._check(name)
-        self._values.update(changes)
+        self.__dict__.update(changes)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a copy of every setting and its value."""
-        return dict(self._values)
+        return {name: self.__dict__[name] for name in DEFAULTS}
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self._values.items() if DEFAULTS[k] != v}
+        changed = {k: v for k, v in self.as_dict().items() if DEFAULTS[k] != v}
         return f"<Settings {changed!r}>"
 
 

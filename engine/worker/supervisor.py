@@ -83,7 +83,7 @@ class Supervisor:
         self.recorder = StateRecorder(batch_size=512)
         self.backend = app.backend if conf.result_backend else None
         self.stats = RuntimeStats()
-        self.scheduler = make_scheduler(fair, self.prefetch, self.stats)
+        self.scheduler = make_scheduler(fair, self.prefetch, self.stats, float(conf.worker_queue_seconds))
         self.timers: list[tuple[float, int, QueuedTask]] = []
         self._seq = count()
         self.pool = Pool(apps or [app], self.concurrency, self.hostname, {
@@ -342,7 +342,7 @@ class Supervisor:
 
     def window(self) -> int:
         """Tasks this worker may hold or promise: about ``worker_queue_seconds`` of work per child."""
-        low = self.concurrency * self.prefetch
+        low = self.concurrency * self.scheduler.depth()
         average = self.stats.overall
         if not average:
             return low  # nothing measured yet: stay small until run times are known
