@@ -35,6 +35,8 @@ class Worker:
         self.endpoint = free_endpoint()
         if backend == "sqlite":
             backend = f"sqlite:///{self.tmp / 'results.db'}"
+        elif backend == "rpc":
+            backend = "rpc://"
         self.env = {
             "BENCH_ENDPOINT": self.endpoint,
             "BENCH_BACKEND": backend or "",

@@ -34,9 +34,8 @@ def throughput(tasks: int, concurrency: int, progress: Callable[[float], None]) 
     return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
 
 
-def results_sqlite(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """N add tasks with results stored in SQLite and fetched by the client."""
-    with Worker(concurrency, backend="sqlite") as worker:
+def _results(backend: str, tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    with Worker(concurrency, backend=backend) as worker:
         apps = worker.app()
         apps.add.delay(0, 0).get(timeout=30)
         started = time.perf_counter()
@@ -46,26 +45,37 @@ def results_sqlite(tasks: int, concurrency: int, progress: Callable[[float], Non
             result.get(timeout=300)
         elapsed = time.perf_counter() - started
         progress(1.0)
-    return {"tasks": tasks, "backend": "sqlite", "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
+def results(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """N add tasks with results stored and fetched, per backend (sqlite, rpc)."""
+    out = {}
+    for index, backend in enumerate(("sqlite", "rpc")):
+        out[backend] = _results(backend, tasks, concurrency, lambda f, i=index: progress((i + f) / 2))
+    return out
 
 
 def latency(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """One task at a time: send to ``get()`` (SQLite backend, polled), p50 / p99 / max."""
-    samples = []
-    count = min(tasks, 500)
-    with Worker(concurrency, backend="sqlite") as worker:
-        apps = worker.app()
-        for _ in range(20):
-            apps.add.delay(1, 1).get(timeout=30)
-        for i in range(count):
-            started = time.perf_counter()
-            apps.add.delay(i, 1).get(timeout=30)
-            samples.append((time.perf_counter() - started) * 1000)
-            if i % 50 == 0:
-                progress(i / count)
+    """One task at a time: send to ``get()``, p50 / p99 / max, per backend (rpc, sqlite)."""
+    out = {}
+    count = min(tasks, 1000)
+    for index, backend in enumerate(("rpc", "sqlite")):
+        samples = []
+        with Worker(concurrency, backend=backend) as worker:
+            apps = worker.app()
+            for _ in range(20):
+                apps.add.delay(1, 1).get(timeout=30)
+            for i in range(count):
+                started = time.perf_counter()
+                apps.add.delay(i, 1).get(timeout=30)
+                samples.append((time.perf_counter() - started) * 1000)
+                if i % 100 == 0:
+                    progress((index + i / count) / 2)
+        out[backend] = {"tasks": count, "p50_ms": round(statistics.median(samples), 3),
+                        "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
     progress(1.0)
-    return {"tasks": count, "backend": "sqlite", "p50_ms": round(statistics.median(samples), 3),
-            "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
+    return out
 
 
 def _fairness_batch(worker: Worker, long_s: float, short_s: float) -> dict:
@@ -143,7 +153,7 @@ def memory(tasks: int, concurrency: int, progress: Callable[[float], None]) -> d
 
 SCENARIOS = {
     "throughput": throughput,
-    "results": results_sqlite,
+    "results": results,
     "latency": latency,
     "fairness": fairness,
     "scaling": scaling,

@@ -19,7 +19,7 @@ use (``ENGINE_NO_EXTENSIONS=1`` forces the pure-Python twin).
 
 from engine import states
 from engine.app import Engine
-from engine.canvas import Signature, chain, signature
+from engine.canvas import GroupResult, Signature, chain, group, signature
 from engine.core import HAS_EXTENSION, IMPLEMENTATION
 from engine.result import AsyncResult, EagerResult
 from engine.task import Task
@@ -32,6 +32,8 @@ __all__ = (
     "Signature",
     "signature",
     "chain",
+    "group",
+    "GroupResult",
     "states",
     "HAS_EXTENSION",
     "IMPLEMENTATION",

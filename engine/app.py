@@ -149,6 +149,14 @@ class Engine:
             task = type(name.rpartition(".")[2] or name, (self.Task,), {"app": self, "name": name, "typing": False})()
         return task.apply_async(args, kwargs, **options)
 
+    def reply_address(self) -> str | None:
+        """The id workers send results to when the backend is ``rpc://`` (None otherwise)."""
+        url = self.conf.result_backend
+        if not url or not str(url).startswith("rpc"):
+            return None
+        producer = self.backend.listen()
+        return getattr(producer, "client_id", None)
+
     def send_message(self, message: Any) -> None:
         """Hand an encoded task message to the transport (see engine.transport)."""
         self.producer.send(message)

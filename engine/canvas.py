@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-__all__ = ("Signature", "signature", "maybe_signature", "chain")
+__all__ = ("Signature", "signature", "maybe_signature", "chain", "group", "GroupResult")
 
 
 class Signature(dict):
@@ -218,3 +218,87 @@ class chain:
 
     def __repr__(self) -> str:
         return " | ".join(repr(step) for step in self.tasks)
+
+
+class group:
+    """Signatures sent together to run in parallel; the result reads as a list.
+
+    ``group(add.s(i, i) for i in range(10))()`` returns a :class:`GroupResult`
+    whose ``get()`` is the list of results in the group's order. (A chord, a
+    group followed by a callback, is not provided yet.)
+    """
+
+    def __init__(self, *tasks: Any, app: Any = None) -> None:
+        items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) else list(tasks)
+        self.tasks: list[Signature] = [maybe_signature(task).clone() for task in items]
+        self._app = app or (self.tasks[0]._app if self.tasks else None)
+
+    @property
+    def app(self) -> Any:
+        """The app of the group's first signature."""
+        return self._app
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "GroupResult":
+        """Send every member (with ``args`` prepended to each)."""
+        return self.apply_async(args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> "GroupResult":
+        """Send every member with extra arguments."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "GroupResult":
+        """Send every member now; return their results as one GroupResult."""
+        if self.app is not None and self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        return GroupResult([task.apply_async(args, kwargs, **options) for task in self.tasks])
+
+    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "GroupResult":
+        """Run every member here, one after another."""
+        return GroupResult([task.apply(args, kwargs, **options) for task in self.tasks])
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __repr__(self) -> str:
+        return f"group({', '.join(repr(t) for t in self.tasks)})"
+
+
+class GroupResult:
+    """The results of a group's members, in order."""
+
+    def __init__(self, results: list) -> None:
+        self.results = results
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> list:
+        """Wait for every member and return their results as a list (``timeout`` bounds the whole wait)."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for result in self.results:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(result.get(timeout=remaining, propagate=propagate, interval=interval))
+        return values
+
+    def ready(self) -> bool:
+        """True when every member finished."""
+        return all(result.ready() for result in self.results)
+
+    def successful(self) -> bool:
+        """True when every member succeeded."""
+        return all(result.successful() for result in self.results)
+
+    def completed_count(self) -> int:
+        """How many members succeeded."""
+        return sum(1 for result in self.results if result.successful())
+
+    def forget(self) -> None:
+        """Forget every member's result."""
+        for result in self.results:
+            result.forget()
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self):
+        return iter(self.results)

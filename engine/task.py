@@ -199,6 +199,8 @@ class Task:
                               ignore_result=ignore_result, **options)
         if self.typing:
             self.check_arguments(args, kwargs)
+        if options.get("reply_to") is None:
+            options["reply_to"] = self.app.reply_address()
         message = self.build_message(args, kwargs, task_id=task_id, countdown=countdown, eta=eta,
                                      expires=expires, ignore_result=ignore_result, queue=queue,
                                      link=link, link_error=link_error, **options)

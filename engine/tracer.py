@@ -182,7 +182,7 @@ def _record_failure(task: Any, request: Any, store: Any, exc: BaseException, ein
     for errback in request.errbacks or ():
         try:
             _signature(task, errback).apply_async((request.id,), parent_id=request.id,
-                                                   root_id=request.root_id or request.id)
+                                                   root_id=request.root_id or request.id, reply_to=request.reply_to)
         except Exception:
             logger.exception("Task %s[%s]: sending errback %r failed", task.name, request.id, errback)
 
@@ -190,12 +190,15 @@ def _record_failure(task: Any, request: Any, store: Any, exc: BaseException, ein
 def _send_followers(task: Any, request: Any, retval: Any) -> None:
     """Send the link callbacks and the next chain step with ``retval`` as their first argument."""
     root_id = request.root_id or request.id
+    # reply_to travels on, so an rpc:// client gets the results of the steps it started.
     for callback in request.callbacks or ():
-        _signature(task, callback).apply_async((retval,), parent_id=request.id, root_id=root_id)
+        _signature(task, callback).apply_async((retval,), parent_id=request.id, root_id=root_id,
+                                               reply_to=request.reply_to)
     if request.chain:
         rest = list(request.chain)
         following = _signature(task, rest.pop())
-        following.apply_async((retval,), chain=rest or None, parent_id=request.id, root_id=root_id)
+        following.apply_async((retval,), chain=rest or None, parent_id=request.id, root_id=root_id,
+                              reply_to=request.reply_to)
 
 
 def _signature(task: Any, data: Any) -> Any:

@@ -156,3 +156,14 @@ def test_task_logger_records_carry_task_name_and_id(app, caplog):
     assert (inside.task_name, inside.task_id) == (talks.name, "log-1")
     assert (outside.task_name, outside.task_id) == ("???", "???")
     assert logger.parent.name == "engine.task"
+
+
+def test_group_runs_members_and_returns_a_list(eager_app):
+    from engine import group
+
+    @eager_app.task
+    def square(x):
+        return x * x
+
+    result = group(square.s(i) for i in range(5))()
+    assert result.get() == [0, 1, 4, 9, 16] and result.ready() and len(result) == 5

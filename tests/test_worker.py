@@ -319,3 +319,62 @@ def test_ventilator_pattern_client_binds_workers_connect(setup):
     workerapp.app.conf.update(transport=endpoint, transport_bind=True)
     setup("--concurrency", "1", "--connect", endpoint)
     assert [r.get(timeout=20) for r in [workerapp.add.delay(i, 0) for i in range(30)]] == list(range(30))
+
+
+def test_rpc_backend_returns_results_to_the_caller(setup):
+    workerapp.app.close()
+    workerapp.app.conf.result_backend = "rpc://"
+    setup("--concurrency", "2", extra_env={"ENGINE_TEST_BACKEND": "rpc://"})
+    results = [workerapp.add.delay(i, 1) for i in range(300)]
+    assert [r.get(timeout=20) for r in results] == [i + 1 for i in range(300)]
+    with pytest.raises(ValueError, match="boom"):
+        workerapp.fails.delay("boom").get(timeout=20)
+    assert workerapp.flaky.delay(1).get(timeout=20) == 1  # a retry sent from a child still replies here
+    other = workerapp.app.AsyncResult("sent-by-someone-else")
+    assert other.state == states.PENDING
+
+
+def test_group_and_chain_through_the_worker(setup):
+    setup("--concurrency", "2")
+    from engine import chain, group
+
+    assert group(workerapp.add.s(i, i) for i in range(10))().get(timeout=20) == [2 * i for i in range(10)]
+    assert chain(workerapp.add.s(1, 2), workerapp.add.s(10), workerapp.add.s(100))().get(timeout=20) == 113
+    failing = (workerapp.add.s(1, 2) | workerapp.fails.si("middle") | workerapp.add.s(5))()
+    with pytest.raises(ValueError, match="middle"):
+        failing.get(timeout=20)
+
+
+def test_custom_states_and_started_are_visible_while_the_task_runs(setup):
+    setup("--concurrency", "2")
+    gate = setup.tmp / "gate"
+    progress = workerapp.reports_progress.delay(str(gate))
+    started = workerapp.tracked.delay(str(gate))
+    wait_until(lambda: progress.state == "PROGRESS", 20, message="PROGRESS visible")
+    assert progress.info == {"done": 50}
+    wait_until(lambda: started.state == states.STARTED, 20, message="STARTED visible")
+    assert set(started.info) == {"pid", "hostname"}
+    gate.touch()
+    assert progress.get(timeout=20) == started.get(timeout=20) == "finished"
+
+
+def test_ignore_result_at_all_three_levels_stores_nothing(setup):
+    setup("--concurrency", "1")
+    runs = setup.tmp / "runs.txt"
+    by_option = workerapp.ignored_by_option.delay(str(runs))
+    by_call = workerapp.log_run.apply_async((str(runs), "call"), ignore_result=True)
+    workerapp.app.conf.task_ignore_result = True
+    try:
+        by_setting = workerapp.log_run.delay(str(runs), "setting")
+    finally:
+        workerapp.app.conf.task_ignore_result = False
+    wait_until(lambda: set(read_runs(runs)) == {"option", "call", "setting"}, 20, message="all three ran")
+    assert workerapp.add.delay(1, 1).get(timeout=20) == 2  # later states are written, these never are
+    assert [r.state for r in (by_option, by_call, by_setting)] == [states.PENDING] * 3
+
+
+def test_custom_exception_comes_back_as_its_own_class(setup):
+    setup("--concurrency", "1")
+    with pytest.raises(workerapp.PaymentError) as info:
+        workerapp.charge.delay("acct-7", 12.5).get(timeout=20)
+    assert (info.value.account, info.value.amount) == ("acct-7", 12.5)

@@ -119,3 +119,41 @@ def hog(kib):
 @app.task
 def fails(message):
     raise ValueError(message)
+
+
+class PaymentError(Exception):
+    """A custom exception that keeps its arguments in .args, as the Tasks guide asks."""
+
+    def __init__(self, account, amount):
+        super().__init__(account, amount)
+        self.account = account
+        self.amount = amount
+
+
+@app.task
+def charge(account, amount):
+    raise PaymentError(account, amount)
+
+
+def _wait_for_file(path, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@app.task(bind=True)
+def reports_progress(self, gate):
+    self.update_state(state="PROGRESS", meta={"done": 50})
+    _wait_for_file(gate)
+    return "finished"
+
+
+@app.task(track_started=True)
+def tracked(gate):
+    _wait_for_file(gate)
+    return "finished"
+
+
+@app.task(ignore_result=True)
+def ignored_by_option(path):
+    return log_run(path, "option")

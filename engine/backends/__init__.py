@@ -18,6 +18,8 @@ __all__ = ("Backend", "DisabledBackend", "backend_from_url", "BACKENDS")
 BACKENDS = {
     "memory": "engine.backends.memory:MemoryBackend",
     "sqlite": "engine.backends.sqlite:SQLiteBackend",
+    "rpc": "engine.backends.rpc:RPCBackend",
+    "redis": "engine.backends.redis:RedisBackend",
 }
 
 

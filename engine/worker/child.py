@@ -52,6 +52,10 @@ class ChildRecorder:
         body = serialization.dumps(result, self.accept_pickle)
         self.writer.add(pipe.RECORD, msgpack.packb(
             [task_id, state, body, traceback, timestamp or time.time()], use_bin_type=True))
+        if state not in states.READY_STATES:
+            # STARTED and custom states matter while the task still runs: send them now
+            # (final states ride with the next batch).
+            self.writer.flush()
         return True
 
 
@@ -62,8 +66,14 @@ class ChildProducer:
         self.writer = writer
         self.pid = os.getpid()
 
+    #: Results never come back to a child: an rpc:// task sent from a task replies to its own caller.
+    client_id = None
+
     def usable(self) -> bool:
         return self.pid == os.getpid()
+
+    def add_result_handler(self, handler: Any) -> None:
+        """Nothing to register: see ``client_id``."""
 
     def send(self, message: Any) -> None:
         self.writer.add(pipe.SEND, encode_message(message))

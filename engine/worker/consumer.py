@@ -152,8 +152,18 @@ class Consumer:
 
     def send_to(self, client_id: str, kind: bytes, body: bytes) -> bool:
         """Send a frame to a client by id (the ``reply_to`` of its messages)."""
-        peer = self.peers.get(client_id.encode()) or self.peers.get(client_id)
+        peer = self.peers.get(client_id.encode())
+        if peer is None:  # a client we connected to (ventilator) is known by endpoint, not id
+            peer = next((p for p in self.peers.values() if p.name == client_id), None)
+            if peer is None and len(self.peers) == 1 and self.router is None:
+                peer = next(iter(self.peers.values()))  # connected to one producer: it is the one
         if peer is None:
+            return False
+        return self._send(peer, kind, body)
+
+    def send_peer(self, peer: Peer, kind: bytes, body: bytes) -> bool:
+        """Send a frame to a known peer (if it is still connected)."""
+        if peer.key not in self.peers:
             return False
         return self._send(peer, kind, body)
 

@@ -25,7 +25,9 @@ import zmq
 from engine import states
 from engine.core import StateRecorder, decode_message
 from engine.exceptions import MessageDecodeError, NotRegistered, TimeLimitExceeded, WorkerLostError
+from engine.backends.rpc import pack_records
 from engine.serialization import dumps
+from engine.transport import protocol
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.consumer import Consumer
@@ -51,6 +53,10 @@ STATE_FLUSH_INTERVAL = 0.02
 WINDOW_MAX = 8192
 #: Most future (ETA) tasks held before the worker stops granting credit.
 MAX_TIMERS = 100_000
+#: Seconds between two removals of results older than ``result_expires``.
+CLEANUP_EVERY = 60.0
+#: rpc:// reply routes kept for tasks not finished yet (oldest dropped beyond this).
+MAX_REPLY_ROUTES = 200_000
 #: Seconds between two looks at tasks the fair scheduler holds back.
 HELD_RECHECK = 0.005
 #: Seconds a child gets to exit after STOP before it is killed.
@@ -82,6 +88,9 @@ class Supervisor:
         self.registry = app.tasks
         self.recorder = StateRecorder(batch_size=512)
         self.backend = app.backend if conf.result_backend else None
+        #: rpc:// only: task id -> where its states go (a Peer, or a client id).
+        self.replies: dict[str, Any] | None = \
+            {} if getattr(self.backend, "replies_over_transport", False) else None
         self.stats = RuntimeStats()
         self.scheduler = make_scheduler(fair, self.prefetch, self.stats, float(conf.worker_queue_seconds))
         self.timers: list[tuple[float, int, QueuedTask]] = []
@@ -97,6 +106,7 @@ class Supervisor:
         self._last_flush = 0.0
         self._next_housekeeping = 0.0
         self._held_back = False
+        self._next_cleanup = 0.0
 
     # --- signals -------------------------------------------------------------------
 
@@ -209,6 +219,9 @@ class Supervisor:
     def accept(self, message: Any, raw: bytes, peer: Any = None) -> None:
         """Take one decoded task message: fail unknown tasks, hold future ones, queue the rest."""
         self.counters["received"] += 1
+        if self.replies is not None and message.reply_to and not message.ignore_result:
+            # rpc://: remember where this task's states go (the link it came on, else its client id).
+            self.replies[message.id] = peer if peer is not None else message.reply_to
         try:
             task = self.registry.lookup(message.task)
         except NotRegistered as exc:
@@ -364,6 +377,9 @@ class Supervisor:
             return
         self._last_flush = now
         records = recorder.flush()
+        if self.replies is not None:
+            self._send_replies(records)
+            return
         if self.backend is None:
             return
         try:
@@ -373,9 +389,40 @@ class Supervisor:
             for record in records:
                 recorder.record(record.task_id, record.state, record.result, record.traceback, record.timestamp)
 
+    def _send_replies(self, records: list) -> None:
+        """rpc://: send each client the states of its tasks, one frame per client."""
+        by_route: dict[Any, list] = {}
+        for record in records:
+            route = self.replies.get(record.task_id)
+            if route is None:
+                continue
+            if record.state in states.READY_STATES:
+                del self.replies[record.task_id]
+            by_route.setdefault(route, []).append(record)
+        for route, batch in by_route.items():
+            body = pack_records(batch)
+            if isinstance(route, str):
+                sent = self.consumer.send_to(route, protocol.RESULTS, body)
+            else:
+                sent = self.consumer.send_peer(route, protocol.RESULTS, body)
+            if not sent:
+                logger.warning("could not return %d result(s) to client %s (gone?)", len(batch), route)
+
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING
         self.consumer.expire(now)
+        if now >= self._next_cleanup and hasattr(self.backend, "cleanup"):
+            self._next_cleanup = now + CLEANUP_EVERY
+            try:
+                removed = self.backend.cleanup()
+                if removed:
+                    logger.info("removed %d result(s) older than result_expires", removed)
+            except Exception as exc:
+                logger.warning("result cleanup failed: %s", exc)
+        if self.replies is not None and len(self.replies) > MAX_REPLY_ROUTES:
+            # Tasks that ended without a state (Ignore, ignored results) leave routes behind.
+            for task_id in list(self.replies)[: len(self.replies) - MAX_REPLY_ROUTES]:
+                del self.replies[task_id]
         for child in list(self.pool.children.values()):
             if child.outstanding and child.pid not in self._kill_reason:
                 entry = child.outstanding[0]

@@ -1,0 +1,104 @@
+"""The RPC backend (``rpc://``): results come back to the calling client as messages.
+
+Like Celery's RPC backend, nothing is stored anywhere: the worker sends each
+state of a task to the client that sent it, over the same ZeroMQ link the
+task came on (a chain step or a retry sent from inside a task finds the
+original client by the ``reply_to`` id the message carries). The client's
+producer thread hands them to this backend, which wakes waiting ``get()``
+calls at once: real time, no polling.
+
+The limits are Celery's too, and worth knowing: a result can be read only by
+the client process that sent the task (another process, or this one after a
+restart, sees PENDING), it is lost if that client is gone when the result
+arrives, and it lives in that client's memory until ``forget()`` (or until it
+is among the oldest of ``max_entries`` results).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterable
+
+import msgpack
+
+from engine import states
+from engine.backends.base import Backend
+from engine.core import StateRecord, StateRecorder
+from engine.exceptions import TimeoutError
+
+__all__ = ("RPCBackend", "pack_records", "unpack_records")
+
+#: Results a client keeps before the oldest are dropped.
+MAX_ENTRIES = 100_000
+
+
+def pack_records(records: Iterable[StateRecord]) -> bytes:
+    """Pack encoded records for a results frame."""
+    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp] for r in records],
+                         use_bin_type=True)
+
+
+def unpack_records(body: bytes) -> list[StateRecord]:
+    """Inverse of :func:`pack_records`."""
+    return [StateRecord(task_id, state, result, traceback, timestamp)
+            for task_id, state, result, traceback, timestamp in msgpack.unpackb(body, raw=False)]
+
+
+class RPCBackend(Backend):
+    """Results of this client's tasks, as the workers send them back."""
+
+    #: The supervisor sends states over the transport instead of calling ``store``.
+    replies_over_transport = True
+
+    def __init__(self, url: str | None = None, app: Any = None) -> None:
+        super().__init__(url, app)
+        self._table = StateRecorder(max_entries=MAX_ENTRIES)
+        self._changed = threading.Condition()
+        self._producer: Any = None
+
+    def listen(self) -> Any:
+        """Make sure this process's producer hands results to this backend; return the producer.
+
+        Called before a task is sent, so a result that comes back before anyone
+        calls ``get()`` is kept. The producer is per process (a new one after a
+        fork or ``close()``), so this registers with the current one.
+        """
+        producer = self.app.producer
+        if producer is not self._producer:
+            producer.add_result_handler(self._on_results)
+            self._producer = producer
+        return producer
+
+    def _on_results(self, body: bytes) -> None:
+        self.store(unpack_records(body))
+
+    def store(self, records: Iterable[StateRecord]) -> None:
+        with self._changed:
+            for record in records:
+                self._table.record(record.task_id, record.state, record.result, record.traceback, record.timestamp)
+            self._table.flush()
+            self._changed.notify_all()
+
+    def get_encoded(self, task_id: str) -> StateRecord | None:
+        self.listen()
+        with self._changed:
+            return self._table.get(task_id)
+
+    def forget(self, task_id: str) -> None:
+        with self._changed:
+            self._table.forget(task_id)
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5) -> StateRecord:
+        self.listen()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                record = self._table.get(task_id)
+                if record is not None and record.state in states.READY_STATES:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"the result of task {task_id} was not ready within {timeout}s")
+                self._changed.wait(remaining)
+        return self.get(task_id)

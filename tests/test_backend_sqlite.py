@@ -1,0 +1,66 @@
+"""The SQLite backend: cross-process reads, state precedence, forget, expiry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import Engine, states
+from engine.exceptions import RemoteTaskError
+
+
+@pytest.fixture
+def app(tmp_path):
+    application = Engine("t", backend=f"sqlite:///{tmp_path / 'r.db'}")
+    yield application
+    application.close()
+
+
+def test_results_are_readable_from_another_process(app, tmp_path):
+    app.backend.store_state("x1", states.SUCCESS, {"answer": [1, 2]})
+    code = (f"from engine import Engine; a = Engine('o', backend='sqlite:///{tmp_path / 'r.db'}'); "
+            "print(a.AsyncResult('x1').get(timeout=5))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "{'answer': [1, 2]}", out.stderr
+
+
+def test_a_final_state_is_never_overwritten_by_a_late_one(app):
+    backend = app.backend
+    backend.store_state("t", states.SUCCESS, 1)
+    backend.store_state("t", states.STARTED, None)
+    backend.store_state("t", states.FAILURE, ValueError("late"))
+    assert app.AsyncResult("t").state == states.SUCCESS
+    backend.store_state("u", states.FAILURE, ValueError("first"))
+    backend.store_state("u", states.SUCCESS, 2)
+    assert app.AsyncResult("u").get(timeout=1) == 2
+
+
+def test_custom_exceptions_round_trip_or_become_a_clear_stand_in(app):
+    class LocalError(Exception):
+        pass
+
+    app.backend.store_state("e1", states.FAILURE, KeyError("k"), "tb text")
+    with pytest.raises(KeyError):
+        app.AsyncResult("e1").get(timeout=1)
+    assert app.AsyncResult("e1").traceback == "tb text"
+    app.backend.store_state("e2", states.FAILURE, LocalError("nope"))  # a class nobody can import by name
+    error = app.AsyncResult("e2").result
+    assert isinstance(error, (LocalError, RemoteTaskError))
+
+
+def test_forget_and_cleanup_of_expired_results(app):
+    app.backend.store_state("f", states.SUCCESS, 1)
+    app.AsyncResult("f").forget()
+    assert app.AsyncResult("f").state == states.PENDING
+    app.backend.store_state("old", states.SUCCESS, 1)
+    assert app.backend.cleanup(now=time.time() + app.conf.result_expires + 1) == 1
+    assert app.AsyncResult("old").state == states.PENDING
+
+
+def test_custom_state_meta_is_visible(app):
+    app.backend.store_state("p", "PROGRESS", {"done": 3})
+    result = app.AsyncResult("p")
+    assert (result.state, result.info, result.ready()) == ("PROGRESS", {"done": 3}, False)
