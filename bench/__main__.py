@@ -45,6 +45,8 @@ def run(options: argparse.Namespace) -> int:
                 print(label, file=sys.stderr)
                 progress = lambda fraction: None  # noqa: E731
             report["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
+        if not options.no_celery:
+            report["celery"] = _run_celery(options, names, report, bar)
     finally:
         if bar is not None:
             bar.stop()
@@ -55,11 +57,51 @@ def run(options: argparse.Namespace) -> int:
     return 0
 
 
+def _run_celery(options: argparse.Namespace, names: list[str], report: dict, bar) -> dict:
+    """Scenarios 1, 3 and 4 on Celery in the same run, with engine/Celery ratios."""
+    from bench import celery_peer
+
+    why_not = celery_peer.available()
+    if why_not:
+        return {"skipped": why_not}
+    wanted = [name for name in ("throughput", "latency", "fairness") if name in names]
+    if not wanted:
+        return {}
+    handle = bar.add_task("celery (prefork + redis)", total=len(wanted)) if bar is not None else None
+    redis = celery_peer.Redis()
+    out: dict = {}
+    try:
+        ours = report["results"]
+        if "throughput" in wanted:
+            tasks = min(options.tasks, options.celery_tasks)
+            out["throughput"] = celery_peer.throughput(redis.url, tasks, options.concurrency)
+            out["throughput"]["engine_ratio"] = round(ours["throughput"]["tasks_per_s"]
+                                                      / out["throughput"]["tasks_per_s"], 1)
+            _advance(bar, handle)
+        if "latency" in wanted:
+            out["latency"] = celery_peer.latency(redis.url, options.tasks, options.concurrency)
+            out["latency"]["engine_rpc_p50_ratio"] = round(out["latency"]["p50_ms"] / ours["latency"]["rpc"]["p50_ms"], 1)
+            _advance(bar, handle)
+        if "fairness" in wanted:
+            out["fairness"] = celery_peer.fairness(redis.url, options.concurrency)
+            _advance(bar, handle)
+    finally:
+        redis.stop()
+    return out
+
+
+def _advance(bar, handle) -> None:
+    if bar is not None:
+        bar.advance(handle)
+
+
 def _print_table(report: dict) -> None:
     print(f"\nengine {report['core']} core | {report['machine']} | {report['date']} | "
           f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
     for name, figures in report["results"].items():
         print(f"  {name:<11} {json.dumps(figures)}")
+    for name, figures in report.get("celery", {}).items():
+        print(f"  celery {name:<11} {json.dumps(figures)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--tasks", type=int, default=100_000)
     run_parser.add_argument("--concurrency", type=int, default=2)
     run_parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    run_parser.add_argument("--no-celery", action="store_true", help="skip the Celery comparison")
+    run_parser.add_argument("--celery-tasks", type=int, default=5000,
+                            help="most no-op tasks sent to Celery (it is slow; default 5000)")
     sub.add_parser("core", help="compiled vs pure core micro-benchmarks")
     options = parser.parse_args(argv)
     if options.command == "core":
         from bench.core_ratios import main as core_main
 
-        return core_main() or 0
+        return core_main([]) or 0
     return run(options)
 
 

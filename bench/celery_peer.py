@@ -1,0 +1,157 @@
+"""Scenarios 1, 3 and 4 on Celery's prefork worker with a Redis broker, in the same run.
+
+Used by ``python -m bench run`` when ``celery`` is installed (the ``bench``
+extra) and ``redis-server`` is on PATH; the harness starts its own Redis on a
+free port and stops it by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import scenarios
+from bench.harness import ROOT, Worker
+
+__all__ = ("available", "Redis", "CeleryWorker", "throughput", "latency", "fairness")
+
+
+def available() -> str | None:
+    """None when the comparison can run, else why not."""
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        return "celery is not installed (pip install -e '.[bench]')"
+    if shutil.which("redis-server") is None:
+        return "redis-server is not on PATH"
+    return None
+
+
+class Redis:
+    """A throwaway redis-server on a free loopback port."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop the server by pid."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class CeleryWorker:
+    """``celery -A bench.celery_app worker`` with the same counters as the engine's bench worker."""
+
+    def __init__(self, broker: str, concurrency: int, *extra: str, prefetch: int = 4) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+        self.counters = self.tmp / "counters"
+        self.starts = self.tmp / "starts"
+        self.counters.mkdir()
+        self.starts.mkdir()
+        self.env = {"BENCH_CELERY_BROKER": broker, "BENCH_CELERY_PREFETCH": str(prefetch),
+                    "BENCH_COUNTER_DIR": str(self.counters), "BENCH_STARTS_DIR": str(self.starts)}
+        os.environ.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "prefork",
+             "--concurrency", str(concurrency), "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", *extra],
+            cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        from bench import celery_app
+
+        celery_app.app.conf.broker_url = celery_app.app.conf.result_backend = broker
+        self.tasks = celery_app
+        deadline = time.monotonic() + 60
+        while not celery_app.app.control.ping(timeout=0.5):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("celery worker did not start")
+
+    # Same shared-memory counters and start logs as the engine's bench worker.
+    completed = Worker.completed
+    wait_completed = Worker.wait_completed
+    runs = Worker.runs
+
+    def stop(self) -> None:
+        """Warm shutdown, killed after 30 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """Scenario 1 on Celery."""
+    worker = CeleryWorker(redis_url, concurrency)
+    try:
+        worker.tasks.noop.delay(0, 0)
+        worker.wait_completed(1, 60)
+        started = time.perf_counter()
+        for i in range(tasks):
+            worker.tasks.noop.delay(i, i)
+        finished = worker.wait_completed(tasks + 1, 1800)
+    finally:
+        worker.stop()
+    elapsed = finished - started
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
+def latency(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """Scenario 3 on Celery (Redis result backend)."""
+    worker = CeleryWorker(redis_url, concurrency)
+    samples = []
+    try:
+        for _ in range(20):
+            worker.tasks.add.delay(1, 1).get(timeout=30)
+        for i in range(min(tasks, 500)):
+            started = time.perf_counter()
+            worker.tasks.add.delay(i, 1).get(timeout=30)
+            samples.append((time.perf_counter() - started) * 1000)
+    finally:
+        worker.stop()
+    return {"tasks": len(samples), "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(scenarios._percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
+
+
+def fairness(redis_url: str, concurrency: int, long_s: float = 2.0, short_s: float = 0.01) -> dict:
+    """Scenario 4 on Celery's best mode: ``-O fair`` with prefetch multiplier 1."""
+    worker = CeleryWorker(redis_url, concurrency, "-O", "fair", prefetch=1)
+    try:
+        worker.app = lambda: worker.tasks
+        return scenarios._fairness_batch(worker, long_s, short_s)
+    finally:
+        worker.stop()

@@ -1,0 +1,267 @@
+"""The Redis result backend: ``redis://host:port/db`` (via redis-py).
+
+Layout
+    Each task's latest record is one hash under ``engine-result:<task_id>``
+    with the fields ``state``, ``ready`` (1 for READY_STATES), ``strength``
+    (:func:`engine.states.precedence`, lower is stronger), ``date_done``
+    and, when present, ``result`` (the encoded bytes of
+    :func:`engine.serialization.dumps`, stored untouched) and ``traceback``.
+    A missing field means None. Every written key gets an expiry of
+    ``result_expires`` seconds (none when that setting is 0 or None), so
+    Redis itself drops old results and no cleanup job is needed.
+
+Writes
+    :meth:`RedisBackend.store` runs a small Lua script per batch. Redis runs a
+    script atomically, so the compare-and-set of the precedence rule (a
+    non-final state never overwrites a final one; a final one is replaced
+    only by a stronger final one, the rule of the sqlite backend and the
+    core's recorder) holds even when several workers write the same task id
+    at once: no reader or writer ever sees a half-applied record. The script
+    also PUBLISHes on the channel ``engine-result:<task_id>`` (the same name
+    as the key; channels and keys are separate namespaces) whenever it wrote
+    a ready state, and only then, so a dropped late or weaker write wakes
+    nobody. Very large batches are cut into chunks of :data:`CHUNK` records so
+    one script call never blocks the server for long.
+
+Reads
+    :meth:`RedisBackend.wait_for` subscribes to the task's channel *first*,
+    waits for Redis to confirm the subscription, and only then reads the
+    key: a result stored between the read and the subscription would
+    otherwise be missed and the waiter would sleep until its timeout (a
+    first read before subscribing only saves the subscription when the
+    result is already there). It then blocks on the pub/sub connection,
+    not polling. Pub/sub is
+    fire-and-forget (a message sent while the pub/sub connection was
+    reconnecting is lost), so the key is also re-read every
+    :data:`RECHECK_EVERY` seconds as a safety net; that is one cheap read
+    per waiter every few seconds, not a poll loop.
+
+Processes
+    Workers fork their children after the app (and so this backend) may
+    already exist. A socket shared across a fork interleaves two processes'
+    replies, so the client is created lazily and re-created whenever
+    ``os.getpid()`` changes; the parent's client is dropped in the child
+    without being closed, which would disturb the parent's connections.
+
+Limits: multi-key scripts need every key on one node, so Redis Cluster is not
+supported; use one Redis server (or a primary with replicas) per backend URL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from engine import states
+from engine.backends.base import Backend
+from engine.core import StateRecord
+from engine.exceptions import ImproperlyConfigured, TimeoutError
+
+__all__ = ("CHUNK", "KEY_PREFIX", "RECHECK_EVERY", "RedisBackend")
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of every result key and of every wake-up channel.
+KEY_PREFIX = "engine-result:"
+#: Largest number of records stored by one script call.
+CHUNK = 1000
+#: Seconds between two safety-net reads of the key while waiting on pub/sub.
+RECHECK_EVERY = 2.0
+#: Values per record in the script's ARGV (keep in sync with STORE_SCRIPT).
+_ARGS_PER_RECORD = 8
+
+#: KEYS[i] is the key of record i. ARGV[1] is the expiry in milliseconds (0: none),
+#: then 8 values per record: state, ready (1/0), strength, date_done, has_result,
+#: result, has_traceback, traceback. Returns how many records were written.
+STORE_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local written = 0
+for i = 1, #KEYS do
+    local key = KEYS[i]
+    local a = 1 + (i - 1) * 8
+    local ready = ARGV[a + 2]
+    local strength = tonumber(ARGV[a + 3])
+    local old = redis.call('HMGET', key, 'ready', 'strength')
+    -- The precedence rule: write when nothing final is stored, or when a final
+    -- state is stronger (lower) than the stored final one.
+    if (not old[1]) or old[1] == '0' or (ready == '1' and strength < tonumber(old[2])) then
+        -- DEL first so a field the new record lacks (e.g. traceback) does not survive.
+        redis.call('DEL', key)
+        local fields = {'state', ARGV[a + 1], 'ready', ready, 'strength', ARGV[a + 3],
+                        'date_done', ARGV[a + 4]}
+        if ARGV[a + 5] == '1' then
+            fields[#fields + 1] = 'result'
+            fields[#fields + 1] = ARGV[a + 6]
+        end
+        if ARGV[a + 7] == '1' then
+            fields[#fields + 1] = 'traceback'
+            fields[#fields + 1] = ARGV[a + 8]
+        end
+        redis.call('HSET', key, unpack(fields))
+        if ttl > 0 then
+            redis.call('PEXPIRE', key, ttl)
+        end
+        if ready == '1' then
+            redis.call('PUBLISH', key, ARGV[a + 1])
+        end
+        written = written + 1
+    end
+end
+return written
+"""
+
+_FIELDS = ("state", "result", "traceback", "date_done")
+
+
+def _expiry_ms(value: Any) -> int:
+    """``result_expires`` (seconds, a timedelta, or 0/None for never) as whole milliseconds."""
+    if not value:
+        return 0
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    # At least 1 ms: a positive setting must never turn into "keep forever".
+    return max(1, int(float(value) * 1000))
+
+
+class RedisBackend(Backend):
+    """Results in a Redis server shared by every worker and client, woken by pub/sub."""
+
+    def __init__(self, url: str | None = None, app: Any = None) -> None:
+        super().__init__(url, app)
+        if not url or not url.startswith("redis://"):
+            raise ImproperlyConfigured(f"redis backend URL must look like redis://host:port/db, got {url!r}")
+        try:
+            import redis  # noqa: F401 - fail at configuration time, not at the first result
+        except ImportError as exc:  # pragma: no cover - redis is a dependency
+            raise ImproperlyConfigured("the redis backend needs redis-py: pip install 'redis>=4.5'") from exc
+        self.expires_ms = _expiry_ms(app.conf.result_expires if app is not None else 86400)
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._redis: Any = None
+        self._script: Any = None
+
+    @staticmethod
+    def key(task_id: str) -> str:
+        """The Redis key (and pub/sub channel) of ``task_id``."""
+        return KEY_PREFIX + task_id
+
+    @property
+    def client(self) -> Any:
+        """This process's ``redis.Redis`` client (created on first use and after a fork)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:
+                    import redis
+
+                    # decode_responses stays off: results are msgpack/pickle bytes.
+                    client = redis.Redis.from_url(self.url)
+                    self._script = client.register_script(STORE_SCRIPT)
+                    self._redis, self._pid = client, pid
+        return self._redis
+
+    def store(self, records: Iterable[StateRecord]) -> None:
+        """Store a batch of encoded records atomically per record, keeping the strongest final state."""
+        records = list(records)
+        if not records:
+            return
+        client = self.client
+        script = self._script
+        now = time.time()
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start:start + CHUNK]
+            keys = []
+            args: list[Any] = [self.expires_ms]
+            for r in chunk:
+                result = r.result
+                if isinstance(result, (bytearray, memoryview)):
+                    result = bytes(result)
+                elif result is not None and not isinstance(result, bytes):
+                    raise TypeError(f"RedisBackend.store takes encoded records (result bytes), "
+                                    f"got {type(result).__name__} for task {r.task_id}")
+                keys.append(self.key(r.task_id))
+                args += [r.state, 1 if r.state in states.READY_STATES else 0, states.precedence(r.state),
+                         repr(float(r.timestamp or now)),
+                         0 if result is None else 1, b"" if result is None else result,
+                         0 if r.traceback is None else 1, r.traceback or ""]
+            script(keys=keys, args=args, client=client)
+
+    def get_encoded(self, task_id: str) -> StateRecord | None:
+        """Return the stored record of ``task_id`` with its result still encoded, or None."""
+        state, result, traceback, date_done = self.client.hmget(self.key(task_id), _FIELDS)
+        if state is None:
+            return None
+        return StateRecord(task_id, state.decode(), result,
+                           None if traceback is None else traceback.decode("utf-8", "replace"),
+                           float(date_done) if date_done is not None else 0.0)
+
+    def forget(self, task_id: str) -> None:
+        """Remove what is stored for ``task_id``."""
+        self.client.delete(self.key(task_id))
+
+    def ttl(self, task_id: str) -> float | None:
+        """Seconds until the record of ``task_id`` expires; None if it has no expiry or no record."""
+        ms = self.client.pttl(self.key(task_id))
+        return ms / 1000.0 if ms is not None and ms >= 0 else None
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5
+                 ) -> StateRecord:
+        """Wait until ``task_id`` is ready and return its decoded record, woken by pub/sub.
+
+        ``interval`` is accepted for interface compatibility and unused: waiters
+        block on the task's channel instead of polling. Raises
+        ``engine.exceptions.TimeoutError`` when ``timeout`` passes first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float:
+            left = RECHECK_EVERY if deadline is None else deadline - time.monotonic()
+            return max(0.0, min(left, RECHECK_EVERY))
+
+        def ready() -> StateRecord | None:
+            record = self.get(task_id)
+            return record if record is not None and record.state in states.READY_STATES else None
+
+        # Fast path: most results read with get() are already stored, and a pub/sub
+        # connection costs a connect and a round trip, so look before subscribing.
+        record = ready()
+        if record is not None:
+            return record
+        channel = self.key(task_id)
+        pubsub = self.client.pubsub()
+        try:
+            pubsub.subscribe(channel)
+            # subscribe() only sends the command: wait for Redis to confirm it, or a
+            # result published before the server handled SUBSCRIBE would be missed.
+            while True:
+                message = pubsub.get_message(timeout=remaining())
+                if message is not None and message.get("type") == "subscribe":
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break  # still read the key once below before giving up
+            while True:
+                record = ready()
+                if record is not None:
+                    return record
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"the result of task {task_id} was not ready within {timeout}s")
+                # Any message (or the RECHECK_EVERY safety net) leads to a fresh read of
+                # the key: the key, not the message, is the source of truth.
+                pubsub.get_message(timeout=remaining())
+        finally:
+            try:
+                pubsub.close()
+            except Exception as exc:  # noqa: BLE001 - a broken pub/sub connection must not hide the outcome
+                logger.debug("closing the pub/sub connection of %s failed: %s", task_id, exc)
+
+    def close(self) -> None:
+        """Disconnect this process's connections (a client inherited through fork is left alone)."""
+        with self._lock:
+            if self._redis is not None and self._pid == os.getpid():
+                self._redis.connection_pool.disconnect()
+            self._redis = self._script = self._pid = None

@@ -1,0 +1,234 @@
+"""The redis:// result backend against a real redis-server (started by the tests).
+
+Skipped when ``redis-server`` is not installed, except under ``CI=true``,
+where its absence fails the run. Every wait is bounded; the server and any
+worker are stopped by pid.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+import uuid
+
+import pytest
+
+from engine import Engine, states
+from engine.core import StateRecord
+from engine.exceptions import TimeoutError as EngineTimeoutError
+from engine.serialization import dumps
+from tests.redis_server import redis_url_fixture
+
+pytestmark = pytest.mark.timeout(60)
+
+redis_url = pytest.fixture(scope="session", name="redis_url")(redis_url_fixture)
+
+EXPIRES = 120
+
+
+@pytest.fixture
+def app(redis_url):
+    """An app whose result backend is the test redis-server."""
+    application = Engine("t", backend=redis_url, result_expires=EXPIRES)
+    yield application
+    application.close()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def test_backend_is_picked_by_scheme(app):
+    from engine.backends.redis import RedisBackend
+
+    assert isinstance(app.backend, RedisBackend)
+
+
+def test_value_round_trip(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.SUCCESS, {"a": [1, 2, 3], "b": "x"})
+    result = app.AsyncResult(task_id)
+    assert result.state == states.SUCCESS
+    assert result.get(timeout=5) == {"a": [1, 2, 3], "b": "x"}
+    record = app.backend.get_encoded(task_id)
+    assert isinstance(record.result, bytes) and record.timestamp > 0 and record.traceback is None
+
+
+def test_exception_round_trip(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.FAILURE, ValueError("boom"), traceback="Traceback: boom")
+    result = app.AsyncResult(task_id)
+    assert result.state == states.FAILURE
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=5)
+    assert isinstance(result.get(timeout=5, propagate=False), ValueError)
+    assert app.backend.get(task_id).traceback == "Traceback: boom"
+
+
+def test_unknown_id_is_pending(app):
+    assert app.AsyncResult(new_id()).state == states.PENDING
+    assert app.backend.get(new_id()) is None
+
+
+def test_late_started_does_not_overwrite_success(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.SUCCESS, 42)
+    app.backend.store_state(task_id, states.STARTED, None)
+    assert app.AsyncResult(task_id).state == states.SUCCESS
+    assert app.AsyncResult(task_id).get(timeout=5) == 42
+
+
+def test_success_replaces_failure_but_not_the_other_way(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.FAILURE, ValueError("first"), traceback="tb")
+    app.backend.store_state(task_id, states.SUCCESS, "second")
+    record = app.backend.get(task_id)
+    assert (record.state, record.result, record.traceback) == (states.SUCCESS, "second", None)
+    app.backend.store_state(task_id, states.FAILURE, ValueError("late"))
+    assert app.backend.get(task_id).state == states.SUCCESS
+
+
+def test_non_final_states_replace_each_other_in_one_batch(app):
+    task_id = new_id()
+    now = time.time()
+    app.backend.store([StateRecord(task_id, states.STARTED, dumps(None), None, now),
+                       StateRecord(task_id, "PROGRESS", dumps({"done": 1}), None, now),
+                       StateRecord(task_id, states.SUCCESS, dumps(7), None, now),
+                       StateRecord(task_id, states.STARTED, dumps(None), None, now)])
+    record = app.backend.get(task_id)
+    assert (record.state, record.result) == (states.SUCCESS, 7)
+
+
+def test_precedence_holds_with_concurrent_writers(app, redis_url):
+    ids = [new_id() for _ in range(200)]
+    now = time.time()
+    # Each writer has its own app (own connections), as separate workers would; every
+    # writer sends each id's states in a different order, the SUCCESS one only once.
+    plans = [
+        [states.STARTED, states.FAILURE],
+        [states.FAILURE, states.STARTED],
+        [states.SUCCESS, states.STARTED, states.FAILURE],
+        [states.RETRY, states.STARTED, states.FAILURE],
+    ]
+    apps = [Engine("t", backend=redis_url) for _ in plans]
+    barrier = threading.Barrier(len(plans))
+
+    def write(writer_app, plan):
+        barrier.wait(10)
+        for chunk_start in range(0, len(ids), 20):
+            for state in plan:
+                writer_app.backend.store([
+                    StateRecord(task_id, state, dumps(state == states.SUCCESS and "ok" or ValueError(state)),
+                                "tb" if state == states.FAILURE else None, now)
+                    for task_id in ids[chunk_start:chunk_start + 20]])
+
+    threads = [threading.Thread(target=write, args=pair) for pair in zip(apps, plans)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+        records = [app.backend.get(task_id) for task_id in ids]
+        assert {(r.state, r.result, r.traceback) for r in records} == {(states.SUCCESS, "ok", None)}
+    finally:
+        for writer_app in apps:
+            writer_app.close()
+
+
+def test_forget(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.SUCCESS, 1)
+    app.AsyncResult(task_id).forget()
+    assert app.AsyncResult(task_id).state == states.PENDING
+
+
+def test_expiry_is_set(app):
+    import redis
+
+    task_id = new_id()
+    app.backend.store_state(task_id, states.SUCCESS, 1)
+    client = redis.Redis.from_url(app.conf.result_backend)
+    try:
+        ttl = client.ttl(f"engine-result:{task_id}")
+    finally:
+        client.close()
+    assert 0 < ttl <= EXPIRES
+
+
+def test_get_wakes_up_when_another_thread_stores_the_result(app):
+    task_id = new_id()
+    timer = threading.Timer(0.2, app.backend.store_state, (task_id, states.SUCCESS, "late"))
+    started = time.monotonic()
+    timer.start()
+    try:
+        assert app.AsyncResult(task_id).get(timeout=10) == "late"
+    finally:
+        timer.cancel()
+        timer.join(5)
+    assert time.monotonic() - started < 1.5
+
+
+def test_get_times_out_when_nothing_comes(app):
+    task_id = new_id()
+    app.backend.store_state(task_id, states.STARTED)  # a non-final state must not end the wait
+    started = time.monotonic()
+    with pytest.raises(EngineTimeoutError) as info:
+        app.AsyncResult(task_id).get(timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert isinstance(info.value, builtins.TimeoutError)
+    assert 0.4 <= elapsed < 3
+
+
+def test_batch_of_1000_records_in_one_call(app):
+    ids = [new_id() for _ in range(1000)]
+    now = time.time()
+    app.backend.store([StateRecord(task_id, states.SUCCESS, dumps(i), None, now) for i, task_id in enumerate(ids)])
+    assert [app.AsyncResult(task_id).get(timeout=5) for task_id in ids] == list(range(1000))
+
+
+def test_connection_is_recreated_in_a_forked_child(app):
+    import os
+
+    app.backend.store_state(new_id(), states.SUCCESS, 0)  # the parent has a connection now
+    parent_client = app.backend.client
+    task_id = new_id()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            if app.backend.client is not parent_client:
+                app.backend.store_state(task_id, states.SUCCESS, "from child")
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert app.backend.client is parent_client
+    assert app.AsyncResult(task_id).get(timeout=5) == "from child"
+
+
+def test_end_to_end_with_a_real_worker(redis_url):
+    from tests import workerapp
+    from tests.worker_helpers import WorkerProcess, free_endpoint
+
+    endpoint = free_endpoint()
+    app = workerapp.app
+    saved = {name: app.conf[name] for name in ("transport", "result_backend", "transport_bind",
+                                               "producer_flush_timeout")}
+    app.close()
+    app.conf.update(transport=endpoint, result_backend=redis_url, transport_bind=False, producer_flush_timeout=30)
+    worker = WorkerProcess("--concurrency", "1",
+                           env={"ENGINE_TEST_ENDPOINT": endpoint, "ENGINE_TEST_BACKEND": redis_url})
+    try:
+        worker.wait_ready()
+        result = workerapp.add.delay(2, 3)
+        assert result.get(timeout=30) == 5
+        assert result.state == states.SUCCESS
+        assert worker.stop() == 0, worker.output  # SIGTERM: warm shutdown
+    finally:
+        app.close()
+        app.conf.update(saved)
+        if worker.proc.poll() is None:
+            worker.kill()
