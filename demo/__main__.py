@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             code = worker.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
     print(f"worker stopped (exit status {code})")
     return 0 if code == 0 else 1
 

@@ -69,9 +69,15 @@ class Signature(dict):
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
-        """Send the call: ``args`` are prepended (unless immutable); options override the signature's."""
+        """Send the call: ``args`` are prepended (unless immutable); options override the signature's.
+
+        A task whose code is not in this process is sent by name (``app.send_task``).
+        """
         call_args, call_kwargs, call_options = self._merge(args, kwargs, options)
-        return self.type.apply_async(call_args, call_kwargs, **call_options)
+        task = self.app.tasks.get(self.task)
+        if task is None:
+            return self.app.send_task(self.task, call_args, call_kwargs, **call_options)
+        return task.apply_async(call_args, call_kwargs, **call_options)
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
         """Run the call here, eagerly, and return its EagerResult."""

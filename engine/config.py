@@ -46,10 +46,6 @@ DEFAULTS: dict[str, Any] = {
     #: Hard and soft time limits (seconds) for every task, unless the task sets its own.
     "task_time_limit": None,
     "task_soft_time_limit": None,
-    #: Default ``default_retry_delay`` for tasks that do not set one.
-    "task_default_retry_delay": 180,
-    #: Default ``max_retries``.
-    "task_default_max_retries": 3,
     #: Serializer for task arguments and results. Only ``msgpack`` is accepted
     #: unless ``accept_pickle`` is true (pickle from the wire runs code: opt in only
     #: on networks you trust).

@@ -38,6 +38,7 @@ class Context:
     root_id: str | None = None
     correlation_id: str | None = None
     ignore_result: bool | None = None
+    sender_ignore_result: bool = False
     called_directly: bool = True
     callbacks: list | None = None
     errbacks: list | None = None

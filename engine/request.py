@@ -88,7 +88,10 @@ class Request:
             parent_id=msg.parent_id,
             root_id=msg.root_id or msg.id,
             correlation_id=msg.id,
-            ignore_result=msg.ignore_result or options.get("ignore_result"),
+            # The call's own choice (None when it made none): call > task option > setting.
+            ignore_result=options.get("ignore_result"),
+            # What the sender resolved from its own settings, for tasks that set nothing.
+            sender_ignore_result=msg.ignore_result,
             called_directly=False,
             callbacks=options.get("link"),
             errbacks=options.get("link_error"),

@@ -227,6 +227,7 @@ class Task:
         options: dict[str, Any] = {}
         for key, value in (("link", _as_signature_list(link)), ("link_error", _as_signature_list(link_error)),
                            ("chain", [dict(step) for step in chain] if chain else None),
+                           ("ignore_result", None if ignore_result is None else bool(ignore_result)),
                            ("time_limit", time_limit if time_limit is not None else self.time_limit),
                            ("soft_time_limit", soft_time_limit if soft_time_limit is not None
                             else self.soft_time_limit)):

@@ -78,12 +78,15 @@ class TraceOutcome(NamedTuple):
 
 
 def resolve_ignore_result(task: Any, request: Any) -> bool:
-    """Decide whether a result is stored: the call's choice, else the task's, else the app's."""
+    """Decide whether a result is stored: the call's choice, else the task's, else the settings.
+
+    The setting counts on either side: the sender's (carried in the message) or this process's.
+    """
     if request.ignore_result is not None:
         return bool(request.ignore_result)
     if task.ignore_result is not None:
         return bool(task.ignore_result)
-    return bool(task.app.conf.task_ignore_result)
+    return bool(request.get("sender_ignore_result")) or bool(task.app.conf.task_ignore_result)
 
 
 def _runner(task: Any) -> Any:

@@ -259,7 +259,7 @@ def test_ignore_result_at_every_level_records_nothing(app, level):
     def job():
         return 1
 
-    fields = {"ignore_result": True} if level == "call" else {}
+    fields = {"options": {"ignore_result": True}} if level == "call" else {}
     outcome, recorder = run_in_worker(job, **fields)
     assert outcome.state == states.SUCCESS and recorder.get("id-1") is None
 
@@ -272,6 +272,13 @@ def test_call_level_ignore_result_overrides_the_task_option(app):
     job.apply_async(ignore_result=False)
     job.delay()
     assert [m.ignore_result for m in app.sent] == [False, True]
+    assert [m.options.get("ignore_result") for m in app.sent] == [False, None]
+    # The worker honours the call's False over the task option.
+    outcome, recorder = run_in_worker(job, options=app.sent[0].options)
+    assert recorder.get("id-1").state == states.SUCCESS
+    outcome, recorder = run_in_worker(job, options=app.sent[1].options)
+    assert recorder.get("id-1") is None
+    assert job.apply(ignore_result=False).get() == 1
 
 
 def test_expired_message_is_revoked_not_run(app):

@@ -378,3 +378,71 @@ def test_custom_exception_comes_back_as_its_own_class(setup):
     with pytest.raises(workerapp.PaymentError) as info:
         workerapp.charge.delay("acct-7", 12.5).get(timeout=20)
     assert (info.value.account, info.value.amount) == ("acct-7", 12.5)
+
+
+def test_a_task_calling_sys_exit_fails_and_the_child_keeps_serving(setup):
+    worker = setup("--concurrency", "1")
+    result = workerapp.exits.delay()
+    assert type(result.get(timeout=20, propagate=False)).__name__ == "SystemExit"
+    assert workerapp.add.delay(2, 2).get(timeout=20) == 4
+    assert sum("retired" in line for line in worker.lines) == 0
+
+
+def test_hard_time_limit_counts_from_each_tasks_own_start(setup):
+    setup("--concurrency", "1", "--time-limit", "1.0", "--prefetch-multiplier", "4")
+    results = [workerapp.sleepy.delay(0.4) for _ in range(4)]
+    assert [r.get(timeout=30) for r in results] == [0.4] * 4
+
+
+def test_oversized_message_is_refused_at_send(setup):
+    from engine.exceptions import EncodeError
+
+    workerapp.app.close()
+    workerapp.app.conf.max_message_size = 64 * 1024
+    try:
+        with pytest.raises(EncodeError, match="max_message_size"):
+            workerapp.add.delay("x" * 100_000, "")
+    finally:
+        workerapp.app.close()
+        workerapp.app.conf.max_message_size = 16 * 1024 * 1024
+
+
+def test_big_batches_are_split_below_the_frame_limit(setup):
+    workerapp.app.close()
+    workerapp.app.conf.max_message_size = 256 * 1024
+    setup("--concurrency", "1", extra_env={})
+    try:
+        payload = "y" * 20_000
+        results = [workerapp.add.delay(payload, str(i)) for i in range(60)]
+        assert [len(r.get(timeout=30)) for r in results] == [20_000 + len(str(i)) for i in range(60)]
+    finally:
+        workerapp.app.close()
+        workerapp.app.conf.max_message_size = 16 * 1024 * 1024
+
+
+def test_an_idle_client_does_not_starve_a_busy_one(setup):
+    setup("--concurrency", "1", "--prefetch-multiplier", "1")
+    idle = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time
+        from tests import workerapp
+        workerapp.add.delay(1, 1).get(timeout=20)
+        print("idle", flush=True)
+        time.sleep(30)
+    """)], cwd=ROOT, env={**os.environ, **setup.env}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout.readline().strip() == "idle"
+        results = [workerapp.sleepy.delay(0.01) for _ in range(10)]
+        assert [r.get(timeout=20) for r in results] == [0.01] * 10
+    finally:
+        idle.kill()
+        idle.wait(10)
+
+
+def test_warm_shutdown_with_retiring_children_finishes(setup):
+    worker = setup("--concurrency", "1", "--max-tasks-per-child", "2")
+    results = [workerapp.sleepy.delay(0.02) for _ in range(12)]
+    time.sleep(0.1)
+    assert worker.stop(signal.SIGTERM, timeout=30) == 0
+    done = [r for r in results if r.state == states.SUCCESS]
+    assert done  # what the worker had accepted ran; the rest stays with the client
+    workerapp.app.conf.producer_flush_timeout = 0.5  # no worker is left to take the rest

@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from engine.core import encode_message
+from engine.exceptions import EncodeError
 from engine.transport import protocol
 from engine.transport.protocol import Peer
 
@@ -61,6 +62,50 @@ class _Pending:
         self.sent_at = 0.0
 
 
+class _Outbox:
+    """Messages waiting for credit, one FIFO per queue (so a queue without credit costs nothing)."""
+
+    def __init__(self) -> None:
+        self.by_queue: dict[str, collections.deque[_Pending]] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, pending: _Pending) -> None:
+        self.by_queue.setdefault(pending.queue, collections.deque()).append(pending)
+        self.count += 1
+
+    def put_back(self, items: list[_Pending]) -> None:
+        """Return messages to the front of their queues, in their order."""
+        for pending in reversed(items):
+            self.by_queue.setdefault(pending.queue, collections.deque()).appendleft(pending)
+        self.count += len(items)
+
+    def queues(self) -> list[str]:
+        return [queue for queue, items in self.by_queue.items() if items]
+
+    def has(self, queue: str) -> bool:
+        return bool(self.by_queue.get(queue))
+
+    def take(self, queue: str, most: int, most_bytes: int) -> list[_Pending]:
+        """Pop up to ``most`` messages of ``queue`` whose sizes add up to at most ``most_bytes`` (at least one)."""
+        items = self.by_queue[queue]
+        out: list[_Pending] = []
+        size = 0
+        while items and len(out) < most:
+            size += len(items[0].raw) + 8
+            if out and size > most_bytes:
+                break
+            out.append(items.popleft())
+        self.count -= len(out)
+        return out
+
+    def demand(self) -> dict[str, int]:
+        """Waiting messages per queue."""
+        return {queue: len(items) for queue, items in self.by_queue.items() if items}
+
+
 class Producer:
     """One process's connection to the workers of an app."""
 
@@ -71,7 +116,10 @@ class Producer:
         endpoints = app.conf.transport
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.bind = bool(app.conf.transport_bind)
-        self._outbox: collections.deque[_Pending] = collections.deque()
+        self._outbox = _Outbox()
+        self.max_message_size = int(app.conf.max_message_size)
+        #: A frame carries at most half the receiving socket's limit, so it is never refused.
+        self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, _Pending] = {}
         self._lock = threading.Condition()
         self._wake_r, self._wake_w = os.pipe()
@@ -99,7 +147,11 @@ class Producer:
 
     def send(self, message: Any) -> None:
         """Queue one task message for sending; returns at once."""
-        pending = _Pending(message.queue, message.id, encode_message(message))
+        raw = encode_message(message)
+        if len(raw) > self.max_batch_bytes:
+            raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
+                              f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
+        pending = _Pending(message.queue, message.id, raw)
         with self._lock:
             self._outbox.append(pending)
         self._wake()
@@ -245,7 +297,8 @@ class Producer:
                 if kind == protocol.CREDIT:
                     credit = self._credit.setdefault(peer.key, {})
                     for queue, amount in protocol.unpack(body).items():
-                        credit[str(queue)] = credit.get(str(queue), 0) + max(0, int(amount))
+                        # Negative amounts: the worker takes back credit we did not use.
+                        credit[str(queue)] = max(0, credit.get(str(queue), 0) + int(amount))
                 elif kind == protocol.ACKS:
                     self._acknowledge(protocol.unpack(body))
                 elif kind == protocol.RESULTS:
@@ -277,19 +330,22 @@ class Producer:
     def _heartbeat(self, now: float) -> None:
         """Tell every worker what waits per queue; take back messages of workers gone silent."""
         with self._lock:
-            demand: dict[str, int] = collections.Counter(p.queue for p in self._outbox)
+            demand = self._outbox.demand()
             lost = [p for p in self._unacked.values()
                     if p.peer is not None and now - max(p.sent_at, p.peer.last_seen) > PEER_TIMEOUT]
             for pending in lost:
                 del self._unacked[pending.id]
+                self._credit[pending.peer.key] = {}  # a silent worker's credit is worthless
                 pending.peer = None
             if lost:
                 logger.warning("%d task(s) not acknowledged by a silent worker: sending them again", len(lost))
-                self._outbox.extendleft(reversed(lost))
+                self._outbox.put_back(lost)
         for peer in list(self._peers.values()):
-            if peer.last_seen and now - peer.last_seen > PEER_TIMEOUT * 4 and peer.route is not None:
-                self._peers.pop(peer.key, None)  # a bound client forgets workers long gone
-                self._credit.pop(peer.key, None)
+            if peer.last_seen and now - peer.last_seen > PEER_TIMEOUT:
+                self._credit[peer.key] = {}
+                if peer.route is not None and now - peer.last_seen > PEER_TIMEOUT * 4:
+                    self._peers.pop(peer.key, None)  # a bound client forgets workers long gone
+                    self._credit.pop(peer.key, None)
         self._send_demand(now, demand)
 
     def _send_demand(self, now: float, demand: dict[str, int]) -> None:
@@ -300,47 +356,42 @@ class Producer:
             self._try_send(peer, protocol.DEMAND, body)
 
     def _dispatch(self, now: float) -> None:
-        """Send waiting messages to workers with credit for their queue, one frame per batch."""
+        """Send waiting messages to workers with credit for their queue, in frames of bounded size."""
         with self._lock:
             if not self._outbox:
                 return
-            batches: dict[Any, list[_Pending]] = {}
-            held: list[_Pending] = []
             peers = list(self._peers.values())
-            turn = self._turn
-            while self._outbox:
-                pending = self._outbox.popleft()
-                target = None
-                # Round-robin over the workers with credit for this queue, so one
-                # burst is spread over all of them rather than filling the first.
-                for step in range(len(peers)):
-                    peer = peers[(turn + step) % len(peers)]
+            batches: list[tuple[Peer, list[_Pending]]] = []
+            for queue in self._outbox.queues():
+                # Round-robin over the workers with credit for this queue, a chunk each,
+                # so one burst is spread over all of them rather than filling the first.
+                with_credit = [p for p in peers if self._credit[p.key].get(queue, 0) > 0]
+                turn = self._turn
+                while with_credit and self._outbox.has(queue):
+                    peer = with_credit[turn % len(with_credit)]
                     credit = self._credit[peer.key]
-                    if credit.get(pending.queue, 0) > 0:
-                        target = peer
-                        credit[pending.queue] -= 1
-                        turn += step + 1
-                        break
-                if target is None:
-                    held.append(pending)
-                    continue
-                batches.setdefault(target.key, []).append(pending)
-            self._turn = turn % max(1, len(peers))
-            self._outbox.extend(held)
-            if held and now - self._demand_sent > DEMAND_EVERY:
+                    items = self._outbox.take(queue, min(credit[queue], BATCH_MAX), self.max_batch_bytes)
+                    credit[queue] -= len(items)
+                    batches.append((peer, items))
+                    if credit[queue] <= 0:
+                        with_credit.remove(peer)
+                    turn += 1
+                self._turn = turn
+            if self._outbox and now - self._demand_sent > DEMAND_EVERY:
                 # Out of credit: ask now rather than at the next heartbeat.
-                self._send_demand(now, collections.Counter(p.queue for p in held))
-            for key, items in batches.items():
-                peer = self._peers[key]
-                for start in range(0, len(items), BATCH_MAX):
-                    chunk = items[start:start + BATCH_MAX]
-                    frame = protocol.pack([p.raw for p in chunk])
-                    if not self._try_send(peer, protocol.TASKS, frame):
-                        self._outbox.extendleft(reversed(items[start:]))
-                        break
-                    for p in chunk:
-                        p.peer, p.sent_at = peer, now
-                        self._unacked[p.id] = p
+                self._send_demand(now, self._outbox.demand())
+        # Packing and sending happen outside the lock, so delay() never waits on them.
+        for peer, items in batches:
+            frame = protocol.pack([p.raw for p in items])
+            sent = self._try_send(peer, protocol.TASKS, frame)
+            with self._lock:
+                if not sent:
+                    self._credit[peer.key][items[0].queue] = 0  # full or gone: stop using its credit
+                    self._outbox.put_back(items)
+                    continue
+                for p in items:
+                    p.peer, p.sent_at = peer, now
+                    self._unacked[p.id] = p
 
     def _try_send(self, peer: Peer, kind: bytes, body: bytes) -> bool:
         try:

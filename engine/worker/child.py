@@ -31,7 +31,14 @@ __all__ = ("child_main", "ChildRecorder", "ChildProducer")
 logger = logging.getLogger("engine.worker.child")
 
 #: Exit status of a child that retires on purpose (task or memory limit): nothing it held had started.
-RETIRE_EXIT = 0
+#: Distinct from 0 so that a task calling os._exit(0) is not mistaken for a retirement.
+RETIRE_EXIT = 75
+#: A task that ran longer than this is reported at once (seconds).
+REPORT_SLOWER_THAN = 0.001
+#: Reports wait at most this long while the child is busy with tiny tasks (seconds).
+REPORT_EVERY = 0.005
+#: ... and at most this many bytes.
+REPORT_BYTES = 256 * 1024
 #: Seconds between checks that the supervisor is still there.
 PARENT_CHECK = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -124,28 +131,38 @@ def child_main(apps: list, task_fd: int, result_fd: int, hostname: str, options:
     writer.add(pipe.READY, str(os.getpid()).encode())
     writer.flush()
     done = 0
-    exit_code = RETIRE_EXIT
+    exit_code = 0
+    last_flush = time.monotonic()
     try:
-        while True:
+        running = True
+        while running:
             frames = reader.frames() or reader.read()
             if not frames:
                 if reader.eof:
                     break
                 writer.flush()  # idle: report everything before sleeping
+                last_flush = time.monotonic()
                 if not poller.poll(PARENT_CHECK * 1000) and os.getppid() != parent:
                     break
                 continue
             for kind, payload in frames:
                 if kind == pipe.STOP:
-                    raise SystemExit(0)
+                    running = False
+                    break
                 if kind != pipe.TASK:
                     continue
-                _run_one(payload, registry, recorder, writer, hostname, default_soft)
+                runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft)
                 done += 1
-            if (max_tasks and done >= max_tasks) or (max_memory_kib and _rss_kib() > max_memory_kib):
-                break
-    except SystemExit as exc:
-        exit_code = exc.code or 0
+                now = time.monotonic()
+                # Busy with tiny tasks: report in batches. Otherwise report each task as it
+                # ends, so the supervisor's view (time limits, results) stays current.
+                if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or writer.pending > REPORT_BYTES:
+                    writer.flush()
+                    last_flush = now
+                if (max_tasks and done >= max_tasks) or (max_memory_kib and _rss_kib() > max_memory_kib):
+                    exit_code = RETIRE_EXIT  # what this child still held never started: run elsewhere
+                    running = False
+                    break
     finally:
         try:
             writer.flush()
@@ -162,7 +179,8 @@ def _rss_kib() -> int:
 
 
 def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pipe.FrameWriter,
-             hostname: str, default_soft: float | None) -> None:
+             hostname: str, default_soft: float | None) -> float:
+    """Run one task message; report its states and DONE; return its run time."""
     started = time.monotonic()
     task_id = "?"
     state = states.FAILURE
@@ -187,10 +205,15 @@ def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pip
         _record_error(recorder, task_id, exc)
     except SoftTimeLimitExceeded as exc:  # raised outside the task body (in a handler)
         _record_error(recorder, task_id, exc)
+    except SystemExit as exc:  # sys.exit() in a task must not end the child unnoticed
+        logger.error("task %s called sys.exit(%r)", task_id, exc.code)
+        _record_error(recorder, task_id, exc)
     except Exception as exc:  # the engine's own failure: record it, keep serving
         logger.exception("internal error running task %s", task_id)
         _record_error(recorder, task_id, exc)
-    writer.add(pipe.DONE, msgpack.packb([task_id, state, time.monotonic() - started, requeue]))
+    runtime = time.monotonic() - started
+    writer.add(pipe.DONE, msgpack.packb([task_id, state, runtime, requeue]))
+    return runtime
 
 
 def _record_error(recorder: ChildRecorder, task_id: str, exc: BaseException) -> None:

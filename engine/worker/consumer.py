@@ -88,6 +88,7 @@ class Consumer:
                     self.demand[peer.key] = {str(q): int(n) for q, n in protocol.unpack(body).items()}
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
+                    self.granted[peer.key] = {}  # a (re)started client holds no credit of ours
                 else:
                     self.dropped_frames += 1
                     logger.warning("dropped a frame of unknown kind %r from %s", kind[:8], peer.name)
@@ -111,6 +112,14 @@ class Consumer:
         granted = self.granted[peer.key]
         granted[queue] = max(0, granted.get(queue, 0) - count)
 
+    def consumed_any(self, peer: Peer) -> None:
+        """Count one task of unknown queue (it could not be decoded) against ``peer``'s credit."""
+        granted = self.granted[peer.key]
+        for queue, amount in granted.items():
+            if amount > 0:
+                granted[queue] = amount - 1
+                return
+
     def ack(self, peer: Peer, task_id: str) -> None:
         """Acknowledge a task to the client that sent it (sent with the next :meth:`flush`)."""
         self.acks.setdefault(peer.key, []).append(task_id)
@@ -120,8 +129,16 @@ class Consumer:
         return sum(sum(q.values()) for q in self.granted.values())
 
     def grant(self, free: int, standing: int) -> None:
-        """Hand out up to ``free`` credit: standing credit to every client, then by demand."""
-        if free <= 0 or not self.peers:
+        """Hand out up to ``free`` credit: standing credit to every client, then by demand.
+
+        When nothing is free and a client is waiting, credit idle clients hold
+        (they report nothing waiting) is taken back, so idle processes, such as
+        web-server workers that send a task now and then, cannot lock out busy ones.
+        """
+        if free <= 0:
+            self._reclaim_idle()
+            return
+        if not self.peers:
             return
         grants: dict[Any, dict[str, int]] = {}
         for stage in ("standing", "demand"):
@@ -139,6 +156,25 @@ class Consumer:
                         free -= give
         for key, credit in grants.items():
             self._send(self.peers[key], protocol.CREDIT, protocol.pack(credit))
+
+    def _reclaim_idle(self) -> None:
+        waiting = {q for key in self.peers for q, n in self.demand[key].items() if n > 0 and q in self.queues}
+        if not waiting:
+            return
+        for key, held in self.granted.items():
+            if any(self.demand[key].get(q, 0) > 0 for q in waiting):
+                continue
+            taken = {q: -n for q, n in held.items() if q in waiting and n > 0}
+            if taken:
+                for queue in taken:
+                    held[queue] = 0
+                self._send(self.peers[key], protocol.CREDIT, protocol.pack(taken))
+
+    def heartbeat(self) -> None:
+        """Tell every client this worker is alive (an empty credit frame)."""
+        body = protocol.pack({})
+        for peer in list(self.peers.values()):
+            self._send(peer, protocol.CREDIT, body)
 
     def flush(self) -> None:
         """Send the acknowledgements collected since the last flush, one frame per client."""

@@ -53,8 +53,14 @@ STATE_FLUSH_INTERVAL = 0.02
 WINDOW_MAX = 8192
 #: Most future (ETA) tasks held before the worker stops granting credit.
 MAX_TIMERS = 100_000
+#: Task states the supervisor remembers for precedence (each with its encoded result).
+RECORDER_ENTRIES = 10_000
+#: Seconds between two "alive" frames to every client (an idle worker is otherwise silent).
+HEARTBEAT = 1.0
 #: Seconds between two removals of results older than ``result_expires``.
 CLEANUP_EVERY = 60.0
+#: Seconds a stopping worker waits for other workers to take messages it forwarded.
+FORWARD_FLUSH_TIMEOUT = 5.0
 #: rpc:// reply routes kept for tasks not finished yet (oldest dropped beyond this).
 MAX_REPLY_ROUTES = 200_000
 #: Seconds between two looks at tasks the fair scheduler holds back.
@@ -86,7 +92,9 @@ class Supervisor:
             binds, connects = ([], list(endpoints)) if conf.transport_bind else (list(endpoints), [])
         self.binds, self.connects = list(binds or []), list(connects or [])
         self.registry = app.tasks
-        self.recorder = StateRecorder(batch_size=512)
+        # The table only remembers recent states for precedence; kept small because each
+        # entry holds an encoded result (rpc/backends hold the real copies).
+        self.recorder = StateRecorder(batch_size=512, max_entries=RECORDER_ENTRIES)
         self.backend = app.backend if conf.result_backend else None
         #: rpc:// only: task id -> where its states go (a Peer, or a client id).
         self.replies: dict[str, Any] | None = \
@@ -107,6 +115,7 @@ class Supervisor:
         self._next_housekeeping = 0.0
         self._held_back = False
         self._next_cleanup = 0.0
+        self._next_heartbeat = 0.0
 
     # --- signals -------------------------------------------------------------------
 
@@ -142,7 +151,13 @@ class Supervisor:
         poller.register(self._signal_r, zmq.POLLIN)
         registered: set[int] = set()
         stop_sent = False
+        listening = True
         while True:
+            if self.stopping and listening:
+                listening = False
+                self.consumer.stop_granting()
+                for sock in self.consumer.sockets:
+                    poller.unregister(sock)
             for fd in set(self.pool.by_fd) - registered:
                 poller.register(fd, zmq.POLLIN)
                 registered.add(fd)
@@ -163,8 +178,10 @@ class Supervisor:
                     child = self.pool.by_fd.get(target)
                     if child is not None:
                         self._read_child(child)
-                elif self.stopping != "cold":
+                elif not self.stopping:
                     self._receive(target)
+                # Stopping: task frames stay unread and unacknowledged, so their clients
+                # send them to another worker once this one is gone.
             now = time.monotonic()
             if self.stopping == "cold":
                 return self._cold_stop()
@@ -210,6 +227,7 @@ class Supervisor:
                     message = decode_message(raw)
                 except MessageDecodeError as exc:
                     self.counters["malformed"] += 1
+                    self.consumer.consumed_any(peer)  # it was sent against some credit: take it back
                     logger.warning("dropped a malformed task message from %s: %s", peer.name, exc)
                     continue
                 self.consumer.consumed(peer, message.queue)
@@ -234,6 +252,10 @@ class Supervisor:
             heapq.heappush(self.timers, (message.eta, next(self._seq), entry))
         else:
             self.scheduler.push(entry)
+
+    def timers_due(self) -> bool:
+        """True when a held ETA task is due now."""
+        return bool(self.timers) and self.timers[0][0] <= time.time()
 
     def _fire_timers(self) -> None:
         if not self.timers:
@@ -329,8 +351,8 @@ class Supervisor:
             self.scheduler.push_front(entry)
         if lost is not None:
             self._task_lost(lost, child.pid, status, reason)
-        if self.stopping is None:
-            self.pool.spawn()
+        if self.stopping is None or (self.stopping == "warm" and (len(self.scheduler) or self.timers_due())):
+            self.pool.spawn()  # during a warm stop too, while accepted work still waits
 
     def _task_lost(self, entry: QueuedTask, pid: int, status: int | None, reason: tuple | None) -> None:
         task, message = entry.task, entry.message
@@ -411,6 +433,9 @@ class Supervisor:
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING
         self.consumer.expire(now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT
+            self.consumer.heartbeat()
         if now >= self._next_cleanup and hasattr(self.backend, "cleanup"):
             self._next_cleanup = now + CLEANUP_EVERY
             try:
@@ -472,6 +497,9 @@ class Supervisor:
 
     def _close(self) -> None:
         self._flush_states(time.monotonic(), force=True)
+        if self.app._producer is not None:  # messages forwarded to queues other workers consume
+            self.app._producer.close(timeout=FORWARD_FLUSH_TIMEOUT)
+            self.app._producer = None
         self.consumer.flush()
         self.consumer.close()
         self.context.term()
