@@ -132,12 +132,7 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
             task.on_retry(exc.exc, task_id, args, kwargs, einfo)
             logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
         except Exception as exc:
-            state, retval, einfo = states.FAILURE, exc, ExceptionInfo()
-            _record_failure(task, request, store, exc, einfo)
-            task.on_failure(exc, task_id, args, kwargs, einfo)
-            _log_failure(task, task_id, exc, einfo)
-            if propagate:
-                raise
+            state, retval, einfo = _fail(task, request, store, exc, propagate)
         else:
             try:
                 _send_followers(task, request, retval)
@@ -146,12 +141,7 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
             except EncodeError as exc:
                 # The return value cannot travel: the task fails with a clear error
                 # instead of crashing the child or the supervisor.
-                state, retval, einfo = states.FAILURE, exc, ExceptionInfo()
-                _record_failure(task, request, store, exc, einfo)
-                task.on_failure(exc, task_id, args, kwargs, einfo)
-                _log_failure(task, task_id, exc, einfo)
-                if propagate:
-                    raise
+                state, retval, einfo = _fail(task, request, store, exc, propagate)
             else:
                 _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
                 logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id, monotonic() - started,
@@ -161,6 +151,20 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
     finally:
         context.pop()
     return TraceOutcome(state, retval, einfo, monotonic() - started)
+
+
+def _fail(task: Any, request: Any, store: Any, exc: Exception, propagate: bool) -> tuple:
+    """The FAILURE outcome: record it, call ``on_failure``, log; re-raise when propagating.
+
+    Called from inside the ``except`` block, so ``ExceptionInfo()`` sees ``exc``.
+    """
+    einfo = ExceptionInfo()
+    _record_failure(task, request, store, exc, einfo)
+    task.on_failure(exc, request.id, request.args, request.kwargs, einfo)
+    _log_failure(task, request.id, exc, einfo)
+    if propagate:
+        raise exc
+    return states.FAILURE, exc, einfo
 
 
 def _call_handler(eager: bool, task: Any, name: str, *args: Any) -> None:

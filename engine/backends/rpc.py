@@ -16,16 +16,12 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any, Iterable
 
 import msgpack
 
-from engine import states
-from engine.backends.base import Backend
+from engine.backends.memory import MemoryBackend
 from engine.core import StateRecord, StateRecorder
-from engine.exceptions import TimeoutError
 
 __all__ = ("RPCBackend", "pack_records", "unpack_records")
 
@@ -45,8 +41,8 @@ def unpack_records(body: bytes) -> list[StateRecord]:
             for task_id, state, result, traceback, timestamp in msgpack.unpackb(body, raw=False)]
 
 
-class RPCBackend(Backend):
-    """Results of this client's tasks, as the workers send them back."""
+class RPCBackend(MemoryBackend):
+    """Results of this client's tasks, as the workers send them back (an in-memory table)."""
 
     #: The supervisor sends states over the transport instead of calling ``store``.
     replies_over_transport = True
@@ -54,7 +50,6 @@ class RPCBackend(Backend):
     def __init__(self, url: str | None = None, app: Any = None) -> None:
         super().__init__(url, app)
         self._table = StateRecorder(max_entries=MAX_ENTRIES)
-        self._changed = threading.Condition()
         self._producer: Any = None
 
     def listen(self) -> Any:
@@ -73,32 +68,10 @@ class RPCBackend(Backend):
     def _on_results(self, body: bytes) -> None:
         self.store(unpack_records(body))
 
-    def store(self, records: Iterable[StateRecord]) -> None:
-        with self._changed:
-            for record in records:
-                self._table.record(record.task_id, record.state, record.result, record.traceback, record.timestamp)
-            self._table.flush()
-            self._changed.notify_all()
-
     def get_encoded(self, task_id: str) -> StateRecord | None:
         self.listen()
-        with self._changed:
-            return self._table.get(task_id)
-
-    def forget(self, task_id: str) -> None:
-        with self._changed:
-            self._table.forget(task_id)
+        return super().get_encoded(task_id)
 
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5) -> StateRecord:
         self.listen()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
-            while True:
-                record = self._table.get(task_id)
-                if record is not None and record.state in states.READY_STATES:
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"the result of task {task_id} was not ready within {timeout}s")
-                self._changed.wait(remaining)
-        return self.get(task_id)
+        return super().wait_for(task_id, timeout, interval)
