@@ -40,10 +40,10 @@ def run(options: argparse.Namespace) -> int:
             label = f"{name} ({options.tasks} tasks, concurrency {options.concurrency})"
             if bar is not None:
                 handle = bar.add_task(label, total=1.0)
-                progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)  # noqa: E731
+                progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)
             else:
                 print(label, file=sys.stderr)
-                progress = lambda fraction: None  # noqa: E731
+                progress = lambda fraction: None
             report["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
         if not options.no_celery:
             report["celery"] = _run_celery(options, names, report, bar)

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench import scenarios
 from bench.harness import ROOT, Worker
 
-__all__ = ("available", "Redis", "CeleryWorker", "throughput", "latency", "fairness")
+__all__ = ("CeleryWorker", "Redis", "available", "fairness", "latency", "throughput")
 
 
 def available() -> str | None:

@@ -25,18 +25,18 @@ from engine.result import AsyncResult, EagerResult
 from engine.task import Task
 
 __all__ = (
-    "Engine",
-    "Task",
-    "AsyncResult",
-    "EagerResult",
-    "Signature",
-    "signature",
-    "chain",
-    "group",
-    "GroupResult",
-    "states",
     "HAS_EXTENSION",
     "IMPLEMENTATION",
+    "AsyncResult",
+    "EagerResult",
+    "Engine",
+    "GroupResult",
+    "Signature",
+    "Task",
+    "chain",
+    "group",
+    "signature",
+    "states",
 )
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ class Engine:
     # --- tasks ---------------------------------------------------------------------
 
     @property
-    def Task(self) -> type:  # noqa: N802 - Celery's name
+    def Task(self) -> type:
         """The default base class of this app's tasks (``task_cls``, else :class:`engine.Task`)."""
         base = symbol_by_name(self._task_cls) if self._task_cls is not None else Task
         if not (isinstance(base, type) and issubclass(base, Task)):
@@ -129,7 +129,7 @@ class Engine:
             self._backend = backend_from_url(self.conf.result_backend, self)
         return self._backend
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
         """Return the result handle of task ``task_id``."""
         return AsyncResult(task_id, app=self, **kwargs)
 
@@ -178,10 +178,10 @@ class Engine:
         if self._backend is not None:
             self._backend.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

@@ -11,9 +11,10 @@ every later step's result with its exception.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ("Signature", "signature", "maybe_signature", "chain", "group", "GroupResult")
+__all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "signature")
 
 
 class Signature(dict):
@@ -86,12 +87,12 @@ class Signature(dict):
             call_options.pop(key, None)
         return self.type.apply(call_args, call_kwargs, **call_options)
 
-    def clone(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "Signature":
+    def clone(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Signature:
         """Return a copy with extra arguments and options merged in."""
         call_args, call_kwargs, call_options = self._merge(args, kwargs, options)
         return Signature(self.task, call_args, call_kwargs, call_options, immutable=self.immutable, app=self._app)
 
-    def set(self, immutable: bool | None = None, **options: Any) -> "Signature":
+    def set(self, immutable: bool | None = None, **options: Any) -> Signature:
         """Set options (and immutability) in place; returns the signature."""
         if immutable is not None:
             self["immutable"] = bool(immutable)
@@ -107,17 +108,17 @@ class Signature(dict):
             options["task_id"] = task_id or new_task_id()
         return self.app.AsyncResult(options["task_id"], task_name=self.task)
 
-    def link(self, callback: "Signature") -> "Signature":
+    def link(self, callback: Signature) -> Signature:
         """Send ``callback`` with this call's result when it succeeds."""
         self["options"].setdefault("link", []).append(dict(callback))
         return callback
 
-    def link_error(self, errback: "Signature") -> "Signature":
+    def link_error(self, errback: Signature) -> Signature:
         """Send ``errback`` with this call's task id when it fails."""
         self["options"].setdefault("link_error", []).append(dict(errback))
         return errback
 
-    def __or__(self, other: Any) -> "chain":
+    def __or__(self, other: Any) -> chain:
         if isinstance(other, chain):
             return chain(self, *other.tasks, app=self._app)
         if isinstance(other, Signature):
@@ -174,7 +175,7 @@ class chain:
         """The app of the chain's first step."""
         return self._app
 
-    def __or__(self, other: Any) -> "chain":
+    def __or__(self, other: Any) -> chain:
         if isinstance(other, (Signature, chain)):
             return chain(self, other, app=self._app)
         return NotImplemented
@@ -244,21 +245,21 @@ class group:
         """The app of the group's first signature."""
         return self._app
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "GroupResult":
+    def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
         """Send every member (with ``args`` prepended to each)."""
         return self.apply_async(args, kwargs)
 
-    def delay(self, *args: Any, **kwargs: Any) -> "GroupResult":
+    def delay(self, *args: Any, **kwargs: Any) -> GroupResult:
         """Send every member with extra arguments."""
         return self.apply_async(args, kwargs)
 
-    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "GroupResult":
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
         """Send every member now; return their results as one GroupResult."""
         if self.app is not None and self.app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
         return GroupResult([task.apply_async(args, kwargs, **options) for task in self.tasks])
 
-    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> "GroupResult":
+    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
         """Run every member here, one after another."""
         return GroupResult([task.apply(args, kwargs, **options) for task in self.tasks])
 

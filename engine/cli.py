@@ -18,7 +18,7 @@ import click
 
 from engine.exceptions import ImproperlyConfigured
 
-__all__ = ("worker_main", "find_app")
+__all__ = ("find_app", "worker_main")
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s %(process)d] %(task_name)s%(task_id_sep)s%(message)s"
 
@@ -100,10 +100,15 @@ def setup_logging(level: str) -> None:
 @click.option("-l", "--loglevel", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
 @click.option("-n", "--hostname", default=None, help="Worker name (default: engine@HOST-PID).")
+@click.option("--curve-secret-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CURVE: this worker's secret key file (from `engine keys`); encrypts and authenticates.")
+@click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CURVE: directory of the public key files of the clients allowed to send tasks.")
 def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple, connects: tuple,
                 queues: str | None, backend: str | None, prefetch_multiplier: int | None,
                 max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
-                soft_time_limit: float | None, loglevel: str, hostname: str | None) -> None:
+                soft_time_limit: float | None, loglevel: str, hostname: str | None,
+                curve_secret_key: str | None, curve_clients: str | None) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
     Exit status: 0 warm shutdown, 1 start-up failure, 2 usage error, 3 cold shutdown.
@@ -115,6 +120,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
     setup_logging(loglevel)
     log = logging.getLogger("engine.worker")
     try:
+        if bool(curve_secret_key) != bool(curve_clients):
+            raise ImproperlyConfigured("CURVE needs both --curve-secret-key and --curve-clients")
         app = find_app(app_spec)
         if backend:
             app.conf.result_backend = backend
@@ -125,7 +132,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
             prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
-            hostname=hostname)
+            hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key else None)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
         log.error("cannot start worker: %s", exc)
@@ -146,10 +153,35 @@ def _banner(supervisor: Any, app_spec: str, core: Any) -> None:
         f"  backend:     {supervisor.app.conf.result_backend or 'disabled'}",
         f"  core:        {'compiled' if core.HAS_EXTENSION else 'pure Python'}",
     ]
-    public = [e for e in supervisor.binds if not any(h in e for h in ("127.0.0.1", "localhost", "ipc://", "inproc://", "[::1]"))]
-    if public:
+    if supervisor.curve:
+        lines.append("  security:    CURVE (encrypted; only authorized clients)")
+    public = [e for e in supervisor.binds
+              if not any(h in e for h in ("127.0.0.1", "localhost", "ipc://", "inproc://", "[::1]"))]
+    if public and not supervisor.curve:
         lines.append(f"  WARNING: binding {', '.join(public)} without CURVE: anyone who reaches it can run tasks")
     click.echo("\n".join(lines), err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """engine's tools (the worker itself is `engine-worker`)."""
+
+
+@main.command("keys")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+def keys(directory: str, name: str) -> None:
+    """Make a CURVE key pair: DIRECTORY/NAME.key (public) and DIRECTORY/NAME.key_secret.
+
+    Give a worker its .key_secret (--curve-secret-key) and put each allowed
+    client's .key in the worker's --curve-clients directory; a client sets
+    transport_curve_server_key (the worker's .key) and transport_curve_client_key
+    (its own .key_secret).
+    """
+    from engine.transport.security import make_keys
+
+    public, secret = make_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,8 @@ Names are Celery's where Celery has the setting.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from engine.exceptions import UnknownSettingError
 
@@ -20,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "transport": "tcp://127.0.0.1:5555",
     #: True: the client binds the transport endpoints and workers connect (ventilator pattern).
     "transport_bind": False,
+    #: CURVE (client side): the worker's public key file and this client's secret key file.
+    "transport_curve_server_key": None,
+    "transport_curve_client_key": None,
     #: Result backend URL (sqlite:///path, rpc://, redis://host:port/db, memory://) or None.
     "result_backend": None,
     #: Seconds a stored result is kept.

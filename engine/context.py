@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ("Context", "current", "current_task", "push", "pop")
+__all__ = ("Context", "current", "current_task", "pop", "push")
 
 
 class Context:

@@ -10,24 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = (
-    "EngineError",
-    "ImproperlyConfigured",
-    "UnknownSettingError",
     "DuplicateTaskError",
+    "EncodeError",
+    "EngineError",
+    "Ignore",
+    "ImproperlyConfigured",
+    "MaxRetriesExceededError",
     "MessageDecodeError",
     "NotRegistered",
-    "Retry",
-    "Ignore",
     "Reject",
-    "MaxRetriesExceededError",
-    "TaskRevokedError",
-    "WorkerLostError",
-    "TimeLimitExceeded",
-    "SoftTimeLimitExceeded",
-    "ResultsDisabledError",
-    "TimeoutError",
-    "EncodeError",
     "RemoteTaskError",
+    "ResultsDisabledError",
+    "Retry",
+    "SoftTimeLimitExceeded",
+    "TaskRevokedError",
+    "TimeLimitExceeded",
+    "TimeoutError",
+    "UnknownSettingError",
+    "WorkerLostError",
 )
 
 
@@ -139,7 +139,7 @@ class ResultsDisabledError(ImproperlyConfigured):
     """Results were asked for, but the app has no result backend configured."""
 
 
-class TimeoutError(EngineError, TimeoutError):  # noqa: A001 - the builtin is a base on purpose
+class TimeoutError(EngineError, TimeoutError):
     """``AsyncResult.get(timeout=...)`` ran out of time; also a builtin ``TimeoutError``."""
 
 

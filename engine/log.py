@@ -11,7 +11,7 @@ import logging
 
 from engine import context
 
-__all__ = ("get_task_logger", "TaskContextFilter", "TaskFormatter", "TASK_FORMAT", "get_logger")
+__all__ = ("TASK_FORMAT", "TaskContextFilter", "TaskFormatter", "get_logger", "get_task_logger")
 
 #: Default format of worker log lines that come from tasks.
 TASK_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"

@@ -17,7 +17,7 @@ class AsyncResult:
     """
 
     def __init__(self, id: str, backend: Any = None, task_name: str | None = None, app: Any = None,
-                 parent: "AsyncResult | None" = None) -> None:
+                 parent: AsyncResult | None = None) -> None:
         self.id = id
         self.app = app
         self._backend = backend

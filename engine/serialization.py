@@ -20,7 +20,7 @@ import msgpack
 
 from engine.exceptions import EncodeError, RemoteTaskError
 
-__all__ = ("dumps", "loads", "exception_to_wire", "exception_from_wire")
+__all__ = ("dumps", "exception_from_wire", "exception_to_wire", "loads")
 
 #: msgpack extension type code of an encoded exception.
 EXC_EXT = 1
@@ -83,7 +83,7 @@ def _pickle_ext_hook(code: int, data: bytes) -> Any:
     if code == PICKLE_EXT:
         import pickle
 
-        return pickle.loads(data)  # noqa: S301 - the app opted in (accept_pickle)
+        return pickle.loads(data)
     return _ext_hook(code, data)
 
 

@@ -9,24 +9,24 @@ every other built-in state.
 from __future__ import annotations
 
 __all__ = (
-    "PENDING",
-    "RECEIVED",
-    "STARTED",
-    "SUCCESS",
+    "ALL_STATES",
+    "EXCEPTION_STATES",
     "FAILURE",
-    "REVOKED",
+    "IGNORED",
+    "PENDING",
+    "PRECEDENCE",
+    "PROPAGATE_STATES",
+    "READY_STATES",
+    "RECEIVED",
     "REJECTED",
     "RETRY",
-    "IGNORED",
-    "READY_STATES",
+    "REVOKED",
+    "STARTED",
+    "SUCCESS",
     "UNREADY_STATES",
-    "EXCEPTION_STATES",
-    "PROPAGATE_STATES",
-    "ALL_STATES",
-    "PRECEDENCE",
+    "is_valid_state",
     "precedence",
     "state",
-    "is_valid_state",
 )
 
 PENDING = "PENDING"

@@ -372,7 +372,7 @@ class Task:
         else:
             self.backend.store_state(task_id, state, meta)
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
         """Return the result handle of a call of this task."""
         return self.app.AsyncResult(task_id, task_name=self.name, **kwargs)
 
@@ -403,7 +403,7 @@ class _ArgumentsChecker:
     positional arguments to a function without ``*args`` needs just a count.
     """
 
-    __slots__ = ("signature", "least", "most")
+    __slots__ = ("least", "most", "signature")
 
     def __init__(self, signature: inspect.Signature | None) -> None:
         self.signature = signature
@@ -419,7 +419,7 @@ class _ArgumentsChecker:
         self.least = sum(1 for p in positional if p.default is inspect.Parameter.empty)
 
     @classmethod
-    def of(cls, task: "Task") -> "_ArgumentsChecker":
+    def of(cls, task: Task) -> _ArgumentsChecker:
         fun = getattr(task, "__wrapped__", None) or task.run
         try:
             signature = inspect.signature(fun)

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from engine import context, states
 from engine.exceptions import EncodeError, Ignore, Reject, Retry
 
-__all__ = ("ExceptionInfo", "TraceOutcome", "trace_task", "resolve_ignore_result")
+__all__ = ("ExceptionInfo", "TraceOutcome", "resolve_ignore_result", "trace_task")
 
 logger = logging.getLogger("engine.tracer")
 
@@ -47,7 +47,7 @@ _HOSTNAME = socket.gethostname()
 class ExceptionInfo:
     """An exception with its formatted traceback, as handlers receive it (``einfo``)."""
 
-    __slots__ = ("type", "exception", "tb", "traceback", "internal")
+    __slots__ = ("exception", "internal", "tb", "traceback", "type")
 
     def __init__(self, exc_info: tuple | None = None, internal: bool = False) -> None:
         etype, exc, tb = exc_info or sys.exc_info()

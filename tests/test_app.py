@@ -119,8 +119,7 @@ def test_registry_uses_the_compiled_core_in_a_normal_install():
 def test_gen_task_name_can_be_overridden_to_strip_tasks_suffix():
     class MyEngine(Engine):
         def gen_task_name(self, name, module):
-            if module.endswith(".tasks"):
-                module = module[:-6]
+            module = module.removesuffix(".tasks")
             return super().gen_task_name(name, module)
 
     app = MyEngine("main")

@@ -446,3 +446,31 @@ def test_warm_shutdown_with_retiring_children_finishes(setup):
     done = [r for r in results if r.state == states.SUCCESS]
     assert done  # what the worker had accepted ran; the rest stays with the client
     workerapp.app.conf.producer_flush_timeout = 0.5  # no worker is left to take the rest
+
+
+def test_curve_admits_only_authorized_clients(setup, tmp_path):
+    from engine.transport.security import make_keys
+
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    worker_public, worker_secret = make_keys(str(keys), "worker")
+    good_public, good_secret = make_keys(str(keys), "good")
+    _, bad_secret = make_keys(str(keys), "bad")
+    clients.mkdir()
+    (clients / "good.key").write_bytes(open(good_public, "rb").read())
+    worker = setup("--concurrency", "1", "--curve-secret-key", worker_secret, "--curve-clients", str(clients))
+    assert "CURVE" in worker.output
+    runs = setup.tmp / "runs.txt"
+    app = workerapp.app
+    app.close()
+    app.conf.update(transport_curve_server_key=worker_public, transport_curve_client_key=bad_secret,
+                    producer_flush_timeout=0.5)
+    try:
+        workerapp.log_run.delay(str(runs), "intruder")
+        time.sleep(1.5)
+        app.close()
+        app.conf.transport_curve_client_key = good_secret
+        assert workerapp.log_run.delay(str(runs), "friend").get(timeout=20) == "friend"
+    finally:
+        app.close()
+        app.conf.update(transport_curve_server_key=None, transport_curve_client_key=None)
+    assert set(read_runs(runs)) == {"friend"}

@@ -49,7 +49,7 @@ class WorkerProcess:
         """Everything the worker printed so far."""
         return "\n".join(self.lines)
 
-    def wait_ready(self, timeout: float = 30) -> "WorkerProcess":
+    def wait_ready(self, timeout: float = 30) -> WorkerProcess:
         """Block until the worker printed its ready line; fail with its output otherwise."""
         if not self._ready.wait(timeout):
             self.kill()

@@ -12,7 +12,7 @@ from typing import Any
 from engine.backends.base import Backend, DisabledBackend
 from engine.exceptions import ImproperlyConfigured
 
-__all__ = ("Backend", "DisabledBackend", "backend_from_url", "BACKENDS")
+__all__ = ("BACKENDS", "Backend", "DisabledBackend", "backend_from_url")
 
 #: URL scheme -> 'module:Class' of the backend that serves it.
 BACKENDS = {

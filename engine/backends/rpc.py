@@ -16,7 +16,8 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import msgpack
 

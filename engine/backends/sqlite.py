@@ -16,7 +16,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from engine import states
 from engine.backends.base import Backend
@@ -53,8 +54,7 @@ class SQLiteBackend(Backend):
     def __init__(self, url: str | None = None, app: Any = None) -> None:
         super().__init__(url, app)
         path = (url or "").partition("://")[2]
-        if path.startswith("/"):
-            path = path[1:]  # sqlite:///relative.db and sqlite:////abs/path.db, as SQLAlchemy reads them
+        path = path.removeprefix("/")  # sqlite:///relative.db and sqlite:////abs/path.db, as SQLAlchemy reads them
         if not path:
             raise ImproperlyConfigured(f"sqlite backend URL needs a path: sqlite:///results.db, got {url!r}")
         self.path = path

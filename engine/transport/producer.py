@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from engine.core import encode_message
-from engine.exceptions import EncodeError
+from engine.exceptions import EncodeError, ImproperlyConfigured
 from engine.transport import protocol
 from engine.transport.protocol import Peer
 
@@ -48,11 +48,11 @@ DEMAND_EVERY = 0.001
 #: Seconds between two "still waiting" warnings during flush.
 FLUSH_WARN_EVERY = 5.0
 
-_producers: "weakref.WeakSet[Producer]" = weakref.WeakSet()
+_producers: weakref.WeakSet[Producer] = weakref.WeakSet()
 
 
 class _Pending:
-    __slots__ = ("queue", "id", "raw", "peer", "sent_at")
+    __slots__ = ("id", "peer", "queue", "raw", "sent_at")
 
     def __init__(self, queue: str, task_id: str, raw: bytes) -> None:
         self.queue = queue
@@ -249,6 +249,7 @@ class Producer:
                 sock = self.context.socket(zmq.DEALER)
                 protocol.tune_socket(sock, max_size)
                 sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
+                self._secure(sock)
                 sock.connect(endpoint)
                 peer = Peer(sock, None, endpoint, endpoint)
                 self._peers[endpoint] = peer
@@ -261,6 +262,18 @@ class Producer:
         hello = protocol.pack({"role": "client", "id": self.client_id, "host": socket.gethostname()})
         for peer in self._peers.values():
             self._try_send(peer, protocol.HELLO, hello)
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """CURVE-encrypt and authenticate the link when the app has keys set."""
+        server_key = self.app.conf.transport_curve_server_key
+        client_key = self.app.conf.transport_curve_client_key
+        if server_key or client_key:
+            if not (server_key and client_key):
+                raise ImproperlyConfigured(
+                    "CURVE needs both transport_curve_server_key and transport_curve_client_key")
+            from engine.transport.security import secure_client
+
+            secure_client(sock, server_key, client_key)
 
     def _loop(self) -> None:
         next_beat = 0.0

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import zmq
 
-__all__ = ("HELLO", "DEMAND", "CREDIT", "TASKS", "ACKS", "RESULTS", "Peer", "pack", "unpack", "tune_socket")
+__all__ = ("ACKS", "CREDIT", "DEMAND", "HELLO", "RESULTS", "TASKS", "Peer", "pack", "tune_socket", "unpack")
 
 HELLO = b"H"
 DEMAND = b"D"
@@ -65,7 +65,7 @@ def tune_socket(sock: zmq.Socket, max_message_size: int) -> None:
 class Peer:
     """The other end of one link: a DEALER socket, or a routing id on a ROUTER socket."""
 
-    __slots__ = ("socket", "route", "key", "name", "last_seen")
+    __slots__ = ("key", "last_seen", "name", "route", "socket")
 
     def __init__(self, socket: zmq.Socket, route: bytes | None, key: Any, name: str = "?") -> None:
         self.socket = socket

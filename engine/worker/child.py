@@ -26,7 +26,7 @@ from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded
 from engine.worker import pipe
 
-__all__ = ("child_main", "ChildRecorder", "ChildProducer")
+__all__ = ("ChildProducer", "ChildRecorder", "child_main")
 
 logger = logging.getLogger("engine.worker.child")
 
@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1
 class ChildRecorder:
     """The recorder a child's tracer writes to: states go to the supervisor, serialized."""
 
-    __slots__ = ("writer", "accept_pickle")
+    __slots__ = ("accept_pickle", "writer")
 
     def __init__(self, writer: pipe.FrameWriter, accept_pickle: bool) -> None:
         self.writer = writer

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import zmq
 
@@ -34,7 +35,7 @@ class Consumer:
     """Sockets and per-client credit of one worker."""
 
     def __init__(self, context: zmq.Context, worker_id: str, binds: list[str], connects: list[str],
-                 queues: list[str], max_message_size: int) -> None:
+                 queues: list[str], max_message_size: int, curve: tuple[str, str] | None = None) -> None:
         self.worker_id = worker_id
         self.queues = list(queues)
         self.sockets: list[zmq.Socket] = []
@@ -44,10 +45,15 @@ class Consumer:
         self.acks: dict[Any, list[str]] = {}
         self.dropped_frames = 0
         self.router: zmq.Socket | None = None
+        self.authenticator: Any = None
         if binds:
             self.router = context.socket(zmq.ROUTER)
             protocol.tune_socket(self.router, max_message_size)
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            if curve is not None:
+                from engine.transport.security import secure_server
+
+                self.authenticator = secure_server(context, self.router, *curve)
             for endpoint in binds:
                 self.router.bind(endpoint)
             self.sockets.append(self.router)
@@ -226,6 +232,8 @@ class Consumer:
             return False
 
     def close(self) -> None:
-        """Close the sockets."""
+        """Close the sockets (and stop the CURVE authenticator)."""
         for sock in self.sockets:
             sock.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()

@@ -13,8 +13,17 @@ import fcntl
 import os
 import struct
 
-__all__ = ("FrameReader", "FrameWriter", "open_pipe",
-           "TASK", "STOP", "DONE", "RECORD", "SEND", "READY")
+__all__ = (
+    "DONE",
+    "READY",
+    "RECORD",
+    "SEND",
+    "STOP",
+    "TASK",
+    "FrameReader",
+    "FrameWriter",
+    "open_pipe",
+)
 
 HEADER = struct.Struct("<IB")
 
@@ -47,7 +56,7 @@ def open_pipe() -> tuple[int, int]:
 class FrameWriter:
     """Buffers frames for one pipe and writes them in as few syscalls as possible."""
 
-    __slots__ = ("fd", "buffer", "blocking")
+    __slots__ = ("blocking", "buffer", "fd")
 
     def __init__(self, fd: int, blocking: bool) -> None:
         self.fd = fd
@@ -88,7 +97,7 @@ class FrameWriter:
 class FrameReader:
     """Reassembles frames from a pipe's byte stream."""
 
-    __slots__ = ("fd", "buffer", "eof")
+    __slots__ = ("buffer", "eof", "fd")
 
     def __init__(self, fd: int, blocking: bool = False) -> None:
         self.fd = fd

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import time
-from typing import Any
 
 import psutil
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ("QueuedTask", "RuntimeStats", "FifoScheduler", "FairScheduler", "make_scheduler")
+__all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make_scheduler")
 
 #: Weight of the newest run time in the per-name moving average.
 EWMA_ALPHA = 0.2
@@ -46,7 +47,7 @@ LONG_DELAY = 0.05
 class QueuedTask:
     """A received task message waiting for (or assigned to) a child."""
 
-    __slots__ = ("message", "raw", "task", "received", "peer", "started")
+    __slots__ = ("message", "peer", "raw", "received", "started", "task")
 
     def __init__(self, message: Any, raw: bytes, task: Any, peer: Any = None) -> None:
         self.message = message

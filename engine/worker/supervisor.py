@@ -23,9 +23,15 @@ import msgpack
 import zmq
 
 from engine import states
-from engine.core import StateRecorder, decode_message
-from engine.exceptions import MessageDecodeError, NotRegistered, TimeLimitExceeded, WorkerLostError
 from engine.backends.rpc import pack_records
+from engine.core import StateRecorder, decode_message
+from engine.exceptions import (
+    ImproperlyConfigured,
+    MessageDecodeError,
+    NotRegistered,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from engine.serialization import dumps
 from engine.transport import protocol
 from engine.worker import pipe
@@ -34,7 +40,7 @@ from engine.worker.consumer import Consumer
 from engine.worker.pool import Child, Pool
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
 
-__all__ = ("Supervisor", "EXIT_OK", "EXIT_FAILURE", "EXIT_COLD")
+__all__ = ("EXIT_COLD", "EXIT_FAILURE", "EXIT_OK", "Supervisor")
 
 logger = logging.getLogger("engine.worker")
 
@@ -77,8 +83,9 @@ class Supervisor:
                  prefetch_multiplier: int | None = None, max_tasks_per_child: int | None = None,
                  max_memory_per_child: int | None = None, time_limit: float | None = None,
                  soft_time_limit: float | None = None, hostname: str | None = None,
-                 apps: list | None = None) -> None:
+                 apps: list | None = None, curve: tuple[str, str] | None = None) -> None:
         self.app = app
+        self.curve = curve
         conf = app.conf
         self.concurrency = max(1, int(concurrency))
         self.fair = fair
@@ -139,8 +146,10 @@ class Supervisor:
         """Fork the children, then open the transport (children must not inherit live sockets)."""
         self.pool.start()
         self.context = zmq.Context()
+        if self.curve is not None and self.connects:
+            raise ImproperlyConfigured("CURVE is supported for workers that bind (--bind), not with --connect")
         self.consumer = Consumer(self.context, self.hostname, self.binds, self.connects, self.queues,
-                                 int(self.app.conf.max_message_size))
+                                 int(self.app.conf.max_message_size), curve=self.curve)
         self._install_signals()
 
     def run(self) -> int:
