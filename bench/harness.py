@@ -42,6 +42,7 @@ class Worker:
             "BENCH_BACKEND": backend or "",
             "BENCH_COUNTER_DIR": str(self.counters),
             "BENCH_STARTS_DIR": str(self.starts),
+            "ENGINE_STATE_DIR": str(self.tmp / "state"),  # the worker's journal
         }
         os.environ.update(self.env)
         self.proc = subprocess.Popen(

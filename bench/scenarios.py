@@ -17,9 +17,9 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def throughput(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], extra: tuple = ()) -> dict:
     """N no-op tasks, results ignored: first send to last completion."""
-    with Worker(concurrency) as worker:
+    with Worker(concurrency, *extra) as worker:
         apps = worker.app()
         apps.noop.delay(0, 0)
         worker.wait_completed(1, 30)  # warm: connected, children forked
@@ -151,6 +151,14 @@ def memory(tasks: int, concurrency: int, progress: Callable[[float], None]) -> d
             "child_rss_mib_after": [round(x / mib, 1) for x in children_after]}
 
 
+def journal(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """What the worker's journal costs: no-op throughput with it (the default) and with --no-journal."""
+    on = throughput(tasks, concurrency, lambda f: progress(f / 2))["tasks_per_s"]
+    off = throughput(tasks, concurrency, lambda f: progress(0.5 + f / 2), ("--no-journal",))["tasks_per_s"]
+    return {"with_journal_tasks_per_s": on, "without_journal_tasks_per_s": off,
+            "journal_cost_percent": round(100 * (off - on) / off, 1)}
+
+
 SCENARIOS = {
     "throughput": throughput,
     "results": results,
@@ -158,4 +166,5 @@ SCENARIOS = {
     "fairness": fairness,
     "scaling": scaling,
     "memory": memory,
+    "journal": journal,
 }

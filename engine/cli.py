@@ -104,11 +104,17 @@ def setup_logging(level: str) -> None:
               help="CURVE: this worker's secret key file (from `engine keys`); encrypts and authenticates.")
 @click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
               help="CURVE: directory of the public key files of the clients allowed to send tasks.")
+@click.option("--journal", default=None, type=click.Path(dir_okay=False),
+              help="Journal file of accepted, unfinished tasks, replayed at start "
+                   "(default: one per endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
+@click.option("--no-journal", is_flag=True, help="Keep accepted tasks in memory only (faster; a killed "
+              "supervisor loses them).")
 def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple, connects: tuple,
                 queues: str | None, backend: str | None, prefetch_multiplier: int | None,
                 max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
                 soft_time_limit: float | None, loglevel: str, hostname: str | None,
-                curve_secret_key: str | None, curve_clients: str | None) -> None:
+                curve_secret_key: str | None, curve_clients: str | None, journal: str | None,
+                no_journal: bool) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
     Exit status: 0 warm shutdown, 1 start-up failure, 2 usage error, 3 cold shutdown.
@@ -132,7 +138,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
             prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
-            hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key else None)
+            hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key else None,
+            journal=journal, use_journal=not no_journal)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
         log.error("cannot start worker: %s", exc)
@@ -152,6 +159,7 @@ def _banner(supervisor: Any, app_spec: str, core: Any) -> None:
         f"  queues:      {', '.join(supervisor.queues)}",
         f"  backend:     {supervisor.app.conf.result_backend or 'disabled'}",
         f"  core:        {'compiled' if core.HAS_EXTENSION else 'pure Python'}",
+        f"  journal:     {supervisor.journal_path or 'off'}",
     ]
     if supervisor.curve:
         lines.append("  security:    CURVE (encrypted; only authorized clients)")

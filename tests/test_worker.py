@@ -474,3 +474,52 @@ def test_curve_admits_only_authorized_clients(setup, tmp_path):
         app.close()
         app.conf.update(transport_curve_server_key=None, transport_curve_client_key=None)
     assert set(read_runs(runs)) == {"friend"}
+
+
+def test_sigkilled_supervisor_loses_nothing_it_accepted(setup, tmp_path):
+    state = {"ENGINE_STATE_DIR": str(tmp_path / "state")}
+    worker = setup("--concurrency", "1", extra_env=state)
+    runs = setup.tmp / "runs.txt"
+    results = [workerapp.log_run.delay(str(runs), f"t{i}", 0.05) for i in range(40)]
+    later = workerapp.log_run.apply_async((str(runs), "later"), countdown=2)
+    wait_until(lambda: len(read_runs(runs)) >= 3, 20, message="some tasks ran")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    restarted = setup("--concurrency", "2", extra_env=state)
+    assert [r.get(timeout=60) for r in results] == [f"t{i}" for i in range(40)]
+    assert later.get(timeout=30) == "later"
+    assert "replaying" in restarted.output
+
+
+def test_countdown_task_survives_a_warm_restart(setup, tmp_path):
+    state = {"ENGINE_STATE_DIR": str(tmp_path / "state")}
+    worker = setup("--concurrency", "1", extra_env=state)
+    result = workerapp.add.apply_async((40, 2), countdown=1.5)
+    time.sleep(0.3)
+    assert worker.stop(signal.SIGTERM) == 0
+    assert "kept in the journal" in worker.output
+    setup("--concurrency", "1", extra_env=state)
+    assert result.get(timeout=30) == 42
+
+
+def test_unwritable_journal_is_a_clear_start_up_error(setup, tmp_path):
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    worker = setup("--concurrency", "1", "--journal", str(not_a_directory / "j.db"), ready=False)
+    assert worker.proc.wait(30) == 1
+    assert "cannot write the worker journal" in worker.output
+
+
+def test_full_disk_journal_is_a_clear_start_up_error(setup, tmp_path):
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mountpoint)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tiny tmpfs here (needs root and mount rights)")
+    try:
+        worker = setup("--concurrency", "1", "--journal", str(mountpoint / "j.db"), ready=False)
+        assert worker.proc.wait(30) == 1
+        assert "cannot write the worker journal" in worker.output
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)

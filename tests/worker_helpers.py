@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ class WorkerProcess:
 
     def __init__(self, *args: str, env: dict | None = None, app: str = "tests.workerapp") -> None:
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        # Journals go to a fresh directory unless a test shares one between workers on purpose.
+        full_env.setdefault("ENGINE_STATE_DIR", tempfile.mkdtemp(prefix="engine-state-"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "-A", app, "--loglevel", "INFO", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, text=True,

@@ -37,6 +37,7 @@ from engine.transport import protocol
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.consumer import Consumer
+from engine.worker.journal import Journal, default_journal_path
 from engine.worker.pool import Child, Pool
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
 
@@ -83,7 +84,8 @@ class Supervisor:
                  prefetch_multiplier: int | None = None, max_tasks_per_child: int | None = None,
                  max_memory_per_child: int | None = None, time_limit: float | None = None,
                  soft_time_limit: float | None = None, hostname: str | None = None,
-                 apps: list | None = None, curve: tuple[str, str] | None = None) -> None:
+                 apps: list | None = None, curve: tuple[str, str] | None = None,
+                 journal: str | None = None, use_journal: bool = True) -> None:
         self.app = app
         self.curve = curve
         conf = app.conf
@@ -99,6 +101,11 @@ class Supervisor:
             binds, connects = ([], list(endpoints)) if conf.transport_bind else (list(endpoints), [])
         self.binds, self.connects = list(binds or []), list(connects or [])
         self.registry = app.tasks
+        self.journal_path = (journal or default_journal_path((self.binds or self.connects or ["worker"])[0])) \
+            if use_journal else None
+        self.journal: Journal | None = None
+        #: Tasks that ran; they leave the journal once their states are written.
+        self._finished: list[str] = []
         # The table only remembers recent states for precedence; kept small because each
         # entry holds an encoded result (rpc/backends hold the real copies).
         self.recorder = StateRecorder(batch_size=512, max_entries=RECORDER_ENTRIES)
@@ -143,7 +150,9 @@ class Supervisor:
     # --- main loop -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Fork the children, then open the transport (children must not inherit live sockets)."""
+        """Open the journal, fork the children, then open the transport (children must not inherit sockets)."""
+        if self.journal_path:
+            self.journal = Journal(self.journal_path)
         self.pool.start()
         self.context = zmq.Context()
         if self.curve is not None and self.connects:
@@ -151,6 +160,22 @@ class Supervisor:
         self.consumer = Consumer(self.context, self.hostname, self.binds, self.connects, self.queues,
                                  int(self.app.conf.max_message_size), curve=self.curve)
         self._install_signals()
+        self._replay()
+
+    def _replay(self) -> None:
+        """Queue again what the journal kept from an earlier run (accepted, never finished)."""
+        if self.journal is None:
+            return
+        replayed = 0
+        for raw in self.journal.pending():
+            try:
+                message = decode_message(raw)
+            except MessageDecodeError:
+                continue
+            self.accept(message, raw, journaled=True)
+            replayed += 1
+        if replayed:
+            logger.warning("replaying %d task(s) accepted but not finished before this worker stopped", replayed)
 
     def run(self) -> int:
         """Serve until a warm or cold shutdown; return the exit status."""
@@ -198,6 +223,8 @@ class Supervisor:
             self._dispatch()
             if not self.stopping:
                 self._grant()
+            if self.journal is not None:
+                self.journal.commit()  # on disk before the clients hear "acknowledged"
             self.consumer.flush()
             self._flush_states(now)
             if now >= self._next_housekeeping:
@@ -243,9 +270,11 @@ class Supervisor:
                 self.consumer.ack(peer, message.id)
                 self.accept(message, raw, peer)
 
-    def accept(self, message: Any, raw: bytes, peer: Any = None) -> None:
+    def accept(self, message: Any, raw: bytes, peer: Any = None, journaled: bool = False) -> None:
         """Take one decoded task message: fail unknown tasks, hold future ones, queue the rest."""
         self.counters["received"] += 1
+        if self.journal is not None and not journaled:
+            self.journal.add(_journal_key(message), raw)
         if self.replies is not None and message.reply_to and not message.ignore_result:
             # rpc://: remember where this task's states go (the link it came on, else its client id).
             self.replies[message.id] = peer if peer is not None else message.reply_to
@@ -255,6 +284,7 @@ class Supervisor:
             self.counters["unknown"] += 1
             logger.error("received unknown task %s[%s]: %s", message.task, message.id, exc)
             self._record(message.id, states.FAILURE, exc, f"NotRegistered: {exc}")
+            self._finished.append(_journal_key(message))
             return
         entry = QueuedTask(message, raw, task, peer)
         if message.eta is not None and message.eta > time.time():
@@ -329,6 +359,8 @@ class Supervisor:
         if state == states.REJECTED and requeue:
             self.counters["requeued"] += 1
             self.scheduler.push(entry)
+        else:
+            self._finished.append(_journal_key(entry.message))
         if child.outstanding:
             child.outstanding[0].started = time.monotonic()
 
@@ -377,6 +409,7 @@ class Supervisor:
             return
         self._record(message.id, states.FAILURE, exc, f"{type(exc).__name__}: {exc}",
                      ignored=message.ignore_result)
+        self._finished.append(_journal_key(message))
 
     def _record(self, task_id: str, state: str, result: Any, traceback: str | None, ignored: bool = False) -> None:
         if not ignored:
@@ -403,22 +436,36 @@ class Supervisor:
     def _flush_states(self, now: float, force: bool = False) -> None:
         recorder = self.recorder
         if not recorder.pending:
+            self._release_finished(self._take_finished())
             return
         if not force and not recorder.should_flush and now - self._last_flush < STATE_FLUSH_INTERVAL:
             return
         self._last_flush = now
+        # A DONE is read after its task's states, so these tasks' states are all in this flush.
+        finished = self._take_finished()
         records = recorder.flush()
         if self.replies is not None:
             self._send_replies(records)
-            return
-        if self.backend is None:
-            return
-        try:
-            self.backend.store(records)
-        except Exception as exc:
-            logger.error("result backend write of %d state(s) failed, will retry: %s", len(records), exc)
-            for record in records:
-                recorder.record(record.task_id, record.state, record.result, record.traceback, record.timestamp)
+        elif self.backend is not None:
+            try:
+                self.backend.store(records)
+            except Exception as exc:
+                logger.error("result backend write of %d state(s) failed, will retry: %s", len(records), exc)
+                for record in records:
+                    recorder.record(record.task_id, record.state, record.result, record.traceback,
+                                    record.timestamp)
+                self._finished[:0] = finished
+                return
+        self._release_finished(finished)
+
+    def _take_finished(self) -> list[str]:
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _release_finished(self, keys: list[str]) -> None:
+        """Their final states are stored: the journal may forget these tasks."""
+        if keys and self.journal is not None:
+            self.journal.remove(keys)
 
     def _send_replies(self, records: list) -> None:
         """rpc://: send each client the states of its tasks, one frame per client."""
@@ -492,7 +539,8 @@ class Supervisor:
             self.pool.kill(child)
             self.pool.forget(child)
         if self.timers:
-            logger.warning("%d task(s) scheduled for later were not run (no journal yet)", len(self.timers))
+            where = f"kept in the journal {self.journal_path}" if self.journal else "lost (no journal)"
+            logger.warning("%d task(s) scheduled for later were not run: %s", len(self.timers), where)
         self._close()
         logger.info("warm shutdown complete: %s", self.counters)
         return EXIT_OK
@@ -509,12 +557,20 @@ class Supervisor:
         if self.app._producer is not None:  # messages forwarded to queues other workers consume
             self.app._producer.close(timeout=FORWARD_FLUSH_TIMEOUT)
             self.app._producer = None
+        if self.journal is not None:
+            self.journal.close()
         self.consumer.flush()
         self.consumer.close()
         self.context.term()
         if self.backend is not None:
             self.backend.close()
         signal.set_wakeup_fd(-1)
+
+
+def _journal_key(message: Any) -> str:
+    # A retry reuses the task id: the attempt number keeps the retry's entry apart from
+    # the attempt that is finishing.
+    return f"{message.id}:{message.retries}"
 
 
 def _drain(fd: int) -> None:
