@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "worker_concurrency": None,
     "worker_max_tasks_per_child": None,
     "worker_max_memory_per_child": None,
+    #: Seconds a client waits for a worker to acknowledge a message before sending it again.
+    "transport_ack_timeout": 10.0,
     #: Seconds a client waits at exit for workers to take what it sent (None: until they do).
     "producer_flush_timeout": None,
     #: Target seconds of queued work a worker accepts per child (sizes its credit window).

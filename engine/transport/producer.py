@@ -118,6 +118,7 @@ class Producer:
         self.bind = bool(app.conf.transport_bind)
         self._outbox = _Outbox()
         self.max_message_size = int(app.conf.max_message_size)
+        self.ack_timeout = float(app.conf.transport_ack_timeout)
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, _Pending] = {}
@@ -344,11 +345,14 @@ class Producer:
         """Tell every worker what waits per queue; take back messages of workers gone silent."""
         with self._lock:
             demand = self._outbox.demand()
+            # Lost: its worker went silent, or it was never acknowledged although the worker
+            # lives (a worker restarted between receiving and acknowledging, a dropped frame).
+            ack_timeout = self.ack_timeout
             lost = [p for p in self._unacked.values()
-                    if p.peer is not None and now - max(p.sent_at, p.peer.last_seen) > PEER_TIMEOUT]
+                    if p.peer is not None and (now - max(p.sent_at, p.peer.last_seen) > PEER_TIMEOUT
+                                               or now - p.sent_at > ack_timeout)]
             for pending in lost:
                 del self._unacked[pending.id]
-                self._credit[pending.peer.key] = {}  # a silent worker's credit is worthless
                 pending.peer = None
             if lost:
                 logger.warning("%d task(s) not acknowledged by a silent worker: sending them again", len(lost))
@@ -362,11 +366,17 @@ class Producer:
         self._send_demand(now, demand)
 
     def _send_demand(self, now: float, demand: dict[str, int]) -> None:
-        """Tell every worker how many messages wait per queue (also our heartbeat)."""
+        """Tell every worker how many messages wait per queue, and how much of its credit we hold.
+
+        Also our heartbeat. The credit we report is what the worker should count as
+        promised to us: it corrects any drift (a frame that could not be sent, a
+        worker that restarted).
+        """
         self._demand_sent = now
-        body = protocol.pack(dict(demand))
+        waiting = dict(demand)
         for peer in list(self._peers.values()):
-            self._try_send(peer, protocol.DEMAND, body)
+            held = {queue: n for queue, n in self._credit.get(peer.key, {}).items() if n > 0}
+            self._try_send(peer, protocol.DEMAND, protocol.pack({"waiting": waiting, "credit": held}))
 
     def _dispatch(self, now: float) -> None:
         """Send waiting messages to workers with credit for their queue, in frames of bounded size."""

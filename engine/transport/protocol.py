@@ -8,7 +8,8 @@ batch frame (an array of encoded task messages: many tasks per syscall).
 kind      direction        body
 ========  ===============  ===================================================
 ``H``     either, first    ``{"role": "client"|"worker", "id": str, "host": str}``
-``D``     client → worker  demand and heartbeat: ``{queue: tasks waiting}``
+``D``     client → worker  demand and heartbeat: ``{"waiting": {queue: n}, "credit": {queue: n}}``
+                           (the credit of this worker the client still holds)
 ``C``     worker → client  credit: ``{queue: more tasks it may send}`` (added up)
 ``T``     client → worker  a batch of task messages
 ``A``     worker → client  acknowledgements: ``[task id, ...]``

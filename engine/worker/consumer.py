@@ -91,14 +91,18 @@ class Consumer:
                 if kind == protocol.TASKS:
                     yield peer, split_batch(body)
                 elif kind == protocol.DEMAND:
-                    self.demand[peer.key] = {str(q): int(n) for q, n in protocol.unpack(body).items()}
+                    report = protocol.unpack(body)
+                    self.demand[peer.key] = {str(q): int(n) for q, n in report["waiting"].items()}
+                    # The client's count of our credit it holds is the truth (see the producer).
+                    self.granted[peer.key] = {str(q): int(n) for q, n in report["credit"].items()
+                                              if q in self.queues}
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
                     self.granted[peer.key] = {}  # a (re)started client holds no credit of ours
                 else:
                     self.dropped_frames += 1
                     logger.warning("dropped a frame of unknown kind %r from %s", kind[:8], peer.name)
-            except (MessageDecodeError, ValueError, TypeError, AttributeError) as exc:
+            except (MessageDecodeError, ValueError, TypeError, AttributeError, KeyError) as exc:
                 self.dropped_frames += 1
                 logger.warning("dropped a malformed %r frame from %s: %s", kind[:8], peer.name, exc)
 
