@@ -63,6 +63,11 @@ DEFAULTS: dict[str, Any] = {
     "worker_max_memory_per_child": None,
     #: Seconds a client waits for a worker to acknowledge a message before sending it again.
     "transport_ack_timeout": 10.0,
+    #: Most messages a client holds (waiting for credit or for an acknowledgement) ...
+    "producer_max_outbox": 1_000_000,
+    #: ... and what ``delay()`` does when that many are held: "block" until workers take
+    #: some, or "raise" OutboxFull at once.
+    "producer_outbox_full": "block",
     #: Seconds a client waits at exit for workers to take what it sent (None: until they do).
     "producer_flush_timeout": None,
     #: Target seconds of queued work a worker accepts per child (sizes its credit window).

@@ -160,3 +160,7 @@ class RemoteTaskError(EngineError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+class OutboxFull(EngineError):
+    """The client holds ``producer_max_outbox`` messages no worker has taken yet."""

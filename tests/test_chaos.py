@@ -102,3 +102,41 @@ def test_tasks_sent_to_a_hung_worker_move_to_another(tmp_path):
         app.close()
         for worker in workers:
             worker.kill()
+
+
+def test_a_restarted_client_loses_nothing_it_had_handed_over(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.worker_helpers import ROOT
+
+    endpoint = free_endpoint()
+    backend = f"sqlite:///{tmp_path / 'results.db'}"
+    env = {**os.environ, "ENGINE_TEST_ENDPOINT": endpoint, "ENGINE_TEST_BACKEND": backend,
+           "ENGINE_STATE_DIR": str(tmp_path / "state")}
+    worker = WorkerProcess("--concurrency", "2", env=env).wait_ready()
+    client = textwrap.dedent("""
+        import sys, time
+        from tests import workerapp
+        ids = [workerapp.sleepy.delay(0.001).id for _ in range(int(sys.argv[1]))]
+        workerapp.app.producer.flush(30)   # every message acknowledged by the worker
+        print(" ".join(ids), flush=True)
+        time.sleep(60)                     # killed here, results still being produced
+    """)
+    try:
+        ids = []
+        for _ in range(2):
+            proc = subprocess.Popen([sys.executable, "-c", client, "1500"], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, text=True)
+            ids += proc.stdout.readline().split()
+            proc.kill()
+            proc.wait(10)
+        app = workerapp.app
+        app.close()
+        app.conf.update(transport=endpoint, result_backend=backend)
+        assert len(ids) == 3000
+        assert all(app.AsyncResult(i).get(timeout=60) == 0.001 for i in ids)
+    finally:
+        workerapp.app.close()
+        worker.kill()

@@ -523,3 +523,34 @@ def test_full_disk_journal_is_a_clear_start_up_error(setup, tmp_path):
         assert "cannot write the worker journal" in worker.output
     finally:
         subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def test_bounded_outbox_raises_or_blocks_by_setting(setup):
+    from engine.exceptions import OutboxFull
+
+    app = workerapp.app
+    app.close()
+    app.conf.update(producer_max_outbox=5, producer_outbox_full="raise", producer_flush_timeout=0.2)
+    try:
+        for i in range(5):
+            workerapp.add.delay(i, i)  # no worker yet: they wait in the outbox
+        with pytest.raises(OutboxFull):
+            workerapp.add.delay(5, 5)
+        app.close()
+        app.conf.producer_outbox_full = "block"
+        setup("--concurrency", "1")
+        results = [workerapp.add.delay(i, 1) for i in range(100)]  # blocks while 5 are in flight
+        assert [r.get(timeout=30) for r in results] == [i + 1 for i in range(100)]
+    finally:
+        app.close()
+        app.conf.update(producer_max_outbox=1_000_000, producer_outbox_full="block", producer_flush_timeout=30)
+
+
+def test_bad_arguments_fail_the_task_and_the_worker_keeps_serving(setup):
+    setup("--concurrency", "1")
+    message = workerapp.add.build_message((1,))  # add needs two arguments; skip the client's check
+    message.reply_to = workerapp.app.reply_address()
+    workerapp.app.send_message(message)
+    with pytest.raises(TypeError):
+        workerapp.app.AsyncResult(message.id).get(timeout=20)
+    assert workerapp.add.delay(1, 2).get(timeout=20) == 3

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from engine.core import encode_message
-from engine.exceptions import EncodeError, ImproperlyConfigured
+from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
 from engine.transport.protocol import Peer
 
@@ -119,6 +119,7 @@ class Producer:
         self._outbox = _Outbox()
         self.max_message_size = int(app.conf.max_message_size)
         self.ack_timeout = float(app.conf.transport_ack_timeout)
+        self.max_outbox = int(app.conf.producer_max_outbox)
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, _Pending] = {}
@@ -154,8 +155,20 @@ class Producer:
                               f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
         pending = _Pending(message.queue, message.id, raw)
         with self._lock:
+            if len(self._outbox) + len(self._unacked) >= self.max_outbox:
+                self._wait_for_room()
             self._outbox.append(pending)
         self._wake()
+
+    def _wait_for_room(self) -> None:
+        """Bounded memory: block until workers took some messages, or raise (``producer_outbox_full``)."""
+        if self.app.conf.producer_outbox_full == "raise":
+            raise OutboxFull(f"{self.max_outbox} messages are waiting for a worker (producer_max_outbox)")
+        self._wake()
+        while len(self._outbox) + len(self._unacked) >= self.max_outbox:
+            if not self._thread.is_alive():
+                raise OutboxFull("the producer's I/O thread stopped with its outbox full")
+            self._lock.wait(0.05)
 
     def add_result_handler(self, handler: Any) -> None:
         """Call ``handler(body)`` in the I/O thread for each results frame (the rpc backend)."""
