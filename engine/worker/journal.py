@@ -45,6 +45,10 @@ class Journal:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Rows live briefly (accepted, then finished): a small cache and frequent WAL
+            # checkpoints keep the supervisor's memory flat.
+            self._db.execute("PRAGMA cache_size=-512")
+            self._db.execute("PRAGMA wal_autocheckpoint=256")
             self._db.execute(SCHEMA)
             # Prove now that the disk takes writes: a full or read-only disk is a
             # start-up error, not a surprise at the first task.

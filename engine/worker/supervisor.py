@@ -57,7 +57,7 @@ HOUSEKEEPING = 0.05
 #: Longest a state waits in the recorder before it is written to the backend.
 STATE_FLUSH_INTERVAL = 0.02
 #: Bounds of the credit window (tasks a worker holds or has promised).
-WINDOW_MAX = 8192
+WINDOW_MAX = 2048
 #: Most future (ETA) tasks held before the worker stops granting credit.
 MAX_TIMERS = 100_000
 #: Task states the supervisor remembers for precedence (each with its encoded result).
