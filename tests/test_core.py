@@ -31,7 +31,8 @@ except ImportError:  # the HAS_EXTENSION test below reports it
     c_core = None
 
 needs_both = pytest.mark.skipif(c_core is None, reason="compiled core not built")
-FAST = settings(max_examples=300, deadline=None,
+#: ENGINE_FUZZ_EXAMPLES=100000 turns the property tests into a long fuzz run of the decoders.
+FAST = settings(max_examples=int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 NO_EXT = os.environ.get("ENGINE_NO_EXTENSIONS", "").strip().lower() in {"1", "true", "yes"}
 
