@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench import scenarios
-from bench.harness import ROOT, Worker
+from bench.harness import ROOT, Worker, stop_process
 
 __all__ = ("CeleryWorker", "Redis", "available", "fairness", "latency", "throughput")
 
@@ -105,13 +104,7 @@ class CeleryWorker:
 
     def stop(self) -> None:
         """Warm shutdown, killed after 30 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:

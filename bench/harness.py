@@ -23,6 +23,17 @@ def free_endpoint() -> str:
         return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM (warm shutdown), then SIGKILL of its whole session after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class Worker:
     """An ``engine-worker -A bench.apps`` subprocess with its own endpoint, backend and counters."""
 
@@ -98,13 +109,7 @@ class Worker:
         from bench import apps
 
         apps.app.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def __enter__(self) -> Worker:
         return self

@@ -25,18 +25,25 @@ TASKS = int(os.environ.get("ENGINE_CHAOS_TASKS", "3000"))
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_nothing_is_lost_while_processes_are_killed(tmp_path):
+def two_workers(tmp_path, concurrency: str, **settings):
+    """Two workers on free endpoints, each with its own journal, one SQLite backend; the app points at both."""
     endpoints = [free_endpoint(), free_endpoint()]
     backend = f"sqlite:///{tmp_path / 'results.db'}"
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
     env = [{"ENGINE_TEST_ENDPOINT": e, "ENGINE_TEST_BACKEND": backend, "ENGINE_STATE_DIR": str(tmp_path / f"s{i}")}
            for i, e in enumerate(endpoints)]
     app = workerapp.app
     app.close()
-    app.conf.update(transport=endpoints, result_backend=backend, transport_bind=False, producer_flush_timeout=60,
-                    transport_ack_timeout=3.0)
-    workers = [WorkerProcess("--concurrency", "2", "--bind", endpoints[i], env=env[i]).wait_ready() for i in (0, 1)]
+    app.conf.update(transport=endpoints, result_backend=backend, transport_bind=False, **settings)
+    workers = [WorkerProcess("--concurrency", concurrency, "--bind", endpoints[i], env=env[i]).wait_ready()
+               for i in (0, 1)]
+    return endpoints, env, workers
+
+
+def test_nothing_is_lost_while_processes_are_killed(tmp_path):
+    endpoints, env, workers = two_workers(tmp_path, "2", producer_flush_timeout=60, transport_ack_timeout=3.0)
+    app = workerapp.app
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
     kills = collections.Counter()
     rng = random.Random(7)
     try:
@@ -81,15 +88,8 @@ def test_nothing_is_lost_while_processes_are_killed(tmp_path):
 
 
 def test_tasks_sent_to_a_hung_worker_move_to_another(tmp_path):
-    endpoints = [free_endpoint(), free_endpoint()]
-    backend = f"sqlite:///{tmp_path / 'results.db'}"
-    env = [{"ENGINE_TEST_ENDPOINT": e, "ENGINE_TEST_BACKEND": backend, "ENGINE_STATE_DIR": str(tmp_path / f"s{i}")}
-           for i, e in enumerate(endpoints)]
+    _, _, workers = two_workers(tmp_path, "1", producer_flush_timeout=30, transport_ack_timeout=10.0)
     app = workerapp.app
-    app.close()
-    app.conf.update(transport=endpoints, result_backend=backend, transport_bind=False, producer_flush_timeout=30,
-                    transport_ack_timeout=10.0)
-    workers = [WorkerProcess("--concurrency", "1", "--bind", endpoints[i], env=env[i]).wait_ready() for i in (0, 1)]
     try:
         assert workerapp.add.delay(1, 1).get(timeout=20) == 2  # both connected
         os.kill(workers[0].pid, signal.SIGSTOP)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,14 +13,9 @@ from pathlib import Path
 
 import psutil
 
+from bench.harness import free_endpoint  # noqa: F401 - the tests' helper too
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_endpoint() -> str:
-    """A tcp endpoint on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class WorkerProcess:
