@@ -429,15 +429,9 @@ class Producer:
                     p.peer, p.sent_at = peer, now
                     self._unacked[p.id] = p
 
-    def _try_send(self, peer: Peer, kind: bytes, body: bytes) -> bool:
-        try:
-            peer.send(kind, body)
-            return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            logger.warning("send to %s failed: %s", peer.name, exc)
-            return False
+    @staticmethod
+    def _try_send(peer: Peer, kind: bytes, body: bytes) -> bool:
+        return peer.try_send(kind, body)
 
 
 @atexit.register

@@ -27,10 +27,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 import msgpack
 import zmq
 
 __all__ = ("ACKS", "CREDIT", "DEMAND", "HELLO", "RESULTS", "TASKS", "Peer", "pack", "tune_socket", "unpack")
+
+logger = logging.getLogger("engine.transport")
 
 HELLO = b"H"
 DEMAND = b"D"
@@ -81,6 +85,17 @@ class Peer:
             self.socket.send_multipart((kind, body), flags=zmq.NOBLOCK, copy=False)
         else:
             self.socket.send_multipart((self.route, kind, body), flags=zmq.NOBLOCK, copy=False)
+
+    def try_send(self, kind: bytes, body: bytes) -> bool:
+        """Send without blocking; False when the peer's queue is full or the socket refused it."""
+        try:
+            self.send(kind, body)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            logger.debug("send to %s failed: %s", self.name, exc)
+            return False
 
     def __repr__(self) -> str:
         return f"<Peer {self.name}>"

@@ -225,15 +225,9 @@ class Consumer:
         """Warm shutdown: tell clients nothing more (they re-send unacked work elsewhere)."""
         self.queues = []
 
-    def _send(self, peer: Peer, kind: bytes, body: bytes) -> bool:
-        try:
-            peer.send(kind, body)
-            return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            logger.debug("send to %s failed: %s", peer.name, exc)
-            return False
+    @staticmethod
+    def _send(peer: Peer, kind: bytes, body: bytes) -> bool:
+        return peer.try_send(kind, body)
 
     def close(self) -> None:
         """Close the sockets (and stop the CURVE authenticator)."""
