@@ -56,16 +56,24 @@ class Worker:
             "ENGINE_STATE_DIR": str(self.tmp / "state"),  # the worker's journal
         }
         os.environ.update(self.env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "-A", "bench.apps", "--concurrency", str(concurrency),
-             "--loglevel", "WARNING", *extra],
-            cwd=ROOT, env={**os.environ, **self.env}, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.argv = [sys.executable, "-m", "engine.cli", "-A", "bench.apps", "--concurrency", str(concurrency),
+                     "--loglevel", "WARNING", *extra]
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env}, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
         for line in self.proc.stderr:  # the banner ends with the core line
             if line.startswith("  core:"):
                 break
         else:
             raise RuntimeError("engine-worker exited before it was ready")
         self.ps = psutil.Process(self.proc.pid)
+
+    def restart(self) -> None:
+        """Warm shutdown, then the same worker again: same endpoint, same journal and state."""
+        self.stop()
+        self._start()
 
     def app(self):
         """The bench app, pointed at this worker (a fresh producer)."""

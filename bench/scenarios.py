@@ -101,19 +101,31 @@ def _fairness_batch(worker: Worker, long_s: float, short_s: float) -> dict:
 
 def fairness(tasks: int, concurrency: int, progress: Callable[[float], None], long_s: float = 2.0,
              short_s: float = 0.01) -> dict:
-    """4 long tasks and 50 short ones, L S*13 L S*13 L S*12 L S*12: fifo, fair (cold) and fair (warm)."""
+    """4 long tasks and 50 short ones, L S*13 L S*13 L S*12 L S*12, on four workers.
+
+    ``fifo``: the default mode. ``fair_cold``: ``--fair`` on a worker that has
+    never run either kind. ``fair_warm``: ``--fair`` on a worker that ran each
+    kind once just before (a long-lived worker). ``fair_restarted``: that warm
+    worker stopped and started again (it loads the run times from its journal).
+    """
     out = {}
-    for step, (label, flags, warm) in enumerate((("fifo", (), False), ("fair_cold", ("--fair",), False),
-                                                  ("fair_warm", ("--fair",), True))):
+    steps = (("fifo", (), "cold"), ("fair_cold", ("--fair",), "cold"), ("fair_warm", ("--fair",), "warm"),
+             ("fair_restarted", ("--fair",), "restarted"))
+    for step, (label, flags, history) in enumerate(steps):
         with Worker(concurrency, *flags) as worker:
-            if warm:  # a long-lived worker knows its task kinds' run times
+            if history != "cold":
                 apps = worker.app()
                 apps.long_task.delay(min(long_s, 0.3), time.time())
                 apps.short_task.delay(short_s, time.time())
+                deadline = time.monotonic() + 60
                 while len(worker.runs()) < 2:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the warm-up tasks did not finish")
                     time.sleep(0.01)
+            if history == "restarted":
+                worker.restart()
             out[label] = _fairness_batch(worker, long_s, short_s)
-        progress((step + 1) / 3)
+        progress((step + 1) / len(steps))
     return out
 
 

@@ -19,5 +19,5 @@ def test_scenario_completes(name):
 
 def test_fairness_scenario_completes_with_short_durations():
     figures = fairness(0, 2, lambda fraction: None, long_s=0.2, short_s=0.001)
-    assert set(figures) == {"fifo", "fair_cold", "fair_warm"}
+    assert set(figures) == {"fifo", "fair_cold", "fair_warm", "fair_restarted"}
     assert all(f["makespan_s"] > 0.2 for f in figures.values())

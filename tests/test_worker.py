@@ -247,6 +247,25 @@ def test_fair_mode_lets_short_tasks_overtake_a_long_one(setup):
     assert max(short_waits) < 1.0, short_waits  # default FIFO would wait for a long task
 
 
+def test_restarted_fair_worker_remembers_which_kinds_are_long(setup, tmp_path):
+    state = {"ENGINE_STATE_DIR": str(tmp_path / "state")}
+    worker = setup("--concurrency", "2", "--fair", extra_env=state)
+    runs = setup.tmp / "runs.txt"
+    path = str(runs)
+    results_of([workerapp.long_task.delay(path, "warm-long", 0.3).id,
+                workerapp.short_task.delay(path, "warm-short", 0.01).id])
+    assert worker.stop(signal.SIGTERM) == 0  # the run times are saved in the journal file
+    setup("--concurrency", "2", "--fair", extra_env=state)
+    sent = time.time()
+    # A worker without that history would start L1 and L2 at once and the short tasks would wait 1.5 s.
+    ids = [workerapp.long_task.delay(path, "L1", 1.5).id, workerapp.long_task.delay(path, "L2", 1.5).id]
+    ids += [workerapp.short_task.delay(path, f"S{i}", 0.01).id for i in range(20)]
+    results_of(ids)
+    got = read_runs(runs)
+    short_waits = [got[f"S{i}"][0] - sent for i in range(20)]
+    assert max(short_waits) < 1.0, short_waits
+
+
 def test_default_mode_queues_short_tasks_behind_long_ones(setup):
     setup("--concurrency", "1", "--prefetch-multiplier", "4")
     runs = setup.tmp / "runs.txt"

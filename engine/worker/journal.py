@@ -10,6 +10,10 @@ was killed, ETA/countdown tasks and retries waiting for their time included.
 This is at-least-once delivery: a task that ran but whose removal from the
 journal did not reach the disk runs again after a restart. Idempotent tasks
 are the user's side of the bargain.
+
+The same file keeps the worker's average run time per task name, so a
+restarted ``--fair`` worker knows its long and short kinds from the first task
+instead of learning them again (see :mod:`engine.worker.scheduler`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from engine.exceptions import ImproperlyConfigured
 
 __all__ = ("Journal", "default_journal_path")
 
-SCHEMA = "CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL)"
+SCHEMA = ("CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL);"
+          "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL)")
 
 
 def default_journal_path(endpoint: str) -> str:
@@ -49,7 +54,7 @@ class Journal:
             # checkpoints keep the supervisor's memory flat.
             self._db.execute("PRAGMA cache_size=-512")
             self._db.execute("PRAGMA wal_autocheckpoint=256")
-            self._db.execute(SCHEMA)
+            self._db.executescript(SCHEMA)
             # Prove now that the disk takes writes: a full or read-only disk is a
             # start-up error, not a surprise at the first task.
             self._db.execute("BEGIN IMMEDIATE")
@@ -98,6 +103,22 @@ class Journal:
             db.execute("ROLLBACK")
             self._added.update(added)
             self._removed |= removed
+            raise
+        db.execute("COMMIT")
+
+    def runtimes(self) -> dict[str, float]:
+        """The average run time per task name saved by :meth:`save_runtimes` (an earlier run's)."""
+        return {name: float(seconds) for name, seconds in self._db.execute("SELECT name, seconds FROM runtimes")}
+
+    def save_runtimes(self, by_name: dict[str, float]) -> None:
+        """Replace the saved run times with ``by_name`` (one transaction)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM runtimes")
+            db.executemany("INSERT INTO runtimes VALUES (?, ?)", by_name.items())
+        except BaseException:
+            db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 

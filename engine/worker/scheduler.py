@@ -9,7 +9,11 @@ average per task name), with three guards: a task's priority grows with its
 wait (aging, so long tasks are never starved); while a faster kind waits a
 slower kind may not hold every child; and while a short kind has been seen lately,
 long kinds leave one child free for it (for a bounded time), so a short task
-arriving just after a burst of long ones does not wait behind them. Celery's ``-Ofair`` is strict FIFO over
+arriving just after a burst of long ones does not wait behind them. The
+averages are saved in the worker's journal file and loaded at start, so a
+restarted worker schedules well from its first task; a worker that has never
+run a kind learns it from the first run (its first long task starts before it
+is known to be long). Celery's ``-Ofair`` is strict FIFO over
 idle children, so a short task queued behind long ones waits for them; here
 it overtakes them, which is the Tasks guide's advice "route long and short
 tasks to dedicated workers", done inside one worker.
@@ -72,12 +76,21 @@ class RuntimeStats:
     def __init__(self) -> None:
         self.by_name: dict[str, float] = {}
         self.overall = 0.0
+        #: True when a run time was added since the owner last saved :attr:`by_name`.
+        self.changed = False
 
     def add(self, name: str, runtime: float) -> None:
         """Fold one measured run time in."""
         previous = self.by_name.get(name)
         self.by_name[name] = runtime if previous is None else previous + EWMA_ALPHA * (runtime - previous)
         self.overall = runtime if not self.overall else self.overall + EWMA_ALPHA * (runtime - self.overall)
+        self.changed = True
+
+    def load(self, by_name: dict[str, float]) -> None:
+        """Start from averages saved by an earlier run (a kind measured since keeps its newer figure)."""
+        for name, seconds in by_name.items():
+            if seconds >= 0:
+                self.by_name.setdefault(name, float(seconds))
 
     def estimate(self, name: str) -> float:
         """Expected run time of ``name`` (0 while unknown: a new kind gets one try soon)."""
@@ -118,6 +131,9 @@ class FifoScheduler:
     def push_front(self, entry: QueuedTask) -> None:
         """Queue a task ahead of the others (it was taken back from a child)."""
         self.waiting.appendleft(entry)
+
+    def expect_kinds(self, names: Iterable[str]) -> None:
+        """Kinds an earlier run received (only the fair mode makes use of this)."""
 
     def drain(self) -> list[QueuedTask]:
         """Remove and return every waiting task."""
@@ -180,6 +196,18 @@ class FairScheduler(FifoScheduler):
             elif other != name and self.stats.estimate(other) * LONG_RATIO <= expected:
                 return True
         return False
+
+    def expect_kinds(self, names: Iterable[str]) -> None:
+        """Count ``names`` as just seen: a restarted worker expects the mix it served before.
+
+        Without this the first long task after a restart would start at once
+        (no short kind "around" yet) and the short tasks sent right behind it
+        would share one child. The cost, for ``KIND_MEMORY`` seconds after a
+        start, is at most ``LONG_DELAY`` for a long task with no short one behind it.
+        """
+        now = time.monotonic()
+        for name in names:
+            self.seen.setdefault(name, now)
 
     def push_front(self, entry: QueuedTask) -> None:
         self.by_name.setdefault(entry.name, collections.deque()).appendleft(entry)

@@ -64,6 +64,8 @@ MAX_TIMERS = 100_000
 RECORDER_ENTRIES = 10_000
 #: Seconds between two "alive" frames to every client (an idle worker is otherwise silent).
 HEARTBEAT = 1.0
+#: Seconds between two saves of the run-time averages to the journal (also saved at shutdown).
+RUNTIMES_SAVE_EVERY = 5.0
 #: Seconds between two removals of results older than ``result_expires``.
 CLEANUP_EVERY = 60.0
 #: Seconds a stopping worker waits for other workers to take messages it forwarded.
@@ -130,6 +132,7 @@ class Supervisor:
         self._held_back = False
         self._next_cleanup = 0.0
         self._next_heartbeat = 0.0
+        self._next_runtimes_save = 0.0
 
     # --- signals -------------------------------------------------------------------
 
@@ -153,6 +156,9 @@ class Supervisor:
         """Open the journal, fork the children, then open the transport (children must not inherit sockets)."""
         if self.journal_path:
             self.journal = Journal(self.journal_path)
+            saved = self.journal.runtimes()
+            self.stats.load(saved)
+            self.scheduler.expect_kinds(saved)
         self.pool.start()
         self.context = zmq.Context()
         if self.curve is not None and self.connects:
@@ -500,6 +506,9 @@ class Supervisor:
                     logger.info("removed %d result(s) older than result_expires", removed)
             except Exception as exc:
                 logger.warning("result cleanup failed: %s", exc)
+        if now >= self._next_runtimes_save:
+            self._next_runtimes_save = now + RUNTIMES_SAVE_EVERY
+            self._save_runtimes()
         if self.replies is not None and len(self.replies) > MAX_REPLY_ROUTES:
             # Tasks that ended without a state (Ignore, ignored results) leave routes behind.
             for task_id in list(self.replies)[: len(self.replies) - MAX_REPLY_ROUTES]:
@@ -532,6 +541,16 @@ class Supervisor:
             if gone:
                 self._read_child(child, until_eof=True)
 
+    def _save_runtimes(self) -> None:
+        """Keep the run-time averages in the journal file for the next start (best effort)."""
+        if self.journal is None or not self.stats.changed:
+            return
+        self.stats.changed = False
+        try:
+            self.journal.save_runtimes(self.stats.by_name)
+        except Exception as exc:  # a full disk must not stop the worker for a scheduling hint
+            logger.warning("could not save task run times to %s: %s", self.journal_path, exc)
+
     # --- stopping ------------------------------------------------------------------
 
     def _finish_warm(self) -> int:
@@ -558,6 +577,7 @@ class Supervisor:
             self.app._producer.close(timeout=FORWARD_FLUSH_TIMEOUT)
             self.app._producer = None
         if self.journal is not None:
+            self._save_runtimes()
             self.journal.close()
         self.consumer.flush()
         self.consumer.close()
