@@ -60,6 +60,7 @@ def run(options: argparse.Namespace) -> int:
 def _run_celery(options: argparse.Namespace, names: list[str], report: dict, bar) -> dict:
     """Scenarios 1, 3 and 4 on Celery in the same run, with engine/Celery ratios."""
     from bench import celery_peer
+    from bench.redis_server import RedisServer
 
     why_not = celery_peer.available()
     if why_not:
@@ -68,7 +69,7 @@ def _run_celery(options: argparse.Namespace, names: list[str], report: dict, bar
     if not wanted:
         return {}
     handle = bar.add_task("celery (prefork + redis)", total=len(wanted)) if bar is not None else None
-    redis = celery_peer.Redis()
+    redis = RedisServer().start()
     out: dict = {}
     try:
         ours = report["results"]

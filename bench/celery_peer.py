@@ -8,8 +8,6 @@ free port and stops it by pid.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,56 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import scenarios
+from bench import redis_server, scenarios
 from bench.harness import ROOT, Worker, stop_process
 
-__all__ = ("CeleryWorker", "Redis", "available", "fairness", "latency", "throughput")
+__all__ = ("CeleryWorker", "available", "fairness", "latency", "throughput")
 
 
 def available() -> str | None:
     """None when the comparison can run, else why not."""
     try:
         import celery  # noqa: F401
-        import redis  # noqa: F401
     except ImportError:
         return "celery is not installed (pip install -e '.[bench]')"
-    if shutil.which("redis-server") is None:
-        return "redis-server is not on PATH"
-    return None
-
-
-class Redis:
-    """A throwaway redis-server on a free loopback port."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.02)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        """Stop the server by pid."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+    return redis_server.missing()
 
 
 class CeleryWorker:

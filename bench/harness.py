@@ -16,11 +16,16 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_endpoint() -> str:
-    """A loopback tcp endpoint nothing listens on."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        return sock.getsockname()[1]
+
+
+def free_endpoint() -> str:
+    """A loopback tcp endpoint nothing listens on."""
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 30) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
+from bench import redis_server
 from bench.harness import Worker
 
-__all__ = ("SCENARIOS",)
+__all__ = ("BACKENDS", "SCENARIOS")
+
+#: The result backends scenario 2 measures (redis only when a redis-server can be started).
+BACKENDS = ("sqlite", "rpc", "redis")
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -48,30 +53,50 @@ def _results(backend: str, tasks: int, concurrency: int, progress: Callable[[flo
     return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
 
 
+@contextlib.contextmanager
+def _backend_url(name: str) -> Iterator[str | None]:
+    """The worker's ``backend`` argument for ``name``; for redis a server started here (None without one)."""
+    if name != "redis":
+        yield name
+    elif redis_server.missing():
+        yield None
+    else:
+        with redis_server.RedisServer() as server:
+            yield server.url
+
+
 def results(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """N add tasks with results stored and fetched, per backend (sqlite, rpc)."""
+    """N add tasks with results stored and fetched, per backend (sqlite, rpc, redis)."""
     out = {}
-    for index, backend in enumerate(("sqlite", "rpc")):
-        out[backend] = _results(backend, tasks, concurrency, lambda f, i=index: progress((i + f) / 2))
+    for index, backend in enumerate(BACKENDS):
+        with _backend_url(backend) as url:
+            if url is None:
+                out[backend] = {"skipped": redis_server.missing()}
+                continue
+            out[backend] = _results(url, tasks, concurrency, lambda f, i=index: progress((i + f) / len(BACKENDS)))
     return out
 
 
 def latency(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """One task at a time: send to ``get()``, p50 / p99 / max, per backend (rpc, sqlite)."""
+    """One task at a time: send to ``get()``, p50 / p99 / max, per backend (rpc, sqlite, redis)."""
     out = {}
     count = min(tasks, 1000)
-    for index, backend in enumerate(("rpc", "sqlite")):
-        samples = []
-        with Worker(concurrency, backend=backend) as worker:
-            apps = worker.app()
-            for _ in range(20):
-                apps.add.delay(1, 1).get(timeout=30)
-            for i in range(count):
-                started = time.perf_counter()
-                apps.add.delay(i, 1).get(timeout=30)
-                samples.append((time.perf_counter() - started) * 1000)
-                if i % 100 == 0:
-                    progress((index + i / count) / 2)
+    for index, backend in enumerate(("rpc", "sqlite", "redis")):
+        with _backend_url(backend) as url:
+            if url is None:
+                out[backend] = {"skipped": redis_server.missing()}
+                continue
+            samples = []
+            with Worker(concurrency, backend=url) as worker:
+                apps = worker.app()
+                for _ in range(20):
+                    apps.add.delay(1, 1).get(timeout=30)
+                for i in range(count):
+                    started = time.perf_counter()
+                    apps.add.delay(i, 1).get(timeout=30)
+                    samples.append((time.perf_counter() - started) * 1000)
+                    if i % 100 == 0:
+                        progress((index + i / count) / 3)
         out[backend] = {"tasks": count, "p50_ms": round(statistics.median(samples), 3),
                         "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
     progress(1.0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from bench.scenarios import SCENARIOS, fairness
+from bench.scenarios import BACKENDS, SCENARIOS, fairness
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -15,6 +17,13 @@ def test_scenario_completes(name):
     assert figures
     if "tasks_per_s" in figures:
         assert figures["tasks_per_s"] > 0
+    if name in ("results", "latency"):
+        assert set(figures) == set(BACKENDS)
+        for backend, numbers in figures.items():
+            if "skipped" in numbers:  # redis, where no redis-server can be started
+                assert backend == "redis" and os.environ.get("CI") != "true", numbers
+            else:
+                assert numbers["tasks"] > 0
 
 
 def test_fairness_scenario_completes_with_short_durations():
