@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench.scenarios import SCENARIOS
+from bench.table import print_table
 
 
 def _progress_bar():
@@ -50,7 +51,7 @@ def run(options: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.stop()
-    _print_table(report)
+    print_table(report)
     if options.json:
         with open(options.json, "w") as fh:
             json.dump(report, fh, indent=2)
@@ -94,15 +95,6 @@ def _run_celery(options: argparse.Namespace, names: list[str], report: dict, bar
 def _advance(bar, handle) -> None:
     if bar is not None:
         bar.advance(handle)
-
-
-def _print_table(report: dict) -> None:
-    print(f"\nengine {report['core']} core | {report['machine']} | {report['date']} | "
-          f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
-    for name, figures in report["results"].items():
-        print(f"  {name:<11} {json.dumps(figures)}")
-    for name, figures in report.get("celery", {}).items():
-        print(f"  celery {name:<11} {json.dumps(figures)}")
 
 
 def main(argv: list[str] | None = None) -> int:

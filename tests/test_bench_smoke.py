@@ -30,3 +30,24 @@ def test_fairness_scenario_completes_with_short_durations():
     figures = fairness(0, 2, lambda fraction: None, long_s=0.2, short_s=0.001)
     assert set(figures) == {"fifo", "fair_cold", "fair_warm", "fair_restarted"}
     assert all(f["makespan_s"] > 0.2 for f in figures.values())
+
+
+def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
+    from bench.table import print_table, rows
+
+    wait = {"short_wait_p50_s": 0.1, "short_wait_max_s": 0.25, "makespan_s": 4.3}
+    report = {"core": "cython", "machine": "m", "date": "d", "tasks": 10, "concurrency": 2, "results": {
+        "throughput": {"tasks_per_s": 50_000},
+        "latency": {"rpc": {"p50_ms": 0.5, "p99_ms": 1, "max_ms": 2}, "redis": {"skipped": "no redis-server"}},
+        "fairness": {"fifo": wait, "fair_cold": wait}},
+        "celery": {"throughput": {"tasks_per_s": 1000},
+                   "latency": {"p50_ms": 2.0, "p99_ms": 3, "max_ms": 4},
+                   "fairness": {"short_wait_p50_s": 2.1, "short_wait_max_s": 4.25, "makespan_s": 4.3}}}
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["no-op tasks/s (results ignored)"] == ("50,000", "1,000", "50.0x")
+    assert table["round trip p50/p99/max: rpc"][2] == "4.0x at p50"
+    assert table["round trip p50/p99/max: redis"][0] == "no redis-server"
+    assert table["4L+50S short wait p50/max, makespan: fair_cold"][2] == "17.0x at max"
+    assert table["4L+50S short wait p50/max, makespan: fifo"][2] == ""
+    print_table(report)
+    assert "50.0x" in capsys.readouterr().out

@@ -1,0 +1,92 @@
+"""The table ``python -m bench run`` prints at the end: one row per figure, Celery beside it."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+__all__ = ("print_table", "rows")
+
+Row = tuple[str, str, str, str]
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.1f}x" if ours and theirs else ""
+
+
+def _latency(figures: dict) -> str:
+    return f"{figures['p50_ms']}/{figures['p99_ms']}/{figures['max_ms']} ms"
+
+
+def _wait(figures: dict) -> str:
+    return f"{figures['short_wait_p50_s']}/{figures['short_wait_max_s']} s, {figures['makespan_s']} s"
+
+
+def rows(report: dict) -> Iterator[Row]:
+    """``(figure, engine, celery, ratio)`` for every figure in ``report`` (the ``--json`` dict)."""
+    ours = report["results"]
+    celery = report.get("celery", {})
+    if "throughput" in ours:
+        theirs = celery.get("throughput", {}).get("tasks_per_s", 0)
+        yield ("no-op tasks/s (results ignored)", _n(ours["throughput"]["tasks_per_s"]),
+               _n(theirs) if theirs else "", _ratio(ours["throughput"]["tasks_per_s"], theirs))
+    for backend, figures in ours.get("results", {}).items():
+        yield (f"tasks/s, results stored+fetched: {backend}",
+               figures.get("skipped") or _n(figures["tasks_per_s"]), "", "")
+    theirs = celery.get("latency", {})
+    for backend, figures in ours.get("latency", {}).items():
+        # Celery's figures sit beside the like-for-like row (its redis result backend).
+        yield (f"round trip p50/p99/max: {backend}", figures.get("skipped") or _latency(figures),
+               _latency(theirs) if theirs and backend == "redis" else "",
+               _ratio(theirs["p50_ms"], figures["p50_ms"]) + " at p50" if theirs and "p50_ms" in figures else "")
+    theirs = celery.get("fairness")
+    for label, figures in ours.get("fairness", {}).items():
+        fair = label.startswith("fair")
+        yield (f"4L+50S short wait p50/max, makespan: {label}", _wait(figures),
+               _wait(theirs) + " (-O fair)" if theirs and label == "fair_cold" else "",
+               _ratio(theirs["short_wait_max_s"], figures["short_wait_max_s"]) + " at max" if theirs and fair else "")
+    if "scaling" in ours:
+        by_level = ours["scaling"]["tasks_per_s_by_concurrency"]
+        yield ("no-op tasks/s at concurrency " + "/".join(by_level), " / ".join(_n(v) for v in by_level.values()),
+               "", "")
+    if "memory" in ours:
+        m = ours["memory"]
+        yield (f"supervisor RSS before/after {m['tasks']:,} tasks",
+               f"{m['supervisor_rss_mib_before']} / {m['supervisor_rss_mib_after']} MiB", "", "")
+        yield ("child RSS after (each)", ", ".join(f"{x} MiB" for x in m["child_rss_mib_after"]), "", "")
+    if "journal" in ours:
+        j = ours["journal"]
+        yield ("no-op tasks/s, journal / --no-journal",
+               f"{_n(j['with_journal_tasks_per_s'])} / {_n(j['without_journal_tasks_per_s'])}",
+               "", f"-{j['journal_cost_percent']}%")
+    if "skipped" in celery:
+        yield ("Celery comparison", "", f"skipped: {celery['skipped']}", "")
+
+
+def print_table(report: dict) -> None:
+    """Print :func:`rows` as a rich table (plain text when rich is not installed)."""
+    title = (f"engine ({report['core']} core) | {report['machine']} | {report['date']} | "
+             f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
+    headers = ("figure", "engine", "Celery prefork + Redis", "ratio")
+    table_rows = list(rows(report))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for row in (headers, *table_rows):
+            print(" | ".join(row))
+        return
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in table_rows:
+        table.add_row(*row)
+    # A pipe or file gets a wide table rather than rich's 80 columns.
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    console.print(table)
