@@ -181,6 +181,35 @@ def test_get_times_out_when_nothing_comes(app):
     assert 0.4 <= elapsed < 3
 
 
+def _store_later(app, task_id, value, delay=0.05):
+    timer = threading.Timer(delay, app.backend.store_state, (task_id, states.SUCCESS, value))
+    timer.start()
+    return timer
+
+
+def test_waits_share_one_pubsub_connection_and_survive_a_timed_out_one(app):
+    connections = lambda: app.backend.client.info("stats")["total_connections_received"]  # noqa: E731
+    abandoned = new_id()
+    with pytest.raises(EngineTimeoutError):
+        app.AsyncResult(abandoned).get(timeout=0.2)  # leaves an unsubscribe confirmation behind
+    before = connections()
+    for i in range(15):
+        task_id = new_id()
+        timer = _store_later(app, task_id, i)
+        try:
+            assert app.AsyncResult(task_id).get(timeout=10) == i
+        finally:
+            timer.cancel()
+            timer.join(5)
+    # The pub/sub connection is reused: no new connection per wait (at most one for the timers' writes).
+    assert connections() - before <= 2
+    timer = _store_later(app, abandoned, "at last")
+    try:
+        assert app.AsyncResult(abandoned).get(timeout=10) == "at last"
+    finally:
+        timer.join(5)
+
+
 def test_batch_of_1000_records_in_one_call(app):
     ids = [new_id() for _ in range(1000)]
     now = time.time()

@@ -30,7 +30,8 @@ Reads
     otherwise be missed and the waiter would sleep until its timeout (a
     first read before subscribing only saves the subscription when the
     result is already there). It then blocks on the pub/sub connection,
-    not polling. Pub/sub is
+    not polling. Each thread keeps one pub/sub connection for all its waits
+    (subscribe, wait, unsubscribe), not one connection per wait. Pub/sub is
     fire-and-forget (a message sent while the pub/sub connection was
     reconnecting is lost), so the key is also re-read every
     :data:`RECHECK_EVERY` seconds as a safety net; that is one cheap read
@@ -144,6 +145,8 @@ class RedisBackend(Backend):
         self._pid: int | None = None
         self._redis: Any = None
         self._script: Any = None
+        #: Per thread: the pub/sub connection waits reuse, and the client it came from.
+        self._local = threading.local()
 
     @staticmethod
     def key(task_id: str) -> str:
@@ -227,20 +230,23 @@ class RedisBackend(Backend):
             record = self.get(task_id)
             return record if record is not None and record.state in states.READY_STATES else None
 
-        # Fast path: most results read with get() are already stored, and a pub/sub
-        # connection costs a connect and a round trip, so look before subscribing.
+        # Fast path: most results read with get() are already stored, and subscribing
+        # costs round trips, so look before subscribing.
         record = ready()
         if record is not None:
             return record
         channel = self.key(task_id)
-        pubsub = self.client.pubsub()
+        pubsub = self._pubsub()
         try:
             pubsub.subscribe(channel)
             # subscribe() only sends the command: wait for Redis to confirm it, or a
             # result published before the server handled SUBSCRIBE would be missed.
+            # The connection is reused, so a late message or confirmation of an
+            # earlier wait's channel may come first: only this channel's counts.
+            wanted = channel.encode()
             while True:
                 message = pubsub.get_message(timeout=remaining())
-                if message is not None and message.get("type") == "subscribe":
+                if message is not None and message.get("type") == "subscribe" and message.get("channel") == wanted:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break  # still read the key once below before giving up
@@ -253,14 +259,44 @@ class RedisBackend(Backend):
                 # Any message (or the RECHECK_EVERY safety net) leads to a fresh read of
                 # the key: the key, not the message, is the source of truth.
                 pubsub.get_message(timeout=remaining())
+        except BaseException:
+            self._drop_pubsub()  # its state is unknown (a broken connection, an interrupt)
+            raise
         finally:
+            if self._local.__dict__.get("pubsub") is pubsub:
+                try:
+                    pubsub.unsubscribe(channel)  # the confirmation is skipped by the next wait
+                except Exception as exc:  # noqa: BLE001 - a broken pub/sub connection must not hide the outcome
+                    logger.debug("unsubscribing from %s failed: %s", channel, exc)
+                    self._drop_pubsub()
+
+    def _pubsub(self) -> Any:
+        """This thread's pub/sub connection, opened on first use and kept for the next waits.
+
+        One connection per waiting thread, not per wait: opening and closing a
+        connection per ``get()`` cost more than the wait itself. A pub/sub
+        object is not thread-safe, hence one per thread; a fork gets new ones
+        (the :attr:`client` changes with the pid).
+        """
+        client = self.client
+        local = self._local.__dict__
+        if local.get("client") is not client:
+            local["pubsub"], local["client"] = client.pubsub(), client
+        return local["pubsub"]
+
+    def _drop_pubsub(self) -> None:
+        pubsub = self._local.__dict__.pop("pubsub", None)
+        self._local.__dict__.pop("client", None)
+        if pubsub is not None:
             try:
                 pubsub.close()
-            except Exception as exc:  # noqa: BLE001 - a broken pub/sub connection must not hide the outcome
-                logger.debug("closing the pub/sub connection of %s failed: %s", task_id, exc)
+            except Exception as exc:  # noqa: BLE001 - already broken; nothing more to do
+                logger.debug("closing a pub/sub connection failed: %s", exc)
 
     def close(self) -> None:
         """Disconnect this process's connections (a client inherited through fork is left alone)."""
+        if self._local.__dict__.get("client") is self._redis and self._pid == os.getpid():
+            self._drop_pubsub()  # this thread's; other threads' close with the pool below
         with self._lock:
             if self._redis is not None and self._pid == os.getpid():
                 self._redis.connection_pool.disconnect()
