@@ -11,9 +11,12 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
+from bench import celery_peer
+from bench.redis_server import RedisServer
 from bench.scenarios import SCENARIOS
 from bench.table import print_table
 
@@ -32,25 +35,42 @@ def run(options: argparse.Namespace) -> int:
     names = options.scenarios or list(SCENARIOS)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "date": time.strftime("%Y-%m-%d"), "core": engine.IMPLEMENTATION,
-              "tasks": options.tasks, "concurrency": options.concurrency, "results": {}}
+              "tasks": options.tasks, "concurrency": options.concurrency, "runs": options.runs}
     bar = _progress_bar()
     if bar is not None:
         bar.start()
+    each_run = []
+    celery_wanted = [] if options.no_celery else [name for name in CELERY_SCENARIOS if name in names]
+    celery_missing = celery_peer.available() if celery_wanted else None
+    # One Redis for Celery over all runs (Celery's app keeps its broker connections).
+    celery_redis = RedisServer().start() if celery_wanted and not celery_missing else None
     try:
-        for name in names:
-            label = f"{name} ({options.tasks} tasks, concurrency {options.concurrency})"
-            if bar is not None:
-                handle = bar.add_task(label, total=1.0)
-                progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)
-            else:
-                print(label, file=sys.stderr)
-                progress = lambda fraction: None
-            report["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
-        if not options.no_celery:
-            report["celery"] = _run_celery(options, names, report, bar)
+        for number in range(1, options.runs + 1):
+            one = {"results": {}}
+            for name in names:
+                label = f"{name} ({options.tasks} tasks, concurrency {options.concurrency})"
+                if options.runs > 1:
+                    label = f"run {number}/{options.runs}: {label}"
+                if bar is not None:
+                    handle = bar.add_task(label, total=1.0)
+                    progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)
+                else:
+                    print(label, file=sys.stderr)
+                    progress = lambda fraction: None
+                one["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
+            if celery_missing:
+                one["celery"] = {"skipped": celery_missing}
+            elif celery_redis is not None:
+                one["celery"] = _run_celery(options, celery_wanted, one["results"], bar, celery_redis.url)
+            each_run.append(one)
     finally:
         if bar is not None:
             bar.stop()
+        if celery_redis is not None:
+            celery_redis.stop()
+    report.update(median_of_runs(each_run))
+    if options.runs > 1:
+        report["each_run"] = each_run
     print_table(report)
     if options.json:
         with open(options.json, "w") as fh:
@@ -58,37 +78,44 @@ def run(options: argparse.Namespace) -> int:
     return 0
 
 
-def _run_celery(options: argparse.Namespace, names: list[str], report: dict, bar) -> dict:
-    """Scenarios 1, 3 and 4 on Celery in the same run, with engine/Celery ratios."""
-    from bench import celery_peer
-    from bench.redis_server import RedisServer
+def median_of_runs(reports: list) -> dict:
+    """One report whose every number is the median of that number over ``reports`` (same shape)."""
+    first = reports[0]
+    if isinstance(first, dict):
+        return {key: median_of_runs([r[key] for r in reports if isinstance(r, dict) and key in r])
+                for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        value = statistics.median(reports)
+        return round(value, 3) if isinstance(value, float) else value
+    return first  # text, lists (per-child figures): the first run's
 
-    why_not = celery_peer.available()
-    if why_not:
-        return {"skipped": why_not}
-    wanted = [name for name in ("throughput", "latency", "fairness") if name in names]
-    if not wanted:
-        return {}
+
+#: The scenarios that also run on Celery.
+CELERY_SCENARIOS = ("throughput", "latency", "fairness")
+
+
+def _run_celery(options: argparse.Namespace, wanted: list[str], ours: dict, bar, redis_url: str) -> dict:
+    """Scenarios 1, 3 and 4 on Celery (broker and results in the Redis at ``redis_url``), with ratios."""
+    from bench import celery_peer
+
     handle = bar.add_task("celery (prefork + redis)", total=len(wanted)) if bar is not None else None
-    redis = RedisServer().start()
     out: dict = {}
-    try:
-        ours = report["results"]
-        if "throughput" in wanted:
-            tasks = min(options.tasks, options.celery_tasks)
-            out["throughput"] = celery_peer.throughput(redis.url, tasks, options.concurrency)
-            out["throughput"]["engine_ratio"] = round(ours["throughput"]["tasks_per_s"]
-                                                      / out["throughput"]["tasks_per_s"], 1)
-            _advance(bar, handle)
-        if "latency" in wanted:
-            out["latency"] = celery_peer.latency(redis.url, options.tasks, options.concurrency)
-            out["latency"]["engine_rpc_p50_ratio"] = round(out["latency"]["p50_ms"] / ours["latency"]["rpc"]["p50_ms"], 1)
-            _advance(bar, handle)
-        if "fairness" in wanted:
-            out["fairness"] = celery_peer.fairness(redis.url, options.concurrency)
-            _advance(bar, handle)
-    finally:
-        redis.stop()
+    if "throughput" in wanted:
+        tasks = min(options.tasks, options.celery_tasks)
+        out["throughput"] = celery_peer.throughput(redis_url, tasks, options.concurrency)
+        out["throughput"]["engine_ratio"] = round(ours["throughput"]["tasks_per_s"]
+                                                  / out["throughput"]["tasks_per_s"], 1)
+        _advance(bar, handle)
+    if "latency" in wanted:
+        out["latency"] = celery_peer.latency(redis_url, options.tasks, options.concurrency)
+        for backend in ("rpc", "redis"):
+            if "p50_ms" in ours["latency"].get(backend, {}):
+                out["latency"][f"engine_{backend}_p50_ratio"] = round(
+                    out["latency"]["p50_ms"] / ours["latency"][backend]["p50_ms"], 1)
+        _advance(bar, handle)
+    if "fairness" in wanted:
+        out["fairness"] = celery_peer.fairness(redis_url, options.concurrency)
+        _advance(bar, handle)
     return out
 
 
@@ -105,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"any of: {', '.join(SCENARIOS)} (default: all)")
     run_parser.add_argument("--tasks", type=int, default=100_000)
     run_parser.add_argument("--concurrency", type=int, default=2)
+    run_parser.add_argument("--runs", type=int, default=1,
+                            help="run everything this many times and report medians (the README's figures: 3)")
     run_parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     run_parser.add_argument("--no-celery", action="store_true", help="skip the Celery comparison")
     run_parser.add_argument("--celery-tasks", type=int, default=5000,

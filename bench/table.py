@@ -70,6 +70,8 @@ def print_table(report: dict) -> None:
     """Print :func:`rows` as a rich table (plain text when rich is not installed)."""
     title = (f"engine ({report['core']} core) | {report['machine']} | {report['date']} | "
              f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
+    if report.get("runs", 1) > 1:
+        title += f" | medians of {report['runs']} runs"
     headers = ("figure", "engine", "Celery prefork + Redis", "ratio")
     table_rows = list(rows(report))
     try:

@@ -51,3 +51,12 @@ def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
     assert table["4L+50S short wait p50/max, makespan: fifo"][2] == ""
     print_table(report)
     assert "50.0x" in capsys.readouterr().out
+
+
+def test_runs_are_summarised_by_their_medians():
+    from bench.__main__ import median_of_runs
+
+    runs = [{"results": {"throughput": {"tasks_per_s": v, "seconds": s}}, "celery": {"skipped": "no"}, "rss": [v]}
+            for v, s in ((10, 0.5), (30, 0.1), (20, 0.2))]
+    assert median_of_runs(runs) == {"results": {"throughput": {"tasks_per_s": 20, "seconds": 0.2}},
+                                    "celery": {"skipped": "no"}, "rss": [10]}
