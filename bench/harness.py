@@ -108,6 +108,14 @@ class Worker:
         children = self.ps.children()
         return self.ps.memory_info().rss, [c.memory_info().rss for c in children]
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the supervisor, and by its live children together."""
+        def used(proc: psutil.Process) -> float:
+            times = proc.cpu_times()
+            return times.user + times.system
+
+        return used(self.ps), sum(used(child) for child in self.ps.children())
+
     def runs(self) -> list[tuple[str, float, float, float]]:
         """``(kind, sent, start, end)`` of every timed task."""
         rows = []

@@ -8,6 +8,8 @@ import statistics
 import time
 from typing import Callable, Iterator
 
+import psutil
+
 from bench import redis_server
 from bench.harness import Worker
 
@@ -22,21 +24,39 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def _client_cpu_seconds() -> float:
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], extra: tuple = ()) -> dict:
-    """N no-op tasks, results ignored: first send to last completion."""
+    """N no-op tasks, results ignored: first send to last completion.
+
+    Also where the CPU went, in microseconds per task: the client (``delay()``
+    and its I/O thread, until every message was acknowledged), the supervisor
+    and the children. It tells which process is the limit.
+    """
     with Worker(concurrency, *extra) as worker:
         apps = worker.app()
         apps.noop.delay(0, 0)
         worker.wait_completed(1, 30)  # warm: connected, children forked
+        client0, (supervisor0, children0) = _client_cpu_seconds(), worker.cpu_seconds()
         started = time.perf_counter()
         for i in range(tasks):
             apps.noop.delay(i, i)
             if i % 5000 == 0:
                 progress(i / tasks)
+        apps.app.producer.flush(600)  # sleeps on a condition: no CPU of its own
+        client1 = _client_cpu_seconds()  # before the harness starts polling for completion
         finished = worker.wait_completed(tasks + 1)
+        supervisor1, children1 = worker.cpu_seconds()
         progress(1.0)
     elapsed = finished - started
-    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+    per_task = 1e6 / max(tasks, 1)
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed),
+            "cpu_us_per_task": {"client": round((client1 - client0) * per_task, 2),
+                                "supervisor": round((supervisor1 - supervisor0) * per_task, 2),
+                                "children": round((children1 - children0) * per_task, 2)}}
 
 
 def _results(backend: str, tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:

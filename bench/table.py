@@ -33,6 +33,10 @@ def rows(report: dict) -> Iterator[Row]:
         theirs = celery.get("throughput", {}).get("tasks_per_s", 0)
         yield ("no-op tasks/s (results ignored)", _n(ours["throughput"]["tasks_per_s"]),
                _n(theirs) if theirs else "", _ratio(ours["throughput"]["tasks_per_s"], theirs))
+        cpu = ours["throughput"].get("cpu_us_per_task")
+        if cpu:
+            yield ("CPU µs per no-op task: client / supervisor / children",
+                   " / ".join(str(cpu[part]) for part in ("client", "supervisor", "children")), "", "")
     for backend, figures in ours.get("results", {}).items():
         yield (f"tasks/s, results stored+fetched: {backend}",
                figures.get("skipped") or _n(figures["tasks_per_s"]), "", "")

@@ -17,6 +17,9 @@ def test_scenario_completes(name):
     assert figures
     if "tasks_per_s" in figures:
         assert figures["tasks_per_s"] > 0
+    if name == "throughput":  # CPU clocks tick every 10 ms: 300 tasks may read as 0
+        assert set(figures["cpu_us_per_task"]) == {"client", "supervisor", "children"}
+        assert all(value >= 0 for value in figures["cpu_us_per_task"].values()), figures
     if name in ("results", "latency"):
         assert set(figures) == set(BACKENDS)
         for backend, numbers in figures.items():
@@ -37,7 +40,7 @@ def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
 
     wait = {"short_wait_p50_s": 0.1, "short_wait_max_s": 0.25, "makespan_s": 4.3}
     report = {"core": "cython", "machine": "m", "date": "d", "tasks": 10, "concurrency": 2, "results": {
-        "throughput": {"tasks_per_s": 50_000},
+        "throughput": {"tasks_per_s": 50_000, "cpu_us_per_task": {"client": 9.5, "supervisor": 8, "children": 7}},
         "latency": {"rpc": {"p50_ms": 0.5, "p99_ms": 1, "max_ms": 2}, "redis": {"skipped": "no redis-server"}},
         "fairness": {"fifo": wait, "fair_cold": wait}},
         "celery": {"throughput": {"tasks_per_s": 1000},
@@ -45,6 +48,7 @@ def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
                    "fairness": {"short_wait_p50_s": 2.1, "short_wait_max_s": 4.25, "makespan_s": 4.3}}}
     table = {row[0]: row[1:] for row in rows(report)}
     assert table["no-op tasks/s (results ignored)"] == ("50,000", "1,000", "50.0x")
+    assert table["CPU µs per no-op task: client / supervisor / children"][0] == "9.5 / 8 / 7"
     assert table["round trip p50/p99/max: rpc"][2] == "4.0x at p50"
     assert table["round trip p50/p99/max: redis"][0] == "no redis-server"
     assert table["4L+50S short wait p50/max, makespan: fair_cold"][2] == "17.0x at max"
