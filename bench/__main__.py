@@ -2,7 +2,8 @@
 
 Each scenario starts a worker, measures, and stops it; a progress bar shows
 while it runs, a table prints at the end, ``--json FILE`` saves the figures.
-``python -m bench core`` prints the compiled-vs-pure ratios of the core.
+``python -m bench core`` prints the compiled-vs-pure ratios of the core;
+``python -m bench profile`` samples every process of a no-op run with py-spy.
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--celery-tasks", type=int, default=5000,
                             help="most no-op tasks sent to Celery (it is slow; default 5000)")
     sub.add_parser("core", help="compiled vs pure core micro-benchmarks")
+    sub.add_parser("profile", help="where a no-op task's time goes, per process (py-spy)", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["profile"]:
+        from bench.profile import main as profile_main
+
+        return profile_main(argv[1:])
     options = parser.parse_args(argv)
     if options.command == "core":
         from bench.core_ratios import main as core_main

@@ -29,14 +29,19 @@ def _client_cpu_seconds() -> float:
     return times.user + times.system
 
 
-def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], extra: tuple = ()) -> dict:
+def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], extra: tuple = (),
+               started_worker: Callable[[Worker], None] | None = None) -> dict:
     """N no-op tasks, results ignored: first send to last completion.
 
     Also where the CPU went, in microseconds per task: the client (``delay()``
     and its I/O thread, until every message was acknowledged), the supervisor
-    and the children. It tells which process is the limit.
+    and the children. It tells which process is the limit. ``started_worker``
+    is called with the worker once it runs (``python -m bench profile``
+    attaches its sampler there).
     """
     with Worker(concurrency, *extra) as worker:
+        if started_worker is not None:
+            started_worker(worker)
         apps = worker.app()
         apps.noop.delay(0, 0)
         worker.wait_completed(1, 30)  # warm: connected, children forked

@@ -146,8 +146,13 @@ class Task:
 
     @property
     def request_class(self) -> type:
-        """The resolved ``Request`` class."""
-        return symbol_by_name(self.Request)
+        """The resolved ``Request`` class (resolved again only when ``Request`` changes)."""
+        # Every task run needs it: an import lookup per task cost ~0.5 µs of a ~4 µs no-op.
+        name = self.Request
+        resolved = self.__dict__.get("_request_class")
+        if resolved is None or resolved[0] is not name:
+            resolved = self.__dict__["_request_class"] = (name, symbol_by_name(name))
+        return resolved[1]
 
     def resolve_option(self, name: str) -> Any:
         """Return the task's option ``name``, or the app's ``task_<name>`` setting when unset."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -64,3 +65,28 @@ def test_runs_are_summarised_by_their_medians():
             for v, s in ((10, 0.5), (30, 0.1), (20, 0.2))]
     assert median_of_runs(runs) == {"results": {"throughput": {"tasks_per_s": 20, "seconds": 0.2}},
                                     "celery": {"skipped": "no"}, "rss": [10]}
+
+
+def test_profile_counts_self_time_per_process():
+    from bench.profile import self_time
+
+    raw = "\n".join([
+        'process 10:"engine-worker";run (engine/worker/supervisor.py:300);commit (engine/worker/journal.py:80) 7',
+        'process 10:"engine-worker";run (engine/worker/supervisor.py:300);commit (engine/worker/journal.py:81) 3',
+        'process 10:"engine-worker";process 11:"engine-worker";child_main (engine/worker/child.py:9) 5',
+        "thread (0x7f);delay (engine/task.py:12);packb (/usr/lib/python3.11/site-packages/msgpack/__init__.py:3) 2",
+        "not a sample line",
+    ])
+    counts = self_time(raw)
+    assert counts["process 10"] == {"commit (engine/worker/journal.py)": 10}
+    assert counts["process 11"] == {"child_main (engine/worker/child.py)": 5}
+    assert counts["client"] == {"packb (msgpack/__init__.py)": 2}
+
+
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is in the bench extra")
+def test_profile_command_samples_client_supervisor_and_children(capsys):
+    from bench.profile import main
+
+    assert main(["--tasks", "20000", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU µs per task" in out and "\nclient:" in out and "\nsupervisor:" in out and "\nchild " in out

@@ -532,8 +532,15 @@ def test_split_batch_does_not_decode_items(core):
 keys = st.text(max_size=8)
 leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
           | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20))
-values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
+
+
+def _nest(inner):
+    return inner | st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4)
+
+
+# Three levels of lists and maps, built explicitly: st.recursive's leaf budget made long
+# runs (ENGINE_FUZZ_EXAMPLES=20000) fail with FlakyStrategyDefinition on replay.
+values = _nest(_nest(_nest(leaves)))
 times = st.none() | st.floats(allow_nan=False) | st.integers(-(2**53), 2**53)
 opt_text = st.none() | st.text(max_size=40)
 message_fields = st.fixed_dictionaries({

@@ -622,3 +622,7 @@ def test_request_class_is_the_workers_request(app):
         pass
 
     assert job.request_class is Request
+    job.Request = "tests.support:RecordingRequest"  # resolved once, then again when it changes
+    assert job.request_class is RecordingRequest and job.request_class is RecordingRequest
+    job.Request = Request
+    assert job.request_class is Request
