@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from bench import celery_peer
+from bench import celery_peer, dramatiq_peer
 from bench.redis_server import RedisServer
 from bench.scenarios import SCENARIOS
 from bench.table import print_table
@@ -41,10 +41,12 @@ def run(options: argparse.Namespace) -> int:
     if bar is not None:
         bar.start()
     each_run = []
-    celery_wanted = [] if options.no_celery else [name for name in CELERY_SCENARIOS if name in names]
-    celery_missing = celery_peer.available() if celery_wanted else None
-    # One Redis for Celery over all runs (Celery's app keeps its broker connections).
-    celery_redis = RedisServer().start() if celery_wanted and not celery_missing else None
+    wanted = {peer: [name for name in scenarios if name in names]
+              for peer, (_, scenarios) in PEERS.items() if peer not in options.skip_peers}
+    wanted = {peer: scenarios for peer, scenarios in wanted.items() if scenarios}
+    missing = {peer: PEERS[peer][0].available() for peer in wanted}
+    # One Redis for the peers over all runs (Celery's app keeps its broker connections).
+    peer_redis = RedisServer().start() if any(reason is None for reason in missing.values()) else None
     try:
         for number in range(1, options.runs + 1):
             one = {"results": {}}
@@ -59,16 +61,17 @@ def run(options: argparse.Namespace) -> int:
                     print(label, file=sys.stderr)
                     progress = lambda fraction: None
                 one["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
-            if celery_missing:
-                one["celery"] = {"skipped": celery_missing}
-            elif celery_redis is not None:
-                one["celery"] = _run_celery(options, celery_wanted, one["results"], bar, celery_redis.url)
+            for peer, scenarios in wanted.items():
+                if missing[peer]:
+                    one[peer] = {"skipped": missing[peer]}
+                else:
+                    one[peer] = _run_peer(peer, options, scenarios, one["results"], bar, peer_redis.url)
             each_run.append(one)
     finally:
         if bar is not None:
             bar.stop()
-        if celery_redis is not None:
-            celery_redis.stop()
+        if peer_redis is not None:
+            peer_redis.stop()
     report.update(median_of_runs(each_run))
     if options.runs > 1:
         report["each_run"] = each_run
@@ -91,31 +94,33 @@ def median_of_runs(reports: list) -> dict:
     return first  # text, lists (per-child figures): the first run's
 
 
-#: The scenarios that also run on Celery.
-CELERY_SCENARIOS = ("throughput", "latency", "fairness")
+#: The peers compared in the same run: module, and the scenarios each runs.
+PEERS = {
+    "celery": (celery_peer, ("throughput", "latency", "fairness")),
+    "dramatiq": (dramatiq_peer, ("throughput", "latency")),
+}
 
 
-def _run_celery(options: argparse.Namespace, wanted: list[str], ours: dict, bar, redis_url: str) -> dict:
-    """Scenarios 1, 3 and 4 on Celery (broker and results in the Redis at ``redis_url``), with ratios."""
-    from bench import celery_peer
-
-    handle = bar.add_task("celery (prefork + redis)", total=len(wanted)) if bar is not None else None
+def _run_peer(peer: str, options: argparse.Namespace, wanted: list[str], ours: dict, bar, redis_url: str) -> dict:
+    """The ``wanted`` scenarios on ``peer`` (broker and results in the Redis at ``redis_url``), with ratios."""
+    module = PEERS[peer][0]
+    handle = bar.add_task(f"{peer} (+ redis)", total=len(wanted)) if bar is not None else None
     out: dict = {}
     if "throughput" in wanted:
-        tasks = min(options.tasks, options.celery_tasks)
-        out["throughput"] = celery_peer.throughput(redis_url, tasks, options.concurrency)
+        tasks = min(options.tasks, options.peer_tasks)
+        out["throughput"] = module.throughput(redis_url, tasks, options.concurrency)
         out["throughput"]["engine_ratio"] = round(ours["throughput"]["tasks_per_s"]
                                                   / out["throughput"]["tasks_per_s"], 1)
         _advance(bar, handle)
     if "latency" in wanted:
-        out["latency"] = celery_peer.latency(redis_url, options.tasks, options.concurrency)
+        out["latency"] = module.latency(redis_url, options.tasks, options.concurrency)
         for backend in ("rpc", "redis"):
             if "p50_ms" in ours["latency"].get(backend, {}):
                 out["latency"][f"engine_{backend}_p50_ratio"] = round(
                     out["latency"]["p50_ms"] / ours["latency"][backend]["p50_ms"], 1)
         _advance(bar, handle)
     if "fairness" in wanted:
-        out["fairness"] = celery_peer.fairness(redis_url, options.concurrency)
+        out["fairness"] = module.fairness(redis_url, options.concurrency)
         _advance(bar, handle)
     return out
 
@@ -136,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--runs", type=int, default=1,
                             help="run everything this many times and report medians (the README's figures: 3)")
     run_parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    run_parser.add_argument("--no-celery", action="store_true", help="skip the Celery comparison")
-    run_parser.add_argument("--celery-tasks", type=int, default=5000,
-                            help="most no-op tasks sent to Celery (it is slow; default 5000)")
+    run_parser.add_argument("--no-celery", dest="skip_peers", action="append_const", const="celery", default=[],
+                            help="skip the Celery comparison")
+    run_parser.add_argument("--no-dramatiq", dest="skip_peers", action="append_const", const="dramatiq",
+                            help="skip the Dramatiq comparison")
+    run_parser.add_argument("--peer-tasks", "--celery-tasks", dest="peer_tasks", type=int, default=5000,
+                            help="most no-op tasks sent to Celery and to Dramatiq (they are slow; default 5000)")
     sub.add_parser("core", help="compiled vs pure core micro-benchmarks")
     sub.add_parser("profile", help="where a no-op task's time goes, per process (py-spy)", add_help=False)
     if argv is None:

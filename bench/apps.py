@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 
 from engine import Engine
@@ -22,23 +23,26 @@ app = Engine(
 )
 
 _counter: list = []
+_bump_lock = threading.Lock()
 _COUNT = struct.Struct("<q")
 
 
 def _bump() -> None:
-    if not _counter:
-        directory = os.environ.get("BENCH_COUNTER_DIR")
-        if not directory:
-            _counter.append(None)
-            return
-        path = os.path.join(directory, str(os.getpid()))
-        with open(path, "wb") as fh:
-            fh.write(b"\0" * 8)
-        fh = open(path, "r+b")
-        _counter.append(mmap.mmap(fh.fileno(), 8))
-    shared = _counter[0]
-    if shared is not None:
-        _COUNT.pack_into(shared, 0, _COUNT.unpack_from(shared, 0)[0] + 1)
+    # Locked: a peer (Dramatiq) may run tasks in several threads of one process.
+    with _bump_lock:
+        if not _counter:
+            directory = os.environ.get("BENCH_COUNTER_DIR")
+            if not directory:
+                _counter.append(None)
+                return
+            path = os.path.join(directory, str(os.getpid()))
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 8)
+            fh = open(path, "r+b")
+            _counter.append(mmap.mmap(fh.fileno(), 8))
+        shared = _counter[0]
+        if shared is not None:
+            _COUNT.pack_into(shared, 0, _COUNT.unpack_from(shared, 0)[0] + 1)
 
 
 def completed(directory: str) -> int:

@@ -8,6 +8,7 @@ free port and stops it by pid.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,8 +65,9 @@ class CeleryWorker:
     runs = Worker.runs
 
     def stop(self) -> None:
-        """Warm shutdown, killed after 30 s."""
+        """Warm shutdown (killed after 30 s), then its files are removed."""
         stop_process(self.proc)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,3 +138,4 @@ class Worker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # counters, start logs, journal, results

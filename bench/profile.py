@@ -25,10 +25,25 @@ from pathlib import Path
 from bench.harness import Worker
 from bench.scenarios import throughput
 
-__all__ = ("main", "self_time")
+__all__ = ("cannot_sample", "main", "self_time")
 
 #: py-spy's frame text: ``function (file.py:line)``; the line number is dropped to group by function.
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def cannot_sample() -> str | None:
+    """None when py-spy can sample this process (and so its siblings), else why not."""
+    if shutil.which("py-spy") is None:
+        return "py-spy is not installed: python3 -m pip install -e '.[bench]'"
+    try:
+        probe = subprocess.run(["py-spy", "dump", "--pid", str(os.getpid())], capture_output=True, text=True,
+                               timeout=30)
+    except subprocess.TimeoutExpired:
+        return "py-spy dump did not answer in 30 s"
+    if probe.returncode != 0:
+        # Typically ptrace is refused: not root, or kernel.yama.ptrace_scope >= 1 without CAP_SYS_PTRACE.
+        return f"py-spy cannot attach to a process here: {probe.stderr.strip().splitlines()[:1]}"
+    return None
 
 
 def _py_spy(pid: int, output: Path, rate: int, subprocesses: bool) -> subprocess.Popen:
@@ -98,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="functions shown per process")
     parser.add_argument("--keep", metavar="DIR", help="keep py-spy's raw files in DIR")
     options = parser.parse_args(argv)
-    if shutil.which("py-spy") is None:
-        print("py-spy is not installed: python3 -m pip install -e '.[bench]'", file=sys.stderr)
+    reason = cannot_sample()
+    if reason:
+        print(reason, file=sys.stderr)
         return 1
     out = Path(options.keep or tempfile.mkdtemp(prefix="engine-profile-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The table ``python -m bench run`` prints at the end: one row per figure, Celery beside it."""
+"""The table ``python -m bench run`` prints at the end: one row per figure, Celery and Dramatiq beside it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Iterator
 
 __all__ = ("print_table", "rows")
 
-Row = tuple[str, str, str, str]
+Row = tuple[str, str, str, str, str, str]
 
 
 def _n(value: float) -> str:
@@ -25,49 +25,63 @@ def _wait(figures: dict) -> str:
     return f"{figures['short_wait_p50_s']}/{figures['short_wait_max_s']} s, {figures['makespan_s']} s"
 
 
+def _peer_throughput(peer: dict, ours: float) -> tuple[str, str]:
+    theirs = peer.get("throughput", {}).get("tasks_per_s", 0)
+    return (_n(theirs) if theirs else "", _ratio(ours, theirs))
+
+
+def _peer_latency(peer: dict, backend: str, ours: dict) -> tuple[str, str]:
+    # The peer's figures sit beside the like-for-like row (its redis result backend);
+    # the ratio at p50 on every row.
+    theirs = peer.get("latency", {})
+    if not theirs or "p50_ms" not in ours:
+        return ("", "")
+    return (_latency(theirs) if backend == "redis" else "", _ratio(theirs["p50_ms"], ours["p50_ms"]) + " at p50")
+
+
 def rows(report: dict) -> Iterator[Row]:
-    """``(figure, engine, celery, ratio)`` for every figure in ``report`` (the ``--json`` dict)."""
+    """``(figure, engine, Celery, vs Celery, Dramatiq, vs Dramatiq)`` per figure in ``report`` (the ``--json`` dict)."""
     ours = report["results"]
     celery = report.get("celery", {})
+    dramatiq = report.get("dramatiq", {})
     if "throughput" in ours:
-        theirs = celery.get("throughput", {}).get("tasks_per_s", 0)
-        yield ("no-op tasks/s (results ignored)", _n(ours["throughput"]["tasks_per_s"]),
-               _n(theirs) if theirs else "", _ratio(ours["throughput"]["tasks_per_s"], theirs))
+        rate = ours["throughput"]["tasks_per_s"]
+        yield ("no-op tasks/s (results ignored)", _n(rate), *_peer_throughput(celery, rate),
+               *_peer_throughput(dramatiq, rate))
         cpu = ours["throughput"].get("cpu_us_per_task")
         if cpu:
             yield ("CPU µs per no-op task: client / supervisor / children",
-                   " / ".join(str(cpu[part]) for part in ("client", "supervisor", "children")), "", "")
+                   " / ".join(str(cpu[part]) for part in ("client", "supervisor", "children")), "", "", "", "")
     for backend, figures in ours.get("results", {}).items():
         yield (f"tasks/s, results stored+fetched: {backend}",
-               figures.get("skipped") or _n(figures["tasks_per_s"]), "", "")
-    theirs = celery.get("latency", {})
+               figures.get("skipped") or _n(figures["tasks_per_s"]), "", "", "", "")
     for backend, figures in ours.get("latency", {}).items():
-        # Celery's figures sit beside the like-for-like row (its redis result backend).
         yield (f"round trip p50/p99/max: {backend}", figures.get("skipped") or _latency(figures),
-               _latency(theirs) if theirs and backend == "redis" else "",
-               _ratio(theirs["p50_ms"], figures["p50_ms"]) + " at p50" if theirs and "p50_ms" in figures else "")
+               *_peer_latency(celery, backend, figures), *_peer_latency(dramatiq, backend, figures))
     theirs = celery.get("fairness")
     for label, figures in ours.get("fairness", {}).items():
         fair = label.startswith("fair")
         yield (f"4L+50S short wait p50/max, makespan: {label}", _wait(figures),
                _wait(theirs) + " (-O fair)" if theirs and label == "fair_cold" else "",
-               _ratio(theirs["short_wait_max_s"], figures["short_wait_max_s"]) + " at max" if theirs and fair else "")
+               _ratio(theirs["short_wait_max_s"], figures["short_wait_max_s"]) + " at max" if theirs and fair else "",
+               "", "")
     if "scaling" in ours:
         by_level = ours["scaling"]["tasks_per_s_by_concurrency"]
         yield ("no-op tasks/s at concurrency " + "/".join(by_level), " / ".join(_n(v) for v in by_level.values()),
-               "", "")
+               "", "", "", "")
     if "memory" in ours:
         m = ours["memory"]
         yield (f"supervisor RSS before/after {m['tasks']:,} tasks",
-               f"{m['supervisor_rss_mib_before']} / {m['supervisor_rss_mib_after']} MiB", "", "")
-        yield ("child RSS after (each)", ", ".join(f"{x} MiB" for x in m["child_rss_mib_after"]), "", "")
+               f"{m['supervisor_rss_mib_before']} / {m['supervisor_rss_mib_after']} MiB", "", "", "", "")
+        yield ("child RSS after (each)", ", ".join(f"{x} MiB" for x in m["child_rss_mib_after"]), "", "", "", "")
     if "journal" in ours:
         j = ours["journal"]
         yield ("no-op tasks/s, journal / --no-journal",
-               f"{_n(j['with_journal_tasks_per_s'])} / {_n(j['without_journal_tasks_per_s'])}",
-               "", f"-{j['journal_cost_percent']}%")
-    if "skipped" in celery:
-        yield ("Celery comparison", "", f"skipped: {celery['skipped']}", "")
+               f"{_n(j['with_journal_tasks_per_s'])} / {_n(j['without_journal_tasks_per_s'])} "
+               f"(-{j['journal_cost_percent']}%)", "", "", "", "")
+    for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
+        if "skipped" in peer:
+            yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")
 
 
 def print_table(report: dict) -> None:
@@ -76,7 +90,7 @@ def print_table(report: dict) -> None:
              f"--tasks {report['tasks']} --concurrency {report['concurrency']}")
     if report.get("runs", 1) > 1:
         title += f" | medians of {report['runs']} runs"
-    headers = ("figure", "engine", "Celery prefork + Redis", "ratio")
+    headers = ("figure", "engine", "Celery prefork + Redis", "vs Celery", "Dramatiq + Redis", "vs Dramatiq")
     table_rows = list(rows(report))
     try:
         from rich.console import Console
@@ -94,5 +108,5 @@ def print_table(report: dict) -> None:
     # A pipe or file gets a wide table rather than rich's 80 columns.
     console = Console()
     if not console.is_terminal:
-        console = Console(width=150)
+        console = Console(width=180)
     console.print(table)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -36,7 +35,7 @@ def test_fairness_scenario_completes_with_short_durations():
     assert all(f["makespan_s"] > 0.2 for f in figures.values())
 
 
-def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
+def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     from bench.table import print_table, rows
 
     wait = {"short_wait_p50_s": 0.1, "short_wait_max_s": 0.25, "makespan_s": 4.3}
@@ -46,16 +45,36 @@ def test_table_puts_celery_beside_the_like_for_like_rows(capsys):
         "fairness": {"fifo": wait, "fair_cold": wait}},
         "celery": {"throughput": {"tasks_per_s": 1000},
                    "latency": {"p50_ms": 2.0, "p99_ms": 3, "max_ms": 4},
-                   "fairness": {"short_wait_p50_s": 2.1, "short_wait_max_s": 4.25, "makespan_s": 4.3}}}
+                   "fairness": {"short_wait_p50_s": 2.1, "short_wait_max_s": 4.25, "makespan_s": 4.3}},
+        "dramatiq": {"skipped": "dramatiq is not installed"}}
     table = {row[0]: row[1:] for row in rows(report)}
-    assert table["no-op tasks/s (results ignored)"] == ("50,000", "1,000", "50.0x")
+    assert table["no-op tasks/s (results ignored)"] == ("50,000", "1,000", "50.0x", "", "")
     assert table["CPU µs per no-op task: client / supervisor / children"][0] == "9.5 / 8 / 7"
-    assert table["round trip p50/p99/max: rpc"][2] == "4.0x at p50"
+    assert table["round trip p50/p99/max: rpc"][1:3] == ("", "4.0x at p50")
     assert table["round trip p50/p99/max: redis"][0] == "no redis-server"
     assert table["4L+50S short wait p50/max, makespan: fair_cold"][2] == "17.0x at max"
     assert table["4L+50S short wait p50/max, makespan: fifo"][2] == ""
+    assert table["Dramatiq comparison"][0] == "skipped: dramatiq is not installed"
+    report["dramatiq"] = {"throughput": {"tasks_per_s": 5000}, "latency": {"p50_ms": 5.0, "p99_ms": 9, "max_ms": 10}}
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["no-op tasks/s (results ignored)"][3:] == ("5,000", "10.0x")
+    assert table["round trip p50/p99/max: rpc"][3:] == ("", "10.0x at p50")
+    assert all(len(row) == 6 for row in rows(report))
     print_table(report)
-    assert "50.0x" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "50.0x" in out and "10.0x" in out
+
+
+def test_peers_complete_a_small_run():
+    from bench import celery_peer, dramatiq_peer, redis_server
+
+    peers = [peer for peer in (celery_peer, dramatiq_peer) if peer.available() is None]
+    if not peers:
+        pytest.skip("neither celery nor dramatiq can run here (the bench extra, redis-server)")
+    with redis_server.RedisServer() as server:
+        for peer in peers:
+            assert peer.throughput(server.url, 200, 2)["tasks_per_s"] > 0
+            assert peer.latency(server.url, 20, 2)["tasks"] == 20
 
 
 def test_runs_are_summarised_by_their_medians():
@@ -83,9 +102,12 @@ def test_profile_counts_self_time_per_process():
     assert counts["client"] == {"packb (msgpack/__init__.py)": 2}
 
 
-@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is in the bench extra")
 def test_profile_command_samples_client_supervisor_and_children(capsys):
-    from bench.profile import main
+    from bench.profile import cannot_sample, main
+
+    reason = cannot_sample()
+    if reason:  # py-spy needs ptrace (root, or a permissive kernel.yama.ptrace_scope)
+        pytest.skip(reason)
 
     assert main(["--tasks", "20000", "--top", "3"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""Scenarios 1 and 3 on Dramatiq with a Redis broker, in the same run (a second peer beside Celery).
+
+Used by ``python -m bench run`` when ``dramatiq`` is installed (the ``bench``
+extra) and ``redis-server`` is on PATH. Settings are what a knowledgeable user
+picks: one process per unit of concurrency with one thread each (the tasks
+are CPU-bound), a queue prefetch of 64, results in Redis only for the round
+trips (``store_results=True`` on ``add``; ``get_result(block=True)`` waits on
+Redis, it does not poll).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import redis_server, scenarios
+from bench.harness import ROOT, Worker, stop_process
+
+__all__ = ("DramatiqWorker", "available", "latency", "throughput")
+
+#: Messages each worker thread's consumer fetches ahead.
+PREFETCH = 64
+
+
+def available() -> str | None:
+    """None when the comparison can run, else why not."""
+    try:
+        import dramatiq  # noqa: F401
+    except ImportError:
+        return "dramatiq is not installed (pip install -e '.[bench]')"
+    return redis_server.missing()
+
+
+class DramatiqWorker:
+    """``dramatiq bench.dramatiq_app`` with the same completion counters as the engine's bench worker."""
+
+    def __init__(self, redis_url: str, concurrency: int) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="dramatiq-bench-"))
+        self.counters = self.tmp / "counters"
+        self.counters.mkdir()
+        self.env = {"BENCH_DRAMATIQ_REDIS": redis_url, "BENCH_COUNTER_DIR": str(self.counters),
+                    "dramatiq_queue_prefetch": str(PREFETCH)}
+        os.environ.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "bench.dramatiq_app", "--processes", str(concurrency),
+             "--threads", "1", "--skip-logging"],
+            cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        from bench import dramatiq_app
+
+        self.tasks = dramatiq_app
+        # Dramatiq has no ping: the first no-op task's completion says the worker is up.
+        self.tasks.noop.send(0, 0)
+        try:
+            self.wait_completed(1, 60)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("dramatiq worker did not start") from None
+
+    completed = Worker.completed
+    wait_completed = Worker.wait_completed
+
+    def stop(self) -> None:
+        """Warm shutdown (killed after 30 s), then its files are removed."""
+        stop_process(self.proc)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _flushed_redis(redis_url: str) -> str:
+    """``redis_url`` on its database 1, emptied (Celery uses database 0 of the same server)."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/1"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """Scenario 1 on Dramatiq: no-op tasks, no results, first send to last completion."""
+    worker = DramatiqWorker(_flushed_redis(redis_url), concurrency)
+    try:
+        started = time.perf_counter()
+        for i in range(tasks):
+            worker.tasks.noop.send(i, i)
+        finished = worker.wait_completed(tasks + 1, 1800)
+    finally:
+        worker.stop()
+    elapsed = finished - started
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
+def latency(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """Scenario 3 on Dramatiq: one ``add`` at a time, send to result (Redis result backend)."""
+    worker = DramatiqWorker(_flushed_redis(redis_url), concurrency)
+    samples = []
+    try:
+        for i in range(20 + min(tasks, 500)):
+            started = time.perf_counter()
+            worker.tasks.add.send(i, 1).get_result(block=True, timeout=30_000)
+            if i >= 20:  # the first 20 warm up
+                samples.append((time.perf_counter() - started) * 1000)
+    finally:
+        worker.stop()
+    return {"tasks": len(samples), "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(scenarios._percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
