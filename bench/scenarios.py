@@ -192,25 +192,33 @@ def scaling(tasks: int, concurrency: int, progress: Callable[[float], None]) -> 
 
 
 def memory(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """Supervisor and child RSS before and after N no-op tasks."""
+    """Supervisor and child RSS before N no-op tasks, after them, and after N more.
+
+    The first N include warming up (allocator arenas, socket and pipe
+    buffers); growth over the second N is what a leak would show.
+    """
+    mib = 1024 * 1024
     with Worker(concurrency) as worker:
         apps = worker.app()
         apps.noop.delay(0, 0)
         worker.wait_completed(1, 30)
         before, children_before = worker.rss()
-        for i in range(tasks):
-            apps.noop.delay(i, i)
-            if i % 10000 == 0:
-                progress(i / tasks)
-        worker.wait_completed(tasks + 1)
-        time.sleep(0.2)
-        after, children_after = worker.rss()
+        after = []
+        for batch in range(2):
+            for i in range(tasks):
+                apps.noop.delay(i, i)
+                if i % 10000 == 0:
+                    progress((batch + i / tasks) / 2)
+            worker.wait_completed((batch + 1) * tasks + 1)
+            time.sleep(0.2)
+            after.append(worker.rss())
     progress(1.0)
-    mib = 1024 * 1024
     return {"tasks": tasks, "supervisor_rss_mib_before": round(before / mib, 1),
-            "supervisor_rss_mib_after": round(after / mib, 1),
+            "supervisor_rss_mib_after": round(after[0][0] / mib, 1),
+            "supervisor_rss_mib_after_twice": round(after[1][0] / mib, 1),
             "child_rss_mib_before": [round(x / mib, 1) for x in children_before],
-            "child_rss_mib_after": [round(x / mib, 1) for x in children_after]}
+            "child_rss_mib_after": [round(x / mib, 1) for x in after[0][1]],
+            "child_rss_mib_after_twice": [round(x / mib, 1) for x in after[1][1]]}
 
 
 def journal(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:

@@ -20,6 +20,8 @@ def test_scenario_completes(name):
     if name == "throughput":  # CPU clocks tick every 10 ms: 300 tasks may read as 0
         assert set(figures["cpu_us_per_task"]) == {"client", "supervisor", "children"}
         assert all(value >= 0 for value in figures["cpu_us_per_task"].values()), figures
+    if name == "memory":  # RSS read at start, after N and after 2N tasks
+        assert figures["supervisor_rss_mib_after_twice"] > 0 and len(figures["child_rss_mib_after_twice"]) == 2
     if name in ("results", "latency"):
         assert set(figures) == set(BACKENDS)
         for backend, numbers in figures.items():
@@ -42,7 +44,9 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     report = {"core": "cython", "machine": "m", "date": "d", "tasks": 10, "concurrency": 2, "results": {
         "throughput": {"tasks_per_s": 50_000, "cpu_us_per_task": {"client": 9.5, "supervisor": 8, "children": 7}},
         "latency": {"rpc": {"p50_ms": 0.5, "p99_ms": 1, "max_ms": 2}, "redis": {"skipped": "no redis-server"}},
-        "fairness": {"fifo": wait, "fair_cold": wait}},
+        "fairness": {"fifo": wait, "fair_cold": wait},
+        "memory": {"tasks": 100, "supervisor_rss_mib_before": 26.0, "supervisor_rss_mib_after": 29.5,
+                   "supervisor_rss_mib_after_twice": 29.6, "child_rss_mib_after_twice": [20.0, 20.1]}},
         "celery": {"throughput": {"tasks_per_s": 1000},
                    "latency": {"p50_ms": 2.0, "p99_ms": 3, "max_ms": 4},
                    "fairness": {"short_wait_p50_s": 2.1, "short_wait_max_s": 4.25, "makespan_s": 4.3}},
@@ -54,6 +58,7 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     assert table["round trip p50/p99/max: redis"][0] == "no redis-server"
     assert table["4L+50S short wait p50/max, makespan: fair_cold"][2] == "17.0x at max"
     assert table["4L+50S short wait p50/max, makespan: fifo"][2] == ""
+    assert table["supervisor RSS at start / after 100 / after 200 tasks"][0] == "26.0 / 29.5 / 29.6 MiB"
     assert table["Dramatiq comparison"][0] == "skipped: dramatiq is not installed"
     report["dramatiq"] = {"throughput": {"tasks_per_s": 5000}, "latency": {"p50_ms": 5.0, "p99_ms": 9, "max_ms": 10}}
     table = {row[0]: row[1:] for row in rows(report)}
