@@ -71,7 +71,7 @@ def rows(report: dict) -> Iterator[Row]:
                "", "", "", "")
     if "memory" in ours:
         m = ours["memory"]
-        yield (f"supervisor RSS at start / after {m['tasks']:,} / after {2 * m['tasks']:,} tasks",
+        yield (f"supervisor RSS at 0 / {m['tasks']:,} / {2 * m['tasks']:,} tasks",
                f"{m['supervisor_rss_mib_before']} / {m['supervisor_rss_mib_after']} / "
                f"{m['supervisor_rss_mib_after_twice']} MiB", "", "", "", "")
         yield (f"child RSS after {2 * m['tasks']:,} tasks (each)",

@@ -58,7 +58,7 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     assert table["round trip p50/p99/max: redis"][0] == "no redis-server"
     assert table["4L+50S short wait p50/max, makespan: fair_cold"][2] == "17.0x at max"
     assert table["4L+50S short wait p50/max, makespan: fifo"][2] == ""
-    assert table["supervisor RSS at start / after 100 / after 200 tasks"][0] == "26.0 / 29.5 / 29.6 MiB"
+    assert table["supervisor RSS at 0 / 100 / 200 tasks"][0] == "26.0 / 29.5 / 29.6 MiB"
     assert table["Dramatiq comparison"][0] == "skipped: dramatiq is not installed"
     report["dramatiq"] = {"throughput": {"tasks_per_s": 5000}, "latency": {"p50_ms": 5.0, "p99_ms": 9, "max_ms": 10}}
     table = {row[0]: row[1:] for row in rows(report)}
