@@ -42,7 +42,6 @@ class CeleryWorker:
         self.starts.mkdir()
         self.env = {"BENCH_CELERY_BROKER": broker, "BENCH_CELERY_PREFETCH": str(prefetch),
                     "BENCH_COUNTER_DIR": str(self.counters), "BENCH_STARTS_DIR": str(self.starts)}
-        os.environ.update(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "prefork",
              "--concurrency", str(concurrency), "--loglevel", "WARNING", "--without-gossip", "--without-mingle",

@@ -16,10 +16,15 @@ from dramatiq.results.backends import RedisBackend
 
 from bench import apps as engine_apps
 
-url = os.environ.get("BENCH_DRAMATIQ_REDIS", "redis://127.0.0.1:6379/1")
-broker = RedisBroker(url=url)
-broker.add_middleware(Results(backend=RedisBackend(url=url)))
-dramatiq.set_broker(broker)
+
+
+def _broker(url: str) -> RedisBroker:
+    broker = RedisBroker(url=url)
+    broker.add_middleware(Results(backend=RedisBackend(url=url)))
+    return broker
+
+
+dramatiq.set_broker(_broker(os.environ.get("BENCH_DRAMATIQ_REDIS", "redis://127.0.0.1:6379/1")))
 
 
 @dramatiq.actor(max_retries=0)
@@ -30,3 +35,12 @@ def noop(x, y):
 @dramatiq.actor(max_retries=0, store_results=True)
 def add(x, y):
     return x + y
+
+
+def use(url: str) -> None:
+    """Send to (and read results from) the Redis at ``url`` from now on, in this process."""
+    broker = _broker(url)
+    dramatiq.set_broker(broker)
+    for actor in (noop, add):
+        actor.broker = broker
+        broker.declare_actor(actor)

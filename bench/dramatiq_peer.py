@@ -46,7 +46,6 @@ class DramatiqWorker:
         self.counters.mkdir()
         self.env = {"BENCH_DRAMATIQ_REDIS": redis_url, "BENCH_COUNTER_DIR": str(self.counters),
                     "dramatiq_queue_prefetch": str(PREFETCH)}
-        os.environ.update(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dramatiq", "bench.dramatiq_app", "--processes", str(concurrency),
              "--threads", "1", "--skip-logging"],
@@ -54,6 +53,7 @@ class DramatiqWorker:
             start_new_session=True)
         from bench import dramatiq_app
 
+        dramatiq_app.use(redis_url)  # this process sends to the same Redis
         self.tasks = dramatiq_app
         # Dramatiq has no ping: the first no-op task's completion says the worker is up.
         self.tasks.noop.send(0, 0)

@@ -61,7 +61,6 @@ class Worker:
             "BENCH_STARTS_DIR": str(self.starts),
             "ENGINE_STATE_DIR": str(self.tmp / "state"),  # the worker's journal
         }
-        os.environ.update(self.env)
         self.argv = [sys.executable, "-m", "engine.cli", "-A", "bench.apps", "--concurrency", str(concurrency),
                      "--loglevel", "WARNING", *extra]
         self._start()
