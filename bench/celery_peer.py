@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,31 +74,18 @@ def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:
     try:
         worker.tasks.noop.delay(0, 0)
         worker.wait_completed(1, 60)
-        started = time.perf_counter()
-        for i in range(tasks):
-            worker.tasks.noop.delay(i, i)
-        finished = worker.wait_completed(tasks + 1, 1800)
+        return scenarios.time_noops(lambda i: worker.tasks.noop.delay(i, i), worker, tasks)
     finally:
         worker.stop()
-    elapsed = finished - started
-    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
 
 
 def latency(redis_url: str, tasks: int, concurrency: int) -> dict:
     """Scenario 3 on Celery (Redis result backend)."""
     worker = CeleryWorker(redis_url, concurrency)
-    samples = []
     try:
-        for _ in range(20):
-            worker.tasks.add.delay(1, 1).get(timeout=30)
-        for i in range(min(tasks, 500)):
-            started = time.perf_counter()
-            worker.tasks.add.delay(i, 1).get(timeout=30)
-            samples.append((time.perf_counter() - started) * 1000)
+        return scenarios.time_round_trips(lambda i: worker.tasks.add.delay(i, 1).get(timeout=30), min(tasks, 500))
     finally:
         worker.stop()
-    return {"tasks": len(samples), "p50_ms": round(statistics.median(samples), 3),
-            "p99_ms": round(scenarios._percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
 
 
 def fairness(redis_url: str, concurrency: int, long_s: float = 2.0, short_s: float = 0.01) -> dict:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import redis_server, scenarios
@@ -85,27 +83,16 @@ def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:
     """Scenario 1 on Dramatiq: no-op tasks, no results, first send to last completion."""
     worker = DramatiqWorker(_flushed_redis(redis_url), concurrency)
     try:
-        started = time.perf_counter()
-        for i in range(tasks):
-            worker.tasks.noop.send(i, i)
-        finished = worker.wait_completed(tasks + 1, 1800)
+        return scenarios.time_noops(lambda i: worker.tasks.noop.send(i, i), worker, tasks)
     finally:
         worker.stop()
-    elapsed = finished - started
-    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
 
 
 def latency(redis_url: str, tasks: int, concurrency: int) -> dict:
     """Scenario 3 on Dramatiq: one ``add`` at a time, send to result (Redis result backend)."""
     worker = DramatiqWorker(_flushed_redis(redis_url), concurrency)
-    samples = []
     try:
-        for i in range(20 + min(tasks, 500)):
-            started = time.perf_counter()
-            worker.tasks.add.send(i, 1).get_result(block=True, timeout=30_000)
-            if i >= 20:  # the first 20 warm up
-                samples.append((time.perf_counter() - started) * 1000)
+        return scenarios.time_round_trips(
+            lambda i: worker.tasks.add.send(i, 1).get_result(block=True, timeout=30_000), min(tasks, 500))
     finally:
         worker.stop()
-    return {"tasks": len(samples), "p50_ms": round(statistics.median(samples), 3),
-            "p99_ms": round(scenarios._percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}

@@ -24,6 +24,38 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def time_round_trips(round_trip: Callable[[int], object], count: int, warmup: int = 20,
+                     progress: Callable[[float], None] = lambda fraction: None) -> dict:
+    """Call ``round_trip(i)`` ``warmup`` times, then ``count`` timed times: p50 / p99 / max in ms.
+
+    Shared by the engine's latency scenario and the peers', so all are measured alike.
+    """
+    for i in range(warmup):
+        round_trip(i)
+    samples = []
+    for i in range(count):
+        started = time.perf_counter()
+        round_trip(i)
+        samples.append((time.perf_counter() - started) * 1000)
+        if i % 100 == 0:
+            progress(i / count)
+    return {"tasks": count, "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
+
+
+def time_noops(send: Callable[[int], object], worker, tasks: int, timeout: float = 1800) -> dict:
+    """Call ``send(i)`` ``tasks`` times, then wait for ``worker`` to count them done: tasks/s.
+
+    For the peers (the engine's own scenario also reads CPU times in between);
+    ``worker`` has completed exactly one no-op task before.
+    """
+    started = time.perf_counter()
+    for i in range(tasks):
+        send(i)
+    elapsed = worker.wait_completed(tasks + 1, timeout) - started
+    return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
+
+
 def _client_cpu_seconds() -> float:
     times = psutil.Process().cpu_times()
     return times.user + times.system
@@ -111,19 +143,10 @@ def latency(tasks: int, concurrency: int, progress: Callable[[float], None]) -> 
             if url is None:
                 out[backend] = {"skipped": redis_server.missing()}
                 continue
-            samples = []
             with Worker(concurrency, backend=url) as worker:
                 apps = worker.app()
-                for _ in range(20):
-                    apps.add.delay(1, 1).get(timeout=30)
-                for i in range(count):
-                    started = time.perf_counter()
-                    apps.add.delay(i, 1).get(timeout=30)
-                    samples.append((time.perf_counter() - started) * 1000)
-                    if i % 100 == 0:
-                        progress((index + i / count) / 3)
-        out[backend] = {"tasks": count, "p50_ms": round(statistics.median(samples), 3),
-                        "p99_ms": round(_percentile(samples, 0.99), 3), "max_ms": round(max(samples), 3)}
+                out[backend] = time_round_trips(lambda i: apps.add.delay(i, 1).get(timeout=30), count,
+                                                progress=lambda f, index=index: progress((index + f) / 3))
     progress(1.0)
     return out
 
