@@ -47,15 +47,18 @@ class CeleryWorker:
              "--without-heartbeat", *extra],
             cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        from bench import celery_app
+        try:
+            from bench import celery_app
 
-        celery_app.app.conf.broker_url = celery_app.app.conf.result_backend = broker
-        self.tasks = celery_app
-        deadline = time.monotonic() + 60
-        while not celery_app.app.control.ping(timeout=0.5):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("celery worker did not start")
+            celery_app.app.conf.broker_url = celery_app.app.conf.result_backend = broker
+            self.tasks = celery_app
+            deadline = time.monotonic() + 60
+            while not celery_app.app.control.ping(timeout=0.5):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("celery worker did not start")
+        except BaseException:
+            self.stop()
+            raise
 
     # Same shared-memory counters and start logs as the engine's bench worker.
     completed = Worker.completed

@@ -17,7 +17,6 @@ from dramatiq.results.backends import RedisBackend
 from bench import apps as engine_apps
 
 
-
 def _broker(url: str) -> RedisBroker:
     broker = RedisBroker(url=url)
     broker.add_middleware(Results(backend=RedisBackend(url=url)))

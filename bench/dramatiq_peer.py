@@ -49,17 +49,20 @@ class DramatiqWorker:
              "--threads", "1", "--skip-logging"],
             cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        from bench import dramatiq_app
-
-        dramatiq_app.use(redis_url)  # this process sends to the same Redis
-        self.tasks = dramatiq_app
-        # Dramatiq has no ping: the first no-op task's completion says the worker is up.
-        self.tasks.noop.send(0, 0)
         try:
+            from bench import dramatiq_app
+
+            dramatiq_app.use(redis_url)  # this process sends to the same Redis
+            self.tasks = dramatiq_app
+            # Dramatiq has no ping: the first no-op task's completion says the worker is up.
+            self.tasks.noop.send(0, 0)
             self.wait_completed(1, 60)
         except TimeoutError:
             self.stop()
             raise RuntimeError("dramatiq worker did not start") from None
+        except BaseException:
+            self.stop()
+            raise
 
     completed = Worker.completed
     wait_completed = Worker.wait_completed

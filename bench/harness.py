@@ -63,7 +63,13 @@ class Worker:
         }
         self.argv = [sys.executable, "-m", "engine.cli", "-A", "bench.apps", "--concurrency", str(concurrency),
                      "--loglevel", "WARNING", *extra]
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            if getattr(self, "proc", None) is not None:
+                stop_process(self.proc)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env}, stderr=subprocess.PIPE,

@@ -51,7 +51,7 @@ def _py_spy(pid: int, output: Path, rate: int, subprocesses: bool) -> subprocess
             "--rate", str(rate), "--nonblocking"]
     if subprocesses:
         argv.append("--subprocesses")
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _stop_py_spy(proc: subprocess.Popen) -> None:
@@ -129,26 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # py-spy attaches
 
     try:
-        figures = throughput(options.tasks, options.concurrency, lambda fraction: None, started_worker=sample)
+        try:
+            figures = throughput(options.tasks, options.concurrency, lambda fraction: None, started_worker=sample)
+        finally:
+            for spy in spies:
+                _stop_py_spy(spy)
+        print(f"{options.tasks:,} no-op tasks, concurrency {options.concurrency}: {figures['tasks_per_s']:,} "
+              "tasks/s while sampled; CPU µs per task: "
+              + ", ".join(f"{k} {v}" for k, v in figures["cpu_us_per_task"].items()))
+        for name in ("client", "worker"):
+            path = out / f"{name}.txt"
+            if not path.exists():
+                print(f"\n{name}: py-spy wrote nothing", file=sys.stderr)
+                continue
+            for process, counts in sorted(self_time(path.read_text()).items()):
+                if process != "client":
+                    pid = int(process.split()[-1])
+                    process = "supervisor" if supervisor and pid == supervisor[0] else f"child {pid}"
+                _print(process, counts, options.top)
     finally:
-        for spy in spies:
-            _stop_py_spy(spy)
-    print(f"{options.tasks:,} no-op tasks, concurrency {options.concurrency}: {figures['tasks_per_s']:,} tasks/s "
-          f"while sampled; CPU µs per task: " + ", ".join(f"{k} {v}" for k, v in figures["cpu_us_per_task"].items()))
-    for name in ("client", "worker"):
-        path = out / f"{name}.txt"
-        if not path.exists():
-            print(f"\n{name}: py-spy wrote nothing", file=sys.stderr)
-            continue
-        for process, counts in sorted(self_time(path.read_text()).items()):
-            if process != "client":
-                pid = int(process.split()[-1])
-                process = "supervisor" if supervisor and pid == supervisor[0] else f"child {pid}"
-            _print(process, counts, options.top)
-    if options.keep:
-        print(f"\npy-spy raw files in {out}")
-    else:
-        shutil.rmtree(out, ignore_errors=True)
+        if options.keep:
+            print(f"\npy-spy raw files in {out}")
+        else:
+            shutil.rmtree(out, ignore_errors=True)
     return 0
 
 

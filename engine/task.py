@@ -146,7 +146,11 @@ class Task:
 
     @property
     def request_class(self) -> type:
-        """The resolved ``Request`` class (resolved again only when ``Request`` changes)."""
+        """The resolved ``Request`` class (resolved again only when ``Request`` changes).
+
+        A ``'module:Class'`` name is looked up once: reloading that module later does not
+        change which class this task uses.
+        """
         # Every task run needs it: an import lookup per task cost ~0.5 µs of a ~4 µs no-op.
         name = self.Request
         resolved = self.__dict__.get("_request_class")

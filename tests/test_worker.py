@@ -340,8 +340,13 @@ def test_a_burst_wakes_the_producer_thread_once_and_credit_delivers_the_rest(set
     monkeypatch.setattr(producer, "_wake", lambda: (wakes.append(1), wake()))
     ids = [workerapp.add.delay(i, 3).id for i in range(200)]  # no worker yet: no credit
     assert len(wakes) == 1
+    # A queue waiting for credit does not hold back another queue's first message.
+    monkeypatch.setattr(workerapp.app.conf, "producer_flush_timeout", 0.5)  # nobody takes that one
+    workerapp.add.apply_async((1, 1), queue="nobody-consumes-this")
+    assert len(wakes) == 2
     setup("--concurrency", "2")  # its credit frames wake the thread for the other 199
     assert results_of(ids) == [i + 3 for i in range(200)]
+    workerapp.app.close()  # gives up on the unconsumed queue's task after 0.5 s
 
 
 def test_ventilator_pattern_client_binds_workers_connect(setup):

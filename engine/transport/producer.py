@@ -157,13 +157,14 @@ class Producer:
         with self._lock:
             if len(self._outbox) + len(self._unacked) >= self.max_outbox:
                 self._wait_for_room()
-            was_empty = not self._outbox.count
+            first_in_queue = not self._outbox.has(pending.queue)
             self._outbox.append(pending)
-        # Only the first message into an empty outbox wakes the I/O thread: a message behind
-        # others goes with them, in the dispatch already due or on the next credit frame (the
-        # outbox is left non-empty only when credit ran out). Waking per message cost ~40% of
-        # the client's CPU in a send loop (a pipe write and a GIL hand-over each).
-        if was_empty:
+        # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
+        # others of its queue goes with them, in the dispatch already due or on the next
+        # credit frame (a queue is left non-empty only when its credit ran out). Waking per
+        # message cost ~40% of the client's CPU in a send loop (a pipe write and a GIL
+        # hand-over each).
+        if first_in_queue:
             self._wake()
 
     def _wait_for_room(self) -> None:
@@ -430,6 +431,9 @@ class Producer:
                 if not sent:
                     self._credit[peer.key][items[0].queue] = 0  # full or gone: stop using its credit
                     self._outbox.put_back(items)
+                    # Dispatch again at once: another worker may hold credit, and sends into a
+                    # non-empty queue do not wake this thread.
+                    self._wake()
                     continue
                 for p in items:
                     p.peer, p.sent_at = peer, now
