@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,11 +76,16 @@ class Worker:
     def _start(self) -> None:
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env}, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
+        banner = []
         for line in self.proc.stderr:  # the banner ends with the core line
+            banner.append(line)
             if line.startswith("  core:"):
                 break
         else:
-            raise RuntimeError("engine-worker exited before it was ready")
+            raise RuntimeError("engine-worker exited before it was ready:\n" + "".join(banner[-20:]))
+        # Keep reading its stderr (warnings, errors), so a full pipe can never block the worker.
+        self.log = collections.deque(maxlen=200)
+        threading.Thread(target=self.log.extend, args=(self.proc.stderr,), daemon=True).start()
         self.ps = psutil.Process(self.proc.pid)
 
     def restart(self) -> None:

@@ -31,6 +31,12 @@ def test_scenario_completes(name):
                 assert numbers["tasks"] > 0
 
 
+def test_a_chatty_worker_cannot_block_on_its_stderr():
+    # DEBUG logs a line per task: 3,000 tasks overflow a pipe nobody reads (64 KiB).
+    figures = SCENARIOS["throughput"](3000, 2, lambda fraction: None, ("--loglevel", "DEBUG"))
+    assert figures["tasks"] == 3000
+
+
 def test_fairness_scenario_completes_with_short_durations():
     figures = fairness(0, 2, lambda fraction: None, long_s=0.2, short_s=0.001)
     assert set(figures) == {"fifo", "fair_cold", "fair_warm", "fair_restarted"}
