@@ -11,7 +11,7 @@ from bench.scenarios import BACKENDS, SCENARIOS, fairness
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("name", ["throughput", "results", "latency", "scaling", "memory"])
+@pytest.mark.parametrize("name", ["throughput", "results", "latency", "scaling", "memory", "journal"])
 def test_scenario_completes(name):
     figures = SCENARIOS[name](300, 2, lambda fraction: None)
     assert figures
@@ -20,6 +20,8 @@ def test_scenario_completes(name):
     if name == "throughput":  # CPU clocks tick every 10 ms: 300 tasks may read as 0
         assert set(figures["cpu_us_per_task"]) == {"client", "supervisor", "children"}
         assert all(value >= 0 for value in figures["cpu_us_per_task"].values()), figures
+    if name == "journal":  # the default worker and a --no-journal one both ran
+        assert figures["with_journal_tasks_per_s"] > 0 and figures["without_journal_tasks_per_s"] > 0
     if name == "memory":  # RSS read at start, after N and after 2N tasks
         assert figures["supervisor_rss_mib_after_twice"] > 0 and len(figures["child_rss_mib_after_twice"]) == 2
     if name in ("results", "latency"):
