@@ -78,7 +78,8 @@ def _flushed_redis(redis_url: str) -> str:
     import redis
 
     url = redis_url.rsplit("/", 1)[0] + "/1"
-    redis.Redis.from_url(url).flushdb()
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
     return url
 
 

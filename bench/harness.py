@@ -31,6 +31,12 @@ def free_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time (user + system) ``proc`` has used so far."""
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 30) -> None:
     """SIGTERM (warm shutdown), then SIGKILL of its whole session after ``grace`` seconds."""
     if proc.poll() is None:
@@ -123,11 +129,7 @@ class Worker:
 
     def cpu_seconds(self) -> tuple[float, float]:
         """CPU time (user + system) used so far by the supervisor, and by its live children together."""
-        def used(proc: psutil.Process) -> float:
-            times = proc.cpu_times()
-            return times.user + times.system
-
-        return used(self.ps), sum(used(child) for child in self.ps.children())
+        return cpu_seconds(self.ps), sum(cpu_seconds(child) for child in self.ps.children())
 
     def runs(self) -> list[tuple[str, float, float, float]]:
         """``(kind, sent, start, end)`` of every timed task."""

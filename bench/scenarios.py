@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import psutil
 
 from bench import redis_server
-from bench.harness import Worker
+from bench.harness import Worker, cpu_seconds
 
 __all__ = ("BACKENDS", "SCENARIOS")
 
@@ -56,11 +56,6 @@ def time_noops(send: Callable[[int], object], worker, tasks: int, timeout: float
     return {"tasks": tasks, "seconds": round(elapsed, 4), "tasks_per_s": round(tasks / elapsed)}
 
 
-def _client_cpu_seconds() -> float:
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
-
-
 def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], extra: tuple = (),
                started_worker: Callable[[Worker], None] | None = None) -> dict:
     """N no-op tasks, results ignored: first send to last completion.
@@ -77,14 +72,15 @@ def throughput(tasks: int, concurrency: int, progress: Callable[[float], None], 
         apps = worker.app()
         apps.noop.delay(0, 0)
         worker.wait_completed(1, 30)  # warm: connected, children forked
-        client0, (supervisor0, children0) = _client_cpu_seconds(), worker.cpu_seconds()
+        client = psutil.Process()
+        client0, (supervisor0, children0) = cpu_seconds(client), worker.cpu_seconds()
         started = time.perf_counter()
         for i in range(tasks):
             apps.noop.delay(i, i)
             if i % 5000 == 0:
                 progress(i / tasks)
         apps.app.producer.flush(600)  # sleeps on a condition: no CPU of its own
-        client1 = _client_cpu_seconds()  # before the harness starts polling for completion
+        client1 = cpu_seconds(client)  # before the harness starts polling for completion
         finished = worker.wait_completed(tasks + 1)
         supervisor1, children1 = worker.cpu_seconds()
         progress(1.0)
