@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import msgpack
 
 from engine.exceptions import MessageDecodeError, NotRegistered
-from engine.states import PRECEDENCE, READY_STATES
+from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
@@ -84,7 +84,6 @@ MAX_OPTIONS_DEPTH = 1023
 cdef enum:
     _MAX_DEPTH = 1023
     _ENVELOPE_SIZE = 13
-    _WIRE_VERSION = 1
 
 cdef object _packb = msgpack.packb
 cdef object _unpackb = msgpack.unpackb
@@ -92,8 +91,8 @@ cdef object _MDE = MessageDecodeError
 cdef object _MISSING = object()
 cdef object _FALLBACK = object()
 cdef frozenset _READY = frozenset(READY_STATES)
-cdef dict _PRECEDENCE_INDEX = {name: index for index, name in enumerate(PRECEDENCE)}
-cdef object _CUSTOM_PRECEDENCE = _PRECEDENCE_INDEX[None]
+cdef dict _PRECEDENCE_INDEX = PRECEDENCE_INDEX
+cdef object _CUSTOM_PRECEDENCE = CUSTOM_PRECEDENCE
 cdef frozenset _FIELD_SET = frozenset((
     "id", "task", "args", "kwargs", "retries", "eta", "expires", "queue",
     "reply_to", "parent_id", "root_id", "ignore_result", "options",
@@ -1055,7 +1054,7 @@ cdef TaskMessage _decode_envelope(const unsigned char* buf, Py_ssize_t size):
                    f"got {count} elements")
 
     version = _read_int(&r, "version", "int")
-    if version != 1:  # _WIRE_VERSION; a Python compare since any int can arrive
+    if version != 1:  # WIRE_VERSION as a literal: Cython compares it without a global lookup
         raise _MDE(f"unsupported task message version {version} "
                    f"(this engine reads {WIRE_VERSION})")
     cdef TaskMessage msg = TaskMessage.__new__(TaskMessage)

@@ -37,7 +37,7 @@ import msgpack
 from msgpack import ExtraData
 
 from engine.exceptions import MessageDecodeError, NotRegistered
-from engine.states import PRECEDENCE, READY_STATES
+from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 __all__ = (
     "ENVELOPE_SIZE",
@@ -77,8 +77,8 @@ _KINDS = {
     type(None): "nil", bool: "bool", int: "int", float: "float",
     str: "str", bytes: "bin", list: "array", dict: "map",
 }
-_PRECEDENCE_INDEX = {name: index for index, name in enumerate(PRECEDENCE)}
-_CUSTOM_PRECEDENCE = _PRECEDENCE_INDEX[None]
+_PRECEDENCE_INDEX = PRECEDENCE_INDEX
+_CUSTOM_PRECEDENCE = CUSTOM_PRECEDENCE
 
 
 def _kind(value: object) -> str:

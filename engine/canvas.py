@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from engine import states
+from engine.utils.ids import new_task_id
+
 __all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "signature")
 
 
@@ -101,8 +104,6 @@ class Signature(dict):
 
     def freeze(self, task_id: str | None = None) -> Any:
         """Give the call its task id now (if it has none) and return its AsyncResult."""
-        from engine.task import new_task_id
-
         options = self["options"]
         if task_id is not None or "task_id" not in options:
             options["task_id"] = task_id or new_task_id()
@@ -210,8 +211,6 @@ class chain:
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
         """Run every step here, in order; stop at the first failure (which the result then holds)."""
-        from engine import states
-
         self._freeze()
         result = None
         for index, step in enumerate(self.tasks):

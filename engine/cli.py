@@ -17,10 +17,10 @@ from typing import Any
 import click
 
 from engine.exceptions import ImproperlyConfigured
+from engine.log import WORKER_FORMAT, TaskContextFilter
 
 __all__ = ("find_app", "worker_main")
 
-LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s %(process)d] %(task_name)s%(task_id_sep)s%(message)s"
 
 
 def find_app(spec: str) -> Any:
@@ -53,25 +53,11 @@ def find_app(spec: str) -> Any:
         f"module {module_name!r} has {'no' if not found else 'several'} Engine app(s); name one as '{module_name}:attr'")
 
 
-class _TaskFields(logging.Filter):
-    """Fills the task fields of LOG_FORMAT: ``name[id]: `` inside a task, nothing outside."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from engine import context
-
-        running = context.current()
-        if running is not None and running[1].id and not record.name.startswith("engine."):
-            record.task_name, record.task_id_sep = f"{running[0].name}[{running[1].id}]", ": "
-        else:
-            record.task_name, record.task_id_sep = "", ""
-        return True
-
-
 def setup_logging(level: str) -> None:
     """Log to stderr with process and task fields."""
     handler = logging.StreamHandler()
-    handler.addFilter(_TaskFields())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(TaskContextFilter())
+    handler.setFormatter(logging.Formatter(WORKER_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -11,26 +11,37 @@ import logging
 
 from engine import context
 
-__all__ = ("TASK_FORMAT", "TaskContextFilter", "TaskFormatter", "get_logger", "get_task_logger")
+__all__ = ("TASK_FORMAT", "WORKER_FORMAT", "TaskContextFilter", "TaskFormatter", "get_task_logger")
 
 #: Default format of worker log lines that come from tasks.
 TASK_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"
+#: The format ``engine-worker`` logs with: lines a task's code logs start with ``name[id]: ``.
+WORKER_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s %(process)d] %(task_prefix)s%(message)s"
 #: Parent of every task logger, so one handler or level covers all tasks.
 TASK_LOGGER_NAME = "engine.task"
 
 
 class TaskContextFilter(logging.Filter):
-    """Adds ``task_name`` and ``task_id`` of the running task to each record."""
+    """Adds the running task's fields to each record.
+
+    ``task_name`` and ``task_id`` (``???`` outside a task), and ``task_prefix``:
+    ``name[id]: `` on lines a task's own code logs, empty on the engine's lines.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        fields = record.__dict__
         running = context.current()
-        if running is None:
-            record.__dict__.setdefault("task_name", "???")
-            record.__dict__.setdefault("task_id", "???")
+        if running is None or not running[1].id:
+            fields.setdefault("task_name", "???")
+            fields.setdefault("task_id", "???")
+            fields.setdefault("task_prefix", "")
         else:
             task, request = running
-            record.__dict__.setdefault("task_name", getattr(task, "name", "???"))
-            record.__dict__.setdefault("task_id", request.id or "???")
+            name = getattr(task, "name", "???")
+            fields.setdefault("task_name", name)
+            fields.setdefault("task_id", request.id)
+            engine_line = record.name == "engine" or record.name.startswith("engine.")
+            fields.setdefault("task_prefix", "" if engine_line else f"{name}[{request.id}]: ")
         return True
 
 
@@ -46,11 +57,6 @@ class TaskFormatter(logging.Formatter):
 
 
 _filter = TaskContextFilter()
-
-
-def get_logger(name: str) -> logging.Logger:
-    """Return a plain logger of the engine's own (``engine.worker`` and so on)."""
-    return logging.getLogger(name)
 
 
 def get_task_logger(name: str) -> logging.Logger:

@@ -11,7 +11,6 @@ the tracer and calls its own hooks, which a custom request class (a task's
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Any
 
@@ -19,12 +18,12 @@ from engine import states
 from engine.context import Context
 from engine.exceptions import TaskRevokedError
 from engine.tracer import ExceptionInfo, TraceOutcome, trace_task
+from engine.utils.hostname import HOSTNAME
 
 __all__ = ("Request",)
 
 logger = logging.getLogger("engine.request")
 
-_HOSTNAME = socket.gethostname()
 
 
 class Request:
@@ -39,7 +38,7 @@ class Request:
         self.message = message
         self.task = task
         self.recorder = recorder
-        self.hostname = hostname or _HOSTNAME
+        self.hostname = hostname or HOSTNAME
         self.eager = eager
         self.retry_dispatcher = retry_dispatcher
         self.time_accepted: float | None = None

@@ -13,8 +13,10 @@ __all__ = (
     "EXCEPTION_STATES",
     "FAILURE",
     "IGNORED",
+    "CUSTOM_PRECEDENCE",
     "PENDING",
     "PRECEDENCE",
+    "PRECEDENCE_INDEX",
     "PROPAGATE_STATES",
     "READY_STATES",
     "RECEIVED",
@@ -51,13 +53,15 @@ ALL_STATES = frozenset({PENDING, RECEIVED, STARTED, SUCCESS, FAILURE, RETRY, REV
 
 #: Strongest first; ``None`` stands for every custom state.
 PRECEDENCE = [SUCCESS, FAILURE, None, REVOKED, STARTED, RECEIVED, REJECTED, RETRY, PENDING]
-_PRECEDENCE_LOOKUP = {name: index for index, name in enumerate(PRECEDENCE)}
-_CUSTOM_PRECEDENCE = _PRECEDENCE_LOOKUP[None]
+#: State name -> its index in :data:`PRECEDENCE` (the one table; the core and the backends use it).
+PRECEDENCE_INDEX: dict[str | None, int] = {name: index for index, name in enumerate(PRECEDENCE)}
+#: The precedence index of every custom state.
+CUSTOM_PRECEDENCE = PRECEDENCE_INDEX[None]
 
 
 def precedence(state: str) -> int:
     """Return the precedence index of ``state``: a lower index is a stronger state."""
-    return _PRECEDENCE_LOOKUP.get(state, _CUSTOM_PRECEDENCE)
+    return PRECEDENCE_INDEX.get(state, CUSTOM_PRECEDENCE)
 
 
 def is_valid_state(name: object) -> bool:

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import traceback as traceback_module
 from time import monotonic
 from typing import Any, NamedTuple
 
 from engine import context, states
+from engine.canvas import maybe_signature
 from engine.exceptions import EncodeError, Ignore, Reject, Retry
+from engine.task import Task
+from engine.utils.hostname import HOSTNAME
 
 __all__ = ("ExceptionInfo", "TraceOutcome", "resolve_ignore_result", "trace_task")
 
@@ -41,7 +43,6 @@ logger = logging.getLogger("engine.tracer")
 #: After these outcomes ``after_return`` is not called (as in Celery).
 NO_AFTER_RETURN = frozenset({states.IGNORED, states.RETRY, states.REJECTED})
 
-_HOSTNAME = socket.gethostname()
 
 
 class ExceptionInfo:
@@ -92,8 +93,6 @@ def resolve_ignore_result(task: Any, request: Any) -> bool:
 def _runner(task: Any) -> Any:
     # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
     # calling run() directly saves a frame per task.
-    from engine.task import Task
-
     return task if type(task).__call__ is not Task.__call__ else task.run
 
 
@@ -114,7 +113,7 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
     context.push(task, request)
     try:
         if store is not None and not eager and task.resolve_option("track_started"):
-            store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or _HOSTNAME})
+            store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or HOSTNAME})
         try:
             task.before_start(task_id, args, kwargs)
             retval = _runner(task)(*args, **kwargs)
@@ -209,8 +208,6 @@ def _send_followers(task: Any, request: Any, retval: Any) -> None:
 
 
 def _signature(task: Any, data: Any) -> Any:
-    from engine.canvas import maybe_signature
-
     return maybe_signature(data, app=task.app)
 
 

@@ -16,30 +16,16 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
-
-import msgpack
 
 from engine.backends.memory import MemoryBackend
 from engine.core import StateRecord, StateRecorder
+from engine.transport.protocol import unpack_records
 
-__all__ = ("RPCBackend", "pack_records", "unpack_records")
+__all__ = ("RPCBackend",)
 
 #: Results a client keeps before the oldest are dropped.
 MAX_ENTRIES = 100_000
-
-
-def pack_records(records: Iterable[StateRecord]) -> bytes:
-    """Pack encoded records for a results frame."""
-    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp] for r in records],
-                         use_bin_type=True)
-
-
-def unpack_records(body: bytes) -> list[StateRecord]:
-    """Inverse of :func:`pack_records`."""
-    return [StateRecord(task_id, state, result, traceback, timestamp)
-            for task_id, state, result, traceback, timestamp in msgpack.unpackb(body, raw=False)]
 
 
 class RPCBackend(MemoryBackend):

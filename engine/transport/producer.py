@@ -19,7 +19,6 @@ import atexit
 import collections
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -31,7 +30,8 @@ import zmq
 from engine.core import encode_message
 from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
-from engine.transport.protocol import Peer
+from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
+from engine.utils.hostname import HOSTNAME
 
 __all__ = ("Producer",)
 
@@ -41,8 +41,6 @@ logger = logging.getLogger("engine.producer")
 BATCH_MAX = 512
 #: Seconds between two demand/heartbeat frames to each worker.
 HEARTBEAT = 0.25
-#: A worker not heard from for this long is presumed dead: its unacked messages are re-sent.
-PEER_TIMEOUT = 5.0
 #: Least seconds between two demand frames sent because credit ran out.
 DEMAND_EVERY = 0.001
 #: Seconds between two "still waiting" warnings during flush.
@@ -112,7 +110,7 @@ class Producer:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.pid = os.getpid()
-        self.client_id = f"client-{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        self.client_id = f"client-{HOSTNAME}-{self.pid}-{uuid.uuid4().hex[:8]}"
         endpoints = app.conf.transport
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.bind = bool(app.conf.transport_bind)
@@ -255,8 +253,7 @@ class Producer:
         self.context = zmq.Context.instance()
         max_size = int(self.app.conf.max_message_size)
         self._sockets: list[zmq.Socket] = []
-        self._peers: dict[Any, Peer] = {}
-        self._credit: dict[Any, dict[str, int]] = {}
+        self._peers = PeerTable()
         if self.bind:
             sock = self.context.socket(zmq.ROUTER)
             protocol.tune_socket(sock, max_size)
@@ -272,17 +269,15 @@ class Producer:
                 sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
                 self._secure(sock)
                 sock.connect(endpoint)
-                peer = Peer(sock, None, endpoint, endpoint)
-                self._peers[endpoint] = peer
-                self._credit[endpoint] = {}
+                self._peers.connect(sock, endpoint)
                 self._sockets.append(sock)
         self._poller = zmq.Poller()
         for sock in self._sockets:
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        hello = protocol.pack({"role": "client", "id": self.client_id, "host": socket.gethostname()})
-        for peer in self._peers.values():
-            self._try_send(peer, protocol.HELLO, hello)
+        hello = protocol.pack({"role": "client", "id": self.client_id, "host": HOSTNAME})
+        for peer in self._peers:
+            peer.try_send(protocol.HELLO, hello)
 
     def _secure(self, sock: zmq.Socket) -> None:
         """CURVE-encrypt and authenticate the link when the app has keys set."""
@@ -323,13 +318,13 @@ class Producer:
             if frame is None:
                 return
             route, kind, body = frame
-            peer = self._peer_for(sock, route)
+            peer = self._peers.for_frame(sock, route)
             if peer is None or not kind:
                 continue
             peer.last_seen = time.monotonic()
             try:
                 if kind == protocol.CREDIT:
-                    credit = self._credit.setdefault(peer.key, {})
+                    credit = peer.credit
                     for queue, amount in protocol.unpack(body).items():
                         # Negative amounts: the worker takes back credit we did not use.
                         credit[str(queue)] = max(0, credit.get(str(queue), 0) + int(amount))
@@ -342,18 +337,6 @@ class Producer:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
             except Exception as exc:
                 logger.warning("dropping a malformed %r frame from %s: %s", kind, peer.name, exc)
-
-    def _peer_for(self, sock: zmq.Socket, route: bytes | None) -> Peer | None:
-        if route is None:
-            for peer in self._peers.values():
-                if peer.socket is sock:
-                    return peer
-            return None
-        peer = self._peers.get(route)
-        if peer is None:
-            peer = self._peers[route] = Peer(sock, route, route, route.decode(errors="replace"))
-            self._credit[route] = {}
-        return peer
 
     def _acknowledge(self, ids: list) -> None:
         with self._lock:
@@ -377,12 +360,10 @@ class Producer:
             if lost:
                 logger.warning("%d task(s) not acknowledged by a silent worker: sending them again", len(lost))
                 self._outbox.put_back(lost)
-        for peer in list(self._peers.values()):
-            if peer.last_seen and now - peer.last_seen > PEER_TIMEOUT:
-                self._credit[peer.key] = {}
-                if peer.route is not None and now - peer.last_seen > PEER_TIMEOUT * 4:
-                    self._peers.pop(peer.key, None)  # a bound client forgets workers long gone
-                    self._credit.pop(peer.key, None)
+        for peer in self._peers.silent(now):
+            peer.credit = {}
+            if now - peer.last_seen > PEER_TIMEOUT * 4:
+                self._peers.remove(peer)  # a bound client forgets workers long gone
         self._send_demand(now, demand)
 
     def _send_demand(self, now: float, demand: dict[str, int]) -> None:
@@ -394,25 +375,25 @@ class Producer:
         """
         self._demand_sent = now
         waiting = dict(demand)
-        for peer in list(self._peers.values()):
-            held = {queue: n for queue, n in self._credit.get(peer.key, {}).items() if n > 0}
-            self._try_send(peer, protocol.DEMAND, protocol.pack({"waiting": waiting, "credit": held}))
+        for peer in self._peers:
+            held = {queue: n for queue, n in peer.credit.items() if n > 0}
+            peer.try_send(protocol.DEMAND, protocol.pack({"waiting": waiting, "credit": held}))
 
     def _dispatch(self, now: float) -> None:
         """Send waiting messages to workers with credit for their queue, in frames of bounded size."""
         with self._lock:
             if not self._outbox:
                 return
-            peers = list(self._peers.values())
+            peers = list(self._peers)
             batches: list[tuple[Peer, list[_Pending]]] = []
             for queue in self._outbox.queues():
                 # Round-robin over the workers with credit for this queue, a chunk each,
                 # so one burst is spread over all of them rather than filling the first.
-                with_credit = [p for p in peers if self._credit[p.key].get(queue, 0) > 0]
+                with_credit = [p for p in peers if p.credit.get(queue, 0) > 0]
                 turn = self._turn
                 while with_credit and self._outbox.has(queue):
                     peer = with_credit[turn % len(with_credit)]
-                    credit = self._credit[peer.key]
+                    credit = peer.credit
                     items = self._outbox.take(queue, min(credit[queue], BATCH_MAX), self.max_batch_bytes)
                     credit[queue] -= len(items)
                     batches.append((peer, items))
@@ -426,10 +407,10 @@ class Producer:
         # Packing and sending happen outside the lock, so delay() never waits on them.
         for peer, items in batches:
             frame = protocol.pack([p.raw for p in items])
-            sent = self._try_send(peer, protocol.TASKS, frame)
+            sent = peer.try_send(protocol.TASKS, frame)
             with self._lock:
                 if not sent:
-                    self._credit[peer.key][items[0].queue] = 0  # full or gone: stop using its credit
+                    peer.credit[items[0].queue] = 0  # full or gone: stop using its credit
                     self._outbox.put_back(items)
                     # Dispatch again at once: another worker may hold credit, and sends into a
                     # non-empty queue do not wake this thread.
@@ -438,10 +419,6 @@ class Producer:
                 for p in items:
                     p.peer, p.sent_at = peer, now
                     self._unacked[p.id] = p
-
-    @staticmethod
-    def _try_send(peer: Peer, kind: bytes, body: bytes) -> bool:
-        return peer.try_send(kind, body)
 
 
 @atexit.register

@@ -25,14 +25,19 @@ ROUTER and workers connect DEALERs. :class:`Peer` hides which one is in use.
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import msgpack
 import zmq
 
-__all__ = ("ACKS", "CREDIT", "DEMAND", "HELLO", "RESULTS", "TASKS", "Peer", "pack", "tune_socket", "unpack")
+from engine.core import StateRecord
+
+__all__ = (
+    "ACKS", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "RESULTS", "TASKS", "Peer", "PeerTable", "pack",
+    "pack_records", "tune_socket", "unpack", "unpack_records",
+)
 
 logger = logging.getLogger("engine.transport")
 
@@ -47,6 +52,9 @@ RESULTS = b"R"
 MAX_FRAME = 256 * 1024 * 1024
 #: Messages a socket queues per peer before it blocks or drops: bounded memory.
 HIGH_WATER_MARK = 10_000
+#: A peer not heard from for this long is presumed gone: a client sends a silent worker's
+#: unacknowledged messages again, a worker takes back a silent client's credit.
+PEER_TIMEOUT = 5.0
 
 
 def pack(body: Any) -> bytes:
@@ -59,6 +67,18 @@ def unpack(frame: bytes) -> Any:
     return msgpack.unpackb(frame, raw=False, strict_map_key=False)
 
 
+def pack_records(records: Iterable[StateRecord]) -> bytes:
+    """Encode state records (their results already serialized) as a ``R`` frame body."""
+    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp] for r in records],
+                         use_bin_type=True)
+
+
+def unpack_records(body: bytes) -> list[StateRecord]:
+    """Decode a ``R`` frame body (inverse of :func:`pack_records`)."""
+    return [StateRecord(task_id, state, result, traceback, timestamp)
+            for task_id, state, result, traceback, timestamp in msgpack.unpackb(body, raw=False)]
+
+
 def tune_socket(sock: zmq.Socket, max_message_size: int) -> None:
     """Bounded queues, a frame size limit, and no lingering on close by default."""
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
@@ -68,9 +88,14 @@ def tune_socket(sock: zmq.Socket, max_message_size: int) -> None:
 
 
 class Peer:
-    """The other end of one link: a DEALER socket, or a routing id on a ROUTER socket."""
+    """The other end of one link: a DEALER socket, or a routing id on a ROUTER socket.
 
-    __slots__ = ("key", "last_seen", "name", "route", "socket")
+    ``credit`` is the credit of this link per queue: on a client, what the worker
+    granted and the client has not used; on a worker, what it granted the client.
+    ``waiting`` is used by workers only: what the client last reported waiting per queue.
+    """
+
+    __slots__ = ("credit", "key", "last_seen", "name", "route", "socket", "waiting")
 
     def __init__(self, socket: zmq.Socket, route: bytes | None, key: Any, name: str = "?") -> None:
         self.socket = socket
@@ -78,6 +103,12 @@ class Peer:
         self.key = key
         self.name = name
         self.last_seen = 0.0
+        self.credit: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since this peer was last heard from (0 for a link never heard from)."""
+        return now - self.last_seen if self.last_seen else 0.0
 
     def send(self, kind: bytes, body: bytes) -> None:
         """Send one frame without blocking; raises zmq.Again when the peer's queue is full."""
@@ -99,6 +130,55 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"<Peer {self.name}>"
+
+
+class PeerTable:
+    """The peers of one end of the transport, known by key, for both topologies.
+
+    A DEALER link (we connected) has exactly one peer, added by :meth:`connect`
+    and known by its endpoint; on a ROUTER socket (we bound) every routing id
+    that speaks is a peer, added on its first frame.
+    """
+
+    def __init__(self) -> None:
+        self.by_key: dict[Any, Peer] = {}
+        self._by_socket: dict[zmq.Socket, Peer] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(list(self.by_key.values()))
+
+    def __contains__(self, peer: object) -> bool:
+        return isinstance(peer, Peer) and self.by_key.get(peer.key) is peer
+
+    def get(self, key: Any) -> Peer | None:
+        """The peer known by ``key`` (an endpoint or a routing id), or None."""
+        return self.by_key.get(key)
+
+    def connect(self, sock: zmq.Socket, endpoint: str) -> Peer:
+        """Add the one peer at the end of a DEALER ``sock`` connected to ``endpoint``."""
+        peer = self.by_key[endpoint] = self._by_socket[sock] = Peer(sock, None, endpoint, endpoint)
+        return peer
+
+    def for_frame(self, sock: zmq.Socket, route: bytes | None) -> Peer | None:
+        """The peer a frame came from: the DEALER link's peer, or the routing id's (added when new)."""
+        if route is None:
+            return self._by_socket.get(sock)
+        peer = self.by_key.get(route)
+        if peer is None:
+            peer = self.by_key[route] = Peer(sock, route, route, route.decode(errors="replace"))
+        return peer
+
+    def remove(self, peer: Peer) -> None:
+        """Forget a routed peer (a DEALER link's peer stays: it is the link itself)."""
+        if peer.route is not None:
+            self.by_key.pop(peer.key, None)
+
+    def silent(self, now: float, timeout: float = PEER_TIMEOUT) -> list[Peer]:
+        """Peers heard from before, but not for ``timeout`` seconds."""
+        return [peer for peer in self.by_key.values() if peer.last_seen and now - peer.last_seen > timeout]
 
 
 def receive(sock: zmq.Socket, routed: bool) -> tuple[bytes | None, bytes, bytes] | None:

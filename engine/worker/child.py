@@ -128,8 +128,6 @@ def child_main(apps: list, task_fd: int, result_fd: int, hostname: str, options:
     default_soft = options.get("soft_time_limit")
     poller = select.poll()
     poller.register(task_fd, select.POLLIN)
-    writer.add(pipe.READY, str(os.getpid()).encode())
-    writer.flush()
     done = 0
     exit_code = 0
     last_flush = time.monotonic()

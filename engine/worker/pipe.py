@@ -3,8 +3,8 @@
 A frame is ``<u32 length><u8 kind><payload>``. Writers collect frames and
 write them with one syscall (many tasks per write when busy, at once when
 idle); the supervisor's writes never block, so a slow child cannot stall it.
-Measured here, batched writes on a raw pipe move about 2M small frames/s,
-against about 110k/s for ``multiprocessing.Queue``.
+A raw pipe with batched writes rather than ``multiprocessing.Queue``, which
+pickles and locks per message (``bench/RESULTS.md`` has the measured ratio).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import struct
 
 __all__ = (
     "DONE",
-    "READY",
     "RECORD",
     "SEND",
     "STOP",
@@ -34,7 +33,6 @@ STOP = 2
 DONE = 10
 RECORD = 11
 SEND = 12
-READY = 13
 
 #: Linux F_SETPIPE_SZ: bigger pipes mean fewer wake-ups under load.
 _F_SETPIPE_SZ = 1031

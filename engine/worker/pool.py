@@ -28,9 +28,7 @@ class Child:
         self.outstanding: collections.deque = collections.deque()
         #: False once the child may take no more tasks (retiring, stopping).
         self.accepting = True
-        self.ready = False
         self.process = psutil.Process(pid)
-        self.born = time.monotonic()
 
     @property
     def fds(self) -> tuple[int, int]:

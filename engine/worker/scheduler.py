@@ -135,12 +135,6 @@ class FifoScheduler:
     def expect_kinds(self, names: Iterable[str]) -> None:
         """Kinds an earlier run received (only the fair mode makes use of this)."""
 
-    def drain(self) -> list[QueuedTask]:
-        """Remove and return every waiting task."""
-        entries = list(self.waiting)
-        self.waiting.clear()
-        return entries
-
     def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
         """Pair waiting tasks with children that have room, spreading them round-robin."""
         out = []
@@ -212,12 +206,6 @@ class FairScheduler(FifoScheduler):
     def push_front(self, entry: QueuedTask) -> None:
         self.by_name.setdefault(entry.name, collections.deque()).appendleft(entry)
         self.count += 1
-
-    def drain(self) -> list[QueuedTask]:
-        entries = sorted((e for q in self.by_name.values() for e in q), key=lambda e: e.received)
-        self.by_name.clear()
-        self.count = 0
-        return entries
 
     def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
         children = list(children)

@@ -1,0 +1,102 @@
+"""Task states on their way out of the worker, in batches.
+
+Children report states (STARTED, SUCCESS, custom ones ...) and the supervisor
+adds its own (a lost child's task, an unknown task). They collect in a state
+recorder, which applies the precedence rule, and leave in one batch: to the
+result backend, or back to the waiting clients for ``rpc://``. Only once a
+task's final state is out may the journal forget the task, so a worker
+killed in between runs it again rather than losing its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine.core import StateRecorder
+from engine.serialization import dumps
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
+    from engine.worker.journal import Journal
+    from engine.worker.replies import ReplyRouter
+
+__all__ = ("StateFlusher",)
+
+logger = logging.getLogger("engine.worker")
+
+#: Longest a state waits in the recorder before it is written out (seconds).
+STATE_FLUSH_INTERVAL = 0.02
+#: States written in one batch at most.
+BATCH_SIZE = 512
+#: Task states remembered for precedence. Kept small: each holds an encoded result, and the
+#: backends (or the clients, for rpc://) hold the real copies.
+RECORDER_ENTRIES = 10_000
+
+
+class StateFlusher:
+    """Collects task states and writes them out; releases finished tasks from the journal."""
+
+    def __init__(self, backend: Backend | None = None, replies: ReplyRouter | None = None,
+                 journal: Journal | None = None) -> None:
+        #: Where states go: ``replies`` (rpc://) when given, else ``backend``; with neither, nowhere.
+        self.backend = backend
+        self.replies = replies
+        self.journal = journal
+        self.recorder = StateRecorder(batch_size=BATCH_SIZE, max_entries=RECORDER_ENTRIES)
+        #: Journal keys of tasks that ran; they leave the journal once their states are out.
+        self._finished: list[str] = []
+        self._last_flush = 0.0
+
+    @property
+    def pending(self) -> bool:
+        """True when states wait to be written."""
+        return bool(self.recorder.pending)
+
+    def record(self, task_id: str, state: str, result: Any, traceback: str | None) -> None:
+        """Record a state the supervisor decided (its result not yet serialized)."""
+        self.recorder.record(task_id, state, dumps(result), traceback, time.time())
+
+    def record_encoded(self, task_id: str, state: str, body: bytes, traceback: str | None,
+                       timestamp: float) -> None:
+        """Record a state a child reported (its result already serialized)."""
+        self.recorder.record(task_id, state, body, traceback, timestamp)
+
+    def finished(self, journal_key: str) -> None:
+        """A task ran (or failed for good): forget it once its states are out."""
+        self._finished.append(journal_key)
+
+    def flush(self, now: float, force: bool = False) -> None:
+        """Write pending states when the batch is full, old enough, or ``force``; then release tasks."""
+        recorder = self.recorder
+        if not recorder.pending:
+            self._release(self._take_finished())
+            return
+        if not force and not recorder.should_flush and now - self._last_flush < STATE_FLUSH_INTERVAL:
+            return
+        self._last_flush = now
+        # A child's DONE is read after that task's states, so these tasks' states are all in this batch.
+        finished = self._take_finished()
+        records = recorder.flush()
+        if self.replies is not None:
+            self.replies.send(records)
+        elif self.backend is not None:
+            try:
+                self.backend.store(records)
+            except Exception as exc:
+                logger.error("result backend write of %d state(s) failed, will retry: %s", len(records), exc)
+                for record in records:
+                    recorder.record(record.task_id, record.state, record.result, record.traceback,
+                                    record.timestamp)
+                self._finished[:0] = finished
+                return
+        self._release(finished)
+
+    def _take_finished(self) -> list[str]:
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _release(self, keys: list[str]) -> None:
+        if keys and self.journal is not None:
+            self.journal.remove(keys)
