@@ -15,7 +15,8 @@ from engine.exceptions import Reject, SoftTimeLimitExceeded
 
 app = Engine(
     "workerapp",
-    transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599"),
+    # One endpoint, or several separated by commas (a client connected to several workers).
+    transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599").split(","),
     backend=os.environ.get("ENGINE_TEST_BACKEND") or None,
 )
 
@@ -172,3 +173,20 @@ def mark(directory, number):
     with open(os.path.join(directory, f"{os.getpid()}.runs"), "a") as fh:
         fh.write(f"{number}\n")
     return number
+
+
+@app.task(track_started=True)
+def tracked_sleep(seconds):
+    """Record STARTED, then sleep: a task that is visibly running for a while."""
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(bind=True, autoretry_for=(ValueError,), max_retries=0, default_retry_delay=0.05)
+def override_then_fail(self, mode):
+    """``"override"``: retry once with its own max_retries=1. ``"fail"``: raise ValueError (autoretried)."""
+    if mode == "override" and self.request.retries == 0:
+        raise self.retry(max_retries=1)
+    if mode == "fail":
+        raise ValueError(f"attempt {self.request.retries}")
+    return self.request.retries

@@ -170,22 +170,14 @@ class Consumer:
             if peer is not None:
                 peer.try_send(protocol.ACKS, protocol.pack(ids))
 
-    def send_to(self, client_id: str, kind: bytes, body: bytes) -> bool:
-        """Send a frame to a client by id (the ``reply_to`` of its messages)."""
+    def find_client(self, client_id: str) -> Peer | None:
+        """The peer of the client known by ``client_id`` (the ``reply_to`` of its messages), if connected."""
         peer = self.peers.get(client_id.encode())
-        if peer is None:  # a client we connected to (ventilator) is known by endpoint, not id
+        if peer is None:  # a producer we connected to (ventilator) is known by endpoint, and by name
             peer = next((p for p in self.peers if p.name == client_id), None)
             if peer is None and len(self.peers) == 1 and self.router is None:
                 peer = next(iter(self.peers))  # connected to one producer: it is the one
-        if peer is None:
-            return False
-        return peer.try_send(kind, body)
-
-    def send_peer(self, peer: Peer, kind: bytes, body: bytes) -> bool:
-        """Send a frame to a known peer (if it is still connected)."""
-        if peer not in self.peers:
-            return False
-        return peer.try_send(kind, body)
+        return peer
 
     def expire(self, now: float) -> None:
         """Forget clients that went silent, taking back their credit."""

@@ -13,7 +13,8 @@ kind      direction        body
 ``C``     worker → client  credit: ``{queue: more tasks it may send}`` (added up)
 ``T``     client → worker  a batch of task messages
 ``A``     worker → client  acknowledgements: ``[task id, ...]``
-``R``     worker → client  results for the ``rpc://`` backend
+``R``     worker → client  results for the ``rpc://`` backend:
+                           ``[[task id, state, result, traceback, timestamp, client id], ...]``
 ========  ===============  ===================================================
 
 Topologies: by default workers *bind* a ROUTER and clients *connect* one
@@ -36,7 +37,7 @@ from engine.core import StateRecord
 
 __all__ = (
     "ACKS", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "RESULTS", "TASKS", "Peer", "PeerTable", "pack",
-    "pack_records", "tune_socket", "unpack", "unpack_records",
+    "pack_records", "tune_socket", "unpack", "unpack_addressed_records", "unpack_records",
 )
 
 logger = logging.getLogger("engine.transport")
@@ -67,16 +68,25 @@ def unpack(frame: bytes) -> Any:
     return msgpack.unpackb(frame, raw=False, strict_map_key=False)
 
 
-def pack_records(records: Iterable[StateRecord]) -> bytes:
-    """Encode state records (their results already serialized) as a ``R`` frame body."""
-    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp] for r in records],
+def pack_records(records: Iterable[StateRecord], client_id: str | None = None) -> bytes:
+    """Encode state records (their results already serialized) as a ``R`` frame body.
+
+    ``client_id`` names the client the states are for, in each record, so that a
+    worker that forwarded the task can relay them (a client ignores it).
+    """
+    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp, client_id] for r in records],
                          use_bin_type=True)
 
 
+def unpack_addressed_records(body: bytes) -> list[tuple[StateRecord, str | None]]:
+    """Decode a ``R`` frame body into ``(record, client id or None)`` pairs."""
+    return [(StateRecord(item[0], item[1], item[2], item[3], item[4]), item[5] if len(item) > 5 else None)
+            for item in msgpack.unpackb(body, raw=False)]
+
+
 def unpack_records(body: bytes) -> list[StateRecord]:
-    """Decode a ``R`` frame body (inverse of :func:`pack_records`)."""
-    return [StateRecord(task_id, state, result, traceback, timestamp)
-            for task_id, state, result, traceback, timestamp in msgpack.unpackb(body, raw=False)]
+    """Decode a ``R`` frame body into its records (inverse of :func:`pack_records`)."""
+    return [record for record, _ in unpack_addressed_records(body)]
 
 
 def tune_socket(sock: zmq.Socket, max_message_size: int) -> None:

@@ -109,8 +109,8 @@ class Supervisor:
             binds, connects = ([], list(endpoints)) if conf.transport_bind else (list(endpoints), [])
         self.binds, self.connects = list(binds or []), list(connects or [])
         self.registry = app.tasks
-        self.journal_path = (journal or default_journal_path((self.binds or self.connects or ["worker"])[0])) \
-            if use_journal else None
+        self.journal_path = (journal or default_journal_path(  # keyed on the -n name as given: None when unnamed
+            hostname, (self.binds or self.connects or ["worker"])[0])) if use_journal else None
         self.journal: Journal | None = None
         self.backend = app.backend if conf.result_backend else None
         #: rpc:// only: where each task's states go.
@@ -183,6 +183,8 @@ class Supervisor:
         for sock in consumer.sockets:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
+        if self.replies is not None:
+            poller.register(self.replies.wake_fd, zmq.POLLIN)
         registered: set[int] = set()
         stop_sent = False
         stop_deadline = 0.0
@@ -190,6 +192,7 @@ class Supervisor:
         while True:
             if self.stopping and listening:
                 listening = False
+                logger.info("%s shutdown requested: accepting no more tasks", self.stopping)
                 consumer.stop_granting()
                 for sock in consumer.sockets:
                     poller.unregister(sock)
@@ -209,6 +212,8 @@ class Supervisor:
             for target, _ in events:
                 if target == self.signals.fd:
                     self.signals.drain()
+                elif self.replies is not None and target == self.replies.wake_fd:
+                    self.replies.relay()
                 elif isinstance(target, int):
                     child = self.pool.by_fd.get(target)
                     if child is not None:
@@ -342,6 +347,8 @@ class Supervisor:
                 self._task_done(child, payload)
             elif kind == pipe.RECORD:
                 task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
+                if self.replies is not None and child.outstanding:
+                    self.replies.follow(task_id, child.outstanding[0].message.id)
                 self.states.record_encoded(task_id, state, body, traceback, timestamp)
             elif kind == pipe.SEND:
                 self._accept_from_child(payload)
@@ -371,7 +378,10 @@ class Supervisor:
         if message.queue in self.queues:
             self.accept(message, raw)
         else:
-            # Another worker consumes that queue: this supervisor sends it on as a client.
+            # Another worker consumes that queue: this supervisor sends it on as a client,
+            # and relays the states that worker sends back for the waiting client.
+            if self.replies is not None:
+                self.replies.listen(self.app.producer)
             self.app.send_message(message)
 
     def _child_exited(self, child: Child) -> None:
@@ -511,6 +521,8 @@ class Supervisor:
             self.context.term()
         if self.backend is not None:
             self.backend.close()
+        if self.replies is not None:
+            self.replies.close()
         self.signals.uninstall()
 
 
