@@ -1,11 +1,15 @@
 """The worker's end of the transport: receives task batches, grants credit, acknowledges.
 
 Credit keeps every worker within its window: a client may send a queue's
-tasks only against credit this worker granted for that queue. The worker
-grants from its free capacity (window minus waiting tasks minus credit
-already out), first a small standing credit to every live client so a lone
-task goes out at once, then what clients report waiting (their demand).
-Credit of a client that went silent is taken back.
+tasks only against credit this worker granted for that queue. Credit follows
+demand, not connections: the worker grants from its free capacity (window
+minus waiting tasks minus credit already out) to the clients that report
+tasks waiting, round robin, and only then a small standing credit to clients
+that sent tasks lately, so their next lone task goes out without asking.
+A client that went idle holds no credit for long: it is taken back after
+:data:`ACTIVE_SECONDS`, or at once when another client waits and nothing is
+free. However many clients are connected (every web-server process is one),
+one that arrives last gets its tasks run as soon as the worker has room.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ __all__ = ("Consumer",)
 
 logger = logging.getLogger("engine.transport.consumer")
 
+#: A client that sent tasks within this many seconds keeps standing credit; an idle one's is taken back.
+ACTIVE_SECONDS = 1.0
+
 
 class Consumer:
     """The worker's sockets and the credit it granted each client (on each :class:`Peer`)."""
@@ -39,6 +46,13 @@ class Consumer:
         self.peers = PeerTable()
         #: Task ids to acknowledge per peer key, sent by the next :meth:`flush`.
         self.acks: dict[Any, list[str]] = {}
+        # Subsets of the peers, by key, so that granting costs O(clients that matter), not
+        # O(clients connected): those that reported tasks waiting, those that sent tasks lately,
+        # and those that hold credit.
+        self._wanting: dict[Any, Peer] = {}
+        self._active: dict[Any, Peer] = {}
+        self._holders: dict[Any, Peer] = {}
+        self._turn = 0
         self.router: zmq.Socket | None = None
         self.authenticator: Any = None
         if binds:
@@ -77,12 +91,18 @@ class Consumer:
             peer.last_seen = time.monotonic()
             try:
                 if kind == protocol.TASKS:
+                    peer.last_task = peer.last_seen
+                    self._active[peer.key] = peer
                     yield peer, split_batch(body)
                 elif kind == protocol.DEMAND:
                     report = protocol.unpack(body)
                     peer.waiting = {str(q): int(n) for q, n in report["waiting"].items()}
                     # The client's count of our credit it holds is the truth (see the producer).
                     peer.credit = {str(q): int(n) for q, n in report["credit"].items() if q in self.queues}
+                    if any(peer.waiting.get(q, 0) > peer.credit.get(q, 0) for q in self.queues):
+                        self._wanting[peer.key] = peer
+                    if peer.credit:
+                        self._holders[peer.key] = peer
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
                     peer.credit = {}  # a (re)started client holds no credit of ours
@@ -93,9 +113,12 @@ class Consumer:
 
     @staticmethod
     def consumed(peer: Peer, queue: str, count: int = 1) -> None:
-        """Count ``count`` tasks of ``queue`` from ``peer`` against the credit it held."""
+        """Count ``count`` tasks of ``queue`` from ``peer`` against the credit it held and what it had waiting."""
         credit = peer.credit
         credit[queue] = max(0, credit.get(queue, 0) - count)
+        waiting = peer.waiting.get(queue)
+        if waiting:  # they were among the tasks it reported waiting: do not grant for them again
+            peer.waiting[queue] = max(0, waiting - count)
 
     @staticmethod
     def consumed_any(peer: Peer) -> None:
@@ -112,43 +135,109 @@ class Consumer:
 
     def outstanding(self) -> int:
         """Credit granted and not yet used, over all clients and queues."""
-        return sum(sum(peer.credit.values()) for peer in self.peers)
+        total = 0
+        for key, peer in list(self._holders.items()):
+            held = sum(peer.credit.values())
+            if held <= 0 or peer not in self.peers:
+                del self._holders[key]  # only clients that hold credit are counted, not every client
+            else:
+                total += held
+        return total
 
     def grant(self, free: int, standing: int) -> None:
-        """Hand out up to ``free`` credit: standing credit to every client, then by demand.
+        """Hand out up to ``free`` credit: first to clients with tasks waiting, then standing credit.
 
-        When nothing is free and a client is waiting, credit idle clients hold
-        (they report nothing waiting) is taken back, so idle processes, such as
-        web-server workers that send a task now and then, cannot lock out busy ones.
+        Credit follows demand, not connections. Clients that report waiting
+        tasks share ``free`` round robin (a fair share each, the rest to the
+        next in turn; the first in turn rotates), so a client that arrives last
+        gets credit as soon as the worker has room. What is left becomes standing
+        credit (``standing`` per queue) for clients that sent tasks within
+        :data:`ACTIVE_SECONDS`, so their next task goes out without asking. Idle
+        clients get none, and when nothing is free while a client waits, credit
+        held by clients with nothing waiting is taken back for it.
         """
+        if not self.queues:
+            return
         if free <= 0:
-            self._reclaim_idle()
+            if self._wanting:
+                self._reclaim_for_waiting()
             return
         grants: dict[Peer, dict[str, int]] = {}
-        for stage in ("standing", "demand"):
-            for peer in self.peers:
-                if free <= 0:
-                    break
-                held = peer.credit
-                for queue in self.queues:
-                    target = standing if stage == "standing" else standing + peer.waiting.get(queue, 0)
-                    give = min(free, target - held.get(queue, 0))
-                    if give > 0:
-                        held[queue] = held.get(queue, 0) + give
-                        given = grants.setdefault(peer, {})
-                        given[queue] = given.get(queue, 0) + give
-                        free -= give
+        if self._wanting:
+            free = self._grant_demand(free, grants)
+        if free > 0 and self._active:
+            self._grant_standing(free, standing, grants)
         for peer, credit in grants.items():
+            self._holders[peer.key] = peer
             peer.try_send(protocol.CREDIT, protocol.pack(credit))
 
-    def _reclaim_idle(self) -> None:
-        waiting = {q for peer in self.peers for q, n in peer.waiting.items() if n > 0 and q in self.queues}
+    def _grant_demand(self, free: int, grants: dict[Peer, dict[str, int]]) -> int:
+        """Share ``free`` among clients' unmet demand (waiting minus credit held); return what is left."""
+        wants: list[list[Any]] = []  # [peer, queue, unmet]
+        for key, peer in list(self._wanting.items()):
+            unmet = [[peer, q, peer.waiting.get(q, 0) - peer.credit.get(q, 0)] for q in self.queues]
+            unmet = [w for w in unmet if w[2] > 0]
+            if not unmet or peer not in self.peers:
+                del self._wanting[key]
+            wants.extend(unmet)
+        if not wants:
+            return free
+        turn = self._turn % len(wants)
+        self._turn += 1
+        wants = wants[turn:] + wants[:turn]
+        while free > 0 and wants:
+            share = max(1, free // len(wants))
+            still: list[list[Any]] = []
+            for want in wants:
+                give = min(want[2], share, free)
+                if give <= 0:
+                    break
+                peer, queue = want[0], want[1]
+                peer.credit[queue] = peer.credit.get(queue, 0) + give
+                given = grants.setdefault(peer, {})
+                given[queue] = given.get(queue, 0) + give
+                free -= give
+                want[2] -= give
+                if want[2] > 0:
+                    still.append(want)
+            wants = still
+        return free
+
+    def _grant_standing(self, free: int, standing: int, grants: dict[Peer, dict[str, int]]) -> None:
+        now = time.monotonic()
+        for key, peer in list(self._active.items()):
+            if now - peer.last_task > ACTIVE_SECONDS or peer not in self.peers:
+                del self._active[key]
+                continue
+            for queue in self.queues:
+                give = min(free, standing - peer.credit.get(queue, 0))
+                if give > 0:
+                    peer.credit[queue] = peer.credit.get(queue, 0) + give
+                    given = grants.setdefault(peer, {})
+                    given[queue] = given.get(queue, 0) + give
+                    free -= give
+            if free <= 0:
+                return
+
+    def _reclaim_for_waiting(self) -> None:
+        """Nothing is free and a client waits: take back credit held by clients with nothing waiting."""
+        waiting = {q for peer in self._wanting.values() for q, n in peer.waiting.items()
+                   if n > peer.credit.get(q, 0) and q in self.queues}
         if not waiting:
             return
-        for peer in self.peers:
-            if any(peer.waiting.get(q, 0) > 0 for q in waiting):
+        for peer in list(self._holders.values()):
+            taken = {q: -n for q, n in peer.credit.items() if q in waiting and n > 0 and not peer.waiting.get(q, 0)}
+            if taken:
+                for queue in taken:
+                    peer.credit[queue] = 0
+                peer.try_send(protocol.CREDIT, protocol.pack(taken))
+
+    def reclaim_idle(self, now: float) -> None:
+        """Take back credit from clients that hold some, wait for nothing, and sent no task lately."""
+        for peer in list(self._holders.values()):
+            if now - peer.last_task <= ACTIVE_SECONDS:
                 continue
-            taken = {q: -n for q, n in peer.credit.items() if q in waiting and n > 0}
+            taken = {q: -n for q, n in peer.credit.items() if n > 0 and not peer.waiting.get(q, 0)}
             if taken:
                 for queue in taken:
                     peer.credit[queue] = 0
@@ -185,7 +274,8 @@ class Consumer:
             if peer.route is not None:
                 logger.info("client %s went silent; taking back its credit", peer.name)
                 self.peers.remove(peer)
-                self.acks.pop(peer.key, None)
+                for table in (self.acks, self._wanting, self._active, self._holders):
+                    table.pop(peer.key, None)
 
     def stop_granting(self) -> None:
         """Warm shutdown: tell clients nothing more (they re-send unacked work elsewhere)."""

@@ -102,10 +102,11 @@ class Peer:
 
     ``credit`` is the credit of this link per queue: on a client, what the worker
     granted and the client has not used; on a worker, what it granted the client.
-    ``waiting`` is used by workers only: what the client last reported waiting per queue.
+    ``waiting`` and ``last_task`` are used by workers only: what the client last
+    reported waiting per queue, and when it last sent tasks (monotonic seconds).
     """
 
-    __slots__ = ("credit", "key", "last_seen", "name", "route", "socket", "waiting")
+    __slots__ = ("credit", "key", "last_seen", "last_task", "name", "route", "socket", "waiting")
 
     def __init__(self, socket: zmq.Socket, route: bytes | None, key: Any, name: str = "?") -> None:
         self.socket = socket
@@ -115,10 +116,7 @@ class Peer:
         self.last_seen = 0.0
         self.credit: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
-
-    def silent_for(self, now: float) -> float:
-        """Seconds since this peer was last heard from (0 for a link never heard from)."""
-        return now - self.last_seen if self.last_seen else 0.0
+        self.last_task = 0.0
 
     def send(self, kind: bytes, body: bytes) -> None:
         """Send one frame without blocking; raises zmq.Again when the peer's queue is full."""

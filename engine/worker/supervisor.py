@@ -443,6 +443,7 @@ class Supervisor:
         assert self.consumer is not None
         self._next_housekeeping = now + HOUSEKEEPING
         self.consumer.expire(now)
+        self.consumer.reclaim_idle(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT
             self.consumer.heartbeat()
