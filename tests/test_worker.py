@@ -7,6 +7,7 @@ result file, and stops them by pid; every wait is bounded.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from engine.exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
 from tests import workerapp
 from tests.worker_helpers import ROOT, WorkerProcess, free_endpoint, pids_alive, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
@@ -84,8 +85,9 @@ def test_warm_shutdown_finishes_running_tasks(setup):
     worker = setup("--concurrency", "2")
     runs = setup.tmp / "runs.txt"
     result = workerapp.log_run.delay(str(runs), "slow", 1.0)
-    wait_until(lambda: worker.children() and workerapp.app.AsyncResult(result.id).state == states.PENDING, 5)
-    time.sleep(0.3)
+    # Acknowledged: the worker wrote it to a child's pipe before it sent the ack.
+    wait_until(lambda: workerapp.app.producer.waiting == 0, 10, message="the worker took the task")
+    assert workerapp.app.AsyncResult(result.id).state == states.PENDING
     assert worker.stop(signal.SIGTERM) == 0
     assert "slow" in read_runs(runs)
     assert result.get(timeout=5) == "slow"
@@ -95,9 +97,10 @@ def test_second_signal_is_a_cold_shutdown_leaving_no_children(setup):
     worker = setup("--concurrency", "2")
     children = [p.pid for p in worker.children()]
     workerapp.sleepy.delay(30)
-    time.sleep(0.5)
+    wait_until(lambda: workerapp.app.producer.waiting == 0, 10, message="the worker took the task")
     os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.3)
+    # Two signals sent back to back may arrive as one: the second goes once the first was acted on.
+    worker.wait_for_line("warm shutdown requested", 10)
     assert worker.stop(signal.SIGTERM, timeout=15) == 3
     assert pids_alive(children) == []
 
@@ -106,7 +109,7 @@ def test_sigkilled_supervisor_takes_its_children_with_it(setup):
     worker = setup("--concurrency", "2")
     children = [p.pid for p in worker.children()]
     workerapp.sleepy.delay(30)
-    time.sleep(0.3)
+    wait_until(lambda: workerapp.app.producer.waiting == 0, 10, message="a child was handed the task")
     os.kill(worker.pid, signal.SIGKILL)
     worker.proc.wait(10)
     wait_until(lambda: not pids_alive(children), 10, message="children exit after their supervisor died")
@@ -288,7 +291,9 @@ def test_garbage_on_the_wire_is_dropped_and_the_worker_keeps_serving(setup):
         for frames in ([b"T", b"\xc1garbage"], [b"T", b"\x92\xc4\x03abc\xc4\x01z"], [b"X", b"??"], [b"only-one"],
                        [b"D", b"\xff"], [b"T", b"\x91\xc4\x05hello"]):
             sock.send_multipart(frames)
-        time.sleep(0.3)
+        # Frames are read in order: the last garbage batch's item is the third malformed task message.
+        wait_until(lambda: worker.output.count("dropped a malformed task message") >= 3, 10,
+                   message="the worker read every garbage frame")
         assert workerapp.add.delay(20, 22).get(timeout=20) == 42
         assert worker.proc.poll() is None
         assert "dropped" in worker.output
@@ -316,20 +321,23 @@ def test_tasks_sent_before_any_worker_starts_are_delivered(setup):
     script = textwrap.dedent("""
         from tests import workerapp
         ids = [workerapp.add.delay(i, 2).id for i in range(50)]
-        print("\\n".join(ids), flush=True)
+        print(" ".join(ids), flush=True)
     """)
     producer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **setup.env},
                                 stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        # One line in one write, once every delay() returned; then the script waits at exit for a worker.
+        assert select.select([producer.stdout], [], [], 20)[0], "the script printed no task ids within 20s"
+        ids = producer.stdout.readline().split()
+        assert len(ids) == 50
         assert producer.poll() is None  # still holding its tasks: no worker yet
         setup("--concurrency", "1")
-        out, _ = producer.communicate(timeout=30)
+        producer.communicate(timeout=30)
     finally:
         if producer.poll() is None:
             producer.kill()
             producer.wait(5)
-    assert results_of(out.split()) == [i + 2 for i in range(50)]
+    assert results_of(ids) == [i + 2 for i in range(50)]
 
 
 def test_a_burst_wakes_the_producer_thread_once_and_credit_delivers_the_rest(setup, monkeypatch):
@@ -477,7 +485,7 @@ def test_an_idle_client_does_not_starve_a_busy_one(setup):
 def test_warm_shutdown_with_retiring_children_finishes(setup):
     worker = setup("--concurrency", "1", "--max-tasks-per-child", "2")
     results = [workerapp.sleepy.delay(0.02) for _ in range(12)]
-    time.sleep(0.1)
+    worker.wait_for_line("retired", 20)  # the stop comes while children are being replaced
     assert worker.stop(signal.SIGTERM, timeout=30) == 0
     done = [r for r in results if r.state == states.SUCCESS]
     assert done  # what the worker had accepted ran; the rest stays with the client
@@ -531,7 +539,7 @@ def test_countdown_task_survives_a_warm_restart(setup, tmp_path):
     state = {"ENGINE_STATE_DIR": str(tmp_path / "state")}
     worker = setup("--concurrency", "1", extra_env=state)
     result = workerapp.add.apply_async((40, 2), countdown=1.5)
-    time.sleep(0.3)
+    wait_until(lambda: workerapp.app.producer.waiting == 0, 10, message="the worker took the task")
     assert worker.stop(signal.SIGTERM) == 0
     assert "kept in the journal" in worker.output
     setup("--concurrency", "1", extra_env=state)

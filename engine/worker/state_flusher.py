@@ -87,6 +87,9 @@ class StateFlusher:
             except Exception as exc:
                 logger.error("result backend write of %d state(s) failed, will retry: %s", len(records), exc)
                 for record in records:
+                    # Forget first: precedence would drop a final state recorded again over itself,
+                    # and the journal would then release a task whose result was never stored.
+                    recorder.forget(record.task_id)
                     recorder.record(record.task_id, record.state, record.result, record.traceback,
                                     record.timestamp)
                 self._finished[:0] = finished

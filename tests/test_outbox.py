@@ -1,0 +1,87 @@
+"""The client's outbox: messages waiting for credit, one FIFO per queue (no sockets, no thread)."""
+
+from __future__ import annotations
+
+from engine.transport.producer import _Outbox, _Pending
+
+
+def pending(queue: str, task_id: str, size: int = 10) -> _Pending:
+    return _Pending(queue, task_id, b"x" * size)
+
+
+def ids(items: list[_Pending]) -> list[str]:
+    return [p.id for p in items]
+
+
+def test_each_queue_is_first_in_first_out_and_counted():
+    outbox = _Outbox()
+    for task_id in ("a1", "a2", "a3"):
+        outbox.append(pending("a", task_id))
+    outbox.append(pending("b", "b1"))
+
+    assert len(outbox) == 4
+    assert outbox.queues() == ["a", "b"]
+    assert outbox.has("a") and outbox.has("b") and not outbox.has("c")
+    assert ids(outbox.take("a", 2, 1 << 20)) == ["a1", "a2"]
+    assert ids(outbox.take("b", 10, 1 << 20)) == ["b1"]
+    assert len(outbox) == 1
+    assert outbox.queues() == ["a"]  # an emptied queue is not listed
+    assert not outbox.has("b")
+
+
+def test_put_back_returns_messages_to_the_front_in_their_order():
+    outbox = _Outbox()
+    for task_id in ("1", "2", "3", "4"):
+        outbox.append(pending("q", task_id))
+    taken = outbox.take("q", 2, 1 << 20)
+    outbox.append(pending("q", "5"))
+
+    outbox.put_back(taken)
+
+    assert len(outbox) == 5
+    assert ids(outbox.take("q", 10, 1 << 20)) == ["1", "2", "3", "4", "5"]
+
+
+def test_put_back_sorts_mixed_queues_into_their_own_fifos():
+    outbox = _Outbox()
+    outbox.append(pending("a", "a3"))
+    outbox.put_back([pending("a", "a1"), pending("b", "b1"), pending("a", "a2")])
+    assert ids(outbox.take("a", 10, 1 << 20)) == ["a1", "a2", "a3"]
+    assert ids(outbox.take("b", 10, 1 << 20)) == ["b1"]
+    assert len(outbox) == 0
+
+
+def test_take_stops_at_the_count():
+    outbox = _Outbox()
+    for i in range(10):
+        outbox.append(pending("q", str(i)))
+    assert ids(outbox.take("q", 3, 1 << 20)) == ["0", "1", "2"]
+    assert len(outbox) == 7
+
+
+def test_take_stops_before_the_byte_bound():
+    outbox = _Outbox()
+    for i in range(10):
+        outbox.append(pending("q", str(i), size=92))  # 100 bytes each with the 8 counted per item
+    assert ids(outbox.take("q", 100, 250)) == ["0", "1"]
+    assert ids(outbox.take("q", 100, 300)) == ["2", "3", "4"]
+    assert len(outbox) == 5
+
+
+def test_take_always_takes_at_least_one_even_when_it_is_over_the_byte_bound():
+    outbox = _Outbox()
+    outbox.append(pending("q", "huge", size=10_000))
+    outbox.append(pending("q", "small"))
+    assert ids(outbox.take("q", 100, 50)) == ["huge"]
+    assert ids(outbox.take("q", 100, 50)) == ["small"]
+
+
+def test_demand_counts_waiting_messages_per_non_empty_queue():
+    outbox = _Outbox()
+    assert outbox.demand() == {}
+    for i in range(3):
+        outbox.append(pending("a", f"a{i}"))
+    outbox.append(pending("b", "b0"))
+    assert outbox.demand() == {"a": 3, "b": 1}
+    outbox.take("b", 1, 1 << 20)
+    assert outbox.demand() == {"a": 3}
