@@ -9,6 +9,7 @@ while it runs, a table prints at the end, ``--json FILE`` saves the figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -56,10 +57,10 @@ def run(options: argparse.Namespace) -> int:
                     label = f"run {number}/{options.runs}: {label}"
                 if bar is not None:
                     handle = bar.add_task(label, total=1.0)
-                    progress = lambda fraction, handle=handle: bar.update(handle, completed=fraction)
+                    progress = functools.partial(_show_progress, bar, handle)
                 else:
                     print(label, file=sys.stderr)
-                    progress = lambda fraction: None
+                    progress = _no_progress
                 one["results"][name] = SCENARIOS[name](options.tasks, options.concurrency, progress)
             for peer, scenarios in wanted.items():
                 if missing[peer]:
@@ -128,6 +129,15 @@ def _run_peer(peer: str, options: argparse.Namespace, wanted: list[str], ours: d
 def _advance(bar, handle) -> None:
     if bar is not None:
         bar.advance(handle)
+
+
+def _show_progress(bar, handle, fraction: float) -> None:
+    """A scenario's progress callback when a bar is shown: ``fraction`` done of its row."""
+    bar.update(handle, completed=fraction)
+
+
+def _no_progress(fraction: float) -> None:
+    """A scenario's progress callback without a bar (no ``rich``): the label was printed instead."""
 
 
 def main(argv: list[str] | None = None) -> int:

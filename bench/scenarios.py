@@ -6,7 +6,8 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable
 
 import psutil
 
@@ -141,7 +142,7 @@ def latency(tasks: int, concurrency: int, progress: Callable[[float], None]) -> 
                 continue
             with Worker(concurrency, backend=url) as worker:
                 apps = worker.app()
-                out[backend] = time_round_trips(lambda i: apps.add.delay(i, 1).get(timeout=30), count,
+                out[backend] = time_round_trips(lambda i, apps=apps: apps.add.delay(i, 1).get(timeout=30), count,
                                                 progress=lambda f, index=index: progress((index + f) / 3))
     progress(1.0)
     return out
@@ -164,7 +165,8 @@ def _fairness_batch(worker: Worker, long_s: float, short_s: float) -> dict:
     rows = [r for r in worker.runs() if r[1] >= sent0]
     waits = [start - sent for kind, sent, start, end in rows if kind == "short"]
     makespan = max(end for *_, end in rows) - min(sent for _, sent, _, _ in rows)
-    return {"short_wait_p50_s": round(statistics.median(waits), 3), "short_wait_p99_s": round(_percentile(waits, 0.99), 3),
+    return {"short_wait_p50_s": round(statistics.median(waits), 3),
+            "short_wait_p99_s": round(_percentile(waits, 0.99), 3),
             "short_wait_max_s": round(max(waits), 3), "makespan_s": round(makespan, 3)}
 
 

@@ -52,7 +52,8 @@ def main() -> int:
             noop.delay(i, i)
         add.delay(0, 0).get(timeout=120)  # sent last: done (to within one task per child) when the batch is
         ignored = time.perf_counter() - started
-        print(f"  {options.tasks} no-op tasks, results ignored: {ignored:.2f}s ({options.tasks / ignored:,.0f} tasks/s, "
+        print(f"  {options.tasks} no-op tasks, results ignored: {ignored:.2f}s "
+              f"({options.tasks / ignored:,.0f} tasks/s, "
               "approximate: timed to the result of one task sent after them; bench/ measures exactly)")
 
         count = min(options.tasks, 5000)

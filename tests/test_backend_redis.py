@@ -20,7 +20,7 @@ from engine.exceptions import TimeoutError as EngineTimeoutError
 from engine.serialization import dumps
 from tests.redis_server import redis_url_fixture
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]  # a redis-server for the session
 
 redis_url = pytest.fixture(scope="session", name="redis_url")(redis_url_fixture)
 

@@ -19,6 +19,7 @@ def app(tmp_path):
     application.close()
 
 
+@pytest.mark.slow
 def test_results_are_readable_from_another_process(app, tmp_path):
     app.backend.store_state("x1", states.SUCCESS, {"answer": [1, 2]})
     code = (f"from engine import Engine; a = Engine('o', backend='sqlite:///{tmp_path / 'r.db'}'); "

@@ -11,6 +11,7 @@ from bench.scenarios import BACKENDS, SCENARIOS, fairness
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["throughput", "results", "latency", "scaling", "memory", "journal"])
 def test_scenario_completes(name):
     figures = SCENARIOS[name](300, 2, lambda fraction: None)
@@ -33,12 +34,14 @@ def test_scenario_completes(name):
                 assert numbers["tasks"] > 0
 
 
+@pytest.mark.slow
 def test_a_chatty_worker_cannot_block_on_its_stderr():
     # DEBUG logs a line per task: 3,000 tasks overflow a pipe nobody reads (64 KiB).
     figures = SCENARIOS["throughput"](3000, 2, lambda fraction: None, ("--loglevel", "DEBUG"))
     assert figures["tasks"] == 3000
 
 
+@pytest.mark.slow
 def test_fairness_scenario_completes_with_short_durations():
     figures = fairness(0, 2, lambda fraction: None, long_s=0.2, short_s=0.001)
     assert set(figures) == {"fifo", "fair_cold", "fair_warm", "fair_restarted"}
@@ -78,6 +81,7 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     assert "50.0x" in out and "10.0x" in out
 
 
+@pytest.mark.slow
 def test_peers_complete_a_small_run():
     from bench import celery_peer, dramatiq_peer, redis_server
 
@@ -115,6 +119,7 @@ def test_profile_counts_self_time_per_process():
     assert counts["client"] == {"packb (msgpack/__init__.py)": 2}
 
 
+@pytest.mark.slow
 def test_profile_command_samples_client_supervisor_and_children(capsys):
     from bench.profile import cannot_sample, main
 

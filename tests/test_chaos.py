@@ -22,7 +22,7 @@ from tests import workerapp
 from tests.worker_helpers import WorkerProcess, free_endpoint
 
 TASKS = int(os.environ.get("ENGINE_CHAOS_TASKS", "3000"))
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def two_workers(tmp_path, concurrency: str, **settings):

@@ -104,17 +104,20 @@ def _select(env_value, block_extension=False):
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["1", "true", "YES", "True"])
 def test_env_var_selects_the_pure_twin(value):
     assert _select(value) == "python"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(c_core is None, reason="compiled core not built")
 @pytest.mark.parametrize("value", [None, "0", "no", ""])
 def test_compiled_core_selected_by_default(value):
     assert _select(value) == "cython"
 
 
+@pytest.mark.slow
 def test_missing_extension_warns_and_falls_back():
     out = _select(None, block_extension=True)
     assert out.startswith("warning:") and "pip install -e ." in out
