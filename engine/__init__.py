@@ -18,9 +18,12 @@ use (``ENGINE_NO_EXTENSIONS=1`` forces the pure-Python twin).
 """
 
 from engine import states
+from engine._version import __version__ as __version__
 from engine.app import Engine
 from engine.canvas import GroupResult, Signature, chain, group, signature
 from engine.core import HAS_EXTENSION, IMPLEMENTATION
+from engine.current import current_app, current_task, shared_task
+from engine.exceptions import OutboxFull
 from engine.result import AsyncResult, EagerResult
 from engine.task import Task
 
@@ -31,12 +34,15 @@ __all__ = (
     "EagerResult",
     "Engine",
     "GroupResult",
+    "OutboxFull",
     "Signature",
     "Task",
     "chain",
+    "current_app",
+    "current_task",
     "group",
+    "shared_task",
     "signature",
     "states",
 )
 
-__version__ = "0.1.0"

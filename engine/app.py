@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from types import ModuleType
 from typing import Any, Callable
 
+from engine import current
+from engine.canvas import Signature
 from engine.config import Settings
 from engine.core import TaskRegistry
-from engine.exceptions import DuplicateTaskError, ImproperlyConfigured
+from engine.exceptions import CeleryCompatibilityWarning, DuplicateTaskError, ImproperlyConfigured
 from engine.result import AsyncResult
 from engine.task import Task, add_autoretry, validate_options
 from engine.utils.imports import symbol_by_name
@@ -20,22 +26,35 @@ class Engine:
 
     ``transport`` is one ZeroMQ endpoint or a list (clients connect, workers
     bind); ``backend`` a result backend URL; ``task_cls`` the default base of
-    this app's tasks (a Task subclass or ``'module:Class'``); other keyword
-    arguments are settings (see :mod:`engine.config`).
+    this app's tasks (a Task subclass or ``'module:Class'``); ``include``
+    modules the worker imports at start (as Celery's); other keyword
+    arguments are settings (see :mod:`engine.config`). ``broker`` is accepted
+    for Celery code and ignored with a warning: there is no broker here.
+    The new app becomes the current app (:mod:`engine.current`) unless
+    ``set_as_current=False``.
     """
 
     def __init__(self, main: str | None = None, *, transport: Any = "tcp://127.0.0.1:5555",
-                 backend: str | None = None, task_cls: Any = None, **settings: Any) -> None:
+                 backend: str | None = None, task_cls: Any = None, broker: str | None = None,
+                 include: Iterable[str] | None = None, set_as_current: bool = True, **settings: Any) -> None:
         self.main = main
         self.conf = Settings(settings)
         self.conf.transport = transport
         if backend is not None:
             self.conf.result_backend = backend
+        if broker is not None:
+            warnings.warn(
+                f"Engine(broker={broker!r}) is ignored: engine has no broker; clients send tasks straight to "
+                f"workers over ZeroMQ at the 'transport' endpoint(s) ({transport!r})",
+                CeleryCompatibilityWarning, stacklevel=2)
         self._task_cls = task_cls
         #: The task registry: name -> task instance (the core's compiled mapping).
         self.tasks = TaskRegistry()
         self._backend: Any = None
         self._producer: Any = None
+        #: Modules to import before a worker starts (``include=``, ``autodiscover_tasks``).
+        self._pending_imports: list[Any] = list(include or ())
+        current.app_created(self, set_as_current)
 
     def __repr__(self) -> str:
         return f"<Engine {self.main or '__main__'}:{id(self):#x}>"
@@ -44,11 +63,23 @@ class Engine:
 
     @property
     def Task(self) -> type:
-        """The default base class of this app's tasks (``task_cls``, else :class:`engine.Task`)."""
+        """The default base class of this app's tasks (``task_cls``, else :class:`engine.Task`).
+
+        Assignable, as in Celery: ``app.Task = MyTask`` (tasks created afterwards use it).
+        """
         base = symbol_by_name(self._task_cls) if self._task_cls is not None else Task
         if not (isinstance(base, type) and issubclass(base, Task)):
             raise ImproperlyConfigured(f"task_cls must be a subclass of engine.Task, not {base!r}")
         return base
+
+    @Task.setter
+    def Task(self, base: Any) -> None:
+        self._task_cls = base
+        self.Task  # noqa: B018 - checks it now, so a wrong class fails here and not at the first task
+
+    def set_current(self) -> None:
+        """Make this the current app (what ``current_app``, ``shared_task`` and app-less calls use)."""
+        current.set_current_app(self)
 
     def gen_task_name(self, name: str, module: str) -> str:
         """Name a task that was given no ``name=``: ``module.function``.
@@ -65,8 +96,8 @@ class Engine:
         Options: ``name``, ``bind``, ``base`` and any Task attribute
         (``max_retries``, ``autoretry_for``, ``ignore_result``, ``queue`` ...).
         """
-        if len(args) == 1 and not options and callable(args[0]):
-            return self._task_from_fun(args[0])
+        if len(args) == 1 and callable(args[0]):  # @app.task, or app.task(fun, name=...) called directly
+            return self._task_from_fun(args[0], **options)
         if args:
             raise TypeError("app.task() takes options as keyword arguments only")
 
@@ -118,6 +149,64 @@ class Engine:
         self.tasks.register(task.name, task)
         return task
 
+    # --- configuration -------------------------------------------------------------
+
+    def config_from_object(self, obj: Any, namespace: str | None = None, silent: bool = False) -> None:
+        """Read settings from a module (or its dotted path), a class, an object or a mapping.
+
+        As in Celery: without ``namespace`` the lower-case public names are
+        settings; with ``namespace="CELERY"`` the names that start with
+        ``CELERY_`` are, without the prefix and in lower case (Flask and Django
+        style: ``CELERY_TASK_ALWAYS_EAGER`` sets ``task_always_eager``). An
+        unknown setting name raises, as everywhere; ``silent=True`` only
+        forgives a module path that cannot be imported.
+        """
+        if isinstance(obj, str):
+            try:
+                obj = symbol_by_name(obj) if ":" in obj else importlib.import_module(obj)
+            except ImportError:
+                if silent:
+                    return
+                raise
+        items = obj.items() if isinstance(obj, Mapping) else (
+            (name, getattr(obj, name)) for name in dir(obj) if not name.startswith("_"))
+        prefix = f"{namespace.upper()}_" if namespace else ""
+        settings: dict[str, Any] = {}
+        for name, value in items:
+            if not isinstance(name, str) or callable(value) or isinstance(value, ModuleType):
+                continue
+            if prefix:
+                if name.upper().startswith(prefix):
+                    settings[name[len(prefix):].lower()] = value
+            elif name.islower():
+                settings[name] = value
+        self.conf.update(settings)
+
+    def autodiscover_tasks(self, packages: Any = None, related_name: str = "tasks", force: bool = False) -> None:
+        """Import ``PACKAGE.tasks`` of each package (a list, or a callable returning one) before the worker starts.
+
+        As in Celery the imports wait until the worker starts (or :meth:`finalize`),
+        so a Django project can call this before its apps are ready; ``force=True``
+        imports now. A package without a ``tasks`` module is skipped; an error
+        inside one is raised.
+        """
+        self._pending_imports.append((packages, related_name))
+        if force:
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Import the modules of ``include=`` and ``autodiscover_tasks`` (the worker calls this at start)."""
+        pending, self._pending_imports = self._pending_imports, []
+        for item in pending:
+            if isinstance(item, str):
+                importlib.import_module(item)
+                continue
+            packages, related_name = item
+            if callable(packages):
+                packages = packages()
+            for package in packages or ():
+                _import_related(package, related_name)
+
     # --- results -------------------------------------------------------------------
 
     @property
@@ -137,12 +226,14 @@ class Engine:
 
     def signature(self, name: str, args: Any = None, kwargs: dict | None = None, **options: Any) -> Any:
         """Return a signature of the task called ``name`` (which need not be imported here)."""
-        from engine.canvas import Signature
-
         return Signature(name, args, kwargs, options, app=self)
 
-    def send_task(self, name: str, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
-        """Send a task by name, without its code in this process; returns its AsyncResult."""
+    def send_task(self, name: str, args: Any = None, kwargs: dict | None = None, **options: Any) -> Any:
+        """Send a task by name, without its code in this process; returns its AsyncResult.
+
+        ``options`` are ``apply_async``'s (``countdown``, ``queue``, ``task_id`` ...).
+        """
+        args = args or ()
         task = self.tasks.get(name)
         if task is None:
             # A placeholder of the default base sends the message; the worker has the code.
@@ -183,6 +274,16 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _import_related(package: str, related_name: str) -> None:
+    """Import ``package.related_name``; a package that has no such module is skipped."""
+    name = f"{package}.{related_name}" if related_name else package
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise  # no such package, or its tasks module imports something missing: the user's error
 
 
 def _same_function(a: Any, b: Any) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from engine import states
+from engine import current, states
 from engine.utils.ids import new_task_id
 
 __all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "signature")
@@ -41,9 +41,9 @@ class Signature(dict):
 
     @property
     def app(self) -> Any:
-        """The app whose registry resolves the task name."""
+        """The app whose registry resolves the task name: the task's, else the current app."""
         if self._app is None:
-            raise RuntimeError(f"signature of {self.task!r} has no app: build it with task.s() or app.signature()")
+            self._app = current.get_current_app()
         return self._app
 
     @property
@@ -115,9 +115,19 @@ class Signature(dict):
         return callback
 
     def link_error(self, errback: Signature) -> Signature:
-        """Send ``errback`` with this call's task id when it fails."""
+        """Call ``errback`` when this call fails.
+
+        An errback task whose function takes ``(request, exc, traceback)`` is called
+        in the worker at once, as in Celery; one that takes ``(task_id)`` is sent
+        as a task.
+        """
         self["options"].setdefault("link_error", []).append(dict(errback))
         return errback
+
+    def on_error(self, errback: Signature) -> Signature:
+        """:meth:`link_error` that returns this signature, to chain on: ``add.s(2, 2).on_error(log.s()).delay()``."""
+        self.link_error(errback)
+        return self
 
     def __or__(self, other: Any) -> chain:
         if isinstance(other, chain):

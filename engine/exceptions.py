@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = (
+    "CeleryCompatibilityWarning",
     "DuplicateTaskError",
     "EncodeError",
     "EngineError",
@@ -18,6 +19,7 @@ __all__ = (
     "MaxRetriesExceededError",
     "MessageDecodeError",
     "NotRegistered",
+    "OutboxFull",
     "Reject",
     "RemoteTaskError",
     "ResultsDisabledError",
@@ -164,3 +166,7 @@ class RemoteTaskError(EngineError):
 
 class OutboxFull(EngineError):
     """The client holds ``producer_max_outbox`` messages no worker has taken yet."""
+
+
+class CeleryCompatibilityWarning(UserWarning):
+    """Celery code asked for something that has no meaning without a broker (it is ignored, said once)."""

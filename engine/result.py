@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import context, states
+from engine import context, current, states
 
 __all__ = ("AsyncResult", "EagerResult")
 
@@ -26,8 +26,12 @@ class AsyncResult:
 
     @property
     def backend(self) -> Any:
-        """The backend this result is read from."""
-        return self._backend if self._backend is not None else self.app.backend
+        """The backend this result is read from (the current app's when the result was made without one)."""
+        if self._backend is not None:
+            return self._backend
+        if self.app is None:
+            self.app = current.get_current_app()
+        return self.app.backend
 
     def _record(self) -> Any:
         return self.backend.get(self.id)

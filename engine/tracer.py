@@ -23,6 +23,7 @@ task's result is ignored.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -187,10 +188,30 @@ def _record_failure(task: Any, request: Any, store: Any, exc: BaseException, ein
                 store.record(step_id, states.FAILURE, exc, einfo.traceback)
     for errback in request.errbacks or ():
         try:
-            _signature(task, errback).apply_async((request.id,), parent_id=request.id,
-                                                   root_id=request.root_id or request.id, reply_to=request.reply_to)
+            sig = _signature(task, errback)
+            handler = sig.app.tasks.get(sig.task)
+            if handler is not None and _takes_request_exc_traceback(handler):
+                # Celery's new-style errback, (request, exc, traceback): called here, at once.
+                sig(request, exc, einfo.traceback)
+            else:  # old style, (task_id): sent as a task
+                sig.apply_async((request.id,), parent_id=request.id, root_id=request.root_id or request.id,
+                                reply_to=request.reply_to)
         except Exception:
-            logger.exception("Task %s[%s]: sending errback %r failed", task.name, request.id, errback)
+            logger.exception("Task %s[%s]: errback %r failed", task.name, request.id, errback)
+
+
+def _takes_request_exc_traceback(handler: Task) -> bool:
+    """True when the errback task's function takes more than one positional argument (Celery's test)."""
+    try:
+        parameters = list(inspect.signature(handler.__wrapped__).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if getattr(handler, "_bound", False) and parameters:
+        parameters = parameters[1:]  # self
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > 1
 
 
 def _send_followers(task: Any, request: Any, retval: Any) -> None:
