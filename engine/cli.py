@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
 import click
 
+from engine._version import __version__
 from engine.exceptions import ImproperlyConfigured
 from engine.log import WORKER_FORMAT, TaskContextFilter
 
@@ -64,6 +64,7 @@ def setup_logging(level: str) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="engine-worker", message="%(prog)s %(version)s")
 @click.option("-A", "--app", "app_spec", required=True, help="The app: 'module' or 'module:attribute'.")
 @click.option("-c", "--concurrency", type=click.IntRange(1), default=None,
               help="Child processes (default: the CPU count).")
@@ -91,8 +92,8 @@ def setup_logging(level: str) -> None:
 @click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
               help="CURVE: directory of the public key files of the clients allowed to send tasks.")
 @click.option("--journal", default=None, type=click.Path(dir_okay=False),
-              help="Journal file of accepted, unfinished tasks, replayed at start "
-                   "(default: one per endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
+              help="Journal file of accepted, unfinished tasks, replayed at start; one worker at a time "
+                   "(default: one per worker name and endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
 @click.option("--no-journal", is_flag=True, help="Keep accepted tasks in memory only (faster; a killed "
               "supervisor loses them).")
 def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple, connects: tuple,
@@ -115,10 +116,12 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
         if bool(curve_secret_key) != bool(curve_clients):
             raise ImproperlyConfigured("CURVE needs both --curve-secret-key and --curve-clients")
         app = find_app(app_spec)
+        app.finalize()  # include= and autodiscover_tasks() modules
         if backend:
             app.conf.result_backend = backend
         concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-        hostname = hostname or f"engine@{socket.gethostname()}-{os.getpid()}"
+        # The name as given (None without -n): the Supervisor names an unnamed worker
+        # engine@HOST-PID, and keys its default journal on engine@HOST, which a restart keeps.
         supervisor = Supervisor(
             app, concurrency=concurrency, fair=fair, binds=list(binds) or None, connects=list(connects) or None,
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
@@ -131,7 +134,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
         log.error("cannot start worker: %s", exc)
         sys.exit(EXIT_FAILURE)
     _banner(supervisor, app_spec, core)
-    log.info("%s ready.", hostname)
+    log.info("%s ready.", supervisor.hostname)
     sys.exit(supervisor.run())
 
 
@@ -157,6 +160,7 @@ def _banner(supervisor: Any, app_spec: str, core: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="engine", message="%(prog)s %(version)s")
 def main() -> None:
     """engine's tools (the worker itself is `engine-worker`)."""
 

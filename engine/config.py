@@ -2,18 +2,22 @@
 
 ``app.conf.NAME`` reads and writes a setting; ``app.conf.update(...)`` sets
 several. A name that is not below raises :class:`UnknownSettingError` at once,
-so a typo (``task_acks_lat=True``) is an error instead of a silent no-op.
+so a typo (``task_acks_lat=True``) is an error instead of a silent no-op; a
+value of the wrong type or out of range (``task_serializer="yaml"``) raises
+:class:`ImproperlyConfigured` naming the setting, the value and what it takes.
 Names are Celery's where Celery has the setting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
-from engine.exceptions import UnknownSettingError
+from engine.exceptions import ImproperlyConfigured, UnknownSettingError
 
-__all__ = ("DEFAULTS", "Settings")
+__all__ = ("DEFAULTS", "RULES", "Settings")
 
 #: Every setting the engine knows, with its default.
 DEFAULTS: dict[str, Any] = {
@@ -50,9 +54,10 @@ DEFAULTS: dict[str, Any] = {
     #: Hard and soft time limits (seconds) for every task, unless the task sets its own.
     "task_time_limit": None,
     "task_soft_time_limit": None,
-    #: Serializer for task arguments and results. Only ``msgpack`` is accepted
-    #: unless ``accept_pickle`` is true (pickle from the wire runs code: opt in only
-    #: on networks you trust).
+    #: Serializer for task arguments and results: ``"msgpack"`` (values msgpack cannot
+    #: pack are refused), or ``"pickle"``, which means ``accept_pickle=True`` (Celery's
+    #: name for it): such values are pickled, and pickled values from the wire are
+    #: accepted. Pickle from the wire runs code: opt in only on networks you trust.
     "task_serializer": "msgpack",
     "accept_pickle": False,
     #: Tasks a worker child reserves ahead, per child, outside ``--fair``.
@@ -74,6 +79,99 @@ DEFAULTS: dict[str, Any] = {
     "worker_queue_seconds": 0.05,
     #: Largest task message accepted, in bytes.
     "max_message_size": 16 * 1024 * 1024,
+}
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    # bool is an int: True must not pass for a number of seconds. value == value refuses NaN.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _positive(value: Any) -> bool:
+    return _real(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _real(value) and value >= 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def _endpoints(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_text(item) for item in value)
+    return _text(value)
+
+
+def _key_file(value: Any) -> bool:
+    return value is None or _text(value) or isinstance(value, os.PathLike)
+
+
+def _backend_url(value: Any) -> bool:
+    from engine.backends import BACKENDS
+
+    return value is None or (_text(value) and (value.partition("://")[0] if "://" in value else value) in BACKENDS)
+
+
+def _expires(value: Any) -> bool:
+    return value is None or _non_negative(value) or isinstance(value, timedelta)
+
+
+def _routes(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(route, dict) or callable(route) for route in value)
+    return value is None or isinstance(value, dict) or callable(value)
+
+
+#: What each setting accepts: a check, and the words the error uses for it.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "transport": (_endpoints, "a ZeroMQ endpoint string, or a non-empty list of them"),
+    "transport_bind": (_flag, "True or False"),
+    "transport_curve_server_key": (_key_file, "None or a key file path"),
+    "transport_curve_client_key": (_key_file, "None or a key file path"),
+    "result_backend": (_backend_url, "None or a URL: sqlite:///path, rpc://, redis://host:port/db or memory://"),
+    "result_expires": (_expires, "seconds (>= 0), a timedelta, or 0/None to keep results forever"),
+    "task_ignore_result": (_flag, "True or False"),
+    "task_acks_late": (_flag, "True or False"),
+    "task_reject_on_worker_lost": (_flag, "True or False"),
+    "task_track_started": (_flag, "True or False"),
+    "task_always_eager": (_flag, "True or False"),
+    "task_eager_propagates": (_flag, "True or False"),
+    "task_store_eager_result": (_flag, "True or False"),
+    "task_default_queue": (_text, "a non-empty queue name"),
+    "task_routes": (_routes, "None, a dict, a callable, or a list of dicts and callables"),
+    "task_time_limit": (_optional(_positive), "None or seconds (> 0)"),
+    "task_soft_time_limit": (_optional(_positive), "None or seconds (> 0)"),
+    "task_serializer": (_one_of("msgpack", "pickle"), "'msgpack' or 'pickle' (the same as accept_pickle=True)"),
+    "accept_pickle": (_flag, "True or False"),
+    "worker_prefetch_multiplier": (_count, "a whole number >= 1"),
+    "worker_concurrency": (_optional(_count), "None (the CPU count) or a whole number >= 1"),
+    "worker_max_tasks_per_child": (_optional(_count), "None or a whole number >= 1"),
+    "worker_max_memory_per_child": (_optional(_count), "None or KiB, a whole number >= 1"),
+    "transport_ack_timeout": (_positive, "seconds (> 0)"),
+    "producer_max_outbox": (_count, "a whole number >= 1"),
+    "producer_outbox_full": (_one_of("block", "raise"), "'block' or 'raise'"),
+    "producer_flush_timeout": (_optional(_non_negative), "None (wait until taken) or seconds (>= 0)"),
+    "worker_queue_seconds": (_positive, "seconds (> 0)"),
+    "max_message_size": (_count, "bytes, a whole number >= 1"),
 }
 
 
@@ -103,8 +201,7 @@ class Settings:
         raise AttributeError(name)  # pragma: no cover - every known name is in __dict__
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self._check(name)
-        self.__dict__[name] = value
+        self.update({name: value})
 
     def __getitem__(self, name: str) -> Any:
         self._check(name)
@@ -124,10 +221,21 @@ class Settings:
         return self.__dict__.get(name, default) if name in DEFAULTS else default
 
     def update(self, other: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        """Set several settings at once; checks every name before changing any."""
+        """Set several settings at once; checks every name and value before changing any."""
         changes = {**(other or {}), **settings}
         for name in changes:
             self._check(name)
+        for name, value in changes.items():
+            check, expected = RULES[name]
+            if not check(value):
+                raise ImproperlyConfigured(f"invalid value for setting {name!r}: {value!r} (expected {expected})")
+        serializer = changes.get("task_serializer", self.__dict__["task_serializer"])
+        if serializer == "pickle":
+            # Celery's task_serializer="pickle" is this engine's accept_pickle=True.
+            if changes.get("accept_pickle") is False:
+                raise ImproperlyConfigured("invalid value for setting 'accept_pickle': False contradicts "
+                                           "task_serializer='pickle' (set task_serializer='msgpack' too)")
+            changes["accept_pickle"] = True
         self.__dict__.update(changes)
 
     def as_dict(self) -> dict[str, Any]:

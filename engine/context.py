@@ -47,6 +47,8 @@ class Context:
     options: dict = {}
     recorder: Any = None
     retry_dispatcher: Any = None
+    #: ``retry(max_retries=N)`` in this call: the limit its automatic retry applies (this call only).
+    override_max_retries: int | None = None
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)

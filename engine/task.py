@@ -483,10 +483,10 @@ def add_autoretry(task: Task) -> None:
             retry_kwargs = dict(task.retry_kwargs or {})
             if task.retry_backoff:
                 retry_kwargs["countdown"] = task.backoff_delay(task.request.retries)
-            request = task.request
-            if "override_max_retries" in request.__dict__:  # this call gave retry() its own max_retries
-                retry_kwargs["max_retries"] = request.override_max_retries
-            raise task.retry(exc=exc, **retry_kwargs)
+            override = task.request.override_max_retries  # this call gave retry() its own max_retries
+            if override is not None:
+                retry_kwargs["max_retries"] = override
+            raise task.retry(exc=exc, **retry_kwargs) from exc
 
     run.__wrapped__ = orig_run  # type: ignore[attr-defined]
     task._orig_run, task.run = orig_run, run  # type: ignore[method-assign]

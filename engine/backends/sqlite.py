@@ -12,6 +12,7 @@ and backs off to ``interval``.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sqlite3
 import threading
@@ -59,7 +60,11 @@ class SQLiteBackend(Backend):
             raise ImproperlyConfigured(f"sqlite backend URL needs a path: sqlite:///results.db, got {url!r}")
         self.path = path
         self._local = threading.local()
-        self.expires = float(app.conf.result_expires) if app is not None else 86400.0
+        expires = app.conf.result_expires if app is not None else 86400
+        if isinstance(expires, datetime.timedelta):
+            expires = expires.total_seconds()
+        #: Seconds a result is kept; None keeps results forever (``result_expires`` 0 or None, as in Redis).
+        self.expires = float(expires) if expires else None
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
@@ -98,6 +103,8 @@ class SQLiteBackend(Backend):
 
     def cleanup(self, now: float | None = None) -> int:
         """Delete results older than ``result_expires``; return how many."""
+        if self.expires is None:
+            return 0
         cutoff = (now or time.time()) - self.expires
         cursor = self._connection().execute("DELETE FROM engine_results WHERE date_done < ?", (cutoff,))
         return cursor.rowcount

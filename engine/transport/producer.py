@@ -43,8 +43,10 @@ BATCH_MAX = 512
 HEARTBEAT = 0.25
 #: Least seconds between two demand frames sent because credit ran out.
 DEMAND_EVERY = 0.001
-#: Seconds between two "still waiting" warnings during flush.
+#: Seconds between two "still waiting" warnings during flush ...
 FLUSH_WARN_EVERY = 5.0
+#: ... and before the first: long enough that a reachable worker has taken everything by then.
+FLUSH_WARN_FIRST = 0.25
 
 _producers: weakref.WeakSet[Producer] = weakref.WeakSet()
 
@@ -160,8 +162,8 @@ class Producer:
         # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
         # others of its queue goes with them, in the dispatch already due or on the next
         # credit frame (a queue is left non-empty only when its credit ran out). Waking per
-        # message cost ~40% of the client's CPU in a send loop (a pipe write and a GIL
-        # hand-over each).
+        # message costs a pipe write and a GIL hand-over each: a large share of the client's
+        # CPU in a send loop (bench/RESULTS.md).
         if first_in_queue:
             self._wake()
 
@@ -186,9 +188,13 @@ class Producer:
             return len(self._outbox) + len(self._unacked)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every sent message was acknowledged by a worker; False on timeout."""
+        """Wait until every sent message was acknowledged by a worker; False on timeout.
+
+        A wait longer than a moment is reported at once, then every few seconds: how
+        many tasks, to which endpoints, and how to bound the wait.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        warn_at = time.monotonic() + FLUSH_WARN_EVERY
+        warn_at = time.monotonic() + FLUSH_WARN_FIRST
         with self._lock:
             while self._outbox or self._unacked:
                 if not self._thread.is_alive():
@@ -197,8 +203,13 @@ class Producer:
                 if deadline is not None and now >= deadline:
                     return False
                 if now >= warn_at:
-                    logger.warning("waiting for a worker to take %d task(s) (endpoints: %s)",
-                                   len(self._outbox) + len(self._unacked), ", ".join(self.endpoints))
+                    if deadline is None:
+                        bound = ("until one does: set producer_flush_timeout (seconds) to bound this wait, "
+                                 "or press Ctrl-C to give up on them")
+                    else:
+                        bound = f"up to {deadline - now:.1f}s more (producer_flush_timeout)"
+                    logger.warning("waiting for a worker to take %d task(s) sent to %s, %s",
+                                   len(self._outbox) + len(self._unacked), ", ".join(self.endpoints), bound)
                     warn_at = now + FLUSH_WARN_EVERY
                 self._lock.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - now)))
         return True
@@ -209,16 +220,19 @@ class Producer:
             return
         if timeout is None:
             timeout = self.app.conf.producer_flush_timeout
-        if not self.flush(timeout):
-            logger.error("closing with %d task(s) not acknowledged by any worker", self.waiting)
-        self._closing = True
-        self._wake()
-        self._thread.join(5)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        try:
+            if not self.flush(timeout):
+                logger.error("closing with %d task(s) not acknowledged by any worker (sent to %s)",
+                             self.waiting, ", ".join(self.endpoints))
+        finally:  # also when Ctrl-C ends the wait: the I/O thread and its sockets stop either way
+            self._closing = True
+            self._wake()
+            self._thread.join(5)
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _wake(self) -> None:
         # One byte per sleep, not per message: the I/O thread drains everything it finds.
@@ -423,6 +437,16 @@ class Producer:
 
 @atexit.register
 def _flush_all() -> None:
-    """Deliver what scripts sent before they exit."""
+    """Deliver what scripts sent before they exit; Ctrl-C gives up, in one line per client."""
+    interrupted = False
     for producer in list(_producers):
-        producer.close()
+        if interrupted:
+            producer.close(timeout=0)  # reports what it still held, if anything
+            continue
+        try:
+            producer.close()
+        except KeyboardInterrupt:
+            # No traceback: the user chose to stop waiting; say what that cost.
+            interrupted = True
+            logger.error("interrupted: %d task(s) were not handed over to a worker (sent to %s)",
+                         producer.waiting, ", ".join(producer.endpoints))

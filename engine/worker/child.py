@@ -42,6 +42,8 @@ REPORT_BYTES = 256 * 1024
 #: Seconds between checks that the supervisor is still there.
 PARENT_CHECK = 1.0
 _PR_SET_PDEATHSIG = 1
+#: Signals a child ignores: its supervisor decides when it stops (see child_main).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 class ChildRecorder:
@@ -100,7 +102,19 @@ def _die_with_parent() -> None:
         pass  # not Linux: the EOF and getppid() checks below still apply
 
 
+#: The request running under a soft time limit, and that limit (seconds), while its timer is set.
+_soft_limited: tuple[Any, float] | None = None
+
+
 def _soft_limit_handler(signum: int, frame: Any) -> None:
+    """SIGALRM: the running task passed its soft limit. Tell its request, then raise in the task."""
+    running = _soft_limited
+    if running is not None:
+        request, limit = running
+        try:
+            request.on_timeout(True, limit)  # Celery's pool calls it when the soft limit fires
+        except Exception:
+            logger.exception("on_timeout handler of %r failed", request)
     raise SoftTimeLimitExceeded()
 
 
@@ -111,10 +125,15 @@ def child_main(apps: list, task_fd: int, result_fd: int, hostname: str, options:
     import multiprocessing
 
     multiprocessing.current_process().name = f"Child-{os.getpid()}"  # log lines say which child
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    # Stop signals are the supervisor's to act on, however they arrive: systemd
+    # (KillMode=control-group), supervisord (stopasgroup), `kill -- -PGID` and Ctrl-C
+    # signal the whole process group. A warm shutdown lets running tasks finish; the
+    # supervisor ends a child itself (STOP on its pipe, or SIGKILL for a cold shutdown
+    # or a time limit), and the kernel kills it if the supervisor dies.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _soft_limit_handler)
+    signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe, inherited: a child's SIGALRM is not its news
     reader = pipe.FrameReader(task_fd)
     writer = pipe.FrameWriter(result_fd, blocking=True)
     app = apps[0]
@@ -179,6 +198,7 @@ def _rss_kib() -> int:
 def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pipe.FrameWriter,
              hostname: str, default_soft: float | None) -> float:
     """Run one task message; report its states and DONE; return its run time."""
+    global _soft_limited
     started = time.monotonic()
     task_id = "?"
     state = states.FAILURE
@@ -190,12 +210,14 @@ def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pip
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
         request = task.request_class(message, task, recorder=recorder, hostname=hostname)
         if soft:
+            _soft_limited = (request, float(soft))
             signal.setitimer(signal.ITIMER_REAL, float(soft))
         try:
             outcome = request.execute()
         finally:
             if soft:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                _soft_limited = None
         state = outcome.state
         if state == states.REJECTED:
             requeue = bool(getattr(outcome.retval, "requeue", False))

@@ -18,24 +18,92 @@ instead of learning them again (see :mod:`engine.worker.scheduler`).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import re
 import sqlite3
-from typing import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 
 from engine.exceptions import ImproperlyConfigured
+from engine.utils.hostname import HOSTNAME
 
 __all__ = ("Journal", "default_journal_path")
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL);"
           "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL)")
 
+#: Longest file name part taken from a worker's name and endpoint (file systems allow 255 bytes).
+MAX_NAME = 160
 
-def default_journal_path(endpoint: str) -> str:
-    """One journal per worker endpoint, under ``$ENGINE_STATE_DIR`` (default ``~/.local/state/engine``)."""
+
+def default_journal_path(name: str | None, endpoint: str) -> str:
+    """The journal of the worker called ``name`` on ``endpoint`` (its first), under ``$ENGINE_STATE_DIR``.
+
+    ``name`` is the worker's ``-n`` name, or None for the default ``engine@HOST``: a
+    name that stays the same when the worker restarts, so it finds its own journal
+    again (the default worker name, ``engine@HOST-PID``, does not). With the endpoint,
+    two unnamed workers binding different ports keep separate journals; two that would
+    share one (both ``--connect`` to one client) are refused by the journal's lock.
+    The default directory is ``~/.local/state/engine``.
+    """
     base = os.environ.get("ENGINE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "engine")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", endpoint).strip("_") or "worker"
-    return os.path.join(base, f"journal-{name}.db")
+    identity = f"{name or f'engine@{HOSTNAME}'} {endpoint}"
+    readable = re.sub(r"[^A-Za-z0-9_.@-]+", "_", identity).strip("_")[:MAX_NAME]
+    # Characters are replaced and long names cut: the digest keeps distinct identities in distinct files.
+    return os.path.join(base, f"journal-{readable}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}.db")
+
+
+#: Journals open in this process, whose lock descriptors a forked child must not keep.
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    # A pool child inherits the supervisor's lock descriptor; closing the child's copy
+    # leaves the supervisor's lock in place, and a child that outlives its supervisor
+    # (it should not: PR_SET_PDEATHSIG) cannot keep the next worker out.
+    for journal in list(_open_journals):
+        if journal._lock_fd >= 0:
+            try:
+                os.close(journal._lock_fd)
+            except OSError:
+                pass
+            journal._lock_fd = -1
+    _open_journals.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _lock(path: str) -> int:
+    """Take the exclusive lock of the journal ``path`` (``path.lock``); return its descriptor.
+
+    ``flock`` locks belong to the open file, so the lock goes when the journal closes
+    it or when the process dies, however it dies. A sidecar file, because SQLite's
+    own POSIX locks on the database are dropped when the process closes any
+    descriptor of that file.
+    """
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise ImproperlyConfigured(
+            f"the worker journal {path!r} is in use by another worker{pid}: give each worker on this host "
+            "its own name (-n NAME) or its own journal (--journal PATH)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Journal:
@@ -45,8 +113,12 @@ class Journal:
         self.path = path
         self._added: dict[str, bytes] = {}
         self._removed: set[str] = set()
+        self._lock_fd = -1
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # One worker per journal: a second one would replay the first one's tasks.
+            self._lock_fd = _lock(path)
+            _open_journals.add(self)
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -62,6 +134,7 @@ class Journal:
             self._db.execute("DELETE FROM journal WHERE task_id = '__probe__'")
             self._db.execute("COMMIT")
         except (OSError, sqlite3.Error) as exc:
+            self._unlock()
             raise ImproperlyConfigured(f"cannot write the worker journal {path!r}: {exc} "
                                        "(choose another place with --journal)") from None
 
@@ -93,18 +166,18 @@ class Journal:
         added, removed = self._added, self._removed
         self._added, self._removed = {}, set()
         db = self._db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             if added:
                 db.executemany("INSERT OR REPLACE INTO journal VALUES (?, ?)", added.items())
             if removed:
                 db.executemany("DELETE FROM journal WHERE task_id = ?", ((task_id,) for task_id in removed))
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
-            self._added.update(added)
-            self._removed |= removed
+            _rollback(db)
+            # Nothing of this batch reached the file: all of it waits for the next commit.
+            self._added, self._removed = {**added, **self._added}, removed | self._removed
             raise
-        db.execute("COMMIT")
 
     def runtimes(self) -> dict[str, float]:
         """The average run time per task name saved by :meth:`save_runtimes` (an earlier run's)."""
@@ -113,18 +186,36 @@ class Journal:
     def save_runtimes(self, by_name: dict[str, float]) -> None:
         """Replace the saved run times with ``by_name`` (one transaction)."""
         db = self._db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             db.execute("DELETE FROM runtimes")
             db.executemany("INSERT INTO runtimes VALUES (?, ?)", by_name.items())
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
-        """Commit and close."""
+        """Commit, close, and release the journal for the next worker."""
         try:
             self.commit()
         finally:
-            self._db.close()
+            try:
+                self._db.close()
+            finally:
+                self._unlock()
+
+    def _unlock(self) -> None:
+        _open_journals.discard(self)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction (SQLite has already ended it after some errors)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
