@@ -5,19 +5,24 @@ several. A name that is not below raises :class:`UnknownSettingError` at once,
 so a typo (``task_acks_lat=True``) is an error instead of a silent no-op; a
 value of the wrong type or out of range (``task_serializer="yaml"``) raises
 :class:`ImproperlyConfigured` naming the setting, the value and what it takes.
-Names are Celery's where Celery has the setting.
+Names are Celery's where Celery has the setting. Celery settings that have
+no meaning without a broker (``accept_content``, ``timezone``, ``broker_*``
+...: see :data:`CELERY_IGNORED`) are accepted, so a Celery config loads
+unchanged, with one :class:`~engine.exceptions.CeleryCompatibilityWarning`
+per name saying why it does nothing here.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
-from engine.exceptions import ImproperlyConfigured, UnknownSettingError
+from engine.exceptions import CeleryCompatibilityWarning, ImproperlyConfigured, UnknownSettingError
 
-__all__ = ("DEFAULTS", "RULES", "Settings")
+__all__ = ("CELERY_IGNORED", "DEFAULTS", "RULES", "Settings")
 
 #: Every setting the engine knows, with its default.
 DEFAULTS: dict[str, Any] = {
@@ -175,6 +180,67 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+_NO_BROKER = "there is no broker: clients send tasks straight to workers over ZeroMQ"
+_MSGPACK_ONLY = "messages and results are always msgpack (accept_pickle opts in to pickle)"
+_NO_EVENTS = "engine sends no task events"
+_NO_QUEUES = "queues exist where a worker consumes them (engine-worker -Q); there is nothing to declare"
+_OWN_LOGGING = "engine-worker sets up its own logging (--loglevel; engine.log.WORKER_FORMAT)"
+
+#: Celery settings accepted and ignored (one warning per name says why). A name ending in
+#: ``*`` stands for every setting with that prefix.
+CELERY_IGNORED: dict[str, str] = {
+    "broker_*": _NO_BROKER,
+    "accept_content": _MSGPACK_ONLY,
+    "result_accept_content": _MSGPACK_ONLY,
+    "result_serializer": _MSGPACK_ONLY,
+    "event_serializer": _MSGPACK_ONLY,
+    "task_compression": _MSGPACK_ONLY,
+    "result_compression": _MSGPACK_ONLY,
+    "timezone": "times travel as UTC timestamps; nothing is shown in a local time zone",
+    "enable_utc": "times travel as UTC timestamps",
+    "task_queues": _NO_QUEUES,
+    "task_create_missing_queues": _NO_QUEUES,
+    "task_default_exchange": _NO_BROKER,
+    "task_default_exchange_type": _NO_BROKER,
+    "task_default_routing_key": _NO_BROKER,
+    "task_default_delivery_mode": _NO_BROKER,
+    "task_default_priority": "tasks have no priorities (use --fair, or a queue with its own worker)",
+    "task_queue_max_priority": "tasks have no priorities (use --fair, or a queue with its own worker)",
+    "task_inherit_parent_priority": "tasks have no priorities (use --fair, or a queue with its own worker)",
+    "task_publish_retry": "a client keeps every message until a worker acknowledges it, and sends it again",
+    "task_publish_retry_policy": "a client keeps every message until a worker acknowledges it, and sends it again",
+    "task_send_sent_event": _NO_EVENTS,
+    "worker_send_task_events": _NO_EVENTS,
+    "event_*": _NO_EVENTS,
+    "result_persistent": "the rpc:// backend keeps nothing on a broker",
+    "result_exchange": _NO_BROKER,
+    "result_exchange_type": _NO_BROKER,
+    "result_extended": "stored results keep state, result, traceback and time",
+    "worker_hijack_root_logger": _OWN_LOGGING,
+    "worker_log_format": _OWN_LOGGING,
+    "worker_task_log_format": _OWN_LOGGING,
+    "worker_redirect_stdouts": _OWN_LOGGING,
+    "worker_redirect_stdouts_level": _OWN_LOGGING,
+    "worker_cancel_long_running_tasks_on_connection_loss": _NO_BROKER,
+    "worker_disable_rate_limits": "engine has no rate limits yet",
+    "worker_pool": "the pool is always prefork",
+    "worker_state_db": "the worker's journal keeps accepted tasks (--journal)",
+    "beat_*": "engine has no beat scheduler",
+    "control_*": "engine has no remote control over a broker",
+    "security_*": "message signing is not supported; use CURVE (engine keys)",
+}
+
+
+def celery_ignored_reason(name: str) -> str | None:
+    """Why the Celery setting ``name`` does nothing here, or None when it is not one of those."""
+    reason = CELERY_IGNORED.get(name)
+    if reason is None:
+        for pattern, why in CELERY_IGNORED.items():
+            if pattern.endswith("*") and name.startswith(pattern[:-1]):
+                return why
+    return reason
+
+
 class Settings:
     """Attribute and mapping access to an app's settings, refusing unknown names.
 
@@ -185,6 +251,8 @@ class Settings:
 
     def __init__(self, initial: Mapping[str, Any] | None = None, **settings: Any) -> None:
         self.__dict__.update(DEFAULTS)
+        #: Celery settings given that have no meaning here (name -> value), kept so they read back.
+        self.__dict__["celery_ignored"] = {}
         self.update(initial or {}, **settings)
 
     @staticmethod
@@ -197,6 +265,9 @@ class Settings:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        ignored = self.__dict__["celery_ignored"]
+        if name in ignored:
+            return ignored[name]
         self._check(name)
         raise AttributeError(name)  # pragma: no cover - every known name is in __dict__
 
@@ -204,6 +275,8 @@ class Settings:
         self.update({name: value})
 
     def __getitem__(self, name: str) -> Any:
+        if name in self.__dict__["celery_ignored"]:
+            return self.__dict__["celery_ignored"][name]
         self._check(name)
         return self.__dict__[name]
 
@@ -223,6 +296,8 @@ class Settings:
     def update(self, other: Mapping[str, Any] | None = None, **settings: Any) -> None:
         """Set several settings at once; checks every name and value before changing any."""
         changes = {**(other or {}), **settings}
+        ignored = {name: changes.pop(name) for name in list(changes)
+                   if name not in DEFAULTS and celery_ignored_reason(name) is not None}
         for name in changes:
             self._check(name)
         for name, value in changes.items():
@@ -237,6 +312,9 @@ class Settings:
                                            "task_serializer='pickle' (set task_serializer='msgpack' too)")
             changes["accept_pickle"] = True
         self.__dict__.update(changes)
+        for name, value in ignored.items():
+            _warn_ignored(name)
+            self.__dict__["celery_ignored"][name] = value
 
     def as_dict(self) -> dict[str, Any]:
         """Return a copy of every setting and its value."""
@@ -245,6 +323,17 @@ class Settings:
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.as_dict().items() if DEFAULTS[k] != v}
         return f"<Settings {changed!r}>"
+
+
+_warned: set[str] = set()
+
+
+def _warn_ignored(name: str) -> None:
+    """One warning per ignored Celery setting per process."""
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"setting {name!r} is accepted but does nothing in engine: {celery_ignored_reason(name)}",
+                      CeleryCompatibilityWarning, stacklevel=4)
 
 
 def _similar(a: str, b: str) -> bool:

@@ -264,7 +264,9 @@ class Task:
         """Run the task here, through the worker's request and tracer, and return an EagerResult.
 
         Retries run again at once (their countdown is ignored); ``throw``
-        (default: ``task_eager_propagates``) re-raises the task's exception.
+        (default: ``task_eager_propagates``) re-raises the task's exception, and,
+        as in Celery, raises :class:`~engine.exceptions.Retry` after the first run
+        of a task that asks to retry (instead of running it again).
         """
         options.pop("countdown", None)
         options.pop("eta", None)
@@ -282,6 +284,8 @@ class Task:
                 retry = outcome.retval
                 if outcome.state != states.RETRY or not isinstance(retry, Retry) or retry.sig is None:
                     break
+                if throw:
+                    raise retry
                 message = message.copy(retries=message.retries + 1, args=tuple(retry.sig.args),
                                        kwargs=dict(retry.sig.kwargs))
         finally:  # with throw=True the task's exception passes through here

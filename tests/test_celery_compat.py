@@ -220,3 +220,51 @@ def test_on_error_adds_an_errback_and_returns_the_signature_to_chain_on(capturin
     assert sig.on_error(report.s()) is sig
     sig.delay()
     assert app.sent[0].options["link_error"][0]["task"] == report.name
+
+
+def test_celery_settings_without_meaning_here_are_accepted_with_one_warning_each(monkeypatch):
+    import warnings
+
+    from engine import config
+    from engine.config import Settings
+
+    monkeypatch.setattr(config, "_warned", set())  # once per process: start this test with none said
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conf = Settings(timezone="Europe/Paris", broker_url="redis://localhost", accept_content=["json"],
+                        task_default_priority=5)
+        conf.update(timezone="UTC")  # the same name again: no second warning
+    messages = [str(w.message) for w in caught if issubclass(w.category, CeleryCompatibilityWarning)]
+    assert len(messages) == 4
+    assert any("broker_url" in m and "no broker" in m for m in messages)
+    assert conf.timezone == "UTC" and conf["broker_url"] == "redis://localhost"  # they read back
+    with pytest.raises(UnknownSettingError, match="did you mean 'task_acks_late'"):
+        conf.update(task_acks_lat=True)  # a misspelled name still raises
+
+
+def test_flask_style_upper_case_celery_keys_load_through_config_from_object(monkeypatch):
+    from engine import config
+
+    monkeypatch.setattr(config, "_warned", set())
+    app = Engine("proj", set_as_current=False)
+    with pytest.warns(CeleryCompatibilityWarning):
+        app.config_from_object({"CELERY_BROKER_URL": "redis://", "CELERY_TASK_ACKS_LATE": True,
+                                "SECRET_KEY": "flask's own"}, namespace="CELERY")
+    assert app.conf.task_acks_late is True
+
+
+def test_retry_in_an_eagerly_applied_task_raises_retry_after_one_run_with_eager_propagates(capturing):
+    from engine.exceptions import Retry
+
+    app = capturing(task_always_eager=True, task_eager_propagates=True)
+    runs = []
+
+    @app.task(bind=True, default_retry_delay=1)
+    def flaky(self):
+        runs.append(self.request.retries)
+        raise self.retry()
+
+    with pytest.raises(Retry):
+        flaky.delay()
+    assert runs == [0]
