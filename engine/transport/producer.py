@@ -187,14 +187,15 @@ class Producer:
         with self._lock:
             return len(self._outbox) + len(self._unacked)
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None, *, warn_after: float = FLUSH_WARN_EVERY) -> bool:
         """Wait until every sent message was acknowledged by a worker; False on timeout.
 
-        A wait longer than a moment is reported at once, then every few seconds: how
-        many tasks, to which endpoints, and how to bound the wait.
+        A wait longer than ``warn_after`` seconds is reported, then every few seconds:
+        how many tasks, to which endpoints, and how to bound the wait. (:meth:`close`,
+        which runs at exit, reports after a moment: there a silent wait looks like a hang.)
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        warn_at = time.monotonic() + FLUSH_WARN_FIRST
+        warn_at = time.monotonic() + warn_after
         with self._lock:
             while self._outbox or self._unacked:
                 if not self._thread.is_alive():
@@ -221,7 +222,7 @@ class Producer:
         if timeout is None:
             timeout = self.app.conf.producer_flush_timeout
         try:
-            if not self.flush(timeout):
+            if not self.flush(timeout, warn_after=FLUSH_WARN_FIRST):
                 logger.error("closing with %d task(s) not acknowledged by any worker (sent to %s)",
                              self.waiting, ", ".join(self.endpoints))
         finally:  # also when Ctrl-C ends the wait: the I/O thread and its sockets stop either way
