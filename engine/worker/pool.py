@@ -49,6 +49,8 @@ class Pool:
         self.options = options
         self.children: dict[int, Child] = {}
         self.by_fd: dict[int, Child] = {}
+        #: Changes whenever a child is added or removed (the supervisor re-registers pipes only then).
+        self.generation = 0
 
     def start(self) -> None:
         """Fork every child."""
@@ -75,6 +77,7 @@ class Pool:
         child = Child(pid, pipe.FrameWriter(task_w, blocking=False), pipe.FrameReader(result_r))
         self.children[pid] = child
         self.by_fd[result_r] = child
+        self.generation += 1
         logger.debug("started child %d", pid)
         return child
 
@@ -82,6 +85,7 @@ class Pool:
         """Remove a child that exited (or is about to), reap it, and return its exit status."""
         self.children.pop(child.pid, None)
         self.by_fd.pop(child.reader.fd, None)
+        self.generation += 1
         for fd in child.fds:
             try:
                 os.close(fd)

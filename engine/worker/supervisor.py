@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgpack
 import zmq
@@ -31,6 +31,7 @@ from engine.exceptions import (
     WorkerLostError,
 )
 from engine.transport.consumer import Consumer
+from engine.utils.hostname import default_worker_name
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.journal import Journal, default_journal_path
@@ -40,7 +41,6 @@ from engine.worker.replies import ReplyRouter
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
 from engine.worker.shutdown import COLD, WARM, ShutdownSignals
 from engine.worker.state_flusher import STATE_FLUSH_INTERVAL, StateFlusher
-from engine.utils.hostname import default_worker_name
 from engine.worker.timers import TimerHeap
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class Supervisor:
         if self.replies is not None:
             poller.register(self.replies.wake_fd, zmq.POLLIN)
         registered: set[int] = set()
+        registered_generation = -1
         stop_sent = False
         stop_deadline = 0.0
         listening = True
@@ -196,19 +197,22 @@ class Supervisor:
                 consumer.stop_granting()
                 for sock in consumer.sockets:
                     poller.unregister(sock)
-            for fd in set(self.pool.by_fd) - registered:
-                poller.register(fd, zmq.POLLIN)
-                registered.add(fd)
-            for fd in registered - set(self.pool.by_fd):
-                poller.unregister(fd)
-                registered.discard(fd)
+            if registered_generation != self.pool.generation:  # a child came or went
+                registered_generation = self.pool.generation
+                for fd in set(self.pool.by_fd) - registered:
+                    poller.register(fd, zmq.POLLIN)
+                    registered.add(fd)
+                for fd in registered - set(self.pool.by_fd):
+                    poller.unregister(fd)
+                    registered.discard(fd)
             timeout = self._poll_timeout()
             if timeout > 0 and self.states.pending:
                 # About to sleep: write states now. Under load the loop never sleeps
                 # and states go out in batches (size or age bound) instead.
                 self.states.flush(time.monotonic(), force=True)
                 timeout = self._poll_timeout()
-            events = poller.poll(timeout * 1000)
+            # pyzmq's Poller.poll truncates a float itself (its annotation says int).
+            events = poller.poll(timeout * 1000)  # type: ignore[arg-type]
             for target, _ in events:
                 if target == self.signals.fd:
                     self.signals.drain()
@@ -253,11 +257,11 @@ class Supervisor:
 
     def _poll_timeout(self) -> float:
         timeout = HOUSEKEEPING
-        if len(self.scheduler) and any(c.accepting and (not c.outstanding or not self.fair)
-                                       for c in self.pool.children.values()):
-            if not self._held_back:
-                return 0.0
-            timeout = HELD_RECHECK  # the fair scheduler holds a long task back for a moment
+        # Tasks still waiting after this turn's dispatch wait for a child to make room, which
+        # a child's pipe event reports (no need to look at every child each turn), or for
+        # the fair scheduler's hold on a long task to end.
+        if self._held_back:
+            timeout = HELD_RECHECK
         to_timer = self.timers.seconds_to_next()
         if to_timer is not None:
             timeout = min(timeout, to_timer)
@@ -311,6 +315,9 @@ class Supervisor:
     # --- children ------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        if not len(self.scheduler):
+            self._held_back = False
+            return
         assigned = self.scheduler.assign(self.pool.children.values())
         self._held_back = not assigned and bool(len(self.scheduler))
         if not assigned:
