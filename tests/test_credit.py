@@ -66,7 +66,7 @@ def send_tasks(consumer: Consumer, peer, count: int = 1, queue: str = "q") -> No
     """The client behind ``peer`` sends ``count`` tasks of ``queue`` (counted as the supervisor does)."""
     messages = [TaskMessage(uuid.uuid4().hex, "t.add", (1, 2), queue=queue) for _ in range(count)]
     peer.socket.inbox.append([peer.route, protocol.TASKS, encode_batch(messages)])
-    for received_from, raws in consumer.receive(peer.socket):
+    for received_from, _, raws in consumer.receive(peer.socket):
         Consumer.consumed(received_from, queue, len(raws))
 
 
@@ -285,7 +285,7 @@ def test_a_new_client_becomes_a_peer_on_its_first_frame_and_task_batches_are_spl
 
     peer = consumer.peers.get(b"newcomer")
     assert peer is not None and peer.last_seen > 0
-    assert received == [(peer, [encode_message(m) for m in messages])]
+    assert received == [(peer, encode_batch(messages), [encode_message(m) for m in messages])]
 
 
 def test_malformed_and_unknown_frames_are_dropped_and_the_rest_still_read(caplog):
@@ -301,7 +301,7 @@ def test_malformed_and_unknown_frames_are_dropped_and_the_rest_still_read(caplog
 
     batches = list(consumer.receive(router))
 
-    assert [raws for _, raws in batches] == [[b"hello"]]  # split only; decoding comes later
+    assert [raws for _, _, raws in batches] == [[b"hello"]]  # split only; decoding comes later
     assert client.waiting == {"q": 1}
     assert "dropped" in caplog.text
 
@@ -367,7 +367,7 @@ def test_the_worker_half_over_real_zeromq():
         message = TaskMessage("task-1", "t.add", (1, 2))
         client.send_multipart([protocol.TASKS, encode_batch([message])])
         assert consumer.router.poll(2000)
-        [(peer, raws)] = list(consumer.receive(consumer.router))
+        [(peer, _, raws)] = list(consumer.receive(consumer.router))
         assert raws == [encode_message(message)]
         consumer.consumed(peer, "q")
         consumer.ack(peer, "task-1")

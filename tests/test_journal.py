@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sqlite3
 
@@ -78,15 +79,20 @@ def test_a_forked_child_does_not_keep_the_journal_locked(tmp_path):
     path = str(tmp_path / "j.db")
     journal = Journal(path)
     release_r, release_w = os.pipe()
+    forked_r, forked_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # a pool child: lives on while its supervisor closes the journal
         try:
             os.close(release_w)
+            os.write(forked_w, b"x")  # fork() returned here: the at-fork handlers ran
             os.read(release_r, 1)
         finally:
             os._exit(0)
     try:
         os.close(release_r)
+        os.close(forked_w)
+        assert select.select([forked_r], [], [], 10)[0], "the child did not start"
+        os.close(forked_r)
         journal.close()
         Journal(path).close()
     finally:
@@ -232,3 +238,96 @@ def test_a_restarted_unnamed_worker_replays_its_own_journal(worker_setup, tmp_pa
     restarted = worker_setup("--concurrency", "1", extra_env=state)
     assert result.get(timeout=30) == 42
     assert "replaying 1 task(s)" in restarted.output
+
+
+# --- batch frames: one row per received frame ----------------------------------------------
+
+
+def _frame(*ids: str) -> tuple[bytes, list[bytes]]:
+    from engine.core import TaskMessage, encode_batch, encode_message
+
+    messages = [TaskMessage(task_id, "t.add", (1, 2)) for task_id in ids]
+    return encode_batch(messages), [encode_message(m) for m in messages]
+
+
+def _rows(path: str, table: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_a_frame_is_one_row_until_its_last_task_is_final_and_replays_whole(tmp_path):
+    path = str(tmp_path / "j.db")
+    journal = Journal(path)
+    frame, raws = _frame("a", "b", "c")
+    ref = journal.add_frame(frame, len(raws))
+    journal.commit()
+    assert (_rows(path, "frames"), _rows(path, "journal")) == (1, 0)
+
+    journal.remove([ref, ref])  # two of its three tasks are final
+    journal.commit()
+    assert _rows(path, "frames") == 1
+    journal.close()
+
+    # A restart replays every task of the frame (at-least-once), known by the frame's ref.
+    again = Journal(path)
+    assert list(again.pending()) == [(ref, raw) for raw in raws]
+    again.remove([ref, ref, ref])
+    again.commit()
+    assert _rows(path, "frames") == 0
+    assert again.add_frame(frame, 3) > ref  # ids are never reused
+    again.close()
+
+
+def test_a_frame_whose_tasks_all_finish_before_the_commit_is_never_written(tmp_path):
+    path = str(tmp_path / "j.db")
+    journal = Journal(path)
+    frame, raws = _frame("a", "b")
+    ref = journal.add_frame(frame, 2)
+    journal.remove([ref, ref])
+    assert not journal.dirty
+    journal.close()
+    assert _rows(path, "frames") == 0
+
+
+def test_rows_of_their_own_and_frames_replay_together(tmp_path):
+    path = str(tmp_path / "j.db")
+    journal = Journal(path)
+    frame, raws = _frame("a")
+    frame_ref = journal.add_frame(frame, 1)
+    own_ref = journal.add("b:0", b"raw-b")
+    journal.close()
+    assert list(Journal(path).pending()) == [(frame_ref, raws[0]), (own_ref, b"raw-b")]
+
+
+def test_a_countdown_task_from_a_frame_gets_its_own_row_so_the_frame_can_go(tmp_path):
+    import time
+
+    from engine import Engine
+    from engine.worker.supervisor import Supervisor, _journal_key
+
+    app = Engine("j", backend="memory://", set_as_current=False)
+
+    @app.task(name="t.add")
+    def add(x, y):
+        return x + y
+
+    sup = Supervisor(app, concurrency=1, journal=str(tmp_path / "j.db"), hostname="w@test")
+    sup.journal = sup.states.journal = Journal(sup.journal_path)
+    try:
+        now_msg = add.build_message((1, 2))
+        later_msg = add.build_message((3, 4), eta=time.time() + 3600)
+        from engine.core import encode_batch, encode_message
+
+        frame = encode_batch([now_msg, later_msg])
+        ref = sup.journal.add_frame(frame, 2)
+        sup.accept(now_msg, encode_message(now_msg), journal_ref=ref)
+        sup.accept(later_msg, encode_message(later_msg), journal_ref=ref)
+        [held] = sup.timers.pop_due(time.time() + 7200)
+        assert held.journal_ref == _journal_key(later_msg)
+        sup.journal.remove([ref])  # the task that ran now is final: the frame goes
+        sup.journal.commit()
+        assert (_rows(sup.journal_path, "frames"), _rows(sup.journal_path, "journal")) == (0, 1)
+    finally:
+        sup.journal.close()

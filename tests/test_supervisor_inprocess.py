@@ -86,6 +86,7 @@ class FakeJournal:
 
     def add(self, key, raw):
         self.added.append(key)
+        return key
 
     def remove(self, keys):
         self.removed += keys
@@ -143,7 +144,7 @@ def pipes():
 def queued(app, name: str = "t.work", started: float = 0.0, **options) -> QueuedTask:
     task = app.tasks[name]
     message = task.build_message(**options)
-    entry = QueuedTask(message, encode_message(message), task)
+    entry = QueuedTask(message, encode_message(message), task, journal_ref=_journal_key(message))
     entry.started = started
     return entry
 

@@ -77,8 +77,8 @@ class Consumer:
             peer.last_seen = time.monotonic()
             peer.try_send(protocol.HELLO, hello)
 
-    def receive(self, sock: zmq.Socket, limit: int = 1000) -> Iterator[tuple[Peer, list[bytes]]]:
-        """Yield ``(peer, raw task messages)`` for each task batch waiting on ``sock``."""
+    def receive(self, sock: zmq.Socket, limit: int = 1000) -> Iterator[tuple[Peer, bytes, list[bytes]]]:
+        """Yield ``(peer, frame, raw task messages)`` for each task batch frame waiting on ``sock``."""
         routed = sock is self.router
         for _ in range(limit):
             frame = protocol.receive(sock, routed)
@@ -93,7 +93,7 @@ class Consumer:
                 if kind == protocol.TASKS:
                     peer.last_task = peer.last_seen
                     self._active[peer.key] = peer
-                    yield peer, split_batch(body)
+                    yield peer, body, split_batch(body)
                 elif kind == protocol.DEMAND:
                     report = protocol.unpack(body)
                     peer.waiting = {str(q): int(n) for q, n in report["waiting"].items()}
@@ -175,7 +175,7 @@ class Consumer:
         """Share ``free`` among clients' unmet demand (waiting minus credit held); return what is left."""
         wants: list[list[Any]] = []  # [peer, queue, unmet]
         for key, peer in list(self._wanting.items()):
-            unmet = [[peer, q, peer.waiting.get(q, 0) - peer.credit.get(q, 0)] for q in self.queues]
+            unmet: list[list[Any]] = [[peer, q, peer.waiting.get(q, 0) - peer.credit.get(q, 0)] for q in self.queues]
             unmet = [w for w in unmet if w[2] > 0]
             if not unmet or peer not in self.peers:
                 del self._wanting[key]

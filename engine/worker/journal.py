@@ -25,14 +25,21 @@ import re
 import sqlite3
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Union
 
-from engine.exceptions import ImproperlyConfigured
+from engine.core import split_batch
+from engine.exceptions import ImproperlyConfigured, MessageDecodeError
 from engine.utils.hostname import HOSTNAME
 
 __all__ = ("Journal", "default_journal_path")
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL);"
+          "CREATE TABLE IF NOT EXISTS frames (id INTEGER PRIMARY KEY, raw BLOB NOT NULL);"
           "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL)")
+
+#: How the journal knows an accepted task: its own row's key (a ``str``), or the id of the
+#: received batch frame it came in (an ``int``), whose row goes once all its tasks are final.
+JournalRef = Union[str, int]
 
 #: Longest file name part taken from a worker's name and endpoint (file systems allow 255 bytes).
 MAX_NAME = 160
@@ -107,12 +114,26 @@ def _lock(path: str) -> int:
 
 
 class Journal:
-    """Task messages a worker has accepted and not finished, on disk."""
+    """Task messages a worker has accepted and not finished, on disk.
+
+    A batch frame received from a client is written as it came, one row for
+    all its tasks (:meth:`add_frame`), and removed when the last of them is
+    final: one insert and one delete per frame instead of per task. A task a
+    worker queues itself (a retry, a chain step sent from a task) and a task
+    held for a later time get rows of their own (:meth:`add`). A restart
+    replays every task of a frame that still has a row, so a task of it that
+    had finished runs again (at-least-once, as everywhere here).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._added: dict[str, bytes] = {}
         self._removed: set[str] = set()
+        self._frames_added: dict[int, bytes] = {}
+        self._frames_removed: set[int] = set()
+        #: Frame id -> tasks of it not final yet.
+        self._frame_left: dict[int, int] = {}
+        self._next_frame = 1
         self._lock_fd = -1
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -133,38 +154,74 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO journal VALUES ('__probe__', x'00')")
             self._db.execute("DELETE FROM journal WHERE task_id = '__probe__'")
             self._db.execute("COMMIT")
+            (last,) = self._db.execute("SELECT max(id) FROM frames").fetchone()
+            self._next_frame = (last or 0) + 1
         except (OSError, sqlite3.Error) as exc:
             self._unlock()
             raise ImproperlyConfigured(f"cannot write the worker journal {path!r}: {exc} "
                                        "(choose another place with --journal)") from None
 
-    def pending(self) -> Iterator[bytes]:
-        """The raw messages left by an earlier run, oldest first."""
-        for (raw,) in self._db.execute("SELECT raw FROM journal ORDER BY rowid"):
-            yield bytes(raw)
+    def pending(self) -> Iterator[tuple[JournalRef, bytes]]:
+        """The task messages an earlier run left, with the ref each is known by now: frames first, oldest first.
 
-    def add(self, task_id: str, raw: bytes) -> None:
-        """Note an accepted message (written by the next :meth:`commit`)."""
+        Call before anything is added: a frame's tasks count down from here.
+        """
+        for frame_id, frame in self._db.execute("SELECT id, raw FROM frames ORDER BY id").fetchall():
+            try:
+                raws = split_batch(bytes(frame))
+            except MessageDecodeError:
+                self._frames_removed.add(frame_id)  # unreadable: nothing in it can run again
+                continue
+            if not raws:
+                self._frames_removed.add(frame_id)
+                continue
+            self._frame_left[frame_id] = len(raws)
+            for raw in raws:
+                yield frame_id, raw
+        for task_id, raw in self._db.execute("SELECT task_id, raw FROM journal ORDER BY rowid").fetchall():
+            yield str(task_id), bytes(raw)
+
+    def add(self, task_id: str, raw: bytes) -> str:
+        """Note an accepted message as its own row (written by the next :meth:`commit`); return its ref."""
         self._removed.discard(task_id)
         self._added[task_id] = raw
+        return task_id
 
-    def remove(self, task_ids: Iterable[str]) -> None:
-        """Note finished tasks (removed by the next :meth:`commit`)."""
-        for task_id in task_ids:
-            if self._added.pop(task_id, None) is None:
-                self._removed.add(task_id)
+    def add_frame(self, frame: bytes, count: int) -> int:
+        """Note a received batch frame of ``count`` task messages, as one row; return its ref (its id)."""
+        frame_id = self._next_frame
+        self._next_frame += 1
+        self._frames_added[frame_id] = frame
+        self._frame_left[frame_id] = count
+        return frame_id
+
+    def remove(self, refs: Iterable[JournalRef | None]) -> None:
+        """Note finished tasks (removed by the next :meth:`commit`; a frame once its last task is final)."""
+        for ref in refs:
+            if isinstance(ref, int):
+                left = self._frame_left.get(ref, 0)
+                if left > 1:
+                    self._frame_left[ref] = left - 1
+                elif left == 1:
+                    del self._frame_left[ref]
+                    if self._frames_added.pop(ref, None) is None:
+                        self._frames_removed.add(ref)
+            elif ref is not None and self._added.pop(ref, None) is None:
+                self._removed.add(ref)
 
     @property
     def dirty(self) -> bool:
         """True when there is something to commit."""
-        return bool(self._added or self._removed)
+        return bool(self._added or self._removed or self._frames_added or self._frames_removed)
 
     def commit(self) -> None:
         """Write what was added and removed since the last commit, in one transaction."""
         if not self.dirty:
             return
         added, removed = self._added, self._removed
+        frames_added, frames_removed = self._frames_added, self._frames_removed
         self._added, self._removed = {}, set()
+        self._frames_added, self._frames_removed = {}, set()
         db = self._db
         try:
             db.execute("BEGIN")
@@ -172,11 +229,17 @@ class Journal:
                 db.executemany("INSERT OR REPLACE INTO journal VALUES (?, ?)", added.items())
             if removed:
                 db.executemany("DELETE FROM journal WHERE task_id = ?", ((task_id,) for task_id in removed))
+            if frames_added:
+                db.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?)", frames_added.items())
+            if frames_removed:
+                db.executemany("DELETE FROM frames WHERE id = ?", ((frame_id,) for frame_id in frames_removed))
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             # Nothing of this batch reached the file: all of it waits for the next commit.
             self._added, self._removed = {**added, **self._added}, removed | self._removed
+            self._frames_added = {**frames_added, **self._frames_added}
+            self._frames_removed = frames_removed | self._frames_removed
             raise
 
     def runtimes(self) -> dict[str, float]:

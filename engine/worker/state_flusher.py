@@ -19,7 +19,7 @@ from engine.serialization import dumps
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend
-    from engine.worker.journal import Journal
+    from engine.worker.journal import Journal, JournalRef
     from engine.worker.replies import ReplyRouter
 
 __all__ = ("StateFlusher",)
@@ -46,7 +46,7 @@ class StateFlusher:
         self.journal = journal
         self.recorder = StateRecorder(batch_size=BATCH_SIZE, max_entries=RECORDER_ENTRIES)
         #: Journal keys of tasks that ran; they leave the journal once their states are out.
-        self._finished: list[str] = []
+        self._finished: list[JournalRef] = []
         self._last_flush = 0.0
 
     @property
@@ -63,9 +63,9 @@ class StateFlusher:
         """Record a state a child reported (its result already serialized)."""
         self.recorder.record(task_id, state, body, traceback, timestamp)
 
-    def finished(self, journal_key: str) -> None:
-        """A task ran (or failed for good): forget it once its states are out."""
-        self._finished.append(journal_key)
+    def finished(self, journal_ref: JournalRef) -> None:
+        """A task ran (or failed for good): the journal forgets it once its states are out."""
+        self._finished.append(journal_ref)
 
     def flush(self, now: float, force: bool = False) -> None:
         """Write pending states when the batch is full, old enough, or ``force``; then release tasks."""
@@ -96,10 +96,10 @@ class StateFlusher:
                 return
         self._release(finished)
 
-    def _take_finished(self) -> list[str]:
+    def _take_finished(self) -> list[JournalRef]:
         finished, self._finished = self._finished, []
         return finished
 
-    def _release(self, keys: list[str]) -> None:
+    def _release(self, keys: list[JournalRef]) -> None:
         if keys and self.journal is not None:
             self.journal.remove(keys)

@@ -34,7 +34,7 @@ from engine.transport.consumer import Consumer
 from engine.utils.hostname import default_worker_name
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
-from engine.worker.journal import Journal, default_journal_path
+from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
 from engine.worker.replies import ReplyRouter
@@ -165,12 +165,13 @@ class Supervisor:
         if self.journal is None:
             return
         replayed = 0
-        for raw in self.journal.pending():
+        for ref, raw in self.journal.pending():
             try:
                 message = decode_message(raw)
             except MessageDecodeError:
+                self.journal.remove([ref])
                 continue
-            self.accept(message, raw, journaled=True)
+            self.accept(message, raw, journal_ref=ref)
             replayed += 1
         if replayed:
             logger.warning("replaying %d task(s) accepted but not finished before this worker stopped", replayed)
@@ -274,7 +275,10 @@ class Supervisor:
     def _receive(self, sock: zmq.Socket) -> None:
         consumer = self.consumer
         assert consumer is not None
-        for peer, raws in consumer.receive(sock):
+        journal = self.journal
+        for peer, frame, raws in consumer.receive(sock):
+            # The frame as it came is the journal's row for all its tasks (one write per frame).
+            ref = journal.add_frame(frame, len(raws)) if journal is not None else None
             for raw in raws:
                 try:
                     message = decode_message(raw)
@@ -282,16 +286,24 @@ class Supervisor:
                     self.counters["malformed"] += 1
                     consumer.consumed_any(peer)  # it was sent against some credit: take it back
                     logger.warning("dropped a malformed task message from %s: %s", peer.name, exc)
+                    if journal is not None:
+                        journal.remove([ref])
                     continue
                 consumer.consumed(peer, message.queue)
                 consumer.ack(peer, message.id)
-                self.accept(message, raw, peer)
+                self.accept(message, raw, peer, journal_ref=ref)
 
-    def accept(self, message: TaskMessage, raw: bytes, peer: Peer | None = None, journaled: bool = False) -> None:
-        """Take one decoded task message: fail unknown tasks, hold future ones, queue the rest."""
+    def accept(self, message: TaskMessage, raw: bytes, peer: Peer | None = None,
+               journal_ref: JournalRef | None = None) -> None:
+        """Take one decoded task message: fail unknown tasks, hold future ones, queue the rest.
+
+        ``journal_ref`` is how the journal already knows the message (its frame, or
+        its row from an earlier run); without one it gets a row of its own here.
+        """
         self.counters["received"] += 1
-        if self.journal is not None and not journaled:
-            self.journal.add(_journal_key(message), raw)
+        journal = self.journal
+        if journal is not None and journal_ref is None:
+            journal_ref = journal.add(_journal_key(message), raw)
         if self.replies is not None:
             self.replies.remember(message, peer)
         try:
@@ -300,13 +312,18 @@ class Supervisor:
             self.counters["unknown"] += 1
             logger.error("received unknown task %s[%s]: %s", message.task, message.id, exc)
             self.states.record(message.id, states.FAILURE, exc, f"NotRegistered: {exc}")
-            self.states.finished(_journal_key(message))
+            if journal_ref is not None:
+                self.states.finished(journal_ref)
             return
-        entry = QueuedTask(message, raw, task, peer)
         if message.eta is not None and message.eta > time.time():
-            self.timers.push(message.eta, entry)
+            if journal is not None and isinstance(journal_ref, int):
+                # Held for later: a row of its own, so that its frame's row can go with the others.
+                own = journal.add(_journal_key(message), raw)
+                journal.remove([journal_ref])
+                journal_ref = own
+            self.timers.push(message.eta, QueuedTask(message, raw, task, peer, journal_ref))
         else:
-            self.scheduler.push(entry)
+            self.scheduler.push(QueuedTask(message, raw, task, peer, journal_ref))
 
     def _fire_timers(self) -> None:
         for entry in self.timers.pop_due():
@@ -372,7 +389,8 @@ class Supervisor:
             self.counters["requeued"] += 1
             self.scheduler.push(entry)
         else:
-            self.states.finished(_journal_key(entry.message))
+            if entry.journal_ref is not None:
+                self.states.finished(entry.journal_ref)
         if child.outstanding:
             child.outstanding[0].started = time.monotonic()
 
@@ -424,7 +442,8 @@ class Supervisor:
             return
         if not message.ignore_result:
             self.states.record(message.id, states.FAILURE, exc, f"{type(exc).__name__}: {exc}")
-        self.states.finished(_journal_key(message))
+        if entry.journal_ref is not None:
+            self.states.finished(entry.journal_ref)
 
     # --- credit and housekeeping -----------------------------------------------------
 
@@ -457,7 +476,7 @@ class Supervisor:
         if now >= self._next_cleanup and hasattr(self.backend, "cleanup"):
             self._next_cleanup = now + CLEANUP_EVERY
             try:
-                removed = self.backend.cleanup()
+                removed = self.backend.cleanup()  # type: ignore[union-attr]  # hasattr() above: not None
                 if removed:
                     logger.info("removed %d result(s) older than result_expires", removed)
             except Exception as exc:
