@@ -7,7 +7,7 @@ import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine import current
 from engine.canvas import Signature
@@ -17,6 +17,11 @@ from engine.exceptions import CeleryCompatibilityWarning, DuplicateTaskError, Im
 from engine.result import AsyncResult
 from engine.task import Task, add_autoretry, validate_options
 from engine.utils.imports import symbol_by_name
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
+    from engine.core import TaskMessage
+    from engine.task import Task as TaskType  # inside Engine's body "Task" is the property (the default base)
 
 __all__ = ("Engine",)
 
@@ -50,7 +55,7 @@ class Engine:
         self._task_cls = task_cls
         #: The task registry: name -> task instance (the core's compiled mapping).
         self.tasks = TaskRegistry()
-        self._backend: Any = None
+        self._backend: Backend | None = None
         self._producer: Any = None
         #: Modules to import before a worker starts (``include=``, ``autodiscover_tasks``).
         self._pending_imports: list[Any] = list(include or ())
@@ -62,7 +67,7 @@ class Engine:
     # --- tasks ---------------------------------------------------------------------
 
     @property
-    def Task(self) -> type:
+    def Task(self) -> type[TaskType]:
         """The default base class of this app's tasks (``task_cls``, else :class:`engine.Task`).
 
         Assignable, as in Celery: ``app.Task = MyTask`` (tasks created afterwards use it).
@@ -101,13 +106,13 @@ class Engine:
         if args:
             raise TypeError("app.task() takes options as keyword arguments only")
 
-        def decorate(fun: Callable[..., Any]) -> Task:
+        def decorate(fun: Callable[..., Any]) -> TaskType:
             return self._task_from_fun(fun, **options)
 
         return decorate
 
     def _task_from_fun(self, fun: Callable[..., Any], name: str | None = None, base: Any = None,
-                       bind: bool = False, **options: Any) -> Task:
+                       bind: bool = False, **options: Any) -> TaskType:
         if not callable(fun):
             raise TypeError(f"@app.task needs a function, got {fun!r}")
         base = symbol_by_name(base) if base is not None else self.Task
@@ -131,12 +136,12 @@ class Engine:
             "__qualname__": getattr(fun, "__qualname__", fun.__name__),
             **options,
         }
-        task = type(fun.__name__, (base,), attrs)()
+        task: TaskType = type(fun.__name__, (base,), attrs)()
         add_autoretry(task)
         self.tasks.register(name, task)
         return task
 
-    def register_task(self, task: Task | type) -> Task:
+    def register_task(self, task: TaskType | type[TaskType]) -> TaskType:
         """Register a task written as a class (a Task subclass with ``run`` and ``name``)."""
         if isinstance(task, type):
             task = task()
@@ -195,7 +200,8 @@ class Engine:
             self.finalize()
 
     def finalize(self) -> None:
-        """Import the modules of ``include=`` and ``autodiscover_tasks`` (the worker calls this at start)."""
+        """Import the modules of ``include=`` and ``autodiscover_tasks``, register shared tasks (the worker calls this)."""
+        current.register_shared_tasks(self)
         pending, self._pending_imports = self._pending_imports, []
         for item in pending:
             if isinstance(item, str):
@@ -210,7 +216,7 @@ class Engine:
     # --- results -------------------------------------------------------------------
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend:
         """The result backend of ``conf.result_backend`` (created on first use)."""
         if self._backend is None or self._backend.url != self.conf.result_backend:
             from engine.backends import backend_from_url
@@ -224,7 +230,7 @@ class Engine:
 
     # --- sending -------------------------------------------------------------------
 
-    def signature(self, name: str, args: Any = None, kwargs: dict | None = None, **options: Any) -> Any:
+    def signature(self, name: str, args: Any = None, kwargs: dict | None = None, **options: Any) -> Signature:
         """Return a signature of the task called ``name`` (which need not be imported here)."""
         return Signature(name, args, kwargs, options, app=self)
 
@@ -245,10 +251,10 @@ class Engine:
         url = self.conf.result_backend
         if not url or not str(url).startswith("rpc"):
             return None
-        producer = self.backend.listen()
+        producer = self.backend.listen()  # type: ignore[attr-defined]  # an rpc:// URL: an RPCBackend
         return getattr(producer, "client_id", None)
 
-    def send_message(self, message: Any) -> None:
+    def send_message(self, message: TaskMessage) -> None:
         """Hand an encoded task message to the transport (see engine.transport)."""
         self.producer.send(message)
 

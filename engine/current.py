@@ -59,10 +59,24 @@ def set_current_app(app: Engine) -> None:
 def app_created(app: Engine, set_as_current: bool) -> None:
     """Called by every new Engine: it gets the shared tasks, and becomes current unless told not to."""
     _apps.add(app)
-    for fun, options in list(_shared):
-        app._task_from_fun(fun, **options)
+    register_shared_tasks(app, strict=False)
     if set_as_current:
         set_current_app(app)
+
+
+def register_shared_tasks(app: Engine, strict: bool = True) -> None:
+    """Register every ``shared_task`` with ``app`` (again: the ones it has are kept).
+
+    Not ``strict`` (while the app is being created), a task that cannot be made yet,
+    say because the app's ``task_cls`` is wrong, is left for :meth:`Engine.finalize`
+    or its first use, which raise the error.
+    """
+    for fun, options in list(_shared):
+        try:
+            app._task_from_fun(fun, **options)
+        except Exception:
+            if strict:
+                raise
 
 
 class Proxy:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from engine import context, states
 from engine.canvas import Signature
@@ -27,6 +27,11 @@ from engine.result import EagerResult
 from engine.routing import route_queue
 from engine.utils.ids import new_task_id
 from engine.utils.imports import symbol_by_name
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.backends.base import Backend
+    from engine.request import Request as RequestType  # in Task's body "Request" is the option
 
 __all__ = ("Task", "new_task_id")
 
@@ -60,10 +65,11 @@ class Task:
     setting of the same name" (``task_ignore_result`` and so on).
     """
 
+    # Both None only on a base class, which is never registered or sent: a registered task has both.
     #: The task's registered name.
-    name: str | None = None
+    name: str = None  # type: ignore[assignment]
     #: The app the task belongs to.
-    app: Any = None
+    app: Engine = None  # type: ignore[assignment]
     #: Check call arguments against the function's signature when sending.
     typing: bool = True
     #: Retries allowed before the task fails; None retries forever.
@@ -105,6 +111,14 @@ class Task:
 
     MaxRetriesExceededError = MaxRetriesExceededError
 
+    # Set on a task by its app or on first use (declared for the type checker only).
+    #: The task body as written, before ``add_autoretry`` or ``bind`` wrapped it.
+    __wrapped__: Callable[..., Any]
+    #: ``run`` before ``add_autoretry`` wrapped it.
+    _orig_run: Callable[..., Any]
+    #: The check of call arguments, made on the first call (per class).
+    _arguments_checker: ClassVar[_ArgumentsChecker]
+
     def __repr__(self) -> str:
         return f"<@task: {self.name} of {self.app.main if self.app else '?'}>"
 
@@ -135,12 +149,12 @@ class Task:
         return context.request_of(self)
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend:
         """The app's result backend."""
         return self.app.backend
 
     @property
-    def request_class(self) -> type:
+    def request_class(self) -> type[RequestType]:
         """The resolved ``Request`` class (resolved again only when ``Request`` changes).
 
         A ``'module:Class'`` name is looked up once: reloading that module later does not
@@ -148,7 +162,7 @@ class Task:
         """
         # Every task run needs it: an import lookup per task is a measurable share of a no-op task.
         name = self.Request
-        resolved = self.__dict__.get("_request_class")
+        resolved: tuple[Any, type[RequestType]] | None = self.__dict__.get("_request_class")
         if resolved is None or resolved[0] is not name:
             resolved = self.__dict__["_request_class"] = (name, symbol_by_name(name))
         return resolved[1]
@@ -193,11 +207,12 @@ class Task:
         sent after success (with the result as first argument) or failure
         (with the task id). With ``task_always_eager`` the task runs here.
         """
-        unknown = set(options) - MESSAGE_OPTIONS
-        if unknown:
+        # Localize: this runs once per task sent; the common call has no options at all.
+        if options and not MESSAGE_OPTIONS.issuperset(options):
+            unknown = set(options) - MESSAGE_OPTIONS
             raise TypeError(f"apply_async() got unknown options: {', '.join(sorted(unknown))}")
-        args = tuple(args or ())
-        kwargs = dict(kwargs or {})
+        args = args if type(args) is tuple else tuple(args or ())
+        kwargs = dict(kwargs) if kwargs else {}
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=task_id or new_task_id(), link=link, link_error=link_error,
                               ignore_result=ignore_result, **options)
@@ -218,25 +233,36 @@ class Task:
                       parent_id: str | None = None, root_id: str | None = None, reply_to: str | None = None,
                       time_limit: float | None = None, soft_time_limit: float | None = None) -> TaskMessage:
         """Build the TaskMessage that :meth:`apply_async` sends."""
-        now = time.time()
-        eta_ts = now + countdown if countdown is not None else _timestamp(eta, "eta")
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
-            expires_ts: float | None = now + expires  # seconds from now, as in Celery
-        else:
-            expires_ts = _timestamp(expires, "expires")
+        # Localize: every branch below is skipped by a plain delay(), which runs once per task.
+        eta_ts = expires_ts = None
+        if countdown is not None or eta is not None or expires is not None:
+            now = time.time()
+            eta_ts = now + countdown if countdown is not None else _timestamp(eta, "eta")
+            if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+                expires_ts = now + expires  # seconds from now, as in Celery
+            else:
+                expires_ts = _timestamp(expires, "expires")
         kwargs = kwargs or {}
         if queue is None:
             queue = self.queue or route_queue(self.app.conf.task_routes, self.name, args, kwargs) \
                 or self.app.conf.task_default_queue
         options: dict[str, Any] = {}
-        for key, value in (("link", _as_signature_list(link)), ("link_error", _as_signature_list(link_error)),
-                           ("chain", [dict(step) for step in chain] if chain else None),
-                           ("ignore_result", None if ignore_result is None else bool(ignore_result)),
-                           ("time_limit", time_limit if time_limit is not None else self.time_limit),
-                           ("soft_time_limit", soft_time_limit if soft_time_limit is not None
-                            else self.soft_time_limit)):
-            if value is not None:
-                options[key] = value
+        if link is not None and (links := _as_signature_list(link)):
+            options["link"] = links
+        if link_error is not None and (errbacks := _as_signature_list(link_error)):
+            options["link_error"] = errbacks
+        if chain:
+            options["chain"] = [dict(step) for step in chain]
+        if ignore_result is not None:
+            options["ignore_result"] = bool(ignore_result)
+        if time_limit is None:
+            time_limit = self.time_limit
+        if time_limit is not None:
+            options["time_limit"] = time_limit
+        if soft_time_limit is None:
+            soft_time_limit = self.soft_time_limit
+        if soft_time_limit is not None:
+            options["soft_time_limit"] = soft_time_limit
         return TaskMessage(
             task_id or new_task_id(), self.name, args, kwargs, retries=retries, eta=eta_ts, expires=expires_ts,
             queue=queue, reply_to=reply_to, parent_id=parent_id, root_id=root_id,
@@ -318,7 +344,7 @@ class Task:
     # --- retrying ----------------------------------------------------------------
 
     def signature_from_request(self, request: context.Context | None = None, args: Any = None,
-                               kwargs: dict | None = None, **options: Any) -> Any:
+                               kwargs: dict | None = None, **options: Any) -> Signature:
         """Return a signature that calls this task again as ``request`` did, with changes."""
         request = self.request if request is None else request
         base_options = {
@@ -410,18 +436,18 @@ class Task:
 
     # --- signatures ----------------------------------------------------------------
 
-    def signature(self, args: Any = None, kwargs: dict | None = None, **options: Any) -> Any:
+    def signature(self, args: Any = None, kwargs: dict | None = None, **options: Any) -> Signature:
         """Return a signature: this task with (partial) arguments and options, to call later."""
         immutable = options.pop("immutable", False)
         return Signature(self.name, args, kwargs, options, immutable=immutable, app=self.app)
 
     subtask = signature
 
-    def s(self, *args: Any, **kwargs: Any) -> Any:
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
         """Shortcut: ``signature(args, kwargs)``."""
         return self.signature(args, kwargs)
 
-    def si(self, *args: Any, **kwargs: Any) -> Any:
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
         """Shortcut for an immutable signature: later steps' results are not prepended."""
         return self.signature(args, kwargs, immutable=True)
 
