@@ -381,3 +381,20 @@ def test_dispatch_writes_each_task_to_its_child_and_starts_the_head(app, supervi
     assert second_pipe.read() == [(pipe.TASK, entries[1].raw)]
     assert first.outstanding[0].started > 0 and second.outstanding[0].started > 0
     assert first.outstanding[1].started == 0.0  # queued behind the running one
+
+
+def test_the_count_of_tasks_in_children_follows_dispatch_done_and_exit(app, supervisor, pipes):
+    read_fd, write_fd = pipes()
+    child = child_holding(supervisor, writer=pipe.FrameWriter(write_fd, blocking=False))
+    for entry in [queued(app) for _ in range(3)]:
+        supervisor.accept(entry.message, entry.raw)
+    supervisor._dispatch()
+    assert supervisor.in_children == len(child.outstanding) == 3
+
+    done = child.outstanding[0]
+    supervisor._task_done(child, msgpack.packb([done.message.id, states.SUCCESS, 0.001, False]))
+    assert supervisor.in_children == 2
+
+    supervisor._child_exited(child)
+    assert supervisor.in_children == 0  # the rest went back to the scheduler
+    assert len(supervisor.scheduler) == 1  # the running one was lost, the other one waits again

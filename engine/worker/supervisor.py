@@ -129,6 +129,8 @@ class Supervisor:
         self.consumer: Consumer | None = None
         self.context: zmq.Context | None = None
         self.counters = {"received": 0, "done": 0, "malformed": 0, "unknown": 0, "lost": 0, "requeued": 0}
+        #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
+        self.in_children = 0
         self._next_housekeeping = 0.0
         self._held_back = False
         self._next_cleanup = 0.0
@@ -341,6 +343,7 @@ class Supervisor:
             return
         now = time.monotonic()
         touched = {}
+        self.in_children += len(assigned)
         for child, entry in assigned:
             if child.outstanding[0] is entry:
                 entry.started = now
@@ -383,6 +386,7 @@ class Supervisor:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
             return
         entry = child.outstanding.popleft()
+        self.in_children -= 1
         self.counters["done"] += 1
         self.stats.add(entry.name, runtime)
         if state == states.REJECTED and requeue:
@@ -414,6 +418,7 @@ class Supervisor:
         reason = self.limits.reason(child.pid)
         held = list(child.outstanding)
         child.outstanding.clear()
+        self.in_children = max(0, self.in_children - len(held))
         if status == RETIRE_EXIT and reason is None:
             lost = None
             logger.info("child %d retired (task or memory limit)", child.pid)
@@ -461,8 +466,7 @@ class Supervisor:
         assert consumer is not None
         if len(self.timers) >= MAX_TIMERS:
             return
-        held = len(self.scheduler) + sum(len(c.outstanding) for c in self.pool.children.values())
-        free = self.window() - held - consumer.outstanding()
+        free = self.window() - len(self.scheduler) - self.in_children - consumer.outstanding()
         consumer.grant(free, standing=self.concurrency)
 
     def _housekeeping(self, now: float) -> None:
