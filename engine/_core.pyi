@@ -4,7 +4,11 @@ See the module docstring of either twin for wire format v1.
 """
 
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
+
+from engine.task import Task
+
+_T = TypeVar("_T")
 
 IMPLEMENTATION: Final[str]
 #: The first element of every encoded task message.
@@ -73,24 +77,27 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[TaskMessage]:
 def split_batch(data: bytes | bytearray | memoryview) -> list[bytes]:
     """The encoded items of a batch, not decoded."""
 
-class TaskRegistry(Mapping[str, Any]):
+class TaskRegistry(Mapping[str, Task]):
     """Task name -> task object."""
 
     def __init__(self) -> None: ...
-    def register(self, name: str, task: Any) -> None:
+    def register(self, name: str, task: Task) -> None:
         """Register or replace ``name``."""
     def unregister(self, name: str) -> None:
         """Remove ``name``; NotRegistered if absent."""
-    def lookup(self, name: str) -> Any:
+    def lookup(self, name: str) -> Task:
         """The task ``name``; NotRegistered if absent."""
-    def __getitem__(self, name: str) -> Any: ...
-    def get(self, name: str, default: Any = None) -> Any: ...  # type: ignore[override]
+    def __getitem__(self, name: str) -> Task: ...
+    @overload
+    def get(self, name: str) -> Task | None: ...
+    @overload
+    def get(self, name: str, default: Task | _T) -> Task | _T: ...
     def __contains__(self, name: object) -> bool: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[str]: ...
     def keys(self) -> KeysView[str]: ...
-    def values(self) -> ValuesView[Any]: ...
-    def items(self) -> ItemsView[str, Any]: ...
+    def values(self) -> ValuesView[Task]: ...
+    def items(self) -> ItemsView[str, Task]: ...
 
 def compute_backoff(
     retries: int,

@@ -30,7 +30,7 @@ import operator
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 import msgpack
@@ -176,6 +176,21 @@ class TaskMessage:
         "_root_id",
         "_task",
     )
+    # The fields, as engine/_core.pxd declares them for the compiled twin.
+    _id: str
+    _task: str
+    _args: tuple[Any, ...] | None  # None while the payload has not been unpacked
+    _kwargs: dict[str, Any] | None  # None while the payload has not been unpacked
+    _payload: bytes | None  # None when it must be (re)packed from _args/_kwargs
+    _retries: int
+    _eta: float | None
+    _expires: float | None
+    _queue: str
+    _reply_to: str | None
+    _parent_id: str | None
+    _root_id: str | None
+    _ignore_result: bool
+    _options: dict[str, Any]
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, id: str, task: str, args: Iterable[Any] = (),
@@ -230,7 +245,7 @@ class TaskMessage:
         """Positional arguments (decoded from the payload on first read)."""
         self._decode()
         self._payload = None
-        return self._args
+        return self._args  # type: ignore[return-value]  # not None: _decode() unpacked it
 
     @args.setter
     def args(self, value: Iterable[Any]) -> None:
@@ -243,7 +258,7 @@ class TaskMessage:
         """Keyword arguments (decoded from the payload on first read)."""
         self._decode()
         self._payload = None
-        return self._kwargs
+        return self._kwargs  # type: ignore[return-value]  # not None: _decode() unpacked it
 
     @kwargs.setter
     def kwargs(self, value: Mapping[str, Any] | None) -> None:
@@ -256,7 +271,7 @@ class TaskMessage:
         """The packed ``[args, kwargs]`` as sent on the wire (packed once, then cached)."""
         if self._payload is None:
             self._decode()
-            self._payload = _pack([list(self._args), self._kwargs])
+            self._payload = _pack([list(self._args), self._kwargs])  # type: ignore[arg-type]  # _decode() unpacked it
         return self._payload
 
     @property
@@ -597,15 +612,15 @@ class TaskRegistry:
     def __iter__(self) -> Iterator[str]:
         return iter(self._tasks)
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         """The registered names."""
         return self._tasks.keys()
 
-    def values(self):
+    def values(self) -> ValuesView[Any]:
         """The registered tasks."""
         return self._tasks.values()
 
-    def items(self):
+    def items(self) -> ItemsView[str, Any]:
         """``(name, task)`` pairs."""
         return self._tasks.items()
 

@@ -200,7 +200,7 @@ class Engine:
             self.finalize()
 
     def finalize(self) -> None:
-        """Import the modules of ``include=`` and ``autodiscover_tasks``, register shared tasks (the worker calls this)."""
+        """Import the modules of ``include=`` and ``autodiscover_tasks``, register shared tasks (a worker's start)."""
         current.register_shared_tasks(self)
         pending, self._pending_imports = self._pending_imports, []
         for item in pending:

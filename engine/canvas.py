@@ -11,11 +11,15 @@ every later step's result with its exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from engine import current, states
 from engine.utils.ids import new_task_id
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.task import Task
 
 __all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "signature")
 
@@ -23,8 +27,8 @@ __all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "sig
 class Signature(dict):
     """One task call: its name, (partial) arguments and sending options."""
 
-    def __init__(self, task: Any, args: Any = None, kwargs: dict | None = None, options: dict | None = None,
-                 *, immutable: bool = False, app: Any = None) -> None:
+    def __init__(self, task: str | Task, args: Any = None, kwargs: dict | None = None, options: dict | None = None,
+                 *, immutable: bool = False, app: Engine | None = None) -> None:
         name = task if isinstance(task, str) else task.name
         if app is None and not isinstance(task, str):
             app = task.app
@@ -40,21 +44,22 @@ class Signature(dict):
     immutable = property(lambda self: self["immutable"], doc="True: arguments given later are ignored.")
 
     @property
-    def app(self) -> Any:
+    def app(self) -> Engine:
         """The app whose registry resolves the task name: the task's, else the current app."""
         if self._app is None:
             self._app = current.get_current_app()
         return self._app
 
     @property
-    def type(self) -> Any:
+    def type(self) -> Task:
         """The registered task this signature calls."""
         return self.app.tasks.lookup(self.task)
 
     @property
     def id(self) -> str | None:
         """The task id this call will have, once frozen."""
-        return self.options.get("task_id")
+        task_id: str | None = self.options.get("task_id")
+        return task_id
 
     def _merge(self, args: Any = (), kwargs: dict | None = None, options: dict | None = None
                ) -> tuple[tuple, dict, dict]:
@@ -129,7 +134,8 @@ class Signature(dict):
         self.link_error(errback)
         return self
 
-    def __or__(self, other: Any) -> chain:
+    # Not dict's merge: sig | sig is a chain. Celery overrides dict.__or__ the same way.
+    def __or__(self, other: Any) -> chain:  # type: ignore[override]
         if isinstance(other, chain):
             return chain(self, *other.tasks, app=self._app)
         if isinstance(other, Signature):
@@ -145,10 +151,11 @@ class Signature(dict):
 
 
 def _rebuild(data: dict) -> Signature:
-    return maybe_signature(data)
+    sig: Signature = maybe_signature(data)  # a plain dict always becomes a Signature
+    return sig
 
 
-def maybe_signature(data: Any, app: Any = None) -> Any:
+def maybe_signature(data: Any, app: Engine | None = None) -> Any:
     """Return ``data`` as a Signature (a plain dict from a message becomes one); None stays None."""
     if data is None or (isinstance(data, Signature) and (app is None or data._app is app)):
         return data
@@ -159,8 +166,8 @@ def maybe_signature(data: Any, app: Any = None) -> Any:
     return sig
 
 
-def signature(task: Any, args: Any = None, kwargs: dict | None = None, *, app: Any = None, **options: Any
-              ) -> Signature:
+def signature(task: str | Task, args: Any = None, kwargs: dict | None = None, *, app: Engine | None = None,
+              **options: Any) -> Signature:
     """Build a signature from a task or a task name (a name needs ``app``)."""
     return Signature(task, args, kwargs, options, app=app)
 
@@ -172,7 +179,7 @@ class chain:
     ``parent`` links lead back to the first.
     """
 
-    def __init__(self, *tasks: Any, app: Any = None) -> None:
+    def __init__(self, *tasks: Any, app: Engine | None = None) -> None:
         flat: list[Signature] = []
         for task in tasks[0] if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain)) else tasks:
             flat.extend(task.tasks if isinstance(task, chain) else [task])
@@ -222,7 +229,7 @@ class chain:
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
         """Run every step here, in order; stop at the first failure (which the result then holds)."""
         self._freeze()
-        result = None
+        result: Any = None  # the EagerResult of the last step run
         for index, step in enumerate(self.tasks):
             result = step.apply(args, kwargs, **options) if index == 0 else step.apply((result.result,))
             if result.state != states.SUCCESS:
@@ -244,13 +251,13 @@ class group:
     group followed by a callback, is not provided yet.)
     """
 
-    def __init__(self, *tasks: Any, app: Any = None) -> None:
+    def __init__(self, *tasks: Any, app: Engine | None = None) -> None:
         items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) else list(tasks)
         self.tasks: list[Signature] = [maybe_signature(task).clone() for task in items]
         self._app = app or (self.tasks[0]._app if self.tasks else None)
 
     @property
-    def app(self) -> Any:
+    def app(self) -> Engine | None:
         """The app of the group's first signature."""
         return self._app
 
@@ -316,5 +323,5 @@ class GroupResult:
     def __len__(self) -> int:
         return len(self.results)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.results)

@@ -11,7 +11,8 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,11 +20,15 @@ from engine._version import __version__
 from engine.exceptions import ImproperlyConfigured
 from engine.log import WORKER_FORMAT, TaskContextFilter
 
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.worker.supervisor import Supervisor
+
 __all__ = ("find_app", "worker_main")
 
 
 
-def find_app(spec: str) -> Any:
+def find_app(spec: str) -> Engine:
     """Import ``module`` or ``module:attr`` and return its Engine.
 
     ``module`` alone picks the attribute named ``app``, else the only Engine
@@ -49,8 +54,8 @@ def find_app(spec: str) -> Any:
     found = [value for value in vars(module).values() if isinstance(value, Engine)]
     if len(found) == 1:
         return found[0]
-    raise ImproperlyConfigured(
-        f"module {module_name!r} has {'no' if not found else 'several'} Engine app(s); name one as '{module_name}:attr'")
+    raise ImproperlyConfigured(f"module {module_name!r} has {'no' if not found else 'several'} Engine app(s); "
+                               f"name one as '{module_name}:attr'")
 
 
 def setup_logging(level: str) -> None:
@@ -127,7 +132,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
             prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
-            hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key else None,
+            hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key and curve_clients else None,
             journal=journal, use_journal=not no_journal)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
@@ -138,7 +143,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
     sys.exit(supervisor.run())
 
 
-def _banner(supervisor: Any, app_spec: str, core: Any) -> None:
+def _banner(supervisor: Supervisor, app_spec: str, core: ModuleType) -> None:
     endpoints = [f"bind {e}" for e in supervisor.binds] + [f"connect {e}" for e in supervisor.connects]
     lines = [
         f"engine-worker {supervisor.hostname}",

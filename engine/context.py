@@ -9,7 +9,11 @@ before it calls the task and pops it after, and ``Task.request``,
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.task import Task
+    from engine.tracer import Recorder
 
 __all__ = ("Context", "current", "current_task", "pop", "push")
 
@@ -45,10 +49,12 @@ class Context:
     chain: list | None = None
     timelimit: tuple = (None, None)
     options: dict = {}
-    recorder: Any = None
+    recorder: Recorder | None = None
     retry_dispatcher: Any = None
     #: ``retry(max_retries=N)`` in this call: the limit its automatic retry applies (this call only).
     override_max_retries: int | None = None
+    #: Set by ``Task.__call__`` when a custom ``__call__`` calls ``super()`` inside a traced run (unset otherwise).
+    _entered: bool
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
@@ -74,13 +80,13 @@ _EMPTY = Context()
 
 class _Stack(threading.local):
     def __init__(self) -> None:
-        self.items: list[tuple[Any, Context]] = []
+        self.items: list[tuple[Task, Context]] = []
 
 
 _stack = _Stack()
 
 
-def push(task: Any, request: Context) -> None:
+def push(task: Task, request: Context) -> None:
     """Make ``task`` with ``request`` the running task of this thread."""
     _stack.items.append((task, request))
 
@@ -90,19 +96,19 @@ def pop() -> None:
     _stack.items.pop()
 
 
-def current() -> tuple[Any, Context] | None:
+def current() -> tuple[Task, Context] | None:
     """Return ``(task, request)`` of the innermost running task, or None."""
     items = _stack.items
     return items[-1] if items else None
 
 
-def current_task() -> Any:
+def current_task() -> Task | None:
     """Return the task running in this thread, or None."""
     items = _stack.items
     return items[-1][0] if items else None
 
 
-def request_of(task: Any) -> Context:
+def request_of(task: Task) -> Context:
     """Return the request of ``task`` if it is running in this thread, else an empty one."""
     for running, request in reversed(_stack.items):
         if running is task:

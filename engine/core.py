@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 __all__ = (
     "ENVELOPE_SIZE",
@@ -40,7 +41,10 @@ def _extensions_disabled() -> bool:
     return os.environ.get("ENGINE_NO_EXTENSIONS", "").strip().lower() in {"1", "true", "yes"}
 
 
-if _extensions_disabled():
+if TYPE_CHECKING:
+    # Both twins have the API of engine/_core.pyi: the checker reads every name below from it.
+    from engine import _core as _impl
+elif _extensions_disabled():
     from engine import _core_py as _impl
 else:
     try:

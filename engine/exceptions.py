@@ -7,7 +7,11 @@ which rebuilds an exception from its type name and ``.args``.
 
 from __future__ import annotations
 
-from typing import Any
+import builtins
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.canvas import Signature
 
 __all__ = (
     "CeleryCompatibilityWarning",
@@ -69,12 +73,12 @@ class Retry(Exception):
     """
 
     #: The signature that re-runs the task (set by ``Task.retry``).
-    sig: Any = None
+    sig: Signature | None = None
     #: True when the retry happens in an eager ``apply()``.
     is_eager: bool = False
 
     def __init__(self, message: str | None = None, exc: BaseException | None = None,
-                 when: Any = None, *, sig: Any = None, is_eager: bool = False) -> None:
+                 when: Any = None, *, sig: Signature | None = None, is_eager: bool = False) -> None:
         super().__init__(message, exc, when)
         self.message = message
         self.exc = exc
@@ -141,7 +145,7 @@ class ResultsDisabledError(ImproperlyConfigured):
     """Results were asked for, but the app has no result backend configured."""
 
 
-class TimeoutError(EngineError, TimeoutError):
+class TimeoutError(EngineError, builtins.TimeoutError):
     """``AsyncResult.get(timeout=...)`` ran out of time; also a builtin ``TimeoutError``."""
 
 

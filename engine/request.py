@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import states
 from engine.context import Context
 from engine.exceptions import TaskRevokedError
 from engine.tracer import ExceptionInfo, TraceOutcome, trace_task
 from engine.utils.hostname import HOSTNAME
+
+if TYPE_CHECKING:
+    from engine.core import TaskMessage
+    from engine.task import Task
+    from engine.tracer import Recorder
 
 __all__ = ("Request",)
 
@@ -33,8 +38,8 @@ class Request:
     names; ``recorder`` receives the states (see :mod:`engine.tracer`).
     """
 
-    def __init__(self, message: Any, task: Any, *, recorder: Any = None, hostname: str | None = None,
-                 eager: bool = False, retry_dispatcher: Any = None) -> None:
+    def __init__(self, message: TaskMessage, task: Task, *, recorder: Recorder | None = None,
+                 hostname: str | None = None, eager: bool = False, retry_dispatcher: Any = None) -> None:
         self.message = message
         self.task = task
         self.recorder = recorder

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import context, current, states
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.backends.base import Backend
+    from engine.core import StateRecord, StateRecorder
 
 __all__ = ("AsyncResult", "EagerResult")
 
@@ -16,8 +21,8 @@ class AsyncResult:
     result you ask for, so the backend can release what it keeps.
     """
 
-    def __init__(self, id: str, backend: Any = None, task_name: str | None = None, app: Any = None,
-                 parent: AsyncResult | None = None) -> None:
+    def __init__(self, id: str, backend: Backend | None = None, task_name: str | None = None,
+                 app: Engine | None = None, parent: AsyncResult | None = None) -> None:
         self.id = id
         self.app = app
         self._backend = backend
@@ -25,7 +30,7 @@ class AsyncResult:
         self.parent = parent
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend:
         """The backend this result is read from (the current app's when the result was made without one)."""
         if self._backend is not None:
             return self._backend
@@ -33,7 +38,7 @@ class AsyncResult:
             self.app = current.get_current_app()
         return self.app.backend
 
-    def _record(self) -> Any:
+    def _record(self) -> StateRecord | None:
         return self.backend.get(self.id)
 
     @property
@@ -115,7 +120,7 @@ class EagerResult(AsyncResult):
     """The result of a call run in this process by ``apply()``: already known, nothing stored."""
 
     def __init__(self, id: str, retval: Any, state: str, traceback: str | None = None, name: str | None = None,
-                 app: Any = None, recorder: Any = None) -> None:
+                 app: Engine | None = None, recorder: StateRecorder | None = None) -> None:
         super().__init__(id, task_name=name, app=app)
         self._retval = retval
         self._state = state

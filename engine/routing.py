@@ -22,8 +22,10 @@ def _queue_of(destination: Any) -> str | None:
         return None
     if isinstance(destination, str):
         return destination
-    if isinstance(destination, dict) and isinstance(destination.get("queue"), str):
-        return destination["queue"]
+    if isinstance(destination, dict):
+        queue = destination.get("queue")
+        if isinstance(queue, str):
+            return queue
     raise ImproperlyConfigured(f"a task route must give a queue name or {{'queue': name}}, not {destination!r}")
 
 

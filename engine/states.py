@@ -8,6 +8,11 @@ every other built-in state.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
 __all__ = (
     "ALL_STATES",
     "EXCEPTION_STATES",
@@ -64,7 +69,7 @@ def precedence(state: str) -> int:
     return PRECEDENCE_INDEX.get(state, CUSTOM_PRECEDENCE)
 
 
-def is_valid_state(name: object) -> bool:
+def is_valid_state(name: object) -> TypeGuard[str]:
     """Tell whether ``name`` can be used as a state: a non-empty upper-case string."""
     return isinstance(name, str) and bool(name) and name == name.upper() and not name.isspace()
 

@@ -28,8 +28,9 @@ import logging
 import os
 import sys
 import traceback as traceback_module
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from engine import context, states
 from engine.canvas import maybe_signature
@@ -37,7 +38,7 @@ from engine.exceptions import EncodeError, Ignore, Reject, Retry
 from engine.task import Task
 from engine.utils.hostname import HOSTNAME
 
-__all__ = ("ExceptionInfo", "TraceOutcome", "resolve_ignore_result", "trace_task")
+__all__ = ("ExceptionInfo", "Recorder", "TraceOutcome", "resolve_ignore_result", "trace_task")
 
 logger = logging.getLogger("engine.tracer")
 
@@ -66,6 +67,14 @@ class ExceptionInfo:
         return f"<ExceptionInfo: {self.exception!r}>"
 
 
+class Recorder(Protocol):
+    """Where a traced call's states go: the core's StateRecorder (eager runs), a child's pipe to its supervisor."""
+
+    def record(self, task_id: str, state: str, result: Any = None, traceback: str | None = None,
+               timestamp: float | None = None) -> bool:
+        """Record one state of ``task_id``; False if it was dropped."""
+
+
 class TraceOutcome(NamedTuple):
     """What one traced call ended as."""
 
@@ -79,7 +88,7 @@ class TraceOutcome(NamedTuple):
     runtime: float
 
 
-def resolve_ignore_result(task: Any, request: Any) -> bool:
+def resolve_ignore_result(task: Task, request: context.Context) -> bool:
     """Decide whether a result is stored: the call's choice, else the task's, else the settings.
 
     The setting counts on either side: the sender's (carried in the message) or this process's.
@@ -91,20 +100,20 @@ def resolve_ignore_result(task: Any, request: Any) -> bool:
     return bool(request.get("sender_ignore_result")) or bool(task.app.conf.task_ignore_result)
 
 
-def _runner(task: Any) -> Any:
+def _runner(task: Task) -> Callable[..., Any]:
     # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
     # calling run() directly saves a frame per task.
     return task if type(task).__call__ is not Task.__call__ else task.run
 
 
-def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
+def trace_task(task: Task, request: context.Context, recorder: Recorder | None = None, *,
                eager: bool = False, propagate: bool = False) -> TraceOutcome:
     """Run ``task`` for ``request`` and record its outcome in ``recorder``.
 
     ``propagate`` re-raises a task's exception after recording it (eager runs
     with ``throw=True``). Exceptions of the engine itself are not swallowed.
     """
-    task_id = request.id
+    task_id: str = request.id  # type: ignore[assignment]  # built from a message (Request.context): never None
     args, kwargs = request.args, request.kwargs
     store = None if recorder is None or resolve_ignore_result(task, request) else recorder
     request.recorder = recorder if store is not None else None
@@ -132,7 +141,7 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
             task.on_retry(exc.exc, task_id, args, kwargs, einfo)
             logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
         except Exception as exc:
-            state, retval, einfo = _fail(task, request, store, exc, propagate)
+            state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
         else:
             try:
                 _send_followers(task, request, retval)
@@ -141,7 +150,7 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
             except EncodeError as exc:
                 # The return value cannot travel: the task fails with a clear error
                 # instead of crashing the child or the supervisor.
-                state, retval, einfo = _fail(task, request, store, exc, propagate)
+                state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
             else:
                 _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
                 logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id, monotonic() - started,
@@ -153,21 +162,22 @@ def trace_task(task: Any, request: context.Context, recorder: Any = None, *,
     return TraceOutcome(state, retval, einfo, monotonic() - started)
 
 
-def _fail(task: Any, request: Any, store: Any, exc: Exception, propagate: bool) -> tuple:
+def _fail(task: Task, task_id: str, request: context.Context, store: Recorder | None, exc: Exception,
+          propagate: bool) -> tuple[str, Exception, ExceptionInfo]:
     """The FAILURE outcome: record it, call ``on_failure``, log; re-raise when propagating.
 
     Called from inside the ``except`` block, so ``ExceptionInfo()`` sees ``exc``.
     """
     einfo = ExceptionInfo()
-    _record_failure(task, request, store, exc, einfo)
-    task.on_failure(exc, request.id, request.args, request.kwargs, einfo)
-    _log_failure(task, request.id, exc, einfo)
+    _record_failure(task, task_id, request, store, exc, einfo)
+    task.on_failure(exc, task_id, request.args, request.kwargs, einfo)
+    _log_failure(task, task_id, exc, einfo)
     if propagate:
         raise exc
     return states.FAILURE, exc, einfo
 
 
-def _call_handler(eager: bool, task: Any, name: str, *args: Any) -> None:
+def _call_handler(eager: bool, task: Task, name: str, *args: Any) -> None:
     # The outcome is already recorded: a failing handler must not record a second
     # one. Eager callers (tests) still see the error.
     try:
@@ -178,10 +188,11 @@ def _call_handler(eager: bool, task: Any, name: str, *args: Any) -> None:
         logger.exception("Task %s handler %s raised", task.name, name)
 
 
-def _record_failure(task: Any, request: Any, store: Any, exc: BaseException, einfo: ExceptionInfo) -> None:
+def _record_failure(task: Task, task_id: str, request: context.Context, store: Recorder | None,
+                    exc: BaseException, einfo: ExceptionInfo) -> None:
     """Record FAILURE for the task and every later step of its chain, then send errbacks."""
     if store is not None:
-        store.record(request.id, states.FAILURE, exc, einfo.traceback)
+        store.record(task_id, states.FAILURE, exc, einfo.traceback)
         for step in request.chain or ():
             step_id = (step.get("options") or {}).get("task_id")
             if step_id:
@@ -214,7 +225,7 @@ def _takes_request_exc_traceback(handler: Task) -> bool:
     return len(positional) > 1
 
 
-def _send_followers(task: Any, request: Any, retval: Any) -> None:
+def _send_followers(task: Task, request: context.Context, retval: Any) -> None:
     """Send the link callbacks and the next chain step with ``retval`` as their first argument."""
     root_id = request.root_id or request.id
     # reply_to travels on, so an rpc:// client gets the results of the steps it started.
@@ -228,11 +239,11 @@ def _send_followers(task: Any, request: Any, retval: Any) -> None:
                               reply_to=request.reply_to)
 
 
-def _signature(task: Any, data: Any) -> Any:
+def _signature(task: Task, data: Any) -> Any:
     return maybe_signature(data, app=task.app)
 
 
-def _log_failure(task: Any, task_id: str, exc: BaseException, einfo: ExceptionInfo) -> None:
+def _log_failure(task: Task, task_id: str, exc: BaseException, einfo: ExceptionInfo) -> None:
     if task.throws and isinstance(exc, task.throws):
         logger.info("Task %s[%s] raised expected: %r", task.name, task_id, exc)
     else:

@@ -1,4 +1,4 @@
-"""The session fixture body of ``redis_url``: a throw-away ``redis-server`` (:class:`bench.redis_server.RedisServer`)."""
+"""The session fixture body of ``redis_url``: a throw-away redis-server (:class:`bench.redis_server.RedisServer`)."""
 
 from __future__ import annotations
 

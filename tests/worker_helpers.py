@@ -78,7 +78,7 @@ class WorkerProcess:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"worker did not stop within {timeout}s after {sig}:\n{self.output}")
+            raise AssertionError(f"worker did not stop within {timeout}s after {sig}:\n{self.output}") from None
 
     def kill(self) -> None:
         """Kill the worker and its children, by pid."""

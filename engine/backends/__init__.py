@@ -7,10 +7,13 @@ results are off.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine.backends.base import Backend, DisabledBackend
 from engine.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 __all__ = ("BACKENDS", "Backend", "DisabledBackend", "backend_from_url")
 
@@ -23,7 +26,7 @@ BACKENDS = {
 }
 
 
-def backend_from_url(url: str | None, app: Any = None) -> Backend:
+def backend_from_url(url: str | None, app: Engine | None = None) -> Backend:
     """Return the backend for ``url`` (``memory://`` ...), or the disabled backend for None."""
     from engine.utils.imports import symbol_by_name
 
@@ -33,4 +36,5 @@ def backend_from_url(url: str | None, app: Any = None) -> Backend:
     if scheme not in BACKENDS:
         raise ImproperlyConfigured(
             f"no result backend for URL {url!r}; known schemes: {', '.join(sorted(BACKENDS))}")
-    return symbol_by_name(BACKENDS[scheme])(url, app)
+    backend_class: type[Backend] = symbol_by_name(BACKENDS[scheme])
+    return backend_class(url, app)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import states
 from engine.core import StateRecord
 from engine.exceptions import ResultsDisabledError, TimeoutError
 from engine.serialization import dumps, loads
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 __all__ = ("Backend", "DisabledBackend")
 
@@ -28,7 +31,7 @@ class Backend:
     ``get_encoded`` and ``forget``.
     """
 
-    def __init__(self, url: str | None = None, app: Any = None) -> None:
+    def __init__(self, url: str | None = None, app: Engine | None = None) -> None:
         self.url = url
         self.app = app
         self.accept_pickle = bool(app.conf.accept_pickle) if app is not None else False
@@ -94,4 +97,4 @@ class DisabledBackend(Backend):
             "no result backend is configured: pass Engine(backend=...) (e.g. 'sqlite:///results.db') "
             "or set app.conf.result_backend to read task results")
 
-    store = get = get_encoded = forget = wait_for = store_state = _disabled  # type: ignore[assignment]
+    store = get = get_encoded = forget = wait_for = store_state = _disabled

@@ -9,12 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine import states
 from engine.backends.base import Backend
 from engine.core import StateRecord, StateRecorder
 from engine.exceptions import TimeoutError
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 __all__ = ("MemoryBackend",)
 
@@ -22,7 +25,7 @@ __all__ = ("MemoryBackend",)
 class MemoryBackend(Backend):
     """Keeps records in a core StateRecorder, so state precedence applies as in real backends."""
 
-    def __init__(self, url: str | None = None, app: Any = None) -> None:
+    def __init__(self, url: str | None = None, app: Engine | None = None) -> None:
         super().__init__(url, app)
         self._table = StateRecorder()
         self._changed = threading.Condition()
@@ -48,7 +51,7 @@ class MemoryBackend(Backend):
             while True:
                 record = self._table.get(task_id)
                 if record is not None and record.state in states.READY_STATES:
-                    return self.get(task_id)
+                    return self.get(task_id)  # type: ignore[return-value]  # stored, and the lock is held: not None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"the result of task {task_id} was not ready within {timeout}s")

@@ -56,12 +56,17 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import states
 from engine.backends.base import Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured, TimeoutError
+
+if TYPE_CHECKING:
+    from redis.client import PubSub
+
+    from engine.app import Engine
 
 __all__ = ("CHUNK", "KEY_PREFIX", "RECHECK_EVERY", "RedisBackend")
 
@@ -132,7 +137,10 @@ def _expiry_ms(value: Any) -> int:
 class RedisBackend(Backend):
     """Results in a Redis server shared by every worker and client, woken by pub/sub."""
 
-    def __init__(self, url: str | None = None, app: Any = None) -> None:
+    #: A ``redis://`` URL (``__init__`` refuses anything else).
+    url: str
+
+    def __init__(self, url: str | None = None, app: Engine | None = None) -> None:
         super().__init__(url, app)
         if not url or not url.startswith("redis://"):
             raise ImproperlyConfigured(f"redis backend URL must look like redis://host:port/db, got {url!r}")
@@ -270,7 +278,7 @@ class RedisBackend(Backend):
                     logger.debug("unsubscribing from %s failed: %s", channel, exc)
                     self._drop_pubsub()
 
-    def _pubsub(self) -> Any:
+    def _pubsub(self) -> PubSub:
         """This thread's pub/sub connection, opened on first use and kept for the next waits.
 
         One connection per waiting thread, not per wait: opening and closing a
@@ -282,7 +290,8 @@ class RedisBackend(Backend):
         local = self._local.__dict__
         if local.get("client") is not client:
             local["pubsub"], local["client"] = client.pubsub(), client
-        return local["pubsub"]
+        pubsub: PubSub = local["pubsub"]
+        return pubsub
 
     def _drop_pubsub(self) -> None:
         pubsub = self._local.__dict__.pop("pubsub", None)

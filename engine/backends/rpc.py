@@ -16,11 +16,14 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.backends.memory import MemoryBackend
 from engine.core import StateRecord, StateRecorder
 from engine.transport.protocol import unpack_records
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 __all__ = ("RPCBackend",)
 
@@ -33,8 +36,10 @@ class RPCBackend(MemoryBackend):
 
     #: The supervisor sends states over the transport instead of calling ``store``.
     replies_over_transport = True
+    #: Always set (``app.backend`` makes this backend): results come through its producer.
+    app: Engine
 
-    def __init__(self, url: str | None = None, app: Any = None) -> None:
+    def __init__(self, url: str | None = None, app: Engine | None = None) -> None:
         super().__init__(url, app)
         self._table = StateRecorder(max_entries=MAX_ENTRIES)
         self._producer: Any = None

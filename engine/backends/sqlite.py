@@ -18,12 +18,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine import states
 from engine.backends.base import Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from engine.app import Engine
 
 __all__ = ("SQLiteBackend",)
 
@@ -52,7 +55,7 @@ WHERE engine_results.ready = 0 OR (excluded.ready = 1 AND excluded.strength < en
 class SQLiteBackend(Backend):
     """Results in one SQLite file shared by every process on the host."""
 
-    def __init__(self, url: str | None = None, app: Any = None) -> None:
+    def __init__(self, url: str | None = None, app: Engine | None = None) -> None:
         super().__init__(url, app)
         path = (url or "").partition("://")[2]
         path = path.removeprefix("/")  # sqlite:///relative.db and sqlite:////abs/path.db, as SQLAlchemy reads them
@@ -75,7 +78,8 @@ class SQLiteBackend(Backend):
             connection.execute(SCHEMA)
             connection.execute(INDEX)
             local.connection, local.pid = connection, os.getpid()
-        return local.connection
+        opened: sqlite3.Connection = local.connection
+        return opened
 
     def store(self, records: Iterable[StateRecord]) -> None:
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),

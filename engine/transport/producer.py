@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -32,6 +32,10 @@ from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
 from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
 from engine.utils.hostname import HOSTNAME
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.core import TaskMessage
 
 __all__ = ("Producer",)
 
@@ -58,7 +62,7 @@ class _Pending:
         self.queue = queue
         self.id = task_id
         self.raw = raw
-        self.peer: Any = None
+        self.peer: Peer | None = None
         self.sent_at = 0.0
 
 
@@ -109,7 +113,7 @@ class _Outbox:
 class Producer:
     """One process's connection to the workers of an app."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Engine) -> None:
         self.app = app
         self.pid = os.getpid()
         self.client_id = f"client-{HOSTNAME}-{self.pid}-{uuid.uuid4().hex[:8]}"
@@ -147,7 +151,7 @@ class Producer:
         """False after a fork (a child must make its own) or after close."""
         return self.pid == os.getpid() and not self._closing
 
-    def send(self, message: Any) -> None:
+    def send(self, message: TaskMessage) -> None:
         """Queue one task message for sending; returns at once."""
         raw = encode_message(message)
         if len(raw) > self.max_batch_bytes:
@@ -265,7 +269,7 @@ class Producer:
                 self._lock.notify_all()
 
     def _setup(self) -> None:
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context = zmq.Context.instance()
         max_size = int(self.app.conf.max_message_size)
         self._sockets: list[zmq.Socket] = []
         self._peers = PeerTable()
@@ -310,7 +314,8 @@ class Producer:
         next_beat = 0.0
         while not self._closing:
             timeout = max(0.0, next_beat - time.monotonic())
-            events = dict(self._poller.poll(timeout * 1000))
+            # pyzmq's Poller.poll truncates a float itself (its annotation says int).
+            events = dict(self._poller.poll(timeout * 1000))  # type: ignore[arg-type]
             if self._wake_r in events:
                 try:
                     os.read(self._wake_r, 4096)

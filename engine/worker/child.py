@@ -17,7 +17,7 @@ import select
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -25,6 +25,11 @@ from engine import serialization, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded
 from engine.worker import pipe
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.core import TaskMessage, TaskRegistry
+    from engine.request import Request
 
 __all__ = ("ChildProducer", "ChildRecorder", "child_main")
 
@@ -84,7 +89,7 @@ class ChildProducer:
     def add_result_handler(self, handler: Any) -> None:
         """Nothing to register: see ``client_id``."""
 
-    def send(self, message: Any) -> None:
+    def send(self, message: TaskMessage) -> None:
         self.writer.add(pipe.SEND, encode_message(message))
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -103,7 +108,7 @@ def _die_with_parent() -> None:
 
 
 #: The request running under a soft time limit, and that limit (seconds), while its timer is set.
-_soft_limited: tuple[Any, float] | None = None
+_soft_limited: tuple[Request, float] | None = None
 
 
 def _soft_limit_handler(signum: int, frame: Any) -> None:
@@ -118,7 +123,7 @@ def _soft_limit_handler(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded()
 
 
-def child_main(apps: list, task_fd: int, result_fd: int, hostname: str, options: dict) -> None:
+def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, options: dict) -> None:
     """Run tasks until told to stop; never returns (exits the process)."""
     parent = os.getppid()
     _die_with_parent()
@@ -195,7 +200,7 @@ def _rss_kib() -> int:
     return psutil.Process().memory_info().rss // 1024
 
 
-def _run_one(payload: bytes, registry: Any, recorder: ChildRecorder, writer: pipe.FrameWriter,
+def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, writer: pipe.FrameWriter,
              hostname: str, default_soft: float | None) -> float:
     """Run one task message; report its states and DONE; return its run time."""
     global _soft_limited

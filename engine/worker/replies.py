@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional
 
 from engine import states
 from engine.transport import protocol
@@ -40,7 +40,7 @@ MAX_REPLY_ROUTES = 200_000
 MAX_RELAYED = 10_000
 
 #: Where a task's states go: the id of the client that waits, and the link the task came on.
-Route = Tuple[str, Optional["Peer"]]
+Route = tuple[str, Optional["Peer"]]
 
 
 class ReplyRouter:

@@ -24,7 +24,12 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.core import TaskMessage
+    from engine.task import Task
+    from engine.transport.protocol import Peer
 
 __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make_scheduler")
 
@@ -57,7 +62,8 @@ class QueuedTask:
 
     __slots__ = ("journal_ref", "message", "peer", "raw", "received", "started", "task")
 
-    def __init__(self, message: Any, raw: bytes, task: Any, peer: Any = None, journal_ref: Any = None) -> None:
+    def __init__(self, message: TaskMessage, raw: bytes, task: Task, peer: Peer | None = None,
+                 journal_ref: Any = None) -> None:
         self.message = message
         self.raw = raw
         self.task = task
@@ -143,7 +149,7 @@ class FifoScheduler:
 
     def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
         """Pair waiting tasks with children that have room, spreading them round-robin."""
-        out = []
+        out: list[tuple[Any, QueuedTask]] = []
         waiting = self.waiting
         if not waiting:
             return out
