@@ -189,8 +189,10 @@ class chain:
         self._app = app or flat[0]._app
 
     @property
-    def app(self) -> Any:
-        """The app of the chain's first step."""
+    def app(self) -> Engine:
+        """The app of the chain's first step, else the current app."""
+        if self._app is None:
+            self._app = current.get_current_app()
         return self._app
 
     def __or__(self, other: Any) -> chain:
@@ -257,8 +259,10 @@ class group:
         self._app = app or (self.tasks[0]._app if self.tasks else None)
 
     @property
-    def app(self) -> Engine | None:
-        """The app of the group's first signature."""
+    def app(self) -> Engine:
+        """The app of the group's first signature, else the current app."""
+        if self._app is None:
+            self._app = current.get_current_app()
         return self._app
 
     def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
@@ -271,7 +275,7 @@ class group:
 
     def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
         """Send every member now; return their results as one GroupResult."""
-        if self.app is not None and self.app.conf.task_always_eager:
+        if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
         return GroupResult([task.apply_async(args, kwargs, **options) for task in self.tasks])
 

@@ -268,3 +268,12 @@ def test_retry_in_an_eagerly_applied_task_raises_retry_after_one_run_with_eager_
     with pytest.raises(Retry):
         flaky.delay()
     assert runs == [0]
+
+
+def test_chains_and_groups_of_signatures_by_name_use_the_current_app(capturing):
+    from engine import chain, group
+
+    app = capturing()
+    chain(signature("remote.first", (1,)), signature("remote.second")).apply_async()
+    group(signature("remote.each", (i,)) for i in range(2)).apply_async()
+    assert [m.task for m in app.sent] == ["remote.first", "remote.each", "remote.each"]
