@@ -20,33 +20,15 @@ import zmq
 from engine import states
 from engine.exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
 from tests import workerapp
-from tests.worker_helpers import ROOT, WorkerProcess, free_endpoint, pids_alive, wait_until
+from tests.worker_helpers import ROOT, free_endpoint, pids_alive, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def setup(tmp_path):
-    """Point the test app at a free endpoint and a fresh result file; yield a worker launcher."""
-    endpoint = free_endpoint()
-    backend = f"sqlite:///{tmp_path / 'results.db'}"
-    app = workerapp.app
-    app.close()
-    app.conf.update(transport=endpoint, result_backend=backend, transport_bind=False, producer_flush_timeout=30)
-    env = {"ENGINE_TEST_ENDPOINT": endpoint, "ENGINE_TEST_BACKEND": backend}
-    workers: list[WorkerProcess] = []
-
-    def start(*args: str, extra_env: dict | None = None, ready: bool = True) -> WorkerProcess:
-        worker = WorkerProcess(*args, env={**env, **(extra_env or {})})
-        workers.append(worker)
-        return worker.wait_ready() if ready else worker
-
-    start.endpoint, start.backend, start.env, start.tmp = endpoint, backend, env, tmp_path
-    yield start
-    app.close()
-    for worker in workers:
-        if worker.proc.poll() is None:
-            worker.kill()
+def setup(worker_setup):
+    """The worker launcher of ``tests/conftest.py`` (``worker_setup``), under this module's old name."""
+    return worker_setup
 
 
 def results_of(ids, timeout=30):
