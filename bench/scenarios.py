@@ -12,6 +12,7 @@ from typing import Callable
 import psutil
 
 from bench import redis_server
+from bench.clients import LATE_TIMEOUT, READY_TIMEOUT, Fleet, load_seconds
 from bench.harness import Worker, cpu_seconds
 
 __all__ = ("BACKENDS", "SCENARIOS")
@@ -250,6 +251,72 @@ def journal(tasks: int, concurrency: int, progress: Callable[[float], None]) -> 
             "journal_cost_percent": round(100 * (off - on) / off, 1)}
 
 
+#: Connected clients per row of the clients scenario.
+CLIENT_COUNTS = (1, 10, 100)
+#: Active clients in a row of more than one client (the rest are idle; a row of one has one active).
+ACTIVE_CLIENTS = 3
+#: Round trips the late client times in each row (fewer when the active clients finish first).
+LATE_SAMPLES = 200
+#: Seconds the idle clients sit idle before the load starts: longer than a worker counts a client as
+#: active (engine.transport.consumer.ACTIVE_SECONDS, 1 s), so they are idle, not just done.
+IDLE_BEFORE_LOAD = 2.0
+
+
+def clients(tasks: int, concurrency: int, progress: Callable[[float], None], counts: tuple = CLIENT_COUNTS,
+            samples: int = LATE_SAMPLES) -> dict:
+    """N connected client processes, most idle, a few active, and one that arrives last, for N in ``counts``.
+
+    Per N: the active clients' no-op tasks/s, first send to last completion
+    (each sends ``tasks``, as the throughput scenario's one client does, so
+    the late client has time for its round trips while they run); and the
+    wait of a client that connects after all N, while the active ones run:
+    one ``add`` task at a time, ``delay()`` to its result over ``rpc://``
+    (p50 / p99 / max, and its first task's), or ``starved`` when a result
+    took longer than :data:`bench.clients.LATE_TIMEOUT`. Clients whose first
+    task (before the load) got no result within
+    :data:`bench.clients.FIRST_TIMEOUT` are counted in ``starved_at_start``;
+    a load that takes longer than :func:`bench.clients.load_seconds` ends
+    there, its tasks not done by then counted in ``unfinished``.
+    """
+    out = {}
+    for index, count in enumerate(counts):
+        out[str(count)] = _clients_row(count, tasks, concurrency, samples)
+        progress((index + 1) / len(counts))
+    return out
+
+
+def _clients_row(count: int, tasks: int, concurrency: int, samples: int) -> dict:
+    active = 1 if count == 1 else min(ACTIVE_CLIENTS, count)
+    each = max(1, tasks)
+    # The fleet is left first: the clients go before the worker stops.
+    with Worker(concurrency, backend="rpc") as worker, Fleet(worker.endpoint, worker.env["BENCH_BACKEND"]) as fleet:
+        idle = [fleet.start("idle") for _ in range(count - active)]
+        busy = [fleet.start("active", count=each) for _ in range(active)]
+        starved_at_start = sum(fleet.receive(idle + busy, "ready", READY_TIMEOUT))
+        time.sleep(IDLE_BEFORE_LOAD)
+        started = time.perf_counter()
+        fleet.go.set()
+        late = fleet.start("late", samples=samples)
+        total = active * each
+        bound = load_seconds(total)
+        try:
+            fleet.receive(busy, "done", bound)  # on pipes: no CPU taken from the clients while they run
+            finished = worker.wait_completed(total, max(1.0, bound - (time.perf_counter() - started)))
+        except TimeoutError:  # starved or stuck: the row ends here and says how many were not done
+            finished = time.perf_counter()
+        done = min(total, worker.completed())
+        fleet.load_done.set()
+        (figures,) = fleet.receive([late], "done", 2 * LATE_TIMEOUT + 60)
+    waits = figures["waits_ms"]
+    elapsed = finished - started
+    return {"clients": count, "active": active, "idle": count - active, "starved_at_start": starved_at_start,
+            "tasks": total, "unfinished": total - done, "seconds": round(elapsed, 4),
+            "tasks_per_s": round(done / elapsed),
+            "late": {"tasks": len(waits), "p50_ms": round(statistics.median(waits), 3),
+                     "p99_ms": round(_percentile(waits, 0.99), 3), "max_ms": round(max(waits), 3),
+                     "first_ms": round(waits[0], 3), "starved": figures["starved"], "timeout_s": LATE_TIMEOUT}}
+
+
 SCENARIOS = {
     "throughput": throughput,
     "results": results,
@@ -258,4 +325,5 @@ SCENARIOS = {
     "scaling": scaling,
     "memory": memory,
     "journal": journal,
+    "clients": clients,
 }

@@ -81,6 +81,18 @@ def rows(report: dict) -> Iterator[Row]:
         yield ("no-op tasks/s, journal / --no-journal",
                f"{_n(j['with_journal_tasks_per_s'])} / {_n(j['without_journal_tasks_per_s'])} "
                f"(-{j['journal_cost_percent']}%)", "", "", "", "")
+    for size, row in ours.get("clients", {}).items():
+        # Engine only: the peers' clients hold no credit to starve (a broker queues for them).
+        late = row["late"]
+        rate = _n(row["tasks_per_s"])
+        if row.get("starved_at_start"):
+            rate += f" ({row['starved_at_start']} of {size} clients' first task starved)"
+        if row.get("unfinished"):
+            rate += f" ({row['unfinished']:,} of {row['tasks']:,} tasks not done in {row['seconds']:.0f} s)"
+        yield (f"{size} client(s), {row['active']} active: no-op tasks/s", rate, "not run", "", "not run", "")
+        wait = (f"starved: a result took over {late['timeout_s']:g} s" if late["starved"]
+                else f"{_latency(late)}, first {late['first_ms']} ms")
+        yield (f"{size} client(s): late client's wait p50/p99/max, rpc", wait, "not run", "", "not run", "")
     for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
         if "skipped" in peer:
             yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")

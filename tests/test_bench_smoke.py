@@ -130,3 +130,38 @@ def test_profile_command_samples_client_supervisor_and_children(capsys):
     assert main(["--tasks", "20000", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "CPU µs per task" in out and "\nclient:" in out and "\nsupervisor:" in out and "\nchild " in out
+
+
+@pytest.mark.slow
+def test_clients_scenario_runs_a_late_clients_tasks_while_others_are_connected():
+    from bench.scenarios import clients
+
+    # Given 1 and then 10 connected client processes (a few active, the rest idle),
+    # when one more client arrives while the active ones send no-op tasks ...
+    figures = clients(2000, 2, lambda fraction: None, counts=(1, 10), samples=20)
+
+    # ... then every row completes, and the late client's results came back in time (not starved).
+    assert set(figures) == {"1", "10"}
+    assert (figures["1"]["active"], figures["10"]["active"], figures["10"]["idle"]) == (1, 3, 7)
+    for row in figures.values():
+        assert row["tasks_per_s"] > 0 and row["starved_at_start"] == 0 and row["unfinished"] == 0, figures
+        late = row["late"]
+        assert late["starved"] == 0 and late["tasks"] >= 1, figures
+        assert late["p99_ms"] < 5000, figures
+
+
+def test_table_shows_the_clients_rows_and_a_starved_late_client():
+    from bench.table import rows
+
+    late = {"tasks": 50, "p50_ms": 1.5, "p99_ms": 9.0, "max_ms": 12.0, "first_ms": 3.0, "starved": 0, "timeout_s": 10.0}
+    report = {"results": {"clients": {
+        "10": {"clients": 10, "active": 3, "idle": 7, "tasks_per_s": 20_000, "late": late},
+        "100": {"clients": 100, "active": 3, "idle": 97, "tasks_per_s": 19_000, "starved_at_start": 4,
+                "tasks": 300_000, "unfinished": 250_000, "seconds": 330.2,
+                "late": {**late, "starved": 1}}}}}
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["10 client(s), 3 active: no-op tasks/s"] == ("20,000", "not run", "", "not run", "")
+    assert table["10 client(s): late client's wait p50/p99/max, rpc"][0] == "1.5/9.0/12.0 ms, first 3.0 ms"
+    assert table["100 client(s), 3 active: no-op tasks/s"][0] == (
+        "19,000 (4 of 100 clients' first task starved) (250,000 of 300,000 tasks not done in 330 s)")
+    assert table["100 client(s): late client's wait p50/p99/max, rpc"][0] == "starved: a result took over 10 s"

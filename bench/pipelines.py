@@ -1,0 +1,111 @@
+"""Scenarios of batch pipelines under ``--fair``: its throughput, a mixed workload, a group with results.
+
+``--fair`` is the command our users run, so each figure is measured in both
+modes in the same run: the default (FIFO with prefetch) and ``--fair``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from bench.harness import Worker
+
+__all__ = ("fair", "mixed", "pipeline")
+
+#: Concurrency levels of the fair scenario besides the run's own (many children on few cores).
+MANY_CHILDREN = 16
+#: The mixed workload: tiny tasks, and one task of this many seconds per MIXED_EVERY tiny ones.
+MIXED_SLOW_SECONDS = 0.05
+MIXED_EVERY = 100
+#: Largest group of the pipeline scenario (the issue's 20,000).
+PIPELINE_MAX = 20_000
+MODES = (("default", ()), ("fair", ("--fair",)))
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def fair(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """No-op tasks/s, results ignored, in the default mode and ``--fair``, at ``concurrency`` and 16 children."""
+    from bench.scenarios import throughput
+
+    levels = sorted({concurrency, MANY_CHILDREN})
+    out: dict = {}
+    steps = len(levels) * len(MODES)
+    for index, (level, (mode, flags)) in enumerate((lv, m) for lv in levels for m in MODES):
+        out.setdefault(str(level), {})[mode] = throughput(tasks, level, lambda _: None, extra=flags)["tasks_per_s"]
+        progress((index + 1) / steps)
+    for level in out.values():
+        level["fair_vs_default"] = round(level["fair"] / level["default"], 3)
+    return out
+
+
+def mixed(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """Tiny tasks with a 50 ms task every 100, sent in one burst: throughput and the tiny tasks' wait.
+
+    The wait of a task is from its ``delay()`` to the start of its body; the
+    throughput is tasks over the makespan (first send to last end). Each mode
+    first runs one task of each kind (a worker that knows its kinds).
+    """
+    count = max(MIXED_EVERY, min(tasks, 20_000))
+    out = {}
+    for index, (mode, flags) in enumerate(MODES):
+        with Worker(concurrency, *flags) as worker:
+            apps = worker.app()
+            apps.short_task.delay(0.0, time.time())
+            apps.long_task.delay(MIXED_SLOW_SECONDS, time.time())
+            _wait_runs(worker, 2, 0.0)
+            sent0 = time.time()
+            slow = 0
+            for i in range(count):
+                if i % MIXED_EVERY == MIXED_EVERY // 2:
+                    apps.long_task.delay(MIXED_SLOW_SECONDS, time.time())
+                    slow += 1
+                else:
+                    apps.short_task.delay(0.0, time.time())
+            rows = _wait_runs(worker, count, sent0)
+        tiny = [(start - sent) * 1000 for kind, sent, start, _ in rows if kind == "short"]
+        makespan = max(end for *_, end in rows) - sent0
+        out[mode] = {"tasks": count, "slow_tasks": slow, "tasks_per_s": round(count / makespan),
+                     "tiny_wait_p50_ms": round(statistics.median(tiny), 2),
+                     "tiny_wait_p99_ms": round(_percentile(tiny, 0.99), 2), "makespan_s": round(makespan, 3)}
+        progress((index + 1) / len(MODES))
+    out["fair_vs_default"] = round(out["fair"]["tasks_per_s"] / out["default"]["tasks_per_s"], 3)
+    return out
+
+
+def _wait_runs(worker: Worker, count: int, since: float, timeout: float = 600) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in worker.runs() if r[1] >= since]
+        if len(rows) >= count:
+            return rows
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(rows)} of {count} timed tasks ran in {timeout}s")
+        time.sleep(0.02)
+
+
+def pipeline(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """``group(add.s(i, i) for i in range(N)).apply_async().get()``: N tasks/s, per result backend and mode."""
+    from engine import group
+
+    count = min(tasks, PIPELINE_MAX)
+    out: dict = {}
+    steps = [(backend, mode, flags) for backend in ("sqlite", "rpc") for mode, flags in MODES]
+    for index, (backend, mode, flags) in enumerate(steps):
+        with Worker(concurrency, *flags, backend=backend) as worker:
+            apps = worker.app()
+            apps.add.delay(0, 0).get(timeout=30)
+            started = time.perf_counter()
+            values = group(apps.add.s(i, i) for i in range(count)).apply_async().get(timeout=600)
+            elapsed = time.perf_counter() - started
+            if values != [2 * i for i in range(count)]:
+                raise AssertionError("the group's results are not its tasks' results, in order")
+        out.setdefault(backend, {})[mode] = {"tasks": count, "seconds": round(elapsed, 4),
+                                             "tasks_per_s": round(count / elapsed)}
+        progress((index + 1) / len(steps))
+    return out
