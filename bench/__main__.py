@@ -17,10 +17,13 @@ import statistics
 import sys
 import time
 
-from bench import celery_peer, dramatiq_peer
+from bench import celery_peer, dramatiq_peer, pipelines
 from bench.redis_server import RedisServer
-from bench.scenarios import SCENARIOS
+from bench.scenarios import SCENARIOS as BASIC_SCENARIOS
 from bench.table import print_table
+
+#: Every scenario ``bench run`` knows, in the order a full run takes them.
+SCENARIOS = {**BASIC_SCENARIOS, "fair": pipelines.fair, "mixed": pipelines.mixed, "pipeline": pipelines.pipeline}
 
 
 def _progress_bar():

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from bench.harness import Worker
+from bench.scenarios import _percentile, throughput
 
 __all__ = ("fair", "mixed", "pipeline")
 
@@ -24,15 +25,8 @@ PIPELINE_MAX = 20_000
 MODES = (("default", ()), ("fair", ("--fair",)))
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def fair(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
     """No-op tasks/s, results ignored, in the default mode and ``--fair``, at ``concurrency`` and 16 children."""
-    from bench.scenarios import throughput
-
     levels = sorted({concurrency, MANY_CHILDREN})
     out: dict = {}
     steps = len(levels) * len(MODES)

@@ -93,6 +93,19 @@ def rows(report: dict) -> Iterator[Row]:
         wait = (f"starved: a result took over {late['timeout_s']:g} s" if late["starved"]
                 else f"{_latency(late)}, first {late['first_ms']} ms")
         yield (f"{size} client(s): late client's wait p50/p99/max, rpc", wait, "not run", "", "not run", "")
+    for level, modes in ours.get("fair", {}).items():
+        # No peer column: Celery's -O fair throughput is not measured (its default is, above).
+        yield (f"no-op tasks/s at concurrency {level}: default / --fair",
+               f"{_n(modes['default'])} / {_n(modes['fair'])} ({modes['fair_vs_default']:.0%})", "", "", "", "")
+    if "mixed" in ours:
+        for mode in ("default", "fair"):
+            m = ours["mixed"][mode]
+            yield (f"mixed (tiny + 50 ms every {m['tasks'] // max(m['slow_tasks'], 1)}): tasks/s, tiny wait "
+                   f"p50/p99: {mode}", f"{_n(m['tasks_per_s'])}, {m['tiny_wait_p50_ms']}/{m['tiny_wait_p99_ms']} ms",
+                   "", "", "", "")
+    for backend, modes in ours.get("pipeline", {}).items():
+        yield (f"group of {modes['default']['tasks']:,} add, results fetched, {backend}: default / --fair",
+               f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
     for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
         if "skipped" in peer:
             yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")

@@ -165,3 +165,19 @@ def test_table_shows_the_clients_rows_and_a_starved_late_client():
     assert table["100 client(s), 3 active: no-op tasks/s"][0] == (
         "19,000 (4 of 100 clients' first task starved) (250,000 of 300,000 tasks not done in 330 s)")
     assert table["100 client(s): late client's wait p50/p99/max, rpc"][0] == "starved: a result took over 10 s"
+
+
+@pytest.mark.slow
+def test_the_fair_mixed_and_pipeline_scenarios_complete_in_both_modes():
+    from bench import pipelines
+    from bench.table import rows
+
+    fair = pipelines.fair(300, 2, lambda fraction: None)
+    assert set(fair) == {"2", "16"} and all(level["default"] > 0 and level["fair"] > 0 for level in fair.values())
+    mixed = pipelines.mixed(200, 2, lambda fraction: None)
+    assert mixed["default"]["slow_tasks"] == mixed["fair"]["slow_tasks"] == 2
+    assert all(mixed[mode]["tiny_wait_p99_ms"] >= mixed[mode]["tiny_wait_p50_ms"] >= 0 for mode in ("default", "fair"))
+    pipeline = pipelines.pipeline(300, 2, lambda fraction: None)  # also checks the group's results, in order
+    assert set(pipeline) == {"sqlite", "rpc"} and pipeline["rpc"]["fair"]["tasks"] == 300
+    table = list(rows({"results": {"fair": fair, "mixed": mixed, "pipeline": pipeline}}))
+    assert any("--fair" in row[0] for row in table) and any(row[0].startswith("mixed") for row in table)
