@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from engine import current, states
+from engine import context, current, states
+from engine.result import AsyncResult, EagerResult
 from engine.utils.ids import new_task_id
 
 if TYPE_CHECKING:
@@ -296,28 +297,53 @@ class GroupResult:
     def __init__(self, results: list) -> None:
         self.results = results
 
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> list:
-        """Wait for every member and return their results as a list (``timeout`` bounds the whole wait)."""
-        import time
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
+            disable_sync_subtasks: bool = True) -> list:
+        """Wait for every member and return their results in order (``timeout`` bounds the whole wait).
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        values = []
+        The members' states are read in bulk (one query or round trip for many
+        ids); with ``propagate`` the first failed member, in order, raises.
+        """
+        if disable_sync_subtasks and context.current_task() is not None:
+            raise RuntimeError("Never call result.get() within a task: it can deadlock the worker's children; "
+                               "use a chord or pass disable_sync_subtasks=False")
+        records: dict[str, Any] = {}
+        for backend, ids in self._ids_by_backend():
+            records.update(backend.wait_for_many(ids, timeout=timeout, interval=interval))
+        return [r.get(propagate=propagate) if isinstance(r, EagerResult)
+                else AsyncResult._outcome(records[r.id].state, records[r.id].result, propagate) for r in self.results]
+
+    join = get
+
+    def _ids_by_backend(self) -> list[tuple[Any, list[str]]]:
+        """The members' ids grouped by the backend they are read from (one group, nearly always)."""
+        groups: dict[int, tuple[Any, list[str]]] = {}
         for result in self.results:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            values.append(result.get(timeout=remaining, propagate=propagate, interval=interval))
-        return values
+            if isinstance(result, EagerResult):
+                continue  # known already: nothing to read
+            backend = result.backend
+            groups.setdefault(id(backend), (backend, []))[1].append(result.id)
+        return list(groups.values())
+
+    def _states(self) -> list[str]:
+        """Every member's state, read in bulk (PENDING when nothing is stored)."""
+        found: dict[str, Any] = {}
+        for backend, ids in self._ids_by_backend():
+            found.update(backend.get_many_encoded(ids))
+        return [r.state if isinstance(r, EagerResult) else found[r.id].state if r.id in found else states.PENDING
+                for r in self.results]
 
     def ready(self) -> bool:
         """True when every member finished."""
-        return all(result.ready() for result in self.results)
+        return all(state in states.READY_STATES for state in self._states())
 
     def successful(self) -> bool:
         """True when every member succeeded."""
-        return all(result.successful() for result in self.results)
+        return all(state == states.SUCCESS for state in self._states())
 
     def completed_count(self) -> int:
         """How many members succeeded."""
-        return sum(1 for result in self.results if result.successful())
+        return sum(1 for state in self._states() if state == states.SUCCESS)
 
     def forget(self) -> None:
         """Forget every member's result."""

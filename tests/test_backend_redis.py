@@ -261,3 +261,20 @@ def test_end_to_end_with_a_real_worker(redis_url):
         app.conf.update(saved)
         if worker.proc.poll() is None:
             worker.kill()
+
+
+def test_group_results_are_read_in_pipelined_bulk(app):
+    from engine.canvas import GroupResult
+
+    ids = [new_id() for _ in range(2500)]  # more than one round trip's worth
+    app.backend.store([StateRecord(task_id, states.SUCCESS, dumps(i), None, 1.0) for i, task_id in enumerate(ids)])
+    failed, running = new_id(), new_id()
+    app.backend.store_state(failed, states.FAILURE, KeyError("gone"), traceback="Traceback ...")
+    app.backend.store_state(running, states.STARTED, None)
+
+    found = app.backend.get_many_encoded([ids[0], failed, running, new_id()])
+    assert [record.state for record in found.values()] == [states.SUCCESS, states.FAILURE, states.STARTED]
+    assert GroupResult([app.AsyncResult(i) for i in ids]).get(timeout=10) == list(range(2500))
+    with pytest.raises(KeyError):
+        GroupResult([app.AsyncResult(ids[0]), app.AsyncResult(failed)]).get(timeout=5)
+    assert GroupResult([app.AsyncResult(ids[0]), app.AsyncResult(running)]).completed_count() == 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
@@ -48,11 +48,29 @@ class Backend:
         """Remove what is stored for ``task_id``."""
         raise NotImplementedError
 
+    def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
+        """The stored records of those of ``task_ids`` that have one, results still encoded.
+
+        One read per id here; backends that can read many ids at once (one SQL
+        query, one Redis pipeline) override it, and every bulk read (group
+        results) goes through it.
+        """
+        found = {}
+        for task_id in task_ids:
+            record = self.get_encoded(task_id)
+            if record is not None:
+                found[task_id] = record
+        return found
+
     def get(self, task_id: str) -> StateRecord | None:
         """Return the stored record of ``task_id`` (result decoded), or None (PENDING)."""
         record = self.get_encoded(task_id)
         if record is None:
             return None
+        return self.decode(record)
+
+    def decode(self, record: StateRecord) -> StateRecord:
+        """``record`` with its result decoded."""
         result = record.result
         if isinstance(result, (bytes, bytearray, memoryview)):
             result = loads(bytes(result), self.accept_pickle)
@@ -61,6 +79,37 @@ class Backend:
     def store_state(self, task_id: str, state: str, result: Any = None, traceback: str | None = None) -> None:
         """Store one state now (``update_state`` outside a worker-run call)."""
         self.store([StateRecord(task_id, state, dumps(result, self.accept_pickle), traceback, time.time())])
+
+    def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
+                      interval: float = POLL_MAX) -> dict[str, StateRecord]:
+        """Wait until every one of ``task_ids`` is ready; return their decoded records by id.
+
+        Reads the ones not ready yet in bulk (:meth:`get_many_encoded`), sleeping
+        between reads with a backoff that starts again whenever one became ready.
+        Raises ``engine.exceptions.TimeoutError`` (naming how many were not ready)
+        when ``timeout`` passes first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(dict.fromkeys(task_ids))
+        ready: dict[str, StateRecord] = {}
+        sleep = POLL_FIRST
+        while True:
+            found = self.get_many_encoded(pending)
+            done = {task_id: record for task_id, record in found.items() if record.state in states.READY_STATES}
+            if done:
+                ready.update(done)
+                pending = [task_id for task_id in pending if task_id not in done]
+                sleep = POLL_FIRST
+            if not pending:
+                return {task_id: self.decode(record) for task_id, record in ready.items()}
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(pending)} of {len(ready) + len(pending)} results were not ready "
+                                   f"within {timeout}s (the first: task {pending[0]})")
+            pause = min(sleep, interval)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            sleep *= 1.5
 
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = POLL_MAX
                  ) -> StateRecord:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from engine import states
@@ -40,6 +40,35 @@ class MemoryBackend(Backend):
     def get_encoded(self, task_id: str) -> StateRecord | None:
         with self._changed:
             return self._table.get(task_id)
+
+    def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
+        with self._changed:
+            table = self._table
+            return {task_id: record for task_id in task_ids if (record := table.get(task_id)) is not None}
+
+    def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
+                      interval: float = 0.5) -> dict[str, StateRecord]:
+        """Wait until every one of ``task_ids`` is ready, woken by each store (no polling)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(dict.fromkeys(task_ids))
+        ready: dict[str, StateRecord] = {}
+        with self._changed:
+            while True:
+                still = []
+                for task_id in pending:
+                    record = self._table.get(task_id)
+                    if record is not None and record.state in states.READY_STATES:
+                        ready[task_id] = record
+                    else:
+                        still.append(task_id)
+                pending = still
+                if not pending:
+                    return {task_id: self.decode(record) for task_id, record in ready.items()}
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{len(pending)} of {len(ready) + len(pending)} results were not ready "
+                                       f"within {timeout}s (the first: task {pending[0]})")
+                self._changed.wait(remaining)
 
     def forget(self, task_id: str) -> None:
         with self._changed:

@@ -55,7 +55,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
@@ -122,6 +122,8 @@ return written
 """
 
 _FIELDS = ("state", "result", "traceback", "date_done")
+#: Ids read by one pipelined round trip of a bulk read.
+READ_MANY = 1000
 
 
 def _expiry_ms(value: Any) -> int:
@@ -210,6 +212,21 @@ class RedisBackend(Backend):
         return StateRecord(task_id, state.decode(), result,
                            None if traceback is None else traceback.decode("utf-8", "replace"),
                            float(date_done) if date_done is not None else 0.0)
+
+    def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
+        """One pipelined round trip per :data:`READ_MANY` ids."""
+        found = {}
+        for start in range(0, len(task_ids), READ_MANY):
+            chunk = task_ids[start:start + READ_MANY]
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in chunk:
+                pipe.hmget(self.key(task_id), _FIELDS)
+            for task_id, (state, result, traceback, date_done) in zip(chunk, pipe.execute()):
+                if state is not None:
+                    found[task_id] = StateRecord(task_id, state.decode(), result,
+                                                 None if traceback is None else traceback.decode("utf-8", "replace"),
+                                                 float(date_done) if date_done is not None else 0.0)
+        return found
 
     def forget(self, task_id: str) -> None:
         """Remove what is stored for ``task_id``."""

@@ -16,6 +16,7 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.backends.memory import MemoryBackend
@@ -67,3 +68,12 @@ class RPCBackend(MemoryBackend):
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5) -> StateRecord:
         self.listen()
         return super().wait_for(task_id, timeout, interval)
+
+    def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
+        self.listen()
+        return super().get_many_encoded(task_ids)
+
+    def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
+                      interval: float = 0.5) -> dict[str, StateRecord]:
+        self.listen()
+        return super().wait_for_many(task_ids, timeout, interval)

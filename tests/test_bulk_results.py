@@ -1,0 +1,71 @@
+"""Group results read in bulk: many ids per backend call, in order, first failure raised (issue 14, part)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from engine import Engine, states
+from engine.canvas import GroupResult
+from engine.core import StateRecord
+from engine.exceptions import TimeoutError
+from engine.serialization import dumps
+
+
+@pytest.fixture(params=["memory", "sqlite", "rpc"])
+def app(request, tmp_path):
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'results.db'}", "rpc": "rpc://"}[request.param]
+    application = Engine("bulk", backend=url, set_as_current=False)
+    if request.param == "rpc":  # no transport in these tests: listen() is not needed to read what is stored
+        application.backend.listen = lambda: None
+    yield application
+    application.close()
+
+
+def store(app, task_id: str, state: str, value) -> None:
+    app.backend.store([StateRecord(task_id, state, dumps(value), "Traceback ..." if state == states.FAILURE else None,
+                                   time.time())])
+
+
+def test_a_mix_of_ready_pending_and_failed_ids_is_read_in_one_call(app):
+    store(app, "ok", states.SUCCESS, 1)
+    store(app, "bad", states.FAILURE, KeyError("x"))
+    store(app, "running", states.STARTED, None)
+    found = app.backend.get_many_encoded(["ok", "bad", "running", "unknown"])
+    assert {task_id: record.state for task_id, record in found.items()} == \
+        {"ok": states.SUCCESS, "bad": states.FAILURE, "running": states.STARTED}
+    group = GroupResult([app.AsyncResult(i) for i in ("ok", "bad", "running", "unknown")])
+    assert not group.ready() and not group.successful() and group.completed_count() == 1
+
+
+def test_group_get_returns_results_in_order_and_raises_the_first_failure_in_order(app):
+    ids = [f"t{i}" for i in range(2000)]  # more than one query's worth of ids
+    for i, task_id in enumerate(reversed(ids)):
+        store(app, task_id, states.SUCCESS, 1999 - i)
+    group = GroupResult([app.AsyncResult(i) for i in ids])
+    assert group.ready() and group.completed_count() == 2000
+    assert group.get(timeout=5) == list(range(2000))
+
+    store(app, "f1", states.FAILURE, ValueError("first"))
+    store(app, "f2", states.FAILURE, KeyError("second"))
+    failing = GroupResult([app.AsyncResult(i) for i in ("t0", "f1", "f2")])
+    with pytest.raises(ValueError, match="first"):
+        failing.get(timeout=5)
+    values = failing.get(timeout=5, propagate=False)
+    assert values[0] == 0 and isinstance(values[1], ValueError) and isinstance(values[2], KeyError)
+
+
+def test_group_get_waits_for_late_members_and_times_out_naming_how_many(app):
+    store(app, "early", states.SUCCESS, "e")
+    group = GroupResult([app.AsyncResult("early"), app.AsyncResult("late")])
+    timer = threading.Timer(0.2, store, (app, "late", states.SUCCESS, "l"))
+    timer.start()
+    try:
+        assert group.get(timeout=10) == ["e", "l"]
+    finally:
+        timer.cancel()
+    never = GroupResult([app.AsyncResult("early"), app.AsyncResult("never-1"), app.AsyncResult("never-2")])
+    with pytest.raises(TimeoutError, match="2 of 3 results were not ready"):
+        never.get(timeout=0.2)
