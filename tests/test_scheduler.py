@@ -15,6 +15,7 @@ class FakeChild:
 
     def __init__(self) -> None:
         self.accepting = True
+        self.queued_seconds = 0.0
         self.outstanding: collections.deque = collections.deque()
 
 
@@ -79,3 +80,47 @@ def test_without_history_the_first_task_starts_at_once():
     children = [FakeChild(), FakeChild()]
     scheduler.push(queued("long"))
     assert [entry.name for _, entry in scheduler.assign(children)] == ["long"]
+
+
+def test_an_idle_child_gets_a_batch_of_measured_tiny_tasks_up_to_the_budget():
+    from engine.worker.scheduler import FAIR_BATCH_SECONDS
+
+    stats = RuntimeStats()
+    stats.load({"tiny": FAIR_BATCH_SECONDS / 100, "new": 0.0})
+    scheduler = FairScheduler(stats=stats)
+    for _ in range(300):
+        scheduler.push(queued("tiny"))
+    child, other = FakeChild(), FakeChild()
+
+    assigned = scheduler.assign([child, other])
+
+    assert len(child.outstanding) == len(other.outstanding) == 100  # 100 x 1/100 of the budget each
+    assert len(assigned) == 200 and len(scheduler) == 100
+    assert abs(child.queued_seconds - FAIR_BATCH_SECONDS) < 1e-9
+
+
+def test_a_kind_not_measured_yet_or_a_long_one_goes_alone_and_only_to_an_idle_child():
+    from engine.worker.scheduler import FAIR_BATCH_SECONDS
+
+    stats = RuntimeStats()
+    stats.load({"tiny": FAIR_BATCH_SECONDS / 100, "long": 2.0})
+    scheduler = FairScheduler(stats=stats)
+    busy = FakeChild()
+    busy.outstanding.append(queued("tiny"))
+    busy.queued_seconds = FAIR_BATCH_SECONDS / 100  # about to be idle: may take more tiny work
+    scheduler.push(queued("tiny"))
+    assert [entry.name for _, entry in scheduler.assign([busy])] == ["tiny"]  # more tiny work, no round trip
+
+    scheduler.push(queued("unknown"))
+    assert scheduler.assign([busy]) == []  # a kind not measured yet waits for an idle child
+    idle = FakeChild()
+    assert [entry.name for _, entry in scheduler.assign([busy, idle])] == ["unknown"]
+    assert list(idle.outstanding)[0].name == "unknown" and len(idle.outstanding) == 1
+
+    for _ in range(2):
+        entry = queued("long")
+        entry.received -= 1.0  # past LONG_DELAY: short tasks sent with it have arrived
+        scheduler.push(entry)
+    long_child = FakeChild()
+    scheduler.assign([long_child])
+    assert len(long_child.outstanding) == 1  # a long task never has another behind it in its child

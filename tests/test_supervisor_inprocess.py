@@ -39,6 +39,7 @@ class FakeChild:
         self.pid = next(_pids)
         self.outstanding: collections.deque = collections.deque()
         self.accepting = True
+        self.queued_seconds = 0.0
         self.reader = reader
         self.writer = writer
 

@@ -28,6 +28,8 @@ class Child:
         self.outstanding: collections.deque = collections.deque()
         #: False once the child may take no more tasks (retiring, stopping).
         self.accepting = True
+        #: ``--fair``: expected seconds of work it holds (a kind not measured yet counts as long).
+        self.queued_seconds = 0.0
         self.process = psutil.Process(pid)
 
     @property

@@ -60,7 +60,7 @@ FAIR_BATCH_SECONDS = 0.002
 class QueuedTask:
     """A received task message waiting for (or assigned to) a child."""
 
-    __slots__ = ("journal_ref", "message", "peer", "raw", "received", "started", "task")
+    __slots__ = ("expected", "journal_ref", "message", "peer", "raw", "received", "started", "task")
 
     def __init__(self, message: TaskMessage, raw: bytes, task: Task, peer: Peer | None = None,
                  journal_ref: Any = None) -> None:
@@ -72,6 +72,8 @@ class QueuedTask:
         self.journal_ref = journal_ref
         self.received = time.monotonic()
         self.started = 0.0
+        #: ``--fair``: the run time expected when it was handed to a child (counted in ``queued_seconds``).
+        self.expected = 0.0
 
     @property
     def name(self) -> str:
@@ -229,16 +231,22 @@ class FairScheduler(FifoScheduler):
         child's batch is expected to run under :data:`FAIR_BATCH_SECONDS`,
         the next pick joins it if its kind is measured and short enough to
         fit: tiny tasks go out a few hundred at a time, a task of a kind not
-        measured yet or a long one still goes alone.
+        measured yet or a long one still goes alone. A child about to be idle
+        (it holds less than half the budget of measured short work) gets the
+        next batch of such work too, so it does not wait a round trip between
+        batches; a long task or one of a kind not measured yet waits for an
+        idle child instead.
         """
         out: list[tuple[Any, QueuedTask]] = []
         if not self.count:
             return out
         children = list(children)
         self.children_count = len(children)
-        idle = [c for c in children if c.accepting and not c.outstanding]
+        soon = FAIR_BATCH_SECONDS / 2
+        idle = [c for c in children if c.accepting and (not c.outstanding or c.queued_seconds <= soon)]
         if not idle:
             return out
+        idle.sort(key=lambda c: bool(c.outstanding))  # the idle ones first
         now = time.monotonic()
         held: collections.Counter[str] = collections.Counter()
         running_for: dict[str, float] = {}
@@ -251,8 +259,8 @@ class FairScheduler(FifoScheduler):
         long_running = sum(n for name, n in held.items() if self.is_long(name, now))
         measured = self.stats.by_name
         for child in idle:
-            budget = FAIR_BATCH_SECONDS
-            first = True
+            first = not child.outstanding
+            budget = FAIR_BATCH_SECONDS - child.queued_seconds
             while self.count:
                 name = self._pick(now, held, running_for, cap, long_running)
                 if name is None:
@@ -266,10 +274,13 @@ class FairScheduler(FifoScheduler):
                 elif expected is None or expected > budget or self.is_long(name, now):
                     break  # it goes alone, to the next idle child (or this one once it is done)
                 else:
-                    take = int(budget / max(expected, 1e-9))
+                    take = int(budget / max(expected, 1e-9) + 1e-6)  # 1e-6: 2 ms / 20 us is 100, not 99
                 queue = self.by_name[name]
+                cost = FAIR_BATCH_SECONDS if expected is None else expected  # not measured: counts as long
                 for _ in range(min(take, len(queue))):
                     entry = queue.popleft()
+                    entry.expected = cost
+                    child.queued_seconds += cost
                     child.outstanding.append(entry)
                     out.append((child, entry))
                     self.count -= 1

@@ -387,6 +387,7 @@ class Supervisor:
             return
         entry = child.outstanding.popleft()
         self.in_children -= 1
+        child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if child.outstanding else 0.0
         self.counters["done"] += 1
         self.stats.add(entry.name, runtime)
         if state == states.REJECTED and requeue:
@@ -418,6 +419,7 @@ class Supervisor:
         reason = self.limits.reason(child.pid)
         held = list(child.outstanding)
         child.outstanding.clear()
+        child.queued_seconds = 0.0
         self.in_children = max(0, self.in_children - len(held))
         if status == RETIRE_EXIT and reason is None:
             lost = None
