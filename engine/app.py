@@ -10,7 +10,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine import current
-from engine.canvas import Signature
+from engine.canvas import MAP_TASK, STARMAP_TASK, Signature, run_map
 from engine.config import Settings
 from engine.core import TaskRegistry
 from engine.exceptions import CeleryCompatibilityWarning, DuplicateTaskError, ImproperlyConfigured
@@ -59,7 +59,21 @@ class Engine:
         self._producer: Any = None
         #: Modules to import before a worker starts (``include=``, ``autodiscover_tasks``).
         self._pending_imports: list[Any] = list(include or ())
+        self._register_builtins()
         current.app_created(self, set_as_current)
+
+    def _register_builtins(self) -> None:
+        """The tasks every app has, as in Celery: the bodies of ``Task.map``, ``starmap`` and ``chunks``."""
+        app = self
+
+        def map_each(task: dict, it: list) -> list:
+            return run_map(app, task, it, star=False)
+
+        def starmap_each(task: dict, it: list) -> list:
+            return run_map(app, task, it, star=True)
+
+        self._task_from_fun(map_each, name=MAP_TASK, base=Task)
+        self._task_from_fun(starmap_each, name=STARMAP_TASK, base=Task)
 
     def __repr__(self) -> str:
         return f"<Engine {self.main or '__main__'}:{id(self):#x}>"

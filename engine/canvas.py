@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from engine.app import Engine
     from engine.task import Task
 
-__all__ = ("GroupResult", "Signature", "chain", "group", "maybe_signature", "signature")
+__all__ = ("GroupResult", "Signature", "chain", "chunks", "group", "maybe_signature", "signature", "xmap",
+           "xstarmap")
+
+#: The built-in tasks every app registers (Celery's ``celery.map`` and ``celery.starmap``).
+MAP_TASK = "engine.map"
+STARMAP_TASK = "engine.starmap"
 
 
 class Signature(dict):
@@ -289,6 +294,61 @@ class group:
 
     def __repr__(self) -> str:
         return f"group({', '.join(repr(t) for t in self.tasks)})"
+
+
+def xmap(task: Signature, it: Iterable[Any]) -> Signature:
+    """One task message that calls ``task`` on each item of ``it`` in one worker: ``[task(x) for x in it]``."""
+    task = maybe_signature(task)
+    return Signature(MAP_TASK, (), {"task": dict(task), "it": list(it)}, app=task._app)
+
+
+def xstarmap(task: Signature, it: Iterable[Any]) -> Signature:
+    """One task message that calls ``task`` with each item of ``it`` as arguments: ``[task(*x) for x in it]``."""
+    task = maybe_signature(task)
+    return Signature(STARMAP_TASK, (), {"task": dict(task), "it": [list(args) for args in it]}, app=task._app)
+
+
+class chunks:
+    """``it`` split into parts of ``n`` argument tuples, each part one :func:`xstarmap` task (Celery's chunks).
+
+    ``add.chunks(zip(range(100), range(100)), 10)()`` sends 10 tasks and returns
+    a GroupResult whose ``get()`` is a list of 10 lists of 10 results.
+    """
+
+    def __init__(self, task: Signature, it: Iterable[Any], n: int) -> None:
+        if n < 1:
+            raise ValueError(f"chunks need n >= 1, got {n}")
+        self.task = maybe_signature(task)
+        self.it = it
+        self.n = int(n)
+
+    def group(self) -> group:
+        """The group of starmap tasks, one per chunk."""
+        parts: list[Signature] = []
+        part: list[Any] = []
+        for args in self.it:
+            part.append(args)
+            if len(part) == self.n:
+                parts.append(xstarmap(self.task, part))
+                part = []
+        if part:
+            parts.append(xstarmap(self.task, part))
+        return group(parts, app=self.task._app)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
+        """Send every chunk; return their results as one GroupResult of lists."""
+        return self.group().apply_async(args, kwargs, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
+        return self.apply_async(args, kwargs)
+
+    delay = __call__
+
+
+def run_map(app: Engine, task: dict, it: list, star: bool) -> list:
+    """Body of the built-in map tasks: call ``task`` (a signature) here on each item, in order."""
+    sig = maybe_signature(task, app=app)
+    return [sig(*item) if star else sig(item) for item in it]
 
 
 class GroupResult:

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from engine import context, states
-from engine.canvas import Signature
+from engine.canvas import Signature, chunks, xmap, xstarmap
 from engine.core import StateRecorder, TaskMessage, compute_backoff
 from engine.exceptions import (
     Ignore,
@@ -450,6 +450,18 @@ class Task:
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """Shortcut for an immutable signature: later steps' results are not prepended."""
         return self.signature(args, kwargs, immutable=True)
+
+    def map(self, it: Any) -> Signature:
+        """A signature of one task that calls this one on each item of ``it`` in one worker (Celery's map)."""
+        return xmap(self.s(), it)
+
+    def starmap(self, it: Any) -> Signature:
+        """Like :meth:`map`, with each item of ``it`` as the arguments (Celery's starmap)."""
+        return xstarmap(self.s(), it)
+
+    def chunks(self, it: Any, n: int) -> Any:
+        """``it`` (argument tuples) split into parts of ``n``, each part one task (Celery's chunks)."""
+        return chunks(self.s(), it, n)
 
 
 class _ArgumentsChecker:
