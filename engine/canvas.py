@@ -22,8 +22,12 @@ if TYPE_CHECKING:
     from engine.app import Engine
     from engine.task import Task
 
-__all__ = ("GroupResult", "Signature", "chain", "chunks", "group", "maybe_signature", "signature", "xmap",
-           "xstarmap")
+__all__ = ("GroupResult", "Signature", "as_completed", "chain", "chunks", "group", "maybe_signature", "signature",
+           "xmap", "xstarmap")
+
+#: First and largest sleep between two bulk reads of :func:`as_completed` (seconds).
+POLL_FIRST = 0.0002
+POLL_MAX = 0.1
 
 #: The built-in tasks every app registers (Celery's ``celery.map`` and ``celery.starmap``).
 MAP_TASK = "engine.map"
@@ -345,6 +349,52 @@ class chunks:
     delay = __call__
 
 
+def _ids_by_backend(results: Iterable[AsyncResult]) -> list[tuple[Any, list[str]]]:
+    """The ids of ``results`` grouped by the backend they are read from (EagerResults are known: skipped)."""
+    groups: dict[int, tuple[Any, list[str]]] = {}
+    for result in results:
+        if isinstance(result, EagerResult):
+            continue
+        backend = result.backend
+        groups.setdefault(id(backend), (backend, []))[1].append(result.id)
+    return list(groups.values())
+
+
+def as_completed(results: Iterable[AsyncResult], timeout: float | None = None) -> Iterator[AsyncResult]:
+    """Yield each of ``results`` once it is ready (SUCCESS, FAILURE, REVOKED), those that finished first first.
+
+    The states are read in bulk, with a short backoff between reads that starts
+    again whenever something finished. Raises ``engine.exceptions.TimeoutError``
+    when ``timeout`` (for the whole iteration) passes with results not ready.
+    """
+    import time
+
+    from engine.exceptions import TimeoutError
+
+    pending = list(results)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sleep = POLL_FIRST
+    while pending:
+        found: dict[str, Any] = {}
+        for backend, ids in _ids_by_backend(pending):
+            found.update(backend.get_many_encoded(ids))
+        finished = [r for r in pending if isinstance(r, EagerResult)
+                    or (r.id in found and found[r.id].state in states.READY_STATES)]
+        if finished:
+            finished.sort(key=lambda r: found[r.id].timestamp if r.id in found else 0.0)
+            done = {id(r) for r in finished}
+            pending = [r for r in pending if id(r) not in done]
+            yield from finished
+            sleep = POLL_FIRST
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{len(pending)} result(s) were not ready within {timeout}s "
+                               f"(the first: task {pending[0].id})")
+        pause = sleep if deadline is None else min(sleep, max(0.0, deadline - time.monotonic()))
+        time.sleep(pause)
+        sleep = min(sleep * 1.5, POLL_MAX)
+
+
 def run_map(app: Engine, task: dict, it: list, star: bool) -> list:
     """Body of the built-in map tasks: call ``task`` (a signature) here on each item, in order."""
     sig = maybe_signature(task, app=app)
@@ -368,27 +418,21 @@ class GroupResult:
             raise RuntimeError("Never call result.get() within a task: it can deadlock the worker's children; "
                                "use a chord or pass disable_sync_subtasks=False")
         records: dict[str, Any] = {}
-        for backend, ids in self._ids_by_backend():
+        for backend, ids in _ids_by_backend(self.results):
             records.update(backend.wait_for_many(ids, timeout=timeout, interval=interval))
         return [r.get(propagate=propagate) if isinstance(r, EagerResult)
                 else AsyncResult._outcome(records[r.id].state, records[r.id].result, propagate) for r in self.results]
 
     join = get
 
-    def _ids_by_backend(self) -> list[tuple[Any, list[str]]]:
-        """The members' ids grouped by the backend they are read from (one group, nearly always)."""
-        groups: dict[int, tuple[Any, list[str]]] = {}
-        for result in self.results:
-            if isinstance(result, EagerResult):
-                continue  # known already: nothing to read
-            backend = result.backend
-            groups.setdefault(id(backend), (backend, []))[1].append(result.id)
-        return list(groups.values())
+    def iter_ready(self, timeout: float | None = None) -> Iterator[AsyncResult]:
+        """Yield the members as they finish, first finished first (see :func:`as_completed`)."""
+        return as_completed(self.results, timeout=timeout)
 
     def _states(self) -> list[str]:
         """Every member's state, read in bulk (PENDING when nothing is stored)."""
         found: dict[str, Any] = {}
-        for backend, ids in self._ids_by_backend():
+        for backend, ids in _ids_by_backend(self.results):
             found.update(backend.get_many_encoded(ids))
         return [r.state if isinstance(r, EagerResult) else found[r.id].state if r.id in found else states.PENDING
                 for r in self.results]

@@ -69,3 +69,24 @@ def test_group_get_waits_for_late_members_and_times_out_naming_how_many(app):
     never = GroupResult([app.AsyncResult("early"), app.AsyncResult("never-1"), app.AsyncResult("never-2")])
     with pytest.raises(TimeoutError, match="2 of 3 results were not ready"):
         never.get(timeout=0.2)
+
+
+def test_as_completed_yields_results_in_the_order_they_finished(app):
+    from engine import as_completed
+
+    store(app, "second", states.SUCCESS, 2)
+    app.backend.store([StateRecord("first", states.FAILURE, dumps(KeyError("x")), "Traceback ...", 1.0)])
+    results = [app.AsyncResult(i) for i in ("late", "second", "first")]
+    timer = threading.Timer(0.2, store, (app, "late", states.SUCCESS, 3))
+    timer.start()
+    try:
+        order = [r.id for r in as_completed(results, timeout=10)]
+    finally:
+        timer.cancel()
+    assert order == ["first", "second", "late"]  # by completion time; a failure counts as finished
+    group = GroupResult([app.AsyncResult("second"), app.AsyncResult("never")])
+    seen = []
+    with pytest.raises(TimeoutError, match="1 result"):
+        for result in group.iter_ready(timeout=0.2):
+            seen.append(result.id)
+    assert seen == ["second"]  # what finished came out before the timeout
