@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from engine import current
 from engine.canvas import MAP_TASK, STARMAP_TASK, Signature, run_map
-from engine.config import Settings
+from engine.config import DEFAULTS, Settings
 from engine.core import TaskRegistry
 from engine.exceptions import CeleryCompatibilityWarning, DuplicateTaskError, ImproperlyConfigured
 from engine.result import AsyncResult
@@ -192,13 +192,17 @@ class Engine:
         prefix = f"{namespace.upper()}_" if namespace else ""
         settings: dict[str, Any] = {}
         for name, value in items:
-            if not isinstance(name, str) or callable(value) or isinstance(value, ModuleType):
+            if not isinstance(name, str) or isinstance(value, ModuleType):
                 continue
             if prefix:
-                if name.upper().startswith(prefix):
-                    settings[name[len(prefix):].lower()] = value
-            elif name.islower():
-                settings[name] = value
+                if not name.upper().startswith(prefix):
+                    continue
+                name = name[len(prefix):].lower()
+            elif not name.islower():
+                continue
+            if callable(value) and name not in DEFAULTS:
+                continue  # a helper function or class of the config module, not a setting (task_routes may be one)
+            settings[name] = value
         self.conf.update(settings)
 
     def autodiscover_tasks(self, packages: Any = None, related_name: str = "tasks", force: bool = False) -> None:

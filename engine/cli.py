@@ -122,6 +122,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             raise ImproperlyConfigured("CURVE needs both --curve-secret-key and --curve-clients")
         app = find_app(app_spec)
         app.finalize()  # include= and autodiscover_tasks() modules
+        app.set_current()  # what shared tasks and app-less calls use here and in the children, as in Celery
         if backend:
             app.conf.result_backend = backend
         concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1

@@ -277,3 +277,19 @@ def test_chains_and_groups_of_signatures_by_name_use_the_current_app(capturing):
     chain(signature("remote.first", (1,)), signature("remote.second")).apply_async()
     group(signature("remote.each", (i,)) for i in range(2)).apply_async()
     assert [m.task for m in app.sent] == ["remote.first", "remote.each", "remote.each"]
+
+
+def test_config_from_object_keeps_a_routing_function_and_skips_helper_functions(tmp_path, monkeypatch):
+    (tmp_path / "routingconfig.py").write_text(textwrap.dedent("""
+        def task_routes(name, args, kwargs, options):
+            return "fast" if name.endswith("ping") else None
+
+        def helper():
+            return 1
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = Engine("proj", set_as_current=False)
+    app.config_from_object("routingconfig")
+    assert callable(app.conf.task_routes) and app.conf.task_routes("x.ping", (), {}, {}) == "fast"
+    app.config_from_object({"CELERY_TASK_ROUTES": lambda *a: None}, namespace="CELERY")
+    assert callable(app.conf.task_routes)

@@ -478,9 +478,11 @@ def test_dispatch_sends_only_against_credit_and_keeps_messages_until_acknowledge
     assert set(producer._unacked) == {"m0", "m1", "m2"}
     assert all(p.peer is rich and p.sent_at == 2000.0 for p in producer._unacked.values())
     assert producer._outbox.demand() == {"q": 2}
-    # Out of credit with messages waiting: every worker hears the demand at once.
+    # Out of credit with messages waiting: every worker hears the demand at once ...
     for sock in (rich_sock, broke_sock):
         assert sock.frames(protocol.DEMAND) == [{"waiting": {"q": 2}, "credit": {}}]
+    # ... after the tasks: a worker counts the tasks it receives against what was reported waiting.
+    assert [frame[-2] for frame in rich_sock.sent] == [protocol.TASKS, protocol.DEMAND]
 
 
 def test_dispatch_goes_round_robin_over_workers_with_credit(producer):

@@ -331,3 +331,36 @@ def test_a_countdown_task_from_a_frame_gets_its_own_row_so_the_frame_can_go(tmp_
         assert (_rows(sup.journal_path, "frames"), _rows(sup.journal_path, "journal")) == (0, 1)
     finally:
         sup.journal.close()
+
+
+def test_a_countdown_task_whose_frame_row_stayed_is_replayed_once(tmp_path):
+    import time
+
+    from engine import Engine
+    from engine.core import encode_batch, encode_message
+    from engine.worker.supervisor import Supervisor
+
+    app = Engine("j", backend="memory://", set_as_current=False)
+
+    @app.task(name="t.add")
+    def add(x, y):
+        return x + y
+
+    def supervisor() -> Supervisor:
+        sup = Supervisor(app, concurrency=1, journal=str(tmp_path / "j.db"), hostname="w@test")
+        sup.journal = sup.states.journal = Journal(sup.journal_path)
+        return sup
+
+    first = supervisor()
+    now_msg, later_msg = add.build_message((1, 2)), add.build_message((3, 4), eta=time.time() + 3600)
+    ref = first.journal.add_frame(encode_batch([now_msg, later_msg]), 2)
+    first.accept(now_msg, encode_message(now_msg), journal_ref=ref)
+    first.accept(later_msg, encode_message(later_msg), journal_ref=ref)
+    first.journal.close()  # killed: the frame row stays (its first task never finished), and the countdown's own row
+
+    again = supervisor()
+    try:
+        again._replay()
+        assert len(again.timers) == 1 and len(again.scheduler) == 1  # the countdown task once, not twice
+    finally:
+        again.journal.close()

@@ -106,7 +106,9 @@ def test_a_kind_not_measured_yet_or_a_long_one_goes_alone_and_only_to_an_idle_ch
     stats.load({"tiny": FAIR_BATCH_SECONDS / 100, "long": 2.0})
     scheduler = FairScheduler(stats=stats)
     busy = FakeChild()
-    busy.outstanding.append(queued("tiny"))
+    running = queued("tiny")
+    running.started, running.expected = time.monotonic(), 1.0  # running, within its expected time
+    busy.outstanding.append(running)
     busy.queued_seconds = FAIR_BATCH_SECONDS / 100  # about to be idle: may take more tiny work
     scheduler.push(queued("tiny"))
     assert [entry.name for _, entry in scheduler.assign([busy])] == ["tiny"]  # more tiny work, no round trip
@@ -124,3 +126,31 @@ def test_a_kind_not_measured_yet_or_a_long_one_goes_alone_and_only_to_an_idle_ch
     long_child = FakeChild()
     scheduler.assign([long_child])
     assert len(long_child.outstanding) == 1  # a long task never has another behind it in its child
+
+
+def test_nothing_more_goes_behind_a_task_that_overran_its_expected_time():
+    from engine.worker.scheduler import FAIR_BATCH_SECONDS
+
+    stats = RuntimeStats()
+    stats.load({"tiny": FAIR_BATCH_SECONDS / 100})
+    scheduler = FairScheduler(stats=stats)
+    busy = FakeChild()
+    running = queued("tiny")
+    running.started, running.expected = time.monotonic() - 1.0, FAIR_BATCH_SECONDS / 100  # far past it
+    busy.outstanding.append(running)
+    busy.queued_seconds = running.expected
+    scheduler.push(queued("tiny"))
+    assert scheduler.assign([busy]) == []
+
+
+def test_a_batch_never_exceeds_its_count_bound_whatever_the_average_says():
+    from engine.worker.scheduler import FAIR_BATCH_MAX
+
+    stats = RuntimeStats()
+    stats.load({"polluted": 1e-9})  # e.g. an average spoiled by tasks that never ran
+    scheduler = FairScheduler(stats=stats)
+    for _ in range(FAIR_BATCH_MAX * 3):
+        scheduler.push(queued("polluted"))
+    child = FakeChild()
+    scheduler.assign([child])
+    assert len(child.outstanding) == FAIR_BATCH_MAX

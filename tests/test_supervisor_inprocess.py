@@ -399,3 +399,11 @@ def test_the_count_of_tasks_in_children_follows_dispatch_done_and_exit(app, supe
     supervisor._child_exited(child)
     assert supervisor.in_children == 0  # the rest went back to the scheduler
     assert len(supervisor.scheduler) == 1  # the running one was lost, the other one waits again
+
+
+def test_tasks_that_never_ran_say_nothing_of_their_kinds_run_time(app, supervisor):
+    running = queued(app)
+    child = child_holding(supervisor, running)
+    supervisor.stats.add("t.work", 1.0)
+    supervisor._task_done(child, msgpack.packb([running.message.id, states.REVOKED, 0.00002, False]))
+    assert supervisor.stats.estimate("t.work") == 1.0  # an expired task did not run

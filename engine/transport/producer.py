@@ -421,9 +421,9 @@ class Producer:
                         with_credit.remove(peer)
                     turn += 1
                 self._turn = turn
-            if self._outbox and now - self._demand_sent > DEMAND_EVERY:
-                # Out of credit: ask now rather than at the next heartbeat.
-                self._send_demand(now, self._outbox.demand())
+            # Out of credit: ask now rather than at the next heartbeat, after the task frames
+            # (a worker counts the tasks it receives against what was reported waiting).
+            ask = bool(self._outbox) and now - self._demand_sent > DEMAND_EVERY
         # Packing and sending happen outside the lock, so delay() never waits on them.
         for peer, items in batches:
             frame = protocol.pack([p.raw for p in items])
@@ -439,6 +439,10 @@ class Producer:
                 for p in items:
                     p.peer, p.sent_at = peer, now
                     self._unacked[p.id] = p
+        if ask:
+            with self._lock:
+                demand = self._outbox.demand()
+            self._send_demand(now, demand)
 
 
 @atexit.register

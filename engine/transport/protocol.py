@@ -14,7 +14,8 @@ kind      direction        body
 ``T``     client → worker  a batch of task messages
 ``A``     worker → client  acknowledgements: ``[task id, ...]``
 ``R``     worker → client  results for the ``rpc://`` backend:
-                           ``[[task id, state, result, traceback, timestamp, client id], ...]``
+                           ``[[task id, state, result, traceback, timestamp], ...]``, with a sixth
+                           field, the client id, when sent to a worker that relays them
 ========  ===============  ===================================================
 
 Topologies: by default workers *bind* a ROUTER and clients *connect* one
@@ -71,11 +72,15 @@ def unpack(frame: bytes) -> Any:
 def pack_records(records: Iterable[StateRecord], client_id: str | None = None) -> bytes:
     """Encode state records (their results already serialized) as a ``R`` frame body.
 
-    ``client_id`` names the client the states are for, in each record, so that a
-    worker that forwarded the task can relay them (a client ignores it).
+    With ``client_id`` each record names the client the states are for, so that a
+    worker that forwarded the task can relay them; without, records have the five
+    fields every client version reads.
     """
-    return msgpack.packb([[r.task_id, r.state, r.result, r.traceback, r.timestamp, client_id] for r in records],
-                         use_bin_type=True)
+    if client_id is None:
+        rows = [[r.task_id, r.state, r.result, r.traceback, r.timestamp] for r in records]
+    else:
+        rows = [[r.task_id, r.state, r.result, r.traceback, r.timestamp, client_id] for r in records]
+    return msgpack.packb(rows, use_bin_type=True)
 
 
 def unpack_addressed_records(body: bytes) -> list[tuple[StateRecord, str | None]]:

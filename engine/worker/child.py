@@ -146,6 +146,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     producer = ChildProducer(writer)
     for each in apps:
         each._producer = producer
+    app.set_current()  # tasks' app-less calls (shared tasks, AsyncResult(id)) use the worker's app
     registry = app.tasks
     max_tasks = options.get("max_tasks_per_child") or 0
     max_memory_kib = options.get("max_memory_per_child") or 0

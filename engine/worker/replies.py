@@ -100,11 +100,15 @@ class ReplyRouter:
     def _deliver(self, client_id: str, link: Peer | None, batch: list[Any]) -> None:
         consumer = self.consumer
         peer = None
+        relayed_by = None
         if consumer is not None:
             peer = consumer.find_client(client_id)
             if peer is None and link is not None and link in consumer.peers:
-                peer = link  # a worker that forwarded the task: it relays to the client
-        if peer is None or not peer.try_send(protocol.RESULTS, protocol.pack_records(batch, client_id)):
+                peer = relayed_by = link  # a worker that forwarded the task: it relays to the client
+        # Records name their client only for a relaying worker: a client of an earlier version
+        # reads records of five fields.
+        body = protocol.pack_records(batch, client_id if relayed_by is not None else None)
+        if peer is None or not peer.try_send(protocol.RESULTS, body):
             logger.warning("could not return %d result(s) to client %s (gone?)", len(batch), client_id)
 
     # --- relaying other workers' results ---------------------------------------------

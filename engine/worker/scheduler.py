@@ -55,6 +55,9 @@ LONG_DELAY = 0.05
 #: the same rules, as many as fit. A task waits at most about this long behind others in its
 #: child, and a pipe write and a wake-up are shared by many tiny tasks instead of paid by each.
 FAIR_BATCH_SECONDS = 0.002
+#: ... and at most this many tasks, whatever the averages say (a bad average cannot pile
+#: a backlog onto one child).
+FAIR_BATCH_MAX = 256
 
 
 class QueuedTask:
@@ -243,11 +246,15 @@ class FairScheduler(FifoScheduler):
         children = list(children)
         self.children_count = len(children)
         soon = FAIR_BATCH_SECONDS / 2
-        idle = [c for c in children if c.accepting and (not c.outstanding or c.queued_seconds <= soon)]
+        now = time.monotonic()
+        # About to be idle: little measured work left, and the running task has not overrun its
+        # expected time (one that has may run long: nothing more goes behind it).
+        idle = [c for c in children if c.accepting and (
+            not c.outstanding or (c.queued_seconds <= soon and c.outstanding[0].started
+                                  and now - c.outstanding[0].started <= c.outstanding[0].expected))]
         if not idle:
             return out
         idle.sort(key=lambda c: bool(c.outstanding))  # the idle ones first
-        now = time.monotonic()
         held: collections.Counter[str] = collections.Counter()
         running_for: dict[str, float] = {}
         for child in children:
@@ -275,6 +282,9 @@ class FairScheduler(FifoScheduler):
                     break  # it goes alone, to the next idle child (or this one once it is done)
                 else:
                     take = int(budget / max(expected, 1e-9) + 1e-6)  # 1e-6: 2 ms / 20 us is 100, not 99
+                take = min(take, FAIR_BATCH_MAX - len(child.outstanding))
+                if take <= 0:
+                    break
                 queue = self.by_name[name]
                 cost = FAIR_BATCH_SECONDS if expected is None else expected  # not measured: counts as long
                 for _ in range(min(take, len(queue))):

@@ -77,6 +77,8 @@ FORWARD_FLUSH_TIMEOUT = 5.0
 HELD_RECHECK = 0.005
 #: Seconds a child gets to exit after STOP before it is killed.
 STOP_GRACE = 10.0
+#: Outcomes whose run time is not the kind's (the body did not run, or gave up at once).
+NOT_RUN = frozenset({states.REVOKED, states.REJECTED})
 
 
 class Supervisor:
@@ -167,10 +169,17 @@ class Supervisor:
         if self.journal is None:
             return
         replayed = 0
-        for ref, raw in self.journal.pending():
+        pending = list(self.journal.pending())
+        # A task held for later got a row of its own while its frame's row stayed for the
+        # others: replayed from its own row only, not a second time from the frame.
+        own_rows = {ref for ref, _ in pending if isinstance(ref, str)}
+        for ref, raw in pending:
             try:
                 message = decode_message(raw)
             except MessageDecodeError:
+                self.journal.remove([ref])
+                continue
+            if isinstance(ref, int) and _journal_key(message) in own_rows:
                 self.journal.remove([ref])
                 continue
             self.accept(message, raw, journal_ref=ref)
@@ -389,7 +398,8 @@ class Supervisor:
         self.in_children -= 1
         child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if child.outstanding else 0.0
         self.counters["done"] += 1
-        self.stats.add(entry.name, runtime)
+        if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
+            self.stats.add(entry.name, runtime)
         if state == states.REJECTED and requeue:
             self.counters["requeued"] += 1
             self.scheduler.push(entry)
