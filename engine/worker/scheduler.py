@@ -55,9 +55,9 @@ LONG_DELAY = 0.05
 #: the same rules, as many as fit. A task waits at most about this long behind others in its
 #: child, and a pipe write and a wake-up are shared by many tiny tasks instead of paid by each.
 FAIR_BATCH_SECONDS = 0.002
-#: ... and at most this many tasks, whatever the averages say (a bad average cannot pile
-#: a backlog onto one child).
-FAIR_BATCH_MAX = 256
+#: ... and at most this many tasks (the default mode's bound per child), whatever the averages
+#: say: a bad average cannot pile a backlog onto one child.
+FAIR_BATCH_MAX = MAX_DEPTH
 
 
 class QueuedTask:
