@@ -46,6 +46,9 @@ REPORT_EVERY = 0.005
 REPORT_BYTES = 256 * 1024
 #: Seconds between checks that the supervisor is still there.
 PARENT_CHECK = 1.0
+#: This child's last run time per task name: a kind not seen yet, or one that ran longer than
+#: REPORT_SLOWER_THAN, gets the reports of the tasks before it flushed before it starts.
+_last_run_times: dict[str, float] = {}
 _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -207,14 +210,20 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
     global _soft_limited
     started = time.monotonic()
     task_id = "?"
+    name = None
     state = states.FAILURE
     requeue = False
     try:
         message = decode_message(payload)
-        task_id = message.id
-        task = registry.lookup(message.task)
+        task_id, name = message.id, message.task
+        task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
         request = task.request_class(message, task, recorder=recorder, hostname=hostname)
+        if writer.pending and _last_run_times.get(name, REPORT_SLOWER_THAN) >= REPORT_SLOWER_THAN:
+            # This one may run long: report what finished before it first. Until the supervisor
+            # reads those DONEs it takes a finished task for the running one (time limits,
+            # blame if the child dies) and holds back its result.
+            writer.flush()
         if soft:
             _soft_limited = (request, float(soft))
             signal.setitimer(signal.ITIMER_REAL, float(soft))
@@ -238,6 +247,8 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         logger.exception("internal error running task %s", task_id)
         _record_error(recorder, task_id, exc)
     runtime = time.monotonic() - started
+    if name is not None:
+        _last_run_times[name] = runtime
     writer.add(pipe.DONE, msgpack.packb([task_id, state, runtime, requeue]))
     return runtime
 
