@@ -20,7 +20,7 @@ use (``ENGINE_NO_EXTENSIONS=1`` forces the pure-Python twin).
 from engine import states
 from engine._version import __version__ as __version__
 from engine.app import Engine
-from engine.canvas import GroupResult, Signature, as_completed, chain, chunks, group, signature
+from engine.canvas import GroupResult, Signature, as_completed, chain, chord, chunks, group, signature
 from engine.core import HAS_EXTENSION, IMPLEMENTATION
 from engine.current import current_app, current_task, shared_task
 from engine.exceptions import OutboxFull
@@ -39,6 +39,7 @@ __all__ = (
     "Task",
     "as_completed",
     "chain",
+    "chord",
     "chunks",
     "current_app",
     "current_task",

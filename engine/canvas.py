@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from engine.app import Engine
     from engine.task import Task
 
-__all__ = ("GroupResult", "Signature", "as_completed", "chain", "chunks", "group", "maybe_signature", "signature",
-           "xmap", "xstarmap")
+__all__ = ("GroupResult", "Signature", "as_completed", "chain", "chord", "chunks", "group", "maybe_signature",
+           "signature", "xmap", "xstarmap")
 
 #: First and largest sleep between two bulk reads of :func:`as_completed` (seconds).
 POLL_FIRST = 0.0002
@@ -296,8 +296,87 @@ class group:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def __or__(self, body: Any) -> chord:
+        """``group | task``: a chord whose body gets the group's results."""
+        return chord(self, body, app=self._app)
+
     def __repr__(self) -> str:
         return f"group({', '.join(repr(t) for t in self.tasks)})"
+
+
+class chord:
+    """A group (the header) whose results, in order, go to one task (the body) once all are final.
+
+    ``chord(add.s(i, i) for i in range(10))(tsum.s())`` or ``(group(...) |
+    tsum.s()).apply_async()`` returns the body's AsyncResult. There is no
+    polling task (Celery's ``chord_unlock``): the results store counts the
+    header tasks as their final states are written, and the worker whose write
+    completes the count sends the body, once per chord as far as the store can
+    tell (a flag set atomically with the last count). A failed header task fails
+    the chord with :class:`~engine.exceptions.ChordError` naming it, and the body
+    does not run. Needs a result backend shared by the workers (``sqlite://``,
+    ``redis://``); eager mode runs it in place.
+    """
+
+    def __init__(self, header: Any, body: Any = None, app: Engine | None = None) -> None:
+        self.header = header if isinstance(header, group) else group(header, app=app)
+        self.body = maybe_signature(body) if body is not None else None
+        self._app = app or self.header._app or (self.body._app if self.body is not None else None)
+
+    @property
+    def app(self) -> Engine:
+        """The app of the header, else the body's, else the current app."""
+        if self._app is None:
+            self._app = current.get_current_app()
+        return self._app
+
+    def __call__(self, body: Any = None, **options: Any) -> AsyncResult:
+        """``chord(header)(body)``: send it (with ``body`` when given here)."""
+        if body is not None:
+            self.body = maybe_signature(body)
+        return self.apply_async(**options)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> AsyncResult:
+        """Send the header tasks, each carrying the chord's id; return the body's AsyncResult."""
+        if self.body is None:
+            raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
+        app = self.app
+        body = self.body.clone()
+        result: AsyncResult = body.freeze()
+        header = [task.clone() for task in self.header.tasks]
+        ids = [task.freeze().id for task in header]
+        if app.conf.task_always_eager:
+            return self._apply_eagerly(header, body, args, kwargs, options)
+        backend = app.backend
+        if not getattr(backend, "supports_chords", False):
+            raise NotImplementedError(f"a chord needs a result backend the workers share (sqlite:// or redis://); "
+                                      f"{backend!r} does not keep what its body waits for")
+        backend.chord_start(result.id, ids, dict(body))
+        if not header:  # nothing to wait for: the body runs at once, with no results
+            body.apply_async(([],))
+            return result
+        for task in header:
+            task.apply_async(args, kwargs, chord=result.id, **options)
+        return result
+
+    def _apply_eagerly(self, header: list[Signature], body: Signature, args: Any, kwargs: dict | None,
+                       options: dict) -> AsyncResult:
+        from engine.exceptions import ChordError
+
+        values = []
+        for task in header:
+            outcome = task.apply(args, kwargs, **options)
+            if outcome.state != states.SUCCESS:
+                error = ChordError(f"Dependency {outcome.id} raised {outcome.result!r}")
+                return EagerResult(body.id or "", error, states.FAILURE, name=body.task, app=self.app)
+            values.append(outcome.result)
+        done: AsyncResult = body.apply((values,))
+        return done
+
+    delay = __call__
+
+    def __repr__(self) -> str:
+        return f"chord({self.header!r}, {self.body!r})"
 
 
 def xmap(task: Signature, it: Iterable[Any]) -> Signature:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "CeleryCompatibilityWarning",
+    "ChordError",
     "DuplicateTaskError",
     "EncodeError",
     "EngineError",
@@ -170,6 +171,10 @@ class RemoteTaskError(EngineError):
 
 class OutboxFull(EngineError):
     """The client holds ``producer_max_outbox`` messages no worker has taken yet."""
+
+
+class ChordError(EngineError):
+    """A chord's header task failed, so its body did not run (the chord's result, as in Celery)."""
 
 
 class CeleryCompatibilityWarning(UserWarning):

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 __all__ = ("Task", "new_task_id")
 
 #: ``apply_async`` options that travel in the message but have no parameter of their own.
-MESSAGE_OPTIONS = frozenset({"retries", "chain", "parent_id", "root_id", "reply_to", "time_limit", "soft_time_limit"})
+MESSAGE_OPTIONS = frozenset({"retries", "chain", "chord", "parent_id", "root_id", "reply_to", "time_limit",
+                             "soft_time_limit"})
 
 
 def _timestamp(value: Any, name: str) -> float | None:
@@ -230,7 +231,8 @@ class Task:
                       countdown: float | None = None, eta: Any = None, expires: Any = None,
                       ignore_result: bool | None = None, queue: str | None = None, link: Any = None,
                       link_error: Any = None, retries: int = 0, chain: list | None = None,
-                      parent_id: str | None = None, root_id: str | None = None, reply_to: str | None = None,
+                      chord: str | None = None, parent_id: str | None = None, root_id: str | None = None,
+                      reply_to: str | None = None,
                       time_limit: float | None = None, soft_time_limit: float | None = None) -> TaskMessage:
         """Build the TaskMessage that :meth:`apply_async` sends."""
         # Localize: every branch below is skipped by a plain delay(), which runs once per task.
@@ -253,6 +255,8 @@ class Task:
             options["link_error"] = errbacks
         if chain:
             options["chain"] = [dict(step) for step in chain]
+        if chord is not None:  # the id of the chord (its body's) this task is a header task of
+            options["chord"] = chord
         if ignore_result is not None:
             options["ignore_result"] = bool(ignore_result)
         if time_limit is None:
@@ -353,6 +357,7 @@ class Task:
             "link": request.callbacks,
             "link_error": request.errbacks,
             "chain": request.chain,
+            "chord": (request.options or {}).get("chord"),  # a retried header task still counts for its chord
             "parent_id": request.parent_id,
             "root_id": request.root_id,
             "reply_to": request.reply_to,

@@ -278,3 +278,33 @@ def test_group_results_are_read_in_pipelined_bulk(app):
     with pytest.raises(KeyError):
         GroupResult([app.AsyncResult(ids[0]), app.AsyncResult(failed)]).get(timeout=5)
     assert GroupResult([app.AsyncResult(ids[0]), app.AsyncResult(running)]).completed_count() == 1
+
+
+def test_the_redis_store_counts_each_chord_header_task_once_and_completes_the_chord_once(app):
+    backend = app.backend
+    chord_id = new_id()
+    backend.chord_start(chord_id, ["a", "b"], {"task": "t.sum"})
+    assert backend.chord_parts_done([(chord_id, "a"), (chord_id, "a")]) == []  # a task that ran twice counts once
+    assert backend.chord_parts_done([(chord_id, "b")]) == [(chord_id, ["a", "b"], {"task": "t.sum"})]
+    assert backend.chord_parts_done([(chord_id, "b"), (chord_id, "c")]) == []  # never twice
+    assert backend.client.pttl(f"engine-chord:{chord_id}") > 0  # expires with the results
+
+
+def test_a_chord_through_a_worker_with_redis_results(redis_url, tmp_path):
+    from engine import chord
+    from tests import workerapp
+    from tests.worker_helpers import WorkerProcess, free_endpoint
+
+    endpoint = free_endpoint()
+    workerapp.app.close()
+    workerapp.app.conf.update(transport=endpoint, result_backend=redis_url, producer_flush_timeout=10)
+    worker = WorkerProcess("--concurrency", "2", env={"ENGINE_TEST_ENDPOINT": endpoint,
+                                                     "ENGINE_TEST_BACKEND": redis_url}).wait_ready()
+    try:
+        marks = tmp_path / "runs"
+        result = chord(workerapp.add.s(i, i) for i in range(100))(workerapp.tsum_marked.s(str(marks)))
+        assert result.get(timeout=60) == sum(2 * i for i in range(100))
+        assert len(marks.read_text().splitlines()) == 1
+    finally:
+        workerapp.app.close()
+        worker.kill()

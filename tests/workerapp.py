@@ -190,3 +190,11 @@ def override_then_fail(self, mode):
     if mode == "fail":
         raise ValueError(f"attempt {self.request.retries}")
     return self.request.retries
+
+
+@app.task
+def tsum_marked(values, path):
+    """A chord body: append one line to ``path`` per run (to count runs), return the sum."""
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return sum(values)

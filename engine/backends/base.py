@@ -36,9 +36,24 @@ class Backend:
         self.app = app
         self.accept_pickle = bool(app.conf.accept_pickle) if app is not None else False
 
+    #: True when chords can be counted here by every worker (a store they share).
+    supports_chords = False
+
     def store(self, records: Iterable[StateRecord]) -> None:
         """Store a batch of encoded records, keeping one final state per task id."""
         raise NotImplementedError
+
+    def chord_start(self, chord_id: str, header_ids: list[str], body: dict) -> None:
+        """Remember a chord: its header task ids, in order, and its body (a signature as a dict)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+
+    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+        """Count header tasks ``(chord id, task id)`` whose final state is stored (each id once).
+
+        Returns ``(chord id, header ids, body)`` of every chord this call completed:
+        each chord is returned to one caller only, whichever completes it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
 
     def get_encoded(self, task_id: str) -> StateRecord | None:
         """Return the stored record of ``task_id`` with its result still encoded, or None."""

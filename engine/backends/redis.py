@@ -124,6 +124,18 @@ return written
 _FIELDS = ("state", "result", "traceback", "date_done")
 #: Ids read by one pipelined round trip of a bulk read.
 READ_MANY = 1000
+#: Keys of a chord: its hash (size, done, fired, header, body) and the set of header tasks counted.
+CHORD_PREFIX = "engine-chord:"
+#: Counts one header task of a chord, once per task id; returns the chord's header and body to the
+#: one caller whose count completes it (the fired flag is set in the same atomic script).
+CHORD_PART_SCRIPT = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return false end
+local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
+local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
+if size == nil or done < size then return false end
+if redis.call('HSETNX', KEYS[1], 'fired', 1) == 0 then return false end
+return {redis.call('HGET', KEYS[1], 'header'), redis.call('HGET', KEYS[1], 'body')}
+"""
 
 
 def _expiry_ms(value: Any) -> int:
@@ -212,6 +224,43 @@ class RedisBackend(Backend):
         return StateRecord(task_id, state.decode(), result,
                            None if traceback is None else traceback.decode("utf-8", "replace"),
                            float(date_done) if date_done is not None else 0.0)
+
+    supports_chords = True
+
+    def chord_start(self, chord_id: str, header_ids: list[str], body: dict) -> None:
+        """The chord's hash, expiring with the results (``result_expires``)."""
+        import msgpack
+
+        key = CHORD_PREFIX + chord_id
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(key, key + ":parts")
+        pipe.hset(key, mapping={"size": len(header_ids), "done": 0, "header": msgpack.packb(header_ids),
+                                "body": msgpack.packb(body, use_bin_type=True)})
+        if self.expires_ms:
+            pipe.pexpire(key, self.expires_ms)
+        pipe.execute()
+
+    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+        """One pipelined round trip of the counting script for every part."""
+        import msgpack
+
+        if not parts:
+            return []
+        script = self.client.register_script(CHORD_PART_SCRIPT)
+        pipe = self.client.pipeline(transaction=False)
+        for chord_id, task_id in parts:
+            key = CHORD_PREFIX + chord_id
+            script(keys=[key, key + ":parts"], args=[task_id], client=pipe)
+            if self.expires_ms:
+                pipe.pexpire(key + ":parts", self.expires_ms)
+        replies = pipe.execute()
+        step = 2 if self.expires_ms else 1
+        completed = []
+        for (chord_id, _), reply in zip(parts, replies[::step]):
+            if reply:
+                header, body = reply
+                completed.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
+        return completed
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One pipelined round trip per :data:`READ_MANY` ids."""

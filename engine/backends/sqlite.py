@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import msgpack
+
 from engine import states
 from engine.backends.base import Backend
 from engine.core import StateRecord
@@ -40,6 +42,13 @@ CREATE TABLE IF NOT EXISTS engine_results (
     traceback TEXT,
     date_done REAL NOT NULL
 )
+"""
+CHORD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS engine_chords (
+    chord_id TEXT PRIMARY KEY, size INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+    fired INTEGER NOT NULL DEFAULT 0, header BLOB NOT NULL, body BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    PRIMARY KEY (chord_id, task_id));
 """
 #: Ids read by one query of a bulk read (below SQLite's smallest limit of bound parameters, 999).
 READ_MANY = 900
@@ -79,6 +88,7 @@ class SQLiteBackend(Backend):
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute(SCHEMA)
             connection.execute(INDEX)
+            connection.executescript(CHORD_SCHEMA)
             local.connection, local.pid = connection, os.getpid()
         opened: sqlite3.Connection = local.connection
         return opened
@@ -104,6 +114,40 @@ class SQLiteBackend(Backend):
             return None
         return StateRecord(task_id, row[0], row[1], row[2], row[3])
 
+    supports_chords = True
+
+    def chord_start(self, chord_id: str, header_ids: list[str], body: dict) -> None:
+        self._connection().execute(
+            "INSERT OR REPLACE INTO engine_chords (chord_id, size, header, body, created) VALUES (?, ?, ?, ?, ?)",
+            (chord_id, len(header_ids), msgpack.packb(header_ids), msgpack.packb(body, use_bin_type=True),
+             time.time()))
+
+    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+        """One transaction: a part counts once (its row), and the flag of a completed chord is set once."""
+        connection = self._connection()
+        completed = []
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for chord_id, task_id in parts:
+                inserted = connection.execute("INSERT OR IGNORE INTO engine_chord_parts VALUES (?, ?)",
+                                              (chord_id, task_id)).rowcount
+                if not inserted:
+                    continue  # that header task ran twice (at-least-once): counted already
+                connection.execute("UPDATE engine_chords SET done = done + 1 WHERE chord_id = ?", (chord_id,))
+                fired = connection.execute(
+                    "UPDATE engine_chords SET fired = 1 WHERE chord_id = ? AND fired = 0 AND done >= size",
+                    (chord_id,)).rowcount
+                if fired:
+                    header, body = connection.execute(
+                        "SELECT header, body FROM engine_chords WHERE chord_id = ?", (chord_id,)).fetchone()
+                    completed.append((chord_id, msgpack.unpackb(header, raw=False),
+                                      msgpack.unpackb(body, raw=False)))
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return completed
+
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One query per :data:`READ_MANY` ids."""
         connection = self._connection()
@@ -125,7 +169,11 @@ class SQLiteBackend(Backend):
         if self.expires is None:
             return 0
         cutoff = (now or time.time()) - self.expires
-        cursor = self._connection().execute("DELETE FROM engine_results WHERE date_done < ?", (cutoff,))
+        connection = self._connection()
+        cursor = connection.execute("DELETE FROM engine_results WHERE date_done < ?", (cutoff,))
+        old = "SELECT chord_id FROM engine_chords WHERE created < ?"
+        connection.execute(f"DELETE FROM engine_chord_parts WHERE chord_id IN ({old})", (cutoff,))
+        connection.execute("DELETE FROM engine_chords WHERE created < ?", (cutoff,))
         return cursor.rowcount
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core import StateRecorder
 from engine.serialization import dumps
@@ -45,6 +45,8 @@ class StateFlusher:
         self.replies = replies
         self.journal = journal
         self.recorder = StateRecorder(batch_size=BATCH_SIZE, max_entries=RECORDER_ENTRIES)
+        #: Called with each batch of records once the backend stored it (the supervisor counts chords there).
+        self.after_store: Callable[[list[Any]], None] | None = None
         #: Journal keys of tasks that ran; they leave the journal once their states are out.
         self._finished: list[JournalRef] = []
         self._last_flush = 0.0
@@ -84,6 +86,8 @@ class StateFlusher:
         elif self.backend is not None:
             try:
                 self.backend.store(records)
+                if self.after_store is not None:
+                    self.after_store(records)
             except Exception as exc:
                 logger.error("result backend write of %d state(s) failed, will retry: %s", len(records), exc)
                 for record in records:

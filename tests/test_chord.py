@@ -1,0 +1,111 @@
+"""Chords (issue 14, part): the body once, with the header's results in order, triggered by the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine import Engine, chord, group, states
+from engine.exceptions import ChordError
+
+
+@pytest.fixture
+def eager():
+    app = Engine("chords", backend="memory://", task_always_eager=True, set_as_current=False)
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    @app.task
+    def fails(message):
+        raise ValueError(message)
+
+    yield app
+    app.close()
+
+
+def test_an_eager_chord_gives_the_body_the_header_results_in_order(eager):
+    add, tsum = eager.tasks["tests.test_chord.add"], eager.tasks["tests.test_chord.tsum"]
+    assert chord(add.s(i, i) for i in range(10))(tsum.s()).get() == 90
+    assert (group(add.s(i, 1) for i in range(3)) | tsum.s()).apply_async().get() == 6
+
+
+def test_an_eager_chord_whose_header_fails_raises_chord_error_naming_the_task(eager):
+    add, tsum, fails = (eager.tasks[f"tests.test_chord.{n}"] for n in ("add", "tsum", "fails"))
+    result = chord([add.s(1, 1), fails.s("broken")], tsum.s()).apply_async()
+    with pytest.raises(ChordError, match="Dependency .* raised ValueError"):
+        result.get()
+
+
+def test_a_chord_needs_a_backend_the_workers_share():
+    app = Engine("chords", backend="memory://", set_as_current=False)
+
+    @app.task
+    def noop(*args):
+        return None
+
+    app.send_message = lambda message: None
+    with pytest.raises(NotImplementedError, match="sqlite:// or redis://"):
+        chord([noop.s()], noop.s()).apply_async()
+
+
+def test_the_sqlite_store_counts_each_header_task_once_and_completes_the_chord_once(tmp_path):
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+    backend = app.backend
+    backend.chord_start("c1", ["a", "b", "c"], {"task": "t.sum"})
+    assert backend.chord_parts_done([("c1", "a"), ("c1", "a")]) == []  # a task that ran twice counts once
+    assert backend.chord_parts_done([("c1", "b")]) == []
+    assert backend.chord_parts_done([("c1", "c")]) == [("c1", ["a", "b", "c"], {"task": "t.sum"})]
+    assert backend.chord_parts_done([("c1", "c"), ("c1", "d")]) == []  # never twice
+    app.close()
+
+
+# --- through real workers -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_chord_through_a_worker_runs_its_body_once_with_the_results_in_order(worker_setup, tmp_path):
+    from tests import workerapp
+
+    worker_setup("--concurrency", "2")
+    marks = tmp_path / "body-runs"
+    started = time.monotonic()
+    result = chord(workerapp.add.s(i, i) for i in range(200))(workerapp.tsum_marked.s(str(marks)))
+    assert result.get(timeout=60) == sum(2 * i for i in range(200))
+    assert time.monotonic() - started < 60
+    assert len(marks.read_text().splitlines()) == 1
+
+    failing = chord([workerapp.add.s(1, 1), workerapp.fails.s("header broke")],
+                    workerapp.tsum_marked.s(str(marks)))
+    with pytest.raises(ChordError, match="header broke"):
+        failing.apply_async().get(timeout=60)
+    assert len(marks.read_text().splitlines()) == 1  # the body did not run
+
+
+@pytest.mark.slow
+def test_a_chord_survives_its_worker_killed_mid_header_and_runs_its_body_once(worker_setup, tmp_path):
+    from tests import workerapp
+
+    journal = str(tmp_path / "journal.db")
+    worker = worker_setup("--concurrency", "2", "--journal", journal)
+    marks = tmp_path / "body-runs"
+    result = chord(workerapp.sleepy.s(0.05) for _ in range(40))(workerapp.tsum_marked.s(str(marks)))
+    # Killed with part of the header done: its journal keeps the rest.
+    deadline = time.monotonic() + 30
+    while workerapp.app.producer.waiting and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    worker_setup("--concurrency", "2", "--journal", journal)
+    assert result.get(timeout=60) == pytest.approx(40 * 0.05)
+    assert len(marks.read_text().splitlines()) == 1
+    assert workerapp.app.AsyncResult(result.id).state == states.SUCCESS
