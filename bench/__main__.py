@@ -23,7 +23,8 @@ from bench.scenarios import SCENARIOS as BASIC_SCENARIOS
 from bench.table import print_table
 
 #: Every scenario ``bench run`` knows, in the order a full run takes them.
-SCENARIOS = {**BASIC_SCENARIOS, "fair": pipelines.fair, "mixed": pipelines.mixed, "pipeline": pipelines.pipeline}
+SCENARIOS = {**BASIC_SCENARIOS, "fair": pipelines.fair, "mixed": pipelines.mixed, "pipeline": pipelines.pipeline,
+             "chord": pipelines.chord}
 
 
 def _progress_bar():

@@ -13,7 +13,7 @@ from typing import Callable
 from bench.harness import Worker
 from bench.scenarios import _percentile, throughput
 
-__all__ = ("fair", "mixed", "pipeline")
+__all__ = ("chord", "fair", "mixed", "pipeline")
 
 #: Concurrency levels of the fair scenario besides the run's own (many children on few cores).
 MANY_CHILDREN = 16
@@ -22,6 +22,8 @@ MIXED_SLOW_SECONDS = 0.05
 MIXED_EVERY = 100
 #: Largest group of the pipeline scenario (the issue's 20,000).
 PIPELINE_MAX = 20_000
+#: Largest chord header of the chord scenario (the issue's 10,000).
+CHORD_MAX = 10_000
 MODES = (("default", ()), ("fair", ("--fair",)))
 
 
@@ -103,3 +105,25 @@ def pipeline(tasks: int, concurrency: int, progress: Callable[[float], None]) ->
                                              "tasks_per_s": round(count / elapsed)}
         progress((index + 1) / len(steps))
     return out
+
+
+def chord(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """A chord of N timed header tasks and a timed body, sqlite results: total time, and body start - last header end.
+
+    No Celery peer yet (its chord needs the same header/body timing on its side).
+    """
+    from engine import chord as make_chord
+
+    count = min(tasks, CHORD_MAX)
+    with Worker(concurrency, backend="sqlite") as worker:
+        apps = worker.app()
+        apps.short_task.delay(0.0, time.time())
+        _wait_runs(worker, 1, 0.0)
+        sent0 = time.time()
+        make_chord(apps.short_task.si(0.0, sent0) for _ in range(count))(apps.chord_body.si(None, sent0))
+        rows = _wait_runs(worker, count + 1, sent0)
+    header_end = max(end for kind, _, _, end in rows if kind == "short")
+    body_start = max(start for kind, _, start, _ in rows if kind == "body")
+    progress(1.0)
+    return {"tasks": count, "seconds": round(body_start - sent0, 3), "tasks_per_s": round(count / (body_start - sent0)),
+            "body_delay_ms": round((body_start - header_end) * 1000, 2)}

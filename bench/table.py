@@ -106,6 +106,10 @@ def rows(report: dict) -> Iterator[Row]:
     for backend, modes in ours.get("pipeline", {}).items():
         yield (f"group of {modes['default']['tasks']:,} add, results fetched, {backend}: default / --fair",
                f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
+    if "chord" in ours:
+        c = ours["chord"]
+        yield (f"chord of {c['tasks']:,} header tasks, sqlite: tasks/s; body start after the last header end",
+               f"{_n(c['tasks_per_s'])}; {c['body_delay_ms']} ms", "not run", "", "", "")
     for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
         if "skipped" in peer:
             yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")

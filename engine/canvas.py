@@ -355,6 +355,8 @@ class chord:
         if not header:  # nothing to wait for: the body runs at once, with no results
             body.apply_async(([],))
             return result
+        # A header task's result is what the body gets: stored even for a task that ignores its results.
+        options = {**options, "ignore_result": False}
         for task in header:
             task.apply_async(args, kwargs, chord=result.id, **options)
         return result

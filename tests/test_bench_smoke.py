@@ -181,3 +181,11 @@ def test_the_fair_mixed_and_pipeline_scenarios_complete_in_both_modes():
     assert set(pipeline) == {"sqlite", "rpc"} and pipeline["rpc"]["fair"]["tasks"] == 300
     table = list(rows({"results": {"fair": fair, "mixed": mixed, "pipeline": pipeline}}))
     assert any("--fair" in row[0] for row in table) and any(row[0].startswith("mixed") for row in table)
+
+
+@pytest.mark.slow
+def test_the_chord_scenario_times_its_body_after_the_header():
+    from bench import pipelines
+
+    figures = pipelines.chord(100, 2, lambda fraction: None)
+    assert figures["tasks"] == 100 and figures["body_delay_ms"] >= 0 and figures["tasks_per_s"] > 0

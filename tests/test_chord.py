@@ -109,3 +109,13 @@ def test_a_chord_survives_its_worker_killed_mid_header_and_runs_its_body_once(wo
     assert result.get(timeout=60) == pytest.approx(40 * 0.05)
     assert len(marks.read_text().splitlines()) == 1
     assert workerapp.app.AsyncResult(result.id).state == states.SUCCESS
+
+
+@pytest.mark.slow
+def test_header_tasks_that_ignore_their_results_still_complete_the_chord(worker_setup, tmp_path):
+    from tests import workerapp
+
+    worker_setup("--concurrency", "2")
+    marks = tmp_path / "body-runs"
+    result = chord(workerapp.noop.si() for _ in range(20))(workerapp.tsum_marked.si([], str(marks)))
+    assert result.get(timeout=60) == 0
