@@ -22,10 +22,8 @@ import msgpack
 import zmq
 
 from engine import states
-from engine.canvas import maybe_signature
 from engine.core import decode_message, encode_message
 from engine.exceptions import (
-    ChordError,
     ImproperlyConfigured,
     MessageDecodeError,
     NotRegistered,
@@ -36,6 +34,7 @@ from engine.transport.consumer import Consumer
 from engine.utils.hostname import default_worker_name
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
+from engine.worker.chords import ChordCounter
 from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
@@ -47,7 +46,7 @@ from engine.worker.timers import TimerHeap
 
 if TYPE_CHECKING:
     from engine.app import Engine
-    from engine.core import StateRecord, TaskMessage
+    from engine.core import TaskMessage
     from engine.transport.protocol import Peer
 
 __all__ = ("EXIT_COLD", "EXIT_FAILURE", "EXIT_OK", "Supervisor")
@@ -120,12 +119,11 @@ class Supervisor:
         #: rpc:// only: where each task's states go.
         self.replies = ReplyRouter() if getattr(self.backend, "replies_over_transport", False) else None
         self.states = StateFlusher(self.backend, self.replies)
-        #: Chords: header task id -> chord id, until its final state is stored and counted.
-        self._chord_of: dict[str, str] = {}
-        self._chord_parts: list[tuple[str, str]] = []
-        self._chords = bool(getattr(self.backend, "supports_chords", False)) and self.replies is None
-        if self._chords:
-            self.states.after_store = self._count_chord_parts
+        #: Chords whose header tasks run here (with a results store the workers share).
+        self.chords = ChordCounter(app, self.backend, self.states, self._route_message) \
+            if self.backend is not None and self.backend.supports_chords and self.replies is None else None
+        if self.chords is not None:
+            self.states.after_store = self.chords.stored
         self.stats = RuntimeStats()
         self.scheduler = make_scheduler(fair, self.prefetch, self.stats, float(conf.worker_queue_seconds))
         self.timers = TimerHeap()
@@ -325,10 +323,8 @@ class Supervisor:
             journal_ref = journal.add(_journal_key(message), raw)
         if self.replies is not None:
             self.replies.remember(message, peer)
-        if self._chords:
-            chord_id = message.options.get("chord")
-            if chord_id:
-                self._chord_of[message.id] = chord_id
+        if self.chords is not None:
+            self.chords.watch(message)
         try:
             task = self.registry.lookup(message.task)
         except NotRegistered as exc:
@@ -474,53 +470,8 @@ class Supervisor:
         if entry.journal_ref is not None:
             self.states.finished(entry.journal_ref)
 
-    # --- chords ------------------------------------------------------------------------
-
-    def _count_chord_parts(self, records: list[StateRecord]) -> None:
-        """After a store: count the chords' header tasks that are final; start each chord this completes."""
-        chord_of = self._chord_of
-        for record in records:
-            if record.state in states.READY_STATES:
-                chord_id = chord_of.pop(record.task_id, None)
-                if chord_id is not None:
-                    self._chord_parts.append((chord_id, record.task_id))
-        if not self._chord_parts or self.backend is None:
-            return
-        parts, self._chord_parts = self._chord_parts, []
-        try:
-            completed = self.backend.chord_parts_done(parts)
-        except Exception as exc:
-            logger.error("could not count %d chord header task(s), will retry: %s", len(parts), exc)
-            self._chord_parts[:0] = parts
-            return
-        for chord_id, header_ids, body in completed:
-            try:
-                self._start_chord_body(chord_id, header_ids, body)
-            except Exception:
-                logger.exception("could not start the body of chord %s", chord_id)
-
-    def _start_chord_body(self, chord_id: str, header_ids: list[str], body: dict) -> None:
-        """Send the body with the header's results in order, or fail the chord with the first failed task."""
-        assert self.backend is not None
-        found = self.backend.get_many_encoded(header_ids)
-        values = []
-        for task_id in header_ids:
-            record = found.get(task_id)
-            if record is None or record.state != states.SUCCESS:
-                result = self.backend.decode(record).result if record is not None else None
-                error = ChordError(f"Dependency {task_id} raised {result!r}")
-                logger.error("chord %s failed: %s", chord_id, error)
-                self.states.record(chord_id, states.FAILURE, error, f"ChordError: {error}")
-                return
-            values.append(self.backend.decode(record).result)
-        # Sent as a client would, but a body for a queue of this worker is queued here directly.
-        self.app.send_message = self._route_message  # type: ignore[method-assign]
-        try:
-            maybe_signature(body, app=self.app).apply_async((values,))
-        finally:
-            del self.app.send_message
-
     def _route_message(self, message: TaskMessage) -> None:
+        """A message the supervisor itself sends (a chord's body): queued here when this worker consumes its queue."""
         if message.queue in self.queues:
             self.accept(message, encode_message(message))
         else:

@@ -1,0 +1,94 @@
+"""Chords in the worker: header tasks counted as their final states are stored; each body started once.
+
+A header task carries its chord's id (the body's task id) in its message
+options. Once the supervisor's state flusher has stored a batch, the
+:class:`ChordCounter` counts the header tasks of that batch that are final in
+the results store, which counts each task id once and hands each completed
+chord to one caller only (see ``Backend.chord_parts_done``). That caller
+reads the header's results in order and sends the body with them; a failed
+header task fails the chord with :class:`~engine.exceptions.ChordError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from engine import states
+from engine.canvas import maybe_signature
+from engine.exceptions import ChordError
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.backends.base import Backend
+    from engine.core import StateRecord, TaskMessage
+    from engine.worker.state_flusher import StateFlusher
+
+__all__ = ("ChordCounter",)
+
+logger = logging.getLogger("engine.worker")
+
+
+class ChordCounter:
+    """Header tasks this worker runs, counted in the store when final; bodies sent through ``send``."""
+
+    def __init__(self, app: Engine, backend: Backend, states_out: StateFlusher,
+                 send: Callable[[TaskMessage], None]) -> None:
+        self.app = app
+        self.backend = backend
+        self.states = states_out
+        #: How a body's message leaves: the supervisor queues it here or sends it on.
+        self.send = send
+        #: Header task id -> chord id, until its final state is stored and counted.
+        self._chord_of: dict[str, str] = {}
+        #: Parts stored but not counted yet (the count failed; tried again after the next store).
+        self._parts: list[tuple[str, str]] = []
+
+    def watch(self, message: TaskMessage) -> None:
+        """Note a received message that is a header task of a chord."""
+        chord_id = message.options.get("chord")
+        if chord_id:
+            self._chord_of[message.id] = chord_id
+
+    def stored(self, records: list[StateRecord]) -> None:
+        """After a store: count the final header tasks; start the body of each chord this completes."""
+        chord_of = self._chord_of
+        for record in records:
+            if record.state in states.READY_STATES:
+                chord_id = chord_of.pop(record.task_id, None)
+                if chord_id is not None:
+                    self._parts.append((chord_id, record.task_id))
+        if not self._parts:
+            return
+        parts, self._parts = self._parts, []
+        try:
+            completed = self.backend.chord_parts_done(parts)
+        except Exception as exc:
+            logger.error("could not count %d chord header task(s), will retry: %s", len(parts), exc)
+            self._parts[:0] = parts
+            return
+        for chord_id, header_ids, body in completed:
+            try:
+                self._start_body(chord_id, header_ids, body)
+            except Exception:
+                logger.exception("could not start the body of chord %s", chord_id)
+
+    def _start_body(self, chord_id: str, header_ids: list[str], body: dict) -> None:
+        """Send the body with the header's results in order, or fail the chord with the first failed task."""
+        found = self.backend.get_many_encoded(header_ids)
+        values = []
+        for task_id in header_ids:
+            record = found.get(task_id)
+            if record is None or record.state != states.SUCCESS:
+                result = self.backend.decode(record).result if record is not None else None
+                error = ChordError(f"Dependency {task_id} raised {result!r}")
+                logger.error("chord %s failed: %s", chord_id, error)
+                self.states.record(chord_id, states.FAILURE, error, f"ChordError: {error}")
+                return
+            values.append(self.backend.decode(record).result)
+        # Built as a client builds it (routing, options), then handed to ``send``.
+        self.app.send_message = self.send  # type: ignore[method-assign,assignment]  # for this one send
+        try:
+            maybe_signature(body, app=self.app).apply_async((values,))
+        finally:
+            del self.app.send_message
