@@ -121,7 +121,10 @@ def chord(tasks: int, concurrency: int, progress: Callable[[float], None]) -> di
         _wait_runs(worker, 1, 0.0)
         sent0 = time.time()
         make_chord(apps.short_task.si(0.0, sent0) for _ in range(count))(apps.chord_body.si(None, sent0))
-        rows = _wait_runs(worker, count + 1, sent0)
+        try:
+            rows = _wait_runs(worker, count + 1, sent0, timeout=60 + count / 100)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; the worker said:\n" + "".join(list(worker.log)[-30:])) from None
     header_end = max(end for kind, _, _, end in rows if kind == "short")
     body_start = max(start for kind, _, start, _ in rows if kind == "body")
     progress(1.0)

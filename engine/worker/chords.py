@@ -58,6 +58,10 @@ class ChordCounter:
                 chord_id = chord_of.pop(record.task_id, None)
                 if chord_id is not None:
                     self._parts.append((chord_id, record.task_id))
+        self.retry()
+
+    def retry(self) -> None:
+        """Count the parts whose count failed before (housekeeping calls it: the last store may be past)."""
         if not self._parts:
             return
         parts, self._parts = self._parts, []

@@ -517,6 +517,8 @@ class Supervisor:
             self._save_runtimes()
         if self.replies is not None:
             self.replies.prune()
+        if self.chords is not None:
+            self.chords.retry()
         children = list(self.pool.children.values())
         self.limits.enforce(now, children)
         for child in children:
