@@ -55,7 +55,7 @@ def mixed(tasks: int, concurrency: int, progress: Callable[[float], None]) -> di
             apps.short_task.delay(0.0, time.time())
             apps.long_task.delay(MIXED_SLOW_SECONDS, time.time())
             _wait_runs(worker, 2, 0.0)
-            sent0 = time.time()
+            sent0 = round(time.time(), 6)  # as the tasks write it: rows are compared with it
             slow = 0
             for i in range(count):
                 if i % MIXED_EVERY == MIXED_EVERY // 2:
@@ -119,7 +119,8 @@ def chord(tasks: int, concurrency: int, progress: Callable[[float], None]) -> di
         apps = worker.app()
         apps.short_task.delay(0.0, time.time())
         _wait_runs(worker, 1, 0.0)
-        sent0 = time.time()
+        # Rounded as the tasks write it (6 decimals): every row of this chord has exactly this "sent".
+        sent0 = round(time.time(), 6)
         make_chord(apps.short_task.si(0.0, sent0) for _ in range(count))(apps.chord_body.si(None, sent0))
         try:
             rows = _wait_runs(worker, count + 1, sent0, timeout=60 + count / 100)
