@@ -11,10 +11,13 @@ every later step's result with its exception.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine import context, current, states
+from engine.exceptions import ChordError
+from engine.exceptions import TimeoutError as ResultTimeoutError
 from engine.result import AsyncResult, EagerResult
 from engine.utils.ids import new_task_id
 
@@ -363,8 +366,6 @@ class chord:
 
     def _apply_eagerly(self, header: list[Signature], body: Signature, args: Any, kwargs: dict | None,
                        options: dict) -> AsyncResult:
-        from engine.exceptions import ChordError
-
         values = []
         for task in header:
             outcome = task.apply(args, kwargs, **options)
@@ -441,6 +442,14 @@ def _ids_by_backend(results: Iterable[AsyncResult]) -> list[tuple[Any, list[str]
     return list(groups.values())
 
 
+def _read_many(results: Iterable[AsyncResult]) -> dict[str, Any]:
+    """The stored records (results still encoded) of those of ``results`` that have one, in bulk."""
+    found: dict[str, Any] = {}
+    for backend, ids in _ids_by_backend(results):
+        found.update(backend.get_many_encoded(ids))
+    return found
+
+
 def as_completed(results: Iterable[AsyncResult], timeout: float | None = None) -> Iterator[AsyncResult]:
     """Yield each of ``results`` once it is ready (SUCCESS, FAILURE, REVOKED), those that finished first first.
 
@@ -448,17 +457,11 @@ def as_completed(results: Iterable[AsyncResult], timeout: float | None = None) -
     again whenever something finished. Raises ``engine.exceptions.TimeoutError``
     when ``timeout`` (for the whole iteration) passes with results not ready.
     """
-    import time
-
-    from engine.exceptions import TimeoutError
-
     pending = list(results)
     deadline = None if timeout is None else time.monotonic() + timeout
     sleep = POLL_FIRST
     while pending:
-        found: dict[str, Any] = {}
-        for backend, ids in _ids_by_backend(pending):
-            found.update(backend.get_many_encoded(ids))
+        found = _read_many(pending)
         finished = [r for r in pending if isinstance(r, EagerResult)
                     or (r.id in found and found[r.id].state in states.READY_STATES)]
         if finished:
@@ -469,7 +472,7 @@ def as_completed(results: Iterable[AsyncResult], timeout: float | None = None) -
             sleep = POLL_FIRST
             continue
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"{len(pending)} result(s) were not ready within {timeout}s "
+            raise ResultTimeoutError(f"{len(pending)} result(s) were not ready within {timeout}s "
                                f"(the first: task {pending[0].id})")
         pause = sleep if deadline is None else min(sleep, max(0.0, deadline - time.monotonic()))
         time.sleep(pause)
@@ -498,9 +501,11 @@ class GroupResult:
         if disable_sync_subtasks and context.current_task() is not None:
             raise RuntimeError("Never call result.get() within a task: it can deadlock the worker's children; "
                                "use a chord or pass disable_sync_subtasks=False")
+        deadline = None if timeout is None else time.monotonic() + timeout
         records: dict[str, Any] = {}
-        for backend, ids in _ids_by_backend(self.results):
-            records.update(backend.wait_for_many(ids, timeout=timeout, interval=interval))
+        for backend, ids in _ids_by_backend(self.results):  # one backend, nearly always
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            records.update(backend.wait_for_many(ids, timeout=remaining, interval=interval))
         return [r.get(propagate=propagate) if isinstance(r, EagerResult)
                 else AsyncResult._outcome(records[r.id].state, records[r.id].result, propagate) for r in self.results]
 
@@ -512,9 +517,7 @@ class GroupResult:
 
     def _states(self) -> list[str]:
         """Every member's state, read in bulk (PENDING when nothing is stored)."""
-        found: dict[str, Any] = {}
-        for backend, ids in _ids_by_backend(self.results):
-            found.update(backend.get_many_encoded(ids))
+        found = _read_many(self.results)
         return [r.state if isinstance(r, EagerResult) else found[r.id].state if r.id in found else states.PENDING
                 for r in self.results]
 
