@@ -62,6 +62,9 @@ class TaskMessage:
         """Every field as a plain dict."""
     def __eq__(self, other: object) -> bool: ...
 
+def new_task_id() -> str:
+    """Return a new unique task id: a random UUID (version 4) in its usual text form."""
+
 def encode_message(msg: TaskMessage) -> bytes:
     """Encode one message (wire format v1)."""
 

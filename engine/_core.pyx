@@ -41,6 +41,7 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 import operator
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+    object PyUnicode_DecodeASCII(const char* s, Py_ssize_t size, const char* errors)
 
 __all__ = (
     "ENVELOPE_SIZE",
@@ -67,6 +69,7 @@ __all__ = (
     "decode_message",
     "encode_batch",
     "encode_message",
+    "new_task_id",
     "split_batch",
 )
 
@@ -182,6 +185,62 @@ cdef tuple _unpack_payload(bytes payload):
 
 cdef inline bytes _pack(object obj):
     return _packb(obj, use_bin_type=True, use_single_float=False)
+
+
+# Task ids ------------------------------------------------------------------------
+
+cdef enum:
+    _ID_POOL_SIZE = 4096  # random bytes drawn per os.urandom() call: 256 ids
+
+cdef bytes _id_pool = b""
+cdef Py_ssize_t _id_pos = _ID_POOL_SIZE
+cdef const char* _HEX_DIGITS = b"0123456789abcdef"
+
+
+def _discard_id_pool():
+    """Forget the random bytes drawn before a fork, so parent and child never share an id."""
+    global _id_pos
+    _id_pos = _ID_POOL_SIZE
+
+
+os.register_at_fork(after_in_child=_discard_id_pool)
+
+
+def new_task_id():
+    """Return a new unique task id: a random UUID (version 4) in its usual text form.
+
+    The random bytes come from ``os.urandom`` in blocks of 256 ids; a forked child
+    draws a fresh block (see ``_discard_id_pool``).
+    """
+    global _id_pool, _id_pos
+    cdef Py_ssize_t pos
+    cdef bytes pool
+    cdef const unsigned char* raw
+    cdef char text[36]
+    cdef int i, j = 0
+    cdef unsigned char byte
+    if _id_pos + 16 > _ID_POOL_SIZE:
+        # os.urandom may let another thread run; each thread takes its slice below,
+        # with the GIL held from reading the position to advancing it.
+        _id_pool = os.urandom(_ID_POOL_SIZE)
+        _id_pos = 0
+    pool = _id_pool
+    pos = _id_pos
+    _id_pos = pos + 16
+    raw = <const unsigned char*>PyBytes_AS_STRING(pool) + pos
+    for i in range(16):
+        byte = raw[i]
+        if i == 6:
+            byte = (byte & 0x0F) | 0x40
+        elif i == 8:
+            byte = (byte & 0x3F) | 0x80
+        if i == 4 or i == 6 or i == 8 or i == 10:
+            text[j] = b"-"
+            j += 1
+        text[j] = _HEX_DIGITS[byte >> 4]
+        text[j + 1] = _HEX_DIGITS[byte & 0x0F]
+        j += 2
+    return PyUnicode_DecodeASCII(text, 36, NULL)
 
 
 @cython.freelist(32)

@@ -279,11 +279,13 @@ class Engine:
     @property
     def producer(self) -> Any:
         """This process's connection to the workers (created on first use, again after fork)."""
-        from engine.transport.producer import Producer
+        producer = self._producer
+        if producer is None or not producer.usable():
+            # Imported here, on the rare path: an import statement costs even when cached.
+            from engine.transport.producer import Producer
 
-        if self._producer is None or not self._producer.usable():
-            self._producer = Producer(self)
-        return self._producer
+            producer = self._producer = Producer(self)
+        return producer
 
     def close(self) -> None:
         """Flush and close the producer and backend."""

@@ -59,6 +59,17 @@ class Context:
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
 
+    @classmethod
+    def of(cls, fields: dict[str, Any]) -> Context:
+        """Return a Context whose fields are ``fields`` itself (the dict is taken, not copied).
+
+        The worker builds one per task run: taking a ready dict skips packing and
+        copying keyword arguments.
+        """
+        context = cls.__new__(cls)
+        context.__dict__ = fields
+        return context
+
     def update(self, **fields: Any) -> None:
         """Set several fields at once."""
         self.__dict__.update(fields)

@@ -33,6 +33,7 @@ __all__ = (
     "decode_message",
     "encode_batch",
     "encode_message",
+    "new_task_id",
     "split_batch",
 )
 
@@ -70,6 +71,7 @@ decode_message = _impl.decode_message
 encode_batch = _impl.encode_batch
 decode_batch = _impl.decode_batch
 split_batch = _impl.split_batch
+new_task_id = _impl.new_task_id
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord

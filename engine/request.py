@@ -77,33 +77,33 @@ class Request:
         """Build ``task.request`` for this call."""
         msg = self.message
         options = msg.options
-        return Context(
-            id=msg.id,
-            task=msg.task,
-            args=msg.args,
-            kwargs=msg.kwargs,
-            retries=msg.retries,
-            eta=msg.eta,
-            expires=msg.expires,
-            is_eager=self.eager,
-            hostname=self.hostname,
-            delivery_info={"queue": msg.queue, "routing_key": msg.queue},
-            reply_to=msg.reply_to,
-            parent_id=msg.parent_id,
-            root_id=msg.root_id or msg.id,
-            correlation_id=msg.id,
+        return Context.of({
+            "id": msg.id,
+            "task": msg.task,
+            "args": msg.args,
+            "kwargs": msg.kwargs,
+            "retries": msg.retries,
+            "eta": msg.eta,
+            "expires": msg.expires,
+            "is_eager": self.eager,
+            "hostname": self.hostname,
+            "delivery_info": {"queue": msg.queue, "routing_key": msg.queue},
+            "reply_to": msg.reply_to,
+            "parent_id": msg.parent_id,
+            "root_id": msg.root_id or msg.id,
+            "correlation_id": msg.id,
             # The call's own choice (None when it made none): call > task option > setting.
-            ignore_result=options.get("ignore_result"),
+            "ignore_result": options.get("ignore_result"),
             # What the sender resolved from its own settings, for tasks that set nothing.
-            sender_ignore_result=msg.ignore_result,
-            called_directly=False,
-            callbacks=options.get("link"),
-            errbacks=options.get("link_error"),
-            chain=options.get("chain"),
-            timelimit=(options.get("time_limit"), options.get("soft_time_limit")),
-            options=options,
-            retry_dispatcher=self.retry_dispatcher,
-        )
+            "sender_ignore_result": msg.ignore_result,
+            "called_directly": False,
+            "callbacks": options.get("link"),
+            "errbacks": options.get("link_error"),
+            "chain": options.get("chain"),
+            "timelimit": (options.get("time_limit"), options.get("soft_time_limit")),
+            "options": options,
+            "retry_dispatcher": self.retry_dispatcher,
+        })
 
     def execute(self, propagate: bool = False) -> TraceOutcome:
         """Run the task and return its outcome, calling this request's hooks.

@@ -130,6 +130,50 @@ def test_implementation_names(core):
     assert core.MAX_OPTIONS_DEPTH == 1023
 
 
+# -- task ids -------------------------------------------------------------------------------
+
+def test_new_task_id_is_a_version_4_uuid(core):
+    import uuid
+    ids = [core.new_task_id() for _ in range(3000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_new_task_id_is_unique_across_threads(core):
+    import threading
+    found: list[str] = []
+
+    def draw():
+        found.extend(core.new_task_id() for _ in range(2000))
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(found) == 8000 and len(set(found)) == 8000
+
+
+def test_a_forked_child_never_repeats_its_parents_next_ids(core):
+    core.new_task_id()  # the parent holds a part-used block of random bytes
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its next ids and leave at once
+        os.close(read_end)
+        os.write(write_end, ",".join(core.new_task_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        parent_ids = {core.new_task_id() for _ in range(50)}
+        with os.fdopen(read_end, "rb") as pipe:
+            child_ids = set(pipe.read().decode().split(","))
+    finally:
+        os.waitpid(pid, 0)
+    assert len(child_ids) == 50 and not parent_ids & child_ids
+
+
 # -- TaskMessage ----------------------------------------------------------------------------
 
 def test_message_defaults(core):

@@ -154,3 +154,41 @@ def test_a_batch_never_exceeds_its_count_bound_whatever_the_average_says():
     child = FakeChild()
     scheduler.assign([child])
     assert len(child.outstanding) == FAIR_BATCH_MAX
+
+
+def test_an_aged_slower_kind_does_not_cut_a_tiny_batch_to_one_task():
+    # The mixed workload: a 50 ms kind on one child, tiny tasks waiting. The slower kind's
+    # head has waited longer (aging ranks it first), but it would go alone: the idle child
+    # must still get a whole batch of tiny tasks, not one per round trip.
+    from engine.worker.scheduler import FAIR_BATCH_SECONDS
+
+    stats = RuntimeStats()
+    stats.load({"tiny": FAIR_BATCH_SECONDS / 100, "medium": 0.05})
+    scheduler = FairScheduler(stats=stats)
+    busy, idle = FakeChild(), FakeChild()
+    running = queued("medium")
+    running.started, running.expected = time.monotonic(), 0.05
+    busy.outstanding.append(running)
+    busy.queued_seconds = 0.05
+    for _ in range(3):
+        entry = queued("medium")
+        entry.received -= 1.0
+        scheduler.push(entry)
+    for _ in range(50):
+        scheduler.push(queued("tiny"))
+
+    scheduler.assign([busy, idle])
+
+    names = [entry.name for entry in idle.outstanding]
+    assert names[0] == "tiny" and names.count("tiny") == 50  # cap: "medium" may not take the last child
+    assert len(scheduler) == 3
+
+
+def test_the_overall_mean_is_steady_in_a_mix_of_tiny_and_slow_runs():
+    # It sizes the credit window: one slow run among many tiny ones must not shrink it tenfold.
+    stats = RuntimeStats()
+    for i in range(2000):
+        stats.add("slow" if i % 100 == 50 else "tiny", 0.05 if i % 100 == 50 else 0.00003)
+    before = stats.overall
+    stats.add("slow", 0.05)
+    assert 0.0003 < before < 0.001 and stats.overall < before * 1.2

@@ -35,6 +35,8 @@ __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make
 
 #: Weight of the newest run time in the per-name moving average.
 EWMA_ALPHA = 0.2
+#: Runs the mean run time over all kinds (which sizes the credit window) is taken over.
+OVERALL_RUNS = 1024
 #: Most tasks one child holds ahead in the default mode (tiny tasks).
 MAX_DEPTH = 512
 #: Seconds of expected run time that one second of waiting makes up for.
@@ -88,11 +90,14 @@ class QueuedTask:
 
 
 class RuntimeStats:
-    """A moving average of run time per task name, and over all tasks."""
+    """A moving average of run time per task name, and the mean over the last runs of all tasks."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, float] = {}
+        #: Mean run time of the last :data:`OVERALL_RUNS` runs (0 before the first).
         self.overall = 0.0
+        self._recent: collections.deque[float] = collections.deque()
+        self._recent_sum = 0.0
         #: True when a run time was added since the owner last saved :attr:`by_name`.
         self.changed = False
 
@@ -100,7 +105,15 @@ class RuntimeStats:
         """Fold one measured run time in."""
         previous = self.by_name.get(name)
         self.by_name[name] = runtime if previous is None else previous + EWMA_ALPHA * (runtime - previous)
-        self.overall = runtime if not self.overall else self.overall + EWMA_ALPHA * (runtime - self.overall)
+        # A plain mean over many runs, not a fast-moving average: the credit window and the
+        # default mode's depth are sized from it, and in a mix of tiny and slow kinds an
+        # average of the last few runs swings by orders of magnitude at each slow run.
+        recent = self._recent
+        recent.append(runtime)
+        self._recent_sum += runtime
+        if len(recent) > OVERALL_RUNS:
+            self._recent_sum -= recent.popleft()
+        self.overall = max(self._recent_sum, 0.0) / len(recent)
         self.changed = True
 
     def load(self, by_name: dict[str, float]) -> None:
@@ -269,7 +282,9 @@ class FairScheduler(FifoScheduler):
             first = not child.outstanding
             budget = FAIR_BATCH_SECONDS - child.queued_seconds
             while self.count:
-                name = self._pick(now, held, running_for, cap, long_running)
+                # After the first task, only kinds that fit what is left of the budget compete:
+                # otherwise an aged slow kind (which would go alone) ends the batch at one task.
+                name = self._pick(now, held, running_for, cap, long_running, fits=None if first else budget)
                 if name is None:
                     break
                 expected = measured.get(name)
@@ -305,11 +320,17 @@ class FairScheduler(FifoScheduler):
         return out
 
     def _pick(self, now: float, held: collections.Counter, running_for: dict[str, float], cap: int,
-              long_running: int) -> str | None:
+              long_running: int, fits: float | None = None) -> str | None:
+        """The kind whose head task goes next; with ``fits``, only measured kinds expected within it."""
         best_name = None
         best_key: tuple[float, float] | None = None
         several = len(self.by_name) > 1
+        measured = self.stats.by_name
         for name, queue in self.by_name.items():
+            if fits is not None:
+                expected = measured.get(name)
+                if expected is None or expected > fits or self.is_long(name, now):
+                    continue
             if several and held[name] >= cap and any(
                     held[other] < cap and self.stats.estimate(other) < self.stats.estimate(name)
                     for other in self.by_name if other != name):
