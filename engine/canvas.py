@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from engine import context, current, states
 from engine.exceptions import ChordError
 from engine.exceptions import TimeoutError as ResultTimeoutError
+from engine.progress import ProgressArg, ResultsProgress
 from engine.result import AsyncResult, EagerResult
 from engine.utils.ids import new_task_id
 
@@ -492,20 +493,30 @@ class GroupResult:
         self.results = results
 
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
-            disable_sync_subtasks: bool = True) -> list:
+            disable_sync_subtasks: bool = True, progress: ProgressArg = False) -> list:
         """Wait for every member and return their results in order (``timeout`` bounds the whole wait).
 
         The members' states are read in bulk (one query or round trip for many
         ids); with ``propagate`` the first failed member, in order, raises.
+        ``progress=True`` shows a progress bar (count, rate, time left) on a
+        terminal's stderr, nothing elsewhere; a callable is called as
+        ``progress(done, total)`` as members finish (see :mod:`engine.progress`).
         """
         if disable_sync_subtasks and context.current_task() is not None:
             raise RuntimeError("Never call result.get() within a task: it can deadlock the worker's children; "
                                "use a chord or pass disable_sync_subtasks=False")
         deadline = None if timeout is None else time.monotonic() + timeout
         records: dict[str, Any] = {}
-        for backend, ids in _ids_by_backend(self.results):  # one backend, nearly always
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            records.update(backend.wait_for_many(ids, timeout=remaining, interval=interval))
+        by_backend = _ids_by_backend(self.results)
+        eager = sum(1 for r in self.results if isinstance(r, EagerResult))
+        # Counted as the backends count them: a member listed twice finishes once.
+        total = eager + sum(len(set(ids)) for _, ids in by_backend)
+        with ResultsProgress(total, progress) as shown:
+            shown.advance(eager)
+            for backend, ids in by_backend:  # one backend, nearly always
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                records.update(backend.wait_for_many(ids, timeout=remaining, interval=interval,
+                                                     on_ready=shown.advance if progress else None))
         return [r.get(propagate=propagate) if isinstance(r, EagerResult)
                 else AsyncResult._outcome(records[r.id].state, records[r.id].result, propagate) for r in self.results]
 

@@ -90,3 +90,63 @@ def test_as_completed_yields_results_in_the_order_they_finished(app):
         for result in group.iter_ready(timeout=0.2):
             seen.append(result.id)
     assert seen == ["second"]  # what finished came out before the timeout
+
+
+def test_group_get_reports_progress_to_a_callback_as_members_finish(app):
+    from engine.result import EagerResult
+
+    store(app, "a", states.SUCCESS, 1)
+    store(app, "b", states.SUCCESS, 2)
+    eager = EagerResult("e", 0, states.SUCCESS)
+    group = GroupResult([eager, app.AsyncResult("a"), app.AsyncResult("b"), app.AsyncResult("c"),
+                         app.AsyncResult("a")])  # a member listed twice finishes once
+    calls = []
+    timer = threading.Timer(0.2, store, (app, "c", states.SUCCESS, 3))
+    timer.start()
+    try:
+        assert group.get(timeout=10, progress=lambda done, total: calls.append((done, total))) == [0, 1, 2, 3, 1]
+    finally:
+        timer.cancel()
+    assert calls[0] == (1, 4) and calls[-1] == (4, 4)  # the eager member first, then as they finish
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})  # only forward, no repeats
+    assert (3, 4) in calls  # a and b were seen before c was stored
+
+
+class _FakeTerminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("not a real terminal")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_group_get_progress_bar_shows_on_a_terminal_only(app, monkeypatch, terminal):
+    import io
+    import sys
+
+    for name in ("TERM", "FORCE_TERMINAL", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CI"):
+        monkeypatch.delenv(name, raising=False)
+    out = _FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    ids = [f"p{i}" for i in range(50)]
+    for i, task_id in enumerate(ids):
+        store(app, task_id, states.SUCCESS, i)
+    assert GroupResult([app.AsyncResult(i) for i in ids]).get(timeout=10, progress=True) == list(range(50))
+    written = "".join(out.parts) if terminal else out.getvalue()
+    if terminal:
+        assert "50/50" in written and "100%" in written
+    else:
+        assert written == ""  # a log file or a pipe gets no bar and no control codes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
@@ -96,11 +96,13 @@ class Backend:
         self.store([StateRecord(task_id, state, dumps(result, self.accept_pickle), traceback, time.time())])
 
     def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
-                      interval: float = POLL_MAX) -> dict[str, StateRecord]:
+                      interval: float = POLL_MAX,
+                      on_ready: Callable[[int], None] | None = None) -> dict[str, StateRecord]:
         """Wait until every one of ``task_ids`` is ready; return their decoded records by id.
 
         Reads the ones not ready yet in bulk (:meth:`get_many_encoded`), sleeping
         between reads with a backoff that starts again whenever one became ready.
+        ``on_ready(n)`` is called each time ``n`` more became ready (progress).
         Raises ``engine.exceptions.TimeoutError`` (naming how many were not ready)
         when ``timeout`` passes first.
         """
@@ -115,6 +117,8 @@ class Backend:
                 ready.update(done)
                 pending = [task_id for task_id in pending if task_id not in done]
                 sleep = POLL_FIRST
+                if on_ready is not None:
+                    on_ready(len(done))
             if not pending:
                 return {task_id: self.decode(record) for task_id, record in ready.items()}
             if deadline is not None and time.monotonic() >= deadline:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from engine import states
@@ -47,7 +47,8 @@ class MemoryBackend(Backend):
             return {task_id: record for task_id in task_ids if (record := table.get(task_id)) is not None}
 
     def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
-                      interval: float = 0.5) -> dict[str, StateRecord]:
+                      interval: float = 0.5,
+                      on_ready: Callable[[int], None] | None = None) -> dict[str, StateRecord]:
         """Wait until every one of ``task_ids`` is ready, woken by each store (no polling)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(dict.fromkeys(task_ids))
@@ -61,6 +62,8 @@ class MemoryBackend(Backend):
                         ready[task_id] = record
                     else:
                         still.append(task_id)
+                if on_ready is not None and len(still) < len(pending):
+                    on_ready(len(pending) - len(still))
                 pending = still
                 if not pending:
                     return {task_id: self.decode(record) for task_id, record in ready.items()}

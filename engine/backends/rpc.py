@@ -16,7 +16,7 @@ is among the oldest of ``max_entries`` results).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.backends.memory import MemoryBackend
@@ -74,6 +74,7 @@ class RPCBackend(MemoryBackend):
         return super().get_many_encoded(task_ids)
 
     def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
-                      interval: float = 0.5) -> dict[str, StateRecord]:
+                      interval: float = 0.5,
+                      on_ready: Callable[[int], None] | None = None) -> dict[str, StateRecord]:
         self.listen()
-        return super().wait_for_many(task_ids, timeout, interval)
+        return super().wait_for_many(task_ids, timeout, interval, on_ready)
