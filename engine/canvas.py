@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from engine.task import Task
 
 __all__ = ("GroupResult", "Signature", "as_completed", "chain", "chord", "chunks", "group", "maybe_signature",
-           "signature", "xmap", "xstarmap")
+           "signature", "step_dict", "xmap", "xstarmap")
 
 #: First and largest sleep between two bulk reads of :func:`as_completed` (seconds).
 POLL_FIRST = 0.0002
@@ -152,7 +152,7 @@ class Signature(dict):
     def __or__(self, other: Any) -> chain:  # type: ignore[override]
         if isinstance(other, chain):
             return chain(self, *other.tasks, app=self._app)
-        if isinstance(other, Signature):
+        if isinstance(other, (Signature, group, chord)):
             return chain(self, other, app=self._app)
         return NotImplemented
 
@@ -170,14 +170,36 @@ def _rebuild(data: dict) -> Signature:
 
 
 def maybe_signature(data: Any, app: Engine | None = None) -> Any:
-    """Return ``data`` as a Signature (a plain dict from a message becomes one); None stays None."""
+    """Return ``data`` as a Signature, group or chord (a plain dict from a message becomes one); None stays None.
+
+    A dict with ``subtask_type`` ``"group"`` or ``"chord"`` (Celery's form, as a
+    chain carries them: see :func:`step_dict`) becomes a group or a chord.
+    """
     if data is None or (isinstance(data, Signature) and (app is None or data._app is app)):
         return data
-    if isinstance(data, chain):
+    if isinstance(data, (chain, group, chord)):
         return data
+    kind = data.get("subtask_type")
+    if kind == "group":
+        return group([maybe_signature(task, app) for task in data["kwargs"]["tasks"]], app=app)
+    if kind == "chord":
+        header = group([maybe_signature(task, app) for task in data["kwargs"]["header"]], app=app)
+        return chord(header, maybe_signature(data["kwargs"]["body"], app), app=app)
     sig = Signature(data["task"], data.get("args"), data.get("kwargs"), data.get("options"),
                     immutable=data.get("immutable", False), app=app if app is not None else getattr(data, "_app", None))
     return sig
+
+
+def step_dict(step: Any) -> dict:
+    """A chain step as a message carries it: a signature's dict, or Celery's dict form of a group or chord."""
+    if isinstance(step, group):
+        return {"task": "group", "subtask_type": "group", "args": [],
+                "kwargs": {"tasks": [dict(t) for t in step.tasks]}, "options": {}, "immutable": False}
+    if isinstance(step, chord):
+        return {"task": "chord", "subtask_type": "chord", "args": [],
+                "kwargs": {"header": [dict(t) for t in step.header.tasks], "body": dict(step.body or {})},
+                "options": {}, "immutable": False}
+    return dict(step)
 
 
 def signature(task: str | Task, args: Any = None, kwargs: dict | None = None, *, app: Engine | None = None,
@@ -189,17 +211,29 @@ def signature(task: str | Task, args: Any = None, kwargs: dict | None = None, *,
 class chain:
     """Steps run one after another, each step's result prepended to the next step's arguments.
 
-    Calling or ``apply_async()`` returns the AsyncResult of the last step; its
-    ``parent`` links lead back to the first.
+    Calling or ``apply_async()`` returns the result of the last step; its
+    ``parent`` links lead back to the first. As in Celery, a step may be a
+    group (each member gets the previous result; the next step gets the list of
+    the group's results, so a group followed by a task becomes a chord) or a
+    chord (its header tasks get the previous result; the step after it gets the
+    body's result).
     """
 
     def __init__(self, *tasks: Any, app: Engine | None = None) -> None:
-        flat: list[Signature] = []
-        for task in tasks[0] if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain)) else tasks:
-            flat.extend(task.tasks if isinstance(task, chain) else [task])
+        flat: list[Any] = []
+        steps = tasks[0] if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain, group, chord)) else tasks
+        for task in steps:
+            flat.extend(task.tasks if isinstance(task, chain) else [maybe_signature(task)])
         if not flat:
             raise ValueError("a chain needs at least one signature")
-        self.tasks: list[Signature] = [step.clone() for step in flat]
+        self.tasks: list[Any] = []
+        for step in flat:
+            step = step.clone()
+            if self.tasks and isinstance(self.tasks[-1], group):
+                if not isinstance(step, Signature):
+                    raise ValueError(f"a group in a chain may be followed by a task signature only, not {step!r}")
+                step = chord(self.tasks.pop(), step, app=app)  # Celery's upgrade: group | task is a chord
+            self.tasks.append(step)
         self._app = app or flat[0]._app
 
     @property
@@ -210,9 +244,13 @@ class chain:
         return self._app
 
     def __or__(self, other: Any) -> chain:
-        if isinstance(other, (Signature, chain)):
+        if isinstance(other, (Signature, chain, group, chord)):
             return chain(self, other, app=self._app)
         return NotImplemented
+
+    def clone(self) -> chain:
+        """A copy whose steps can be changed (frozen, given options) without touching these."""
+        return chain(*self.tasks, app=self._app)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Send the chain (as Celery's chain call does)."""
@@ -239,20 +277,27 @@ class chain:
         results = self._freeze()
         first, rest = self.tasks[0], self.tasks[1:]
         # The message carries the remaining steps reversed, so each hop pops the next one.
-        first.apply_async(args, kwargs, chain=[dict(step) for step in reversed(rest)] or None, **options)
+        first.apply_async(args, kwargs, chain=[step_dict(step) for step in reversed(rest)] or None, **options)
         return results[-1]
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
         """Run every step here, in order; stop at the first failure (which the result then holds)."""
         self._freeze()
-        result: Any = None  # the EagerResult of the last step run
+        result: Any = None  # the EagerResult (GroupResult for a group) of the last step run
+        value: Any = None
         for index, step in enumerate(self.tasks):
-            result = step.apply(args, kwargs, **options) if index == 0 else step.apply((result.result,))
-            if result.state != states.SUCCESS:
+            result = step.apply(args, kwargs, **options) if index == 0 else step.apply((value,))
+            if isinstance(result, GroupResult):
+                if not result.successful():
+                    break
+                value = [member.result for member in result.results]
+            elif result.state != states.SUCCESS:
                 break
+            else:
+                value = result.result
         return result
 
-    def __iter__(self) -> Iterable[Signature]:
+    def __iter__(self) -> Iterable[Any]:
         return iter(self.tasks)
 
     def __repr__(self) -> str:
@@ -263,14 +308,22 @@ class group:
     """Signatures sent together to run in parallel; the result reads as a list.
 
     ``group(add.s(i, i) for i in range(10))()`` returns a :class:`GroupResult`
-    whose ``get()`` is the list of results in the group's order. (A chord, a
-    group followed by a callback, is not provided yet.)
+    whose ``get()`` is the list of results in the group's order; ``group | task``
+    is a :class:`chord`.
     """
 
     def __init__(self, *tasks: Any, app: Engine | None = None) -> None:
         items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) else list(tasks)
-        self.tasks: list[Signature] = [maybe_signature(task).clone() for task in items]
+        self.tasks: list[Signature] = [maybe_signature(task, app).clone() for task in items]
         self._app = app or (self.tasks[0]._app if self.tasks else None)
+
+    def clone(self) -> group:
+        """A copy whose members can be changed without touching these."""
+        return group(self.tasks, app=self._app)
+
+    def freeze(self) -> GroupResult:
+        """Give every member its task id now; return their GroupResult."""
+        return GroupResult([task.freeze() for task in self.tasks])
 
     @property
     def app(self) -> Engine:
@@ -300,8 +353,10 @@ class group:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def __or__(self, body: Any) -> chord:
-        """``group | task``: a chord whose body gets the group's results."""
+    def __or__(self, body: Any) -> Any:
+        """``group | task``: a chord whose body gets the group's results (``group | chain``: a chain)."""
+        if isinstance(body, chain):
+            return chain(self, body, app=self._app)
         return chord(self, body, app=self._app)
 
     def __repr__(self) -> str:
@@ -334,6 +389,24 @@ class chord:
             self._app = current.get_current_app()
         return self._app
 
+    def clone(self) -> chord:
+        """A copy whose header and body can be changed without touching these."""
+        return chord(self.header.clone(), self.body.clone() if self.body is not None else None, app=self._app)
+
+    def freeze(self) -> AsyncResult:
+        """Give the header tasks and the body their ids now; return the body's AsyncResult (the chord's)."""
+        if self.body is None:
+            raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
+        self.header.freeze()
+        result: AsyncResult = self.body.freeze()
+        return result
+
+    def __or__(self, other: Any) -> chain:
+        """``chord | task``: a chain whose next step gets the body's result."""
+        if isinstance(other, (Signature, chain, group, chord)):
+            return chain(self, other, app=self._app)
+        return NotImplemented
+
     def __call__(self, body: Any = None, **options: Any) -> AsyncResult:
         """``chord(header)(body)``: send it (with ``body`` when given here)."""
         if body is not None:
@@ -341,11 +414,18 @@ class chord:
         return self.apply_async(**options)
 
     def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> AsyncResult:
-        """Send the header tasks, each carrying the chord's id; return the body's AsyncResult."""
+        """Send the header tasks, each carrying the chord's id; return the body's AsyncResult.
+
+        ``chain`` (the steps after the chord, in a chain) goes with the body;
+        the other options go to every header task.
+        """
         if self.body is None:
             raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
         app = self.app
         body = self.body.clone()
+        following = options.pop("chain", None)
+        if following:
+            body.set(chain=following)
         result: AsyncResult = body.freeze()
         header = [task.clone() for task in self.header.tasks]
         ids = [task.freeze().id for task in header]
@@ -364,6 +444,15 @@ class chord:
         for task in header:
             task.apply_async(args, kwargs, chord=result.id, **options)
         return result
+
+    def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> AsyncResult:
+        """Run the header tasks here, then the body with their results; return the body's EagerResult."""
+        if self.body is None:
+            raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
+        body = self.body.clone()
+        body.freeze()
+        options.pop("chain", None)
+        return self._apply_eagerly([task.clone() for task in self.header.tasks], body, args, kwargs, options)
 
     def _apply_eagerly(self, header: list[Signature], body: Signature, args: Any, kwargs: dict | None,
                        options: dict) -> AsyncResult:
@@ -489,8 +578,10 @@ def run_map(app: Engine, task: dict, it: list, star: bool) -> list:
 class GroupResult:
     """The results of a group's members, in order."""
 
-    def __init__(self, results: list) -> None:
+    def __init__(self, results: list, parent: Any = None) -> None:
         self.results = results
+        #: The result of the chain step before this group (None outside a chain).
+        self.parent = parent
 
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
             disable_sync_subtasks: bool = True, progress: ProgressArg = False) -> list:

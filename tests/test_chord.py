@@ -119,3 +119,51 @@ def test_header_tasks_that_ignore_their_results_still_complete_the_chord(worker_
     marks = tmp_path / "body-runs"
     result = chord(workerapp.noop.si() for _ in range(20))(workerapp.tsum_marked.si([], str(marks)))
     assert result.get(timeout=60) == 0
+
+
+# --- chains holding groups and chords (Celery's canvas) --------------------------------
+
+
+def test_an_eager_chain_passes_results_through_groups_and_chords(eager):
+    from engine import chain
+
+    add, tsum = eager.tasks["tests.test_chord.add"], eager.tasks["tests.test_chord.tsum"]
+    # group followed by a task: Celery's upgrade to a chord.
+    result = chain(add.s(1, 1), group(add.s(10), add.s(20)), tsum.s(), add.s(100)).apply_async()
+    assert result.get() == 134  # 2 -> [12, 22] -> 34 -> 134
+    result = (add.s(1, 1) | chord([add.s(1), add.s(2)], tsum.s()) | add.s(5)).apply_async()
+    assert result.get() == 12  # 2 -> [3, 4] -> 7 -> 12
+    ending = (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
+    assert ending.get() == [3, 4]
+
+
+def test_a_chain_turns_a_group_followed_by_a_task_into_a_chord_and_carries_it_as_celery_dicts(eager):
+    from engine import chain
+    from engine.canvas import maybe_signature, step_dict
+
+    add, tsum = eager.tasks["tests.test_chord.add"], eager.tasks["tests.test_chord.tsum"]
+    steps = chain(add.s(1, 1), group(add.s(10), add.s(20)), tsum.s()).tasks
+    assert len(steps) == 2 and isinstance(steps[1], chord)
+    carried = step_dict(steps[1])
+    assert carried["subtask_type"] == "chord" and [t["task"] for t in carried["kwargs"]["header"]] == [add.name] * 2
+    rebuilt = maybe_signature(carried, app=eager)
+    assert isinstance(rebuilt, chord) and rebuilt.body.task == tsum.name
+    assert isinstance(maybe_signature(step_dict(group(add.s(1), add.s(2))), app=eager), group)
+    with pytest.raises(ValueError, match="followed by a task signature only"):
+        chain(add.s(1, 1), group(add.s(1)), group(add.s(2)))
+
+
+@pytest.mark.slow
+def test_chains_with_groups_and_chords_through_a_worker(worker_setup):
+    from engine import chain
+    from tests import workerapp
+
+    worker_setup("--concurrency", "2")
+    add, tsum = workerapp.add, workerapp.tsum
+    result = chain(add.s(1, 1), group(add.s(10), add.s(20)), tsum.s(), add.s(100)).apply_async()
+    assert result.get(timeout=60) == 134
+    assert result.parent.get(timeout=10) == 34  # the chord's body, the step before
+    result = (add.s(1, 1) | chord([add.s(i) for i in range(5)], tsum.s()) | add.s(5)).apply_async()
+    assert result.get(timeout=60) == 2 * 5 + sum(range(5)) + 5
+    ending = (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
+    assert ending.get(timeout=60) == [3, 4]

@@ -198,3 +198,9 @@ def tsum_marked(values, path):
     with open(path, "a") as fh:
         fh.write(f"{os.getpid()}\n")
     return sum(values)
+
+
+@app.task
+def tsum(values):
+    """A chord body (and a chain step after a group): the sum of the results."""
+    return sum(values)
