@@ -192,3 +192,20 @@ def test_the_overall_mean_is_steady_in_a_mix_of_tiny_and_slow_runs():
     before = stats.overall
     stats.add("slow", 0.05)
     assert 0.0003 < before < 0.001 and stats.overall < before * 1.2
+
+
+def test_a_backlog_of_slow_tasks_does_not_fill_the_credit_window_while_short_tasks_flow():
+    from engine.worker.scheduler import FAIR_BATCH_SECONDS
+
+    stats = RuntimeStats()
+    stats.load({"tiny": FAIR_BATCH_SECONDS / 100, "medium": 0.05})
+    scheduler = FairScheduler(stats=stats)
+    for _ in range(150):
+        scheduler.push(queued("medium"))
+    # No short kind around: every waiting task counts (no hoarding of slow work).
+    assert scheduler.held_for_credit(window=100) == 150
+    for _ in range(30):
+        scheduler.push(queued("tiny"))
+    # A short kind flows: up to a window's worth of the slow backlog does not count.
+    assert scheduler.held_for_credit(window=100) == 30 + 50
+    assert scheduler.held_for_credit(window=1000) == 30

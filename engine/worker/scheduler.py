@@ -158,6 +158,10 @@ class FifoScheduler:
         """Queue a task behind the others."""
         self.waiting.append(entry)
 
+    def held_for_credit(self, window: int) -> int:
+        """Waiting tasks that count against a credit window of ``window`` tasks: all of them here."""
+        return len(self.waiting)
+
     def push_front(self, entry: QueuedTask) -> None:
         """Queue a task ahead of the others (it was taken back from a child)."""
         self.waiting.appendleft(entry)
@@ -200,6 +204,22 @@ class FairScheduler(FifoScheduler):
 
     def __len__(self) -> int:
         return self.count
+
+    def held_for_credit(self, window: int) -> int:
+        """Waiting tasks that count against the credit window; a backlog of slow kinds counts less.
+
+        Short tasks overtake slow ones here, so while a short kind is around a
+        backlog of slow tasks (kinds that go alone) must not fill the window and
+        keep the short ones from even arriving: up to ``window`` of them do not
+        count. With no short kind around every task counts, as in the default mode.
+        """
+        estimate = self.stats.estimate
+        now = time.monotonic()
+        if not any(now - when <= KIND_MEMORY and 0.0 < estimate(name) <= FAIR_BATCH_SECONDS
+                   for name, when in self.seen.items()):
+            return self.count
+        slow = sum(len(queue) for name, queue in self.by_name.items() if estimate(name) > FAIR_BATCH_SECONDS)
+        return self.count - min(slow, window)
 
     def push(self, entry: QueuedTask) -> None:
         self.by_name.setdefault(entry.name, collections.deque()).append(entry)

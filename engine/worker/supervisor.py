@@ -493,7 +493,8 @@ class Supervisor:
         assert consumer is not None
         if len(self.timers) >= MAX_TIMERS:
             return
-        free = self.window() - len(self.scheduler) - self.in_children - consumer.outstanding()
+        window = self.window()
+        free = window - self.scheduler.held_for_credit(window) - self.in_children - consumer.outstanding()
         consumer.grant(free, standing=self.concurrency)
 
     def _housekeeping(self, now: float) -> None:
