@@ -101,7 +101,7 @@ def median_of_runs(reports: list) -> dict:
 
 #: The peers compared in the same run: module, and the scenarios each runs.
 PEERS = {
-    "celery": (celery_peer, ("throughput", "latency", "fairness")),
+    "celery": (celery_peer, ("throughput", "latency", "fairness", "fair", "chord")),
     "dramatiq": (dramatiq_peer, ("throughput", "latency")),
 }
 
@@ -126,6 +126,12 @@ def _run_peer(peer: str, options: argparse.Namespace, wanted: list[str], ours: d
         _advance(bar, handle)
     if "fairness" in wanted:
         out["fairness"] = module.fairness(redis_url, options.concurrency)
+        _advance(bar, handle)
+    if "fair" in wanted:  # its -O fair throughput, at the run's concurrency
+        out["fair"] = module.fair(redis_url, min(options.tasks, options.peer_tasks), options.concurrency)
+        _advance(bar, handle)
+    if "chord" in wanted:
+        out["chord"] = module.chord(redis_url, options.tasks, options.concurrency)
         _advance(bar, handle)
     return out
 

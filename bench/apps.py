@@ -86,7 +86,16 @@ def _timed(kind: str, seconds: float, sent: float) -> None:
             fh.write(f"{kind} {sent:.6f} {start:.6f} {time.time():.6f}\n")
 
 
+@app.task(name="bench.chord_part")
+def chord_part(value, sent):
+    """A chord's header task: timed like ``short_task``; returns ``value`` for the body."""
+    _timed("short", 0.0, sent)
+    return value
+
+
 @app.task(ignore_result=True, name="bench.chord_body")
 def chord_body(values, sent):
-    """A chord's body: its start is timed against the header tasks' ends."""
+    """A chord's body: its start is timed against the header tasks' ends (``values``: the header's results)."""
     _timed("body", 0.0, sent)
+    if values is not None and values != list(range(len(values))):
+        raise AssertionError("the chord body did not get the header's results in order")

@@ -43,3 +43,13 @@ def long_task(seconds, sent):
 @app.task(ignore_result=True, name="bench.short")
 def short_task(seconds, sent):
     engine_apps._timed("short", seconds, sent)
+
+
+@app.task(name="bench.chord_part")
+def chord_part(value, sent):
+    return engine_apps.chord_part.run(value, sent)
+
+
+@app.task(ignore_result=True, name="bench.chord_body")
+def chord_body(values, sent):
+    engine_apps.chord_body.run(values, sent)

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench import redis_server, scenarios
 from bench.harness import ROOT, Worker, stop_process
 
-__all__ = ("CeleryWorker", "available", "fairness", "latency", "throughput")
+__all__ = ("CeleryWorker", "available", "chord", "fair", "fairness", "latency", "throughput")
 
 
 def available() -> str | None:
@@ -97,5 +97,32 @@ def fairness(redis_url: str, concurrency: int, long_s: float = 2.0, short_s: flo
     try:
         worker.app = lambda: worker.tasks
         return scenarios._fairness_batch(worker, long_s, short_s)
+    finally:
+        worker.stop()
+
+
+def fair(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """Scenario 1 on Celery's ``-O fair`` (prefetch multiplier 1), beside ``--fair``."""
+    worker = CeleryWorker(redis_url, concurrency, "-O", "fair", prefetch=1)
+    try:
+        worker.tasks.noop.delay(0, 0)
+        worker.wait_completed(1, 60)
+        return scenarios.time_noops(lambda i: worker.tasks.noop.delay(i, i), worker, tasks)
+    finally:
+        worker.stop()
+
+
+def chord(redis_url: str, tasks: int, concurrency: int) -> dict:
+    """The chord scenario on Celery (Redis results: its chord counter, no ``chord_unlock`` polling)."""
+    from celery import chord as celery_chord
+
+    from bench import pipelines
+
+    count = min(tasks, pipelines.CHORD_MAX)
+    worker = CeleryWorker(redis_url, concurrency)
+    try:
+        t = worker.tasks
+        return pipelines.time_chord(worker, lambda sent: celery_chord(t.chord_part.s(i, sent) for i in range(count))(
+            t.chord_body.s(sent)), t.short_task, count)
     finally:
         worker.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from bench.harness import Worker
 from bench.scenarios import _percentile, throughput
@@ -108,26 +108,36 @@ def pipeline(tasks: int, concurrency: int, progress: Callable[[float], None]) ->
 
 
 def chord(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """A chord of N timed header tasks and a timed body, sqlite results: total time, and body start - last header end.
+    """A chord of N timed header tasks (each returns a number) and a timed body given their results, sqlite.
 
-    No Celery peer yet (its chord needs the same header/body timing on its side).
+    Figures: header tasks per second (first send to body start) and the body's
+    start after the last header task's end. Celery's chord runs beside it
+    (``bench.celery_peer.chord``, Redis results).
     """
     from engine import chord as make_chord
 
     count = min(tasks, CHORD_MAX)
     with Worker(concurrency, backend="sqlite") as worker:
         apps = worker.app()
-        apps.short_task.delay(0.0, time.time())
-        _wait_runs(worker, 1, 0.0)
-        # Rounded as the tasks write it (6 decimals): every row of this chord has exactly this "sent".
-        sent0 = round(time.time(), 6)
-        make_chord(apps.short_task.si(0.0, sent0) for _ in range(count))(apps.chord_body.si(None, sent0))
-        try:
-            rows = _wait_runs(worker, count + 1, sent0, timeout=60 + count / 100)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; the worker said:\n" + "".join(list(worker.log)[-30:])) from None
+        out = time_chord(worker, lambda sent: make_chord(apps.chord_part.s(i, sent) for i in range(count))(
+            apps.chord_body.s(sent)), apps.short_task, count)
+    progress(1.0)
+    return out
+
+
+def time_chord(worker: Any, send: Callable[[float], Any], warm_task: Any, count: int) -> dict:
+    """Send a chord of ``count`` header tasks with ``send(sent0)`` to ``worker`` (engine or Celery) and time it."""
+    warm_task.delay(0.0, time.time())
+    _wait_runs(worker, 1, 0.0)
+    # Rounded as the tasks write it (6 decimals): every row of this chord has exactly this "sent".
+    sent0 = round(time.time(), 6)
+    send(sent0)
+    try:
+        rows = _wait_runs(worker, count + 1, sent0, timeout=60 + count / 100)
+    except TimeoutError as exc:
+        log = getattr(worker, "log", None)
+        raise TimeoutError(f"{exc}; the worker said:\n" + "".join(list(log or [])[-30:])) from None
     header_end = max(end for kind, _, _, end in rows if kind == "short")
     body_start = max(start for kind, _, start, _ in rows if kind == "body")
-    progress(1.0)
     return {"tasks": count, "seconds": round(body_start - sent0, 3), "tasks_per_s": round(count / (body_start - sent0)),
             "body_delay_ms": round((body_start - header_end) * 1000, 2)}

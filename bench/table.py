@@ -93,10 +93,14 @@ def rows(report: dict) -> Iterator[Row]:
         wait = (f"starved: a result took over {late['timeout_s']:g} s" if late["starved"]
                 else f"{_latency(late)}, first {late['first_ms']} ms")
         yield (f"{size} client(s): late client's wait p50/p99/max, rpc", wait, "not run", "", "not run", "")
+    celery_fair = celery.get("fair", {}).get("tasks_per_s", 0)
     for level, modes in ours.get("fair", {}).items():
-        # No peer column: Celery's -O fair throughput is not measured (its default is, above).
+        # Celery's -O fair beside ours at the run's concurrency (the ratio is --fair over -O fair).
+        same = celery_fair and str(report.get("concurrency")) == str(level)
         yield (f"no-op tasks/s at concurrency {level}: default / --fair",
-               f"{_n(modes['default'])} / {_n(modes['fair'])} ({modes['fair_vs_default']:.0%})", "", "", "", "")
+               f"{_n(modes['default'])} / {_n(modes['fair'])} ({modes['fair_vs_default']:.0%})",
+               f"{_n(celery_fair)} (-O fair)" if same else "", _ratio(modes["fair"], celery_fair) if same else "",
+               "", "")
     if "mixed" in ours:
         for mode in ("default", "fair"):
             m = ours["mixed"][mode]
@@ -108,8 +112,11 @@ def rows(report: dict) -> Iterator[Row]:
                f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
     if "chord" in ours:
         c = ours["chord"]
-        yield (f"chord of {c['tasks']:,} header tasks, sqlite: tasks/s; body start after the last header end",
-               f"{_n(c['tasks_per_s'])}; {c['body_delay_ms']} ms", "not run", "", "", "")
+        theirs = celery.get("chord")
+        yield (f"chord of {c['tasks']:,} header tasks (sqlite; Celery: Redis): tasks/s; body start after the "
+               "last header end", f"{_n(c['tasks_per_s'])}; {c['body_delay_ms']} ms",
+               f"{_n(theirs['tasks_per_s'])}; {theirs['body_delay_ms']} ms" if theirs else "",
+               _ratio(c["tasks_per_s"], theirs["tasks_per_s"]) if theirs else "", "", "")
     for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
         if "skipped" in peer:
             yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")

@@ -289,6 +289,16 @@ def test_the_redis_store_counts_each_chord_header_task_once_and_completes_the_ch
     assert backend.chord_parts_done([(chord_id, "b"), (chord_id, "c")]) == []  # never twice
     assert backend.client.pttl(f"engine-chord:{chord_id}") > 0  # expires with the results
 
+    # Thousands of parts of two chords in one call (more than one script call's worth each).
+    big, other = new_id(), new_id()
+    header = [f"h{i}" for i in range(2500)]
+    backend.chord_start(big, header, {"task": "t.sum"})
+    backend.chord_start(other, ["x", "y"], {"task": "t.sum"})
+    parts = [(big, task_id) for task_id in header[:-1]] + [(other, "x"), (big, header[0])]
+    assert backend.chord_parts_done(parts) == []
+    assert backend.chord_parts_done([(other, "y"), (big, header[-1])]) == \
+        [(other, ["x", "y"], {"task": "t.sum"}), (big, header, {"task": "t.sum"})]
+
 
 def test_a_chord_through_a_worker_with_redis_results(redis_url, tmp_path):
     from engine import chord

@@ -76,6 +76,15 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     assert table["no-op tasks/s (results ignored)"][3:] == ("5,000", "10.0x")
     assert table["round trip p50/p99/max: rpc"][3:] == ("", "10.0x at p50")
     assert all(len(row) == 6 for row in rows(report))
+    report["results"]["fair"] = {"2": {"default": 40_000, "fair": 38_000, "fair_vs_default": 0.95},
+                                 "16": {"default": 39_000, "fair": 37_000, "fair_vs_default": 0.949}}
+    report["results"]["chord"] = {"tasks": 100, "tasks_per_s": 8000, "body_delay_ms": 12.5}
+    report["celery"].update(fair={"tasks_per_s": 800}, chord={"tasks_per_s": 400, "body_delay_ms": 100.0})
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["no-op tasks/s at concurrency 2: default / --fair"][1:3] == ("800 (-O fair)", "47.5x")
+    assert table["no-op tasks/s at concurrency 16: default / --fair"][1:3] == ("", "")
+    chord_row = next(row for name, row in table.items() if name.startswith("chord of 100"))
+    assert chord_row[:3] == ("8,000; 12.5 ms", "400; 100.0 ms", "20.0x")
     print_table(report)
     out = capsys.readouterr().out
     assert "50.0x" in out and "10.0x" in out
@@ -92,6 +101,10 @@ def test_peers_complete_a_small_run():
         for peer in peers:
             assert peer.throughput(server.url, 200, 2)["tasks_per_s"] > 0
             assert peer.latency(server.url, 20, 2)["tasks"] == 20
+        if celery_peer in peers:
+            assert celery_peer.fair(server.url, 200, 2)["tasks_per_s"] > 0
+            figures = celery_peer.chord(server.url, 50, 2)
+            assert figures["tasks"] == 50 and figures["body_delay_ms"] >= 0
 
 
 def test_runs_are_summarised_by_their_medians():

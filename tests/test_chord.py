@@ -65,6 +65,13 @@ def test_the_sqlite_store_counts_each_header_task_once_and_completes_the_chord_o
     assert backend.chord_parts_done([("c1", "b")]) == []
     assert backend.chord_parts_done([("c1", "c")]) == [("c1", ["a", "b", "c"], {"task": "t.sum"})]
     assert backend.chord_parts_done([("c1", "c"), ("c1", "d")]) == []  # never twice
+    header = [f"h{i}" for i in range(2500)]
+    backend.chord_start("big", header, {"task": "t.sum"})
+    backend.chord_start("c2", ["x", "y"], {"task": "t.sum"})
+    parts = [("big", task_id) for task_id in header[:-1]] + [("c2", "x"), ("big", header[0])]
+    assert backend.chord_parts_done(parts) == []  # many parts of two chords, one counted twice
+    assert backend.chord_parts_done([("c2", "y"), ("big", header[-1])]) == \
+        [("c2", ["x", "y"], {"task": "t.sum"}), ("big", header, {"task": "t.sum"})]
     app.close()
 
 
@@ -167,3 +174,51 @@ def test_chains_with_groups_and_chords_through_a_worker(worker_setup):
     assert result.get(timeout=60) == 2 * 5 + sum(range(5)) + 5
     ending = (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
     assert ending.get(timeout=60) == [3, 4]
+
+
+def test_the_worker_that_stored_the_header_results_sends_the_body_without_reading_them_back(tmp_path, monkeypatch):
+    from engine.core import StateRecord, TaskMessage
+    from engine.serialization import dumps
+    from engine.worker import chords as chords_module
+    from engine.worker.chords import ChordCounter
+
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    backend = app.backend
+    sent: list = []
+    reads: list = []
+    real_read = backend.get_many_encoded
+    backend.get_many_encoded = lambda ids: reads.append(list(ids)) or real_read(ids)
+    counter = ChordCounter(app, backend, states_out=None, send=sent.append)  # type: ignore[arg-type]
+    ids = [f"h{i}" for i in range(6)]
+    backend.chord_start("body-1", ids, dict(tsum.s()))
+    for task_id in ids:
+        counter.watch(TaskMessage(task_id, "t.add", options={"chord": "body-1"}))
+
+    def records(part):
+        return [StateRecord(task_id, states.SUCCESS, dumps(int(task_id[1:])), None, time.time()) for task_id in part]
+
+    # Another worker ran h0 and stored it; this worker stores and counts the rest.
+    backend.store(records(["h0"]))
+    backend.chord_parts_done([("body-1", "h0")])
+    counter._chord_of.pop("h0")
+    backend.store(records(ids[1:3]))
+    counter.stored(records(ids[1:3]))
+    monkeypatch.setattr(chords_module, "CACHE_BYTES", 0)  # past the bound: h3.. are not kept
+    backend.store(records(ids[3:]))
+    counter.stored(records(ids[3:]))
+
+    assert len(sent) == 1 and sent[0].args == ([0, 1, 2, 3, 4, 5],)
+    assert reads == [["h0", "h3", "h4", "h5"]]  # only what this worker did not keep
+    assert counter._kept == {} and counter._kept_bytes == 0
+
+    monkeypatch.setattr(chords_module, "CACHE_BYTES", 1 << 20)
+    counter._keep("stale", records(["h9"])[0], now=0.0)
+    assert counter._kept_bytes > 0
+    counter.prune(now=chords_module.CACHE_SECONDS + 1)  # never completed here: dropped in the end
+    assert counter._kept == {} and counter._kept_bytes == 0
+    app.close()

@@ -407,3 +407,16 @@ def test_tasks_that_never_ran_say_nothing_of_their_kinds_run_time(app, superviso
     supervisor.stats.add("t.work", 1.0)
     supervisor._task_done(child, msgpack.packb([running.message.id, states.REVOKED, 0.00002, False]))
     assert supervisor.stats.estimate("t.work") == 1.0  # an expired task did not run
+
+
+def test_a_message_the_supervisor_sends_itself_goes_to_a_child_at_once(app, supervisor, pipes):
+    # A chord's body is sent from a state flush, after the turn's dispatch: it must not wait
+    # for the next poll, which may sleep until the next housekeeping pass.
+    read_fd, write_fd = pipes()
+    child = child_holding(supervisor, writer=pipe.FrameWriter(write_fd, blocking=False))
+    body = app.tasks["t.work"].build_message((1,))
+
+    supervisor._route_message(body)
+
+    assert [e.message.id for e in child.outstanding] == [body.id]
+    assert pipe.FrameReader(read_fd).read() == [(pipe.TASK, encode_message(body))]

@@ -126,16 +126,19 @@ _FIELDS = ("state", "result", "traceback", "date_done")
 READ_MANY = 1000
 #: Keys of a chord: its hash (size, done, fired, header, body) and the set of header tasks counted.
 CHORD_PREFIX = "engine-chord:"
-#: Counts one header task of a chord, once per task id; returns the chord's header and body to the
-#: one caller whose count completes it (the fired flag is set in the same atomic script).
+#: Counts header tasks of one chord (ARGV: their ids), each id once; returns the chord's header and body
+#: to the one caller whose count completes it (the fired flag is set in the same atomic script).
 CHORD_PART_SCRIPT = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return false end
-local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
+local added = redis.call('SADD', KEYS[2], unpack(ARGV))
+if added == 0 then return false end
+local done = redis.call('HINCRBY', KEYS[1], 'done', added)
 local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
 if size == nil or done < size then return false end
 if redis.call('HSETNX', KEYS[1], 'fired', 1) == 0 then return false end
 return {redis.call('HGET', KEYS[1], 'header'), redis.call('HGET', KEYS[1], 'body')}
 """
+#: Task ids counted by one call of the script (Lua's unpack() has a limit of a few thousand values).
+CHORD_PARTS_PER_CALL = 1000
 
 
 def _expiry_ms(value: Any) -> int:
@@ -241,25 +244,30 @@ class RedisBackend(Backend):
         pipe.execute()
 
     def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
-        """One pipelined round trip of the counting script for every part."""
+        """One pipelined round trip: the counting script once per chord (and per 1000 of its parts)."""
         import msgpack
 
         if not parts:
             return []
+        by_chord: dict[str, list[str]] = {}
+        for chord_id, task_id in parts:
+            by_chord.setdefault(chord_id, []).append(task_id)
         script = self.client.register_script(CHORD_PART_SCRIPT)
         pipe = self.client.pipeline(transaction=False)
-        for chord_id, task_id in parts:
+        calls: list[str | None] = []
+        for chord_id, task_ids in by_chord.items():
             key = CHORD_PREFIX + chord_id
-            script(keys=[key, key + ":parts"], args=[task_id], client=pipe)
+            for start in range(0, len(task_ids), CHORD_PARTS_PER_CALL):
+                script(keys=[key, key + ":parts"], args=task_ids[start:start + CHORD_PARTS_PER_CALL], client=pipe)
+                calls.append(chord_id)
             if self.expires_ms:
                 pipe.pexpire(key + ":parts", self.expires_ms)
-        replies = pipe.execute()
-        step = 2 if self.expires_ms else 1
+                calls.append(None)
         completed = []
-        for (chord_id, _), reply in zip(parts, replies[::step]):
-            if reply:
+        for counted, reply in zip(calls, pipe.execute()):
+            if counted is not None and reply:
                 header, body = reply
-                completed.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
+                completed.append((counted, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
         return completed
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:

@@ -123,17 +123,25 @@ class SQLiteBackend(Backend):
              time.time()))
 
     def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
-        """One transaction: a part counts once (its row), and the flag of a completed chord is set once."""
+        """One transaction: a part counts once (its row), and the flag of a completed chord is set once.
+
+        The parts are counted per chord, with one insert of all its task ids and
+        one update of its count, not a statement per part.
+        """
+        by_chord: dict[str, list[str]] = {}
+        for chord_id, task_id in parts:
+            by_chord.setdefault(chord_id, []).append(task_id)
         connection = self._connection()
         completed = []
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for chord_id, task_id in parts:
-                inserted = connection.execute("INSERT OR IGNORE INTO engine_chord_parts VALUES (?, ?)",
-                                              (chord_id, task_id)).rowcount
+            for chord_id, task_ids in by_chord.items():
+                # A header task that ran twice (at-least-once) is in the table already: not counted again.
+                inserted = connection.executemany("INSERT OR IGNORE INTO engine_chord_parts VALUES (?, ?)",
+                                                  [(chord_id, task_id) for task_id in task_ids]).rowcount
                 if not inserted:
-                    continue  # that header task ran twice (at-least-once): counted already
-                connection.execute("UPDATE engine_chords SET done = done + 1 WHERE chord_id = ?", (chord_id,))
+                    continue
+                connection.execute("UPDATE engine_chords SET done = done + ? WHERE chord_id = ?", (inserted, chord_id))
                 fired = connection.execute(
                     "UPDATE engine_chords SET fired = 1 WHERE chord_id = ? AND fired = 0 AND done >= size",
                     (chord_id,)).rowcount

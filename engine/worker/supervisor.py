@@ -474,6 +474,9 @@ class Supervisor:
         """A message the supervisor itself sends (a chord's body): queued here when this worker consumes its queue."""
         if message.queue in self.queues:
             self.accept(message, encode_message(message))
+            # Sent from a state flush, after this turn's dispatch: hand it to a child now, not
+            # after the next poll (which may sleep until the next housekeeping pass).
+            self._dispatch()
         else:
             self.app.producer.send(message)
 
@@ -520,6 +523,7 @@ class Supervisor:
             self.replies.prune()
         if self.chords is not None:
             self.chords.retry()
+            self.chords.prune(now)
         children = list(self.pool.children.values())
         self.limits.enforce(now, children)
         for child in children:
