@@ -10,8 +10,9 @@ import statistics
 import time
 from typing import Any, Callable
 
+from bench import redis_server
 from bench.harness import Worker
-from bench.scenarios import _percentile, throughput
+from bench.scenarios import _backend_url, _percentile, throughput
 
 __all__ = ("chord", "fair", "mixed", "pipeline")
 
@@ -86,21 +87,28 @@ def _wait_runs(worker: Worker, count: int, since: float, timeout: float = 600) -
 
 
 def pipeline(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
-    """``group(add.s(i, i) for i in range(N)).apply_async().get()``: N tasks/s, per result backend and mode."""
+    """``group(add.s(i, i) for i in range(N)).apply_async().get()``: N tasks/s, per result backend and mode.
+
+    Backends: sqlite, rpc, and redis when a ``redis-server`` can be started here.
+    """
     from engine import group
 
     count = min(tasks, PIPELINE_MAX)
     out: dict = {}
-    steps = [(backend, mode, flags) for backend in ("sqlite", "rpc") for mode, flags in MODES]
+    steps = [(backend, mode, flags) for backend in ("sqlite", "rpc", "redis") for mode, flags in MODES]
     for index, (backend, mode, flags) in enumerate(steps):
-        with Worker(concurrency, *flags, backend=backend) as worker:
-            apps = worker.app()
-            apps.add.delay(0, 0).get(timeout=30)
-            started = time.perf_counter()
-            values = group(apps.add.s(i, i) for i in range(count)).apply_async().get(timeout=600)
-            elapsed = time.perf_counter() - started
-            if values != [2 * i for i in range(count)]:
-                raise AssertionError("the group's results are not its tasks' results, in order")
+        with _backend_url(backend) as url:
+            if url is None:
+                out[backend] = {"skipped": redis_server.missing()}
+                continue
+            with Worker(concurrency, *flags, backend=url) as worker:
+                apps = worker.app()
+                apps.add.delay(0, 0).get(timeout=30)
+                started = time.perf_counter()
+                values = group(apps.add.s(i, i) for i in range(count)).apply_async().get(timeout=600)
+                elapsed = time.perf_counter() - started
+                if values != [2 * i for i in range(count)]:
+                    raise AssertionError("the group's results are not its tasks' results, in order")
         out.setdefault(backend, {})[mode] = {"tasks": count, "seconds": round(elapsed, 4),
                                              "tasks_per_s": round(count / elapsed)}
         progress((index + 1) / len(steps))

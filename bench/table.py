@@ -108,6 +108,9 @@ def rows(report: dict) -> Iterator[Row]:
                    f"p50/p99: {mode}", f"{_n(m['tasks_per_s'])}, {m['tiny_wait_p50_ms']}/{m['tiny_wait_p99_ms']} ms",
                    "", "", "", "")
     for backend, modes in ours.get("pipeline", {}).items():
+        if "skipped" in modes:
+            yield (f"group, results fetched, {backend}", modes["skipped"], "", "", "", "")
+            continue
         yield (f"group of {modes['default']['tasks']:,} add, results fetched, {backend}: default / --fair",
                f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
     if "chord" in ours:

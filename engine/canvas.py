@@ -11,6 +11,7 @@ every later step's result with its exception.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -310,12 +311,45 @@ class group:
     ``group(add.s(i, i) for i in range(10))()`` returns a :class:`GroupResult`
     whose ``get()`` is the list of results in the group's order; ``group | task``
     is a :class:`chord`.
+
+    A group made from an iterator (a generator of signatures) is not turned
+    into a list up front: ``apply_async()`` sends each member as the iterator
+    yields it, so a million signatures never exist at once. Such a group can be
+    sent once; reading :attr:`tasks` first (``len()``, ``repr()``, a chord or a
+    chain of it) makes it a list that can be sent again.
     """
 
     def __init__(self, *tasks: Any, app: Engine | None = None) -> None:
+        self._app = app
+        self._pending: Iterator[Any] | None = None
+        self._tasks: list[Signature] | None = None
+        if len(tasks) == 1 and isinstance(tasks[0], Iterator):
+            source = tasks[0]
+            first = next(source, None)
+            if first is not None:
+                first = maybe_signature(first, app)
+                self._pending = itertools.chain([first], source)
+                self._app = app or first._app
+            else:
+                self._tasks = []
+            return
         items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) else list(tasks)
-        self.tasks: list[Signature] = [maybe_signature(task, app).clone() for task in items]
-        self._app = app or (self.tasks[0]._app if self.tasks else None)
+        self._tasks = [maybe_signature(task, app).clone() for task in items]
+        self._app = app or (self._tasks[0]._app if self._tasks else None)
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The members, in order (a group made from an iterator takes all of it now)."""
+        if self._tasks is None:
+            self._tasks = [maybe_signature(task, self._app).clone() for task in self._take_pending()]
+        return self._tasks
+
+    def _take_pending(self) -> Iterator[Any]:
+        if self._pending is None:
+            raise RuntimeError("this group was made from an iterator that its first apply_async() used up; "
+                               "make it from a list to send it again")
+        pending, self._pending = self._pending, None
+        return pending
 
     def clone(self) -> group:
         """A copy whose members can be changed without touching these."""
@@ -341,10 +375,19 @@ class group:
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
-        """Send every member now; return their results as one GroupResult."""
-        if self.app.conf.task_always_eager:
+        """Send every member now; return their results as one GroupResult.
+
+        What every member shares (the options, where results go) is settled
+        once; each member then costs building and queueing its message only.
+        """
+        app = self.app
+        if app.conf.task_always_eager:
             return self.apply(args, kwargs, **options)
-        return GroupResult([task.apply_async(args, kwargs, **options) for task in self.tasks])
+        members = iter(self._tasks) if self._tasks is not None else self._take_pending()
+        if options.get("reply_to") is None:
+            options["reply_to"] = app.reply_address()
+        send = _MemberSender(app, tuple(args or ()), dict(kwargs or {}), options)
+        return GroupResult([send(maybe_signature(member, self._app)) for member in members])
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
         """Run every member here, one after another."""
@@ -361,6 +404,36 @@ class group:
 
     def __repr__(self) -> str:
         return f"group({', '.join(repr(t) for t in self.tasks)})"
+
+
+class _MemberSender:
+    """Sends group members: a plain member of a registered task goes straight to ``Task._send``."""
+
+    def __init__(self, app: Engine, args: tuple, kwargs: dict, options: dict) -> None:
+        self.app = app
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        self._fast: dict[str, Any] = {}  # task name -> the task when its sending is not customised, else None
+
+    def __call__(self, member: Signature) -> Any:
+        name = member["task"]
+        task = self._fast.get(name, _UNSEEN)
+        if task is _UNSEEN:
+            from engine.task import Task
+
+            task = self.app.tasks.get(name)
+            if task is not None and type(task).apply_async is not Task.apply_async:
+                task = None  # a custom apply_async: called as such
+            self._fast[name] = task
+        if task is None or member["options"] or member["immutable"]:
+            return member.apply_async(self.args, self.kwargs, **self.options)
+        args = self.args + tuple(member["args"]) if self.args else tuple(member["args"])
+        kwargs = {**member["kwargs"], **self.kwargs} if self.kwargs else dict(member["kwargs"])
+        return task._send(args, kwargs, self.options)
+
+
+_UNSEEN = object()
 
 
 class chord:

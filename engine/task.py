@@ -217,13 +217,19 @@ class Task:
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=task_id or new_task_id(), link=link, link_error=link_error,
                               ignore_result=ignore_result, **options)
-        if self.typing:
-            self.check_arguments(args, kwargs)
         if options.get("reply_to") is None:
             options["reply_to"] = self.app.reply_address()
-        message = self.build_message(args, kwargs, task_id=task_id, countdown=countdown, eta=eta,
-                                     expires=expires, ignore_result=ignore_result, queue=queue,
-                                     link=link, link_error=link_error, **options)
+        if task_id is not None or countdown is not None or eta is not None or expires is not None \
+                or ignore_result is not None or queue is not None or link is not None or link_error is not None:
+            options.update(task_id=task_id, countdown=countdown, eta=eta, expires=expires,
+                           ignore_result=ignore_result, queue=queue, link=link, link_error=link_error)
+        return self._send(args, kwargs, options)
+
+    def _send(self, args: tuple, kwargs: dict, options: dict) -> Any:
+        """Check the arguments, build the message, queue it; return its AsyncResult (options checked by the caller)."""
+        if self.typing:
+            self.check_arguments(args, kwargs)
+        message = self.build_message(args, kwargs, **options)
         self.app.send_message(message)
         return self.AsyncResult(message.id)
 
