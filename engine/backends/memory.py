@@ -49,28 +49,36 @@ class MemoryBackend(Backend):
     def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
                       interval: float = 0.5,
                       on_ready: Callable[[int], None] | None = None) -> dict[str, StateRecord]:
-        """Wait until every one of ``task_ids`` is ready, woken by each store (no polling)."""
+        """Wait until every one of ``task_ids`` is ready, woken by each store (no polling).
+
+        Each wake-up looks from the first id not ready yet onwards and stops at the
+        next one not ready: results mostly arrive in order, so a wake-up costs what
+        arrived, not a look at every id still waited for.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(dict.fromkeys(task_ids))
         ready: dict[str, StateRecord] = {}
+        head = 0
         with self._changed:
             while True:
-                still = []
-                for task_id in pending:
-                    record = self._table.get(task_id)
-                    if record is not None and record.state in states.READY_STATES:
-                        ready[task_id] = record
-                    else:
-                        still.append(task_id)
-                if on_ready is not None and len(still) < len(pending):
-                    on_ready(len(pending) - len(still))
-                pending = still
-                if not pending:
+                table = self._table
+                start = head
+                while head < len(pending):
+                    record = table.get(pending[head])
+                    if record is None or record.state not in states.READY_STATES:
+                        break
+                    ready[pending[head]] = record
+                    head += 1
+                if on_ready is not None and head > start:
+                    on_ready(head - start)
+                if head == len(pending):
                     return {task_id: self.decode(record) for task_id, record in ready.items()}
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{len(pending)} of {len(ready) + len(pending)} results were not ready "
-                                       f"within {timeout}s (the first: task {pending[0]})")
+                    missing = sum(1 for task_id in pending[head:] if (record := table.get(task_id)) is None
+                                  or record.state not in states.READY_STATES)
+                    raise TimeoutError(f"{missing} of {len(pending)} results were not ready "
+                                       f"within {timeout}s (the first: task {pending[head]})")
                 self._changed.wait(remaining)
 
     def forget(self, task_id: str) -> None:

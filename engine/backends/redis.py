@@ -55,7 +55,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
@@ -74,10 +74,14 @@ logger = logging.getLogger(__name__)
 
 #: Prefix of every result key and of every wake-up channel.
 KEY_PREFIX = "engine-result:"
+#: One message per stored batch that holds final states (the count): what a wait on many results listens to.
+READY_CHANNEL = "engine-results:ready"
 #: Largest number of records stored by one script call.
 CHUNK = 1000
 #: Seconds between two safety-net reads of the key while waiting on pub/sub.
 RECHECK_EVERY = 2.0
+#: Messages of READY_CHANNEL read at most per wake-up of a wait on many results.
+DRAIN_AT_MOST = 1000
 #: Values per record in the script's ARGV (keep in sync with STORE_SCRIPT).
 _ARGS_PER_RECORD = 8
 
@@ -87,6 +91,7 @@ _ARGS_PER_RECORD = 8
 STORE_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local written = 0
+local finished = 0
 for i = 1, #KEYS do
     local key = KEYS[i]
     local a = 1 + (i - 1) * 8
@@ -114,14 +119,30 @@ for i = 1, #KEYS do
         end
         if ready == '1' then
             redis.call('PUBLISH', key, ARGV[a + 1])
+            finished = finished + 1
         end
         written = written + 1
     end
 end
+if finished > 0 then
+    redis.call('PUBLISH', '@READY_CHANNEL@', finished)
+end
 return written
-"""
+""".replace("@READY_CHANNEL@", READY_CHANNEL)
 
 _FIELDS = ("state", "result", "traceback", "date_done")
+#: The _FIELDS of every key in KEYS, as one flat array (nil where a key or field is missing):
+#: one command for many ids instead of one HMGET each (redis-py packs each command in Python).
+READ_MANY_SCRIPT = """
+local out = {}
+for i = 1, #KEYS do
+    local values = redis.call('HMGET', KEYS[i], 'state', 'result', 'traceback', 'date_done')
+    for j = 1, 4 do
+        out[#out + 1] = values[j]
+    end
+end
+return out
+"""
 #: Ids read by one pipelined round trip of a bulk read.
 READ_MANY = 1000
 #: Keys of a chord: its hash (size, done, fired, header, body) and the set of header tasks counted.
@@ -170,6 +191,7 @@ class RedisBackend(Backend):
         self._pid: int | None = None
         self._redis: Any = None
         self._script: Any = None
+        self._read_many: Any = None
         #: Per thread: the pub/sub connection waits reuse, and the client it came from.
         self._local = threading.local()
 
@@ -190,6 +212,7 @@ class RedisBackend(Backend):
                     # decode_responses stays off: results are msgpack/pickle bytes.
                     client = redis.Redis.from_url(self.url)
                     self._script = client.register_script(STORE_SCRIPT)
+                    self._read_many = client.register_script(READ_MANY_SCRIPT)
                     self._redis, self._pid = client, pid
         return self._redis
 
@@ -271,14 +294,15 @@ class RedisBackend(Backend):
         return completed
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
-        """One pipelined round trip per :data:`READ_MANY` ids."""
+        """One script call (one command, one flat reply) per :data:`READ_MANY` ids."""
         found = {}
+        client = self.client
+        read_many = self._read_many
         for start in range(0, len(task_ids), READ_MANY):
             chunk = task_ids[start:start + READ_MANY]
-            pipe = self.client.pipeline(transaction=False)
-            for task_id in chunk:
-                pipe.hmget(self.key(task_id), _FIELDS)
-            for task_id, (state, result, traceback, date_done) in zip(chunk, pipe.execute()):
+            flat = read_many(keys=[KEY_PREFIX + task_id for task_id in chunk], client=client)
+            for index, task_id in enumerate(chunk):
+                state, result, traceback, date_done = flat[4 * index:4 * index + 4]
                 if state is not None:
                     found[task_id] = StateRecord(task_id, state.decode(), result,
                                                  None if traceback is None else traceback.decode("utf-8", "replace"),
@@ -320,18 +344,7 @@ class RedisBackend(Backend):
         channel = self.key(task_id)
         pubsub = self._pubsub()
         try:
-            pubsub.subscribe(channel)
-            # subscribe() only sends the command: wait for Redis to confirm it, or a
-            # result published before the server handled SUBSCRIBE would be missed.
-            # The connection is reused, so a late message or confirmation of an
-            # earlier wait's channel may come first: only this channel's counts.
-            wanted = channel.encode()
-            while True:
-                message = pubsub.get_message(timeout=remaining())
-                if message is not None and message.get("type") == "subscribe" and message.get("channel") == wanted:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break  # still read the key once below before giving up
+            self._subscribe(pubsub, channel, remaining, deadline)
             while True:
                 record = ready()
                 if record is not None:
@@ -351,6 +364,71 @@ class RedisBackend(Backend):
                 except Exception as exc:  # noqa: BLE001 - a broken pub/sub connection must not hide the outcome
                     logger.debug("unsubscribing from %s failed: %s", channel, exc)
                     self._drop_pubsub()
+
+    @staticmethod
+    def _subscribe(pubsub: PubSub, channel: str, remaining: Callable[[], float], deadline: float | None) -> None:
+        """Subscribe and wait for Redis to confirm it (until ``deadline``).
+
+        subscribe() only sends the command: without the confirmation a result
+        published before the server handled SUBSCRIBE would be missed. The
+        connection is reused, so a late message or confirmation of an earlier
+        wait's channel may come first: only this channel's counts.
+        """
+        pubsub.subscribe(channel)
+        wanted = channel.encode()
+        while True:
+            message = pubsub.get_message(timeout=remaining())
+            if message is not None and message.get("type") == "subscribe" and message.get("channel") == wanted:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # the caller still reads the store once before giving up
+
+    def wait_for_many(self, task_ids: Sequence[str], timeout: float | None = None,
+                      interval: float = 0.5,
+                      on_ready: Callable[[int], None] | None = None) -> dict[str, StateRecord]:
+        """Wait for many results (see ``Backend.wait_for_many``), woken by one channel for every store.
+
+        Workers publish on :data:`READY_CHANNEL` once per stored batch with final
+        states; each message (or ``interval`` without one, as a safety net) leads
+        to one pipelined read of the next ids waited for.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float:
+            left = RECHECK_EVERY if deadline is None else deadline - time.monotonic()
+            return max(0.0, min(left, RECHECK_EVERY))
+
+        pubsub = self._pubsub()
+        try:
+            self._subscribe(pubsub, READY_CHANNEL, remaining, deadline)
+            self._local.ready_pubsub = pubsub
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return super().wait_for_many(task_ids, left, min(interval, RECHECK_EVERY), on_ready)
+        except BaseException:
+            self._drop_pubsub()
+            raise
+        finally:
+            self._local.ready_pubsub = None
+            if self._local.__dict__.get("pubsub") is pubsub:
+                try:
+                    pubsub.unsubscribe(READY_CHANNEL)
+                except Exception as exc:  # noqa: BLE001 - a broken pub/sub connection must not hide the outcome
+                    logger.debug("unsubscribing from %s failed: %s", READY_CHANNEL, exc)
+                    self._drop_pubsub()
+
+    def _change_token(self) -> Any:
+        # During wait_for_many: the subscribed connection whose next message says "stored".
+        return self._local.__dict__.get("ready_pubsub")
+
+    def _wait_for_change(self, seconds: float, token: Any) -> None:
+        if token is None:
+            time.sleep(seconds)
+            return
+        if token.get_message(timeout=seconds) is not None:
+            # Several batches may have been stored meanwhile: one read covers them all.
+            for _ in range(DRAIN_AT_MOST):
+                if token.get_message(timeout=0) is None:
+                    break
 
     def _pubsub(self) -> PubSub:
         """This thread's pub/sub connection, opened on first use and kept for the next waits.

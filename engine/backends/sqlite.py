@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS engine_chords (
 CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
     PRIMARY KEY (chord_id, task_id));
 """
+#: Seconds between two looks at the commit counter while waiting for results.
+CHANGE_CHECK = 0.0005
 #: Ids read by one query of a bulk read (below SQLite's smallest limit of bound parameters, 999).
 READ_MANY = 900
 INDEX = "CREATE INDEX IF NOT EXISTS engine_results_date_done ON engine_results (date_done)"
@@ -106,6 +108,22 @@ class SQLiteBackend(Backend):
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+
+    def _change_token(self) -> int:
+        # SQLite's counter of commits by other connections: reading it costs no table read.
+        version: int = self._connection().execute("PRAGMA data_version").fetchone()[0]
+        return version
+
+    def _wait_for_change(self, seconds: float, token: Any) -> None:
+        """Sleep in short steps until another connection committed (or ``seconds`` passed)."""
+        end = time.monotonic() + seconds
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(CHANGE_CHECK, remaining))
+            if self._change_token() != token:
+                return
 
     def get_encoded(self, task_id: str) -> StateRecord | None:
         row = self._connection().execute(
