@@ -318,3 +318,25 @@ def test_a_chord_through_a_worker_with_redis_results(redis_url, tmp_path):
     finally:
         workerapp.app.close()
         worker.kill()
+
+
+def test_a_wait_on_many_is_woken_by_the_ready_channel_not_by_polling(app, monkeypatch):
+    from engine.canvas import GroupResult
+
+    writer = Engine("writer", backend=app.conf.result_backend, set_as_current=False)
+    done, late = new_id(), new_id()
+    writer.backend.store([StateRecord(done, states.SUCCESS, dumps(1), None, time.time())])
+    reads = []
+    real = app.backend.get_many_encoded
+    monkeypatch.setattr(app.backend, "get_many_encoded", lambda wanted: reads.append(list(wanted)) or real(wanted))
+    timer = threading.Timer(1.0, writer.backend.store, ([StateRecord(late, states.SUCCESS, dumps(2), None,
+                                                                     time.time())],))
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert GroupResult([app.AsyncResult(done), app.AsyncResult(late)]).get(timeout=20, interval=30) == [1, 2]
+    finally:
+        timer.cancel()
+        writer.close()
+    assert time.monotonic() - started < 10
+    assert len(reads) <= 4 and reads[-1] == [late]  # woken by the store's message; only what was missing read

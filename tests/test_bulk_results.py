@@ -150,3 +150,43 @@ def test_group_get_progress_bar_shows_on_a_terminal_only(app, monkeypatch, termi
         assert "50/50" in written and "100%" in written
     else:
         assert written == ""  # a log file or a pipe gets no bar and no control codes
+
+
+def test_waiting_on_many_reads_only_the_next_ids_not_ready_and_finishes_out_of_order(app, monkeypatch):
+    from engine.backends import base
+
+    monkeypatch.setattr(base, "WAIT_AHEAD", 10)
+    ids = [f"w{i}" for i in range(35)]
+    for task_id in ids[5:]:  # everything but the first five is done already
+        store(app, task_id, states.SUCCESS, task_id)
+    sizes = []
+    real = app.backend.get_many_encoded
+    monkeypatch.setattr(app.backend, "get_many_encoded", lambda wanted: sizes.append(len(wanted)) or real(wanted))
+    timer = threading.Timer(0.2, lambda: [store(app, task_id, states.SUCCESS, task_id) for task_id in ids[:5]])
+    timer.start()
+    try:
+        assert GroupResult([app.AsyncResult(i) for i in ids]).get(timeout=10) == ids
+    finally:
+        timer.cancel()
+    assert max(sizes, default=0) <= 10  # a window, never all 35 ids (memory/rpc read their table directly)
+
+
+def test_a_wait_on_many_reads_when_a_result_is_stored_not_at_every_poll(app, monkeypatch):
+    # sqlite: the commit counter says when another connection stored something; memory and
+    # rpc wait on their table's condition. A second of nothing must not mean dozens of reads.
+    url = app.conf.result_backend
+    writer = Engine("writer", backend=url, set_as_current=False) if url.startswith("sqlite") else app
+    reads = []
+    real = app.backend.get_many_encoded
+    monkeypatch.setattr(app.backend, "get_many_encoded", lambda wanted: reads.append(1) or real(wanted))
+    timer = threading.Timer(1.0, store, (writer, "soon", states.SUCCESS, 1))
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert GroupResult([app.AsyncResult("soon")]).get(timeout=20, interval=30) == [1]
+    finally:
+        timer.cancel()
+        if writer is not app:
+            writer.close()
+    assert time.monotonic() - started < 10  # woken by the store, not after the 30 s interval
+    assert len(reads) <= 3  # polling with backoff would have read about 20 times in that second
