@@ -340,3 +340,11 @@ def test_a_wait_on_many_is_woken_by_the_ready_channel_not_by_polling(app, monkey
         writer.close()
     assert time.monotonic() - started < 10
     assert len(reads) <= 4 and reads[-1] == [late]  # woken by the store's message; only what was missing read
+
+
+def test_the_redis_store_remembers_which_worker_fires_a_chord_until_its_body_is_queued(app):
+    from tests.test_chord import _store_fire_recover
+
+    app.backend.client.delete("engine-chords-firing:w1 /j.db", "engine-chords-firing:w2 /j.db")
+    _store_fire_recover(app.backend)
+    app.backend.chord_bodies_queued(["fc2"], "w1 /j.db")

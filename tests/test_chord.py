@@ -9,7 +9,9 @@ import time
 import pytest
 
 from engine import Engine, chord, group, states
+from engine.core import StateRecord
 from engine.exceptions import ChordError
+from engine.serialization import dumps
 
 
 @pytest.fixture
@@ -221,4 +223,50 @@ def test_the_worker_that_stored_the_header_results_sends_the_body_without_readin
     assert counter._kept_bytes > 0
     counter.prune(now=chords_module.CACHE_SECONDS + 1)  # never completed here: dropped in the end
     assert counter._kept == {} and counter._kept_bytes == 0
+    app.close()
+
+
+def _store_fire_recover(backend):
+    """The firing protocol on any chord store: noted as being fired until reported queued."""
+    backend.chord_start("fc1", ["a"], {"task": "t.sum"})
+    backend.chord_start("fc2", ["b"], {"task": "t.sum"})
+    assert backend.chord_parts_done([("fc1", "a"), ("fc2", "b")], "w1 /j.db") == [
+        ("fc1", ["a"], {"task": "t.sum"}), ("fc2", ["b"], {"task": "t.sum"})]
+    assert sorted(c for c, _, _ in backend.chords_firing("w1 /j.db")) == ["fc1", "fc2"]
+    assert backend.chords_firing("w2 /j.db") == []  # another worker's are not ours to send
+    backend.chord_bodies_queued(["fc1"], "w1 /j.db")
+    assert backend.chords_firing("w1 /j.db") == [("fc2", ["b"], {"task": "t.sum"})]
+
+
+def test_the_sqlite_store_remembers_which_worker_fires_a_chord_until_its_body_is_queued(tmp_path):
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+    _store_fire_recover(app.backend)
+    app.close()
+
+
+def test_a_restarted_worker_sends_again_the_bodies_it_fired_but_never_queued(tmp_path):
+    from engine.worker.chords import ChordCounter
+
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    backend = app.backend
+    for chord_id, header in (("lost", ["l1"]), ("replayed", ["r1"])):
+        backend.chord_start(chord_id, header, dict(tsum.s().set(task_id=chord_id)))
+        backend.store([StateRecord(header[0], states.SUCCESS, dumps(5), None, time.time())])
+    # The first run counted both and crashed before their bodies were in its journal.
+    assert len(backend.chord_parts_done([("lost", "l1"), ("replayed", "r1")], "w /j")) == 2
+
+    sent = []
+    counter = ChordCounter(app, backend, states_out=None, send=sent.append, firer="w /j")  # type: ignore[arg-type]
+    counter.recover(replayed_ids={"replayed"})  # the journal had the second body already
+
+    assert [(m.id, m.args) for m in sent] == [("lost", ([5],))]
+    counter.confirm(durable=False)
+    assert len(backend.chords_firing("w /j")) == 2  # not durable yet: still to recover
+    counter.confirm(durable=True)
+    assert backend.chords_firing("w /j") == []
     app.close()

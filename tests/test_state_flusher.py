@@ -174,3 +174,40 @@ def test_without_a_backend_states_are_dropped_and_tasks_still_released():
     flusher.flush(now=10.0)
     assert not flusher.pending
     assert journal.removed == ["t1:0"]
+
+
+def test_a_chord_header_task_stays_in_the_journal_until_its_count_succeeded(tmp_path):
+    # Stored but not counted (the count failed), a header task must be replayed after a
+    # crash, or its chord would never complete: the journal keeps it until it is counted.
+    from engine import Engine
+    from engine.core import TaskMessage
+    from engine.worker.chords import ChordCounter
+
+    app = Engine("flush", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+    backend = app.backend
+    backend.chord_start("body", ["h1", "h2"], {"task": "t.sum"})
+    failures = [OSError("database is locked")]
+    real_count = backend.chord_parts_done
+
+    def count(parts, firer=None):
+        if failures:
+            raise failures.pop()
+        return real_count(parts, firer)
+
+    backend.chord_parts_done = count
+    journal = FakeJournal()
+    flusher = StateFlusher(backend, journal=journal)
+    counter = ChordCounter(app, backend, flusher, send=lambda message: None)
+    flusher.after_store, flusher.may_release = counter.stored, counter.all_counted
+    counter.watch(TaskMessage("h1", "t.add", options={"chord": "body"}))
+    flusher.record("h1", states.SUCCESS, 1, None)
+    flusher.finished("h1:0")
+
+    flusher.flush(now=10.0, force=True)
+    assert state_of(backend, "h1") == states.SUCCESS and journal.removed == []  # stored, not counted: kept
+    flusher.flush(now=11.0, force=True)
+    assert journal.removed == []
+    counter.retry()  # the housekeeping pass counts it
+    flusher.flush(now=12.0, force=True)
+    assert journal.removed == ["h1:0"]
+    app.close()

@@ -49,12 +49,24 @@ class Backend:
         """Remember a chord: its header task ids, in order, and its body (a signature as a dict)."""
         raise NotImplementedError(f"{type(self).__name__} does not support chords")
 
-    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+    def chord_parts_done(self, parts: list[tuple[str, str]],
+                         firer: str | None = None) -> list[tuple[str, list[str], dict]]:
         """Count header tasks ``(chord id, task id)`` whose final state is stored (each id once).
 
         Returns ``(chord id, header ids, body)`` of every chord this call completed:
-        each chord is returned to one caller only, whichever completes it.
+        each chord is returned to one caller only, whichever completes it. With
+        ``firer`` (a worker's durable identity) the chord is noted as being fired
+        by it until :meth:`chord_bodies_queued`, so that worker, restarted after
+        a crash in between, finds it again with :meth:`chords_firing`.
         """
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+
+    def chord_bodies_queued(self, chord_ids: list[str], firer: str) -> None:
+        """The bodies of these chords, fired by ``firer``, are queued durably: nothing to recover."""
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+
+    def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        """Chords ``firer`` completed whose bodies it never reported queued: ``(chord id, header ids, body)``."""
         raise NotImplementedError(f"{type(self).__name__} does not support chords")
 
     def get_encoded(self, task_id: str) -> StateRecord | None:

@@ -147,17 +147,23 @@ return out
 READ_MANY = 1000
 #: Keys of a chord: its hash (size, done, fired, header, body) and the set of header tasks counted.
 CHORD_PREFIX = "engine-chord:"
-#: Counts header tasks of one chord (ARGV: their ids), each id once; returns the chord's header and body
-#: to the one caller whose count completes it (the fired flag is set in the same atomic script).
+#: Counts header tasks of one chord (ARGV[1]: the firer or "", then their ids), each id once; returns
+#: the chord's header and body to the one caller whose count completes it (the fired flag is set in
+#: the same atomic script; a named firer also gets the chord in its set of chords being fired, KEYS[3]).
 CHORD_PART_SCRIPT = """
-local added = redis.call('SADD', KEYS[2], unpack(ARGV))
+local added = redis.call('SADD', KEYS[2], unpack(ARGV, 2))
 if added == 0 then return false end
 local done = redis.call('HINCRBY', KEYS[1], 'done', added)
 local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
 if size == nil or done < size then return false end
 if redis.call('HSETNX', KEYS[1], 'fired', 1) == 0 then return false end
+if ARGV[1] ~= '' then
+    redis.call('SADD', KEYS[3], KEYS[1])
+end
 return {redis.call('HGET', KEYS[1], 'header'), redis.call('HGET', KEYS[1], 'body')}
 """
+#: Set of the chord keys a worker (the firer) completed and has not reported queued yet.
+FIRING_PREFIX = "engine-chords-firing:"
 #: Task ids counted by one call of the script (Lua's unpack() has a limit of a few thousand values).
 CHORD_PARTS_PER_CALL = 1000
 
@@ -266,7 +272,8 @@ class RedisBackend(Backend):
             pipe.pexpire(key, self.expires_ms)
         pipe.execute()
 
-    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+    def chord_parts_done(self, parts: list[tuple[str, str]],
+                         firer: str | None = None) -> list[tuple[str, list[str], dict]]:
         """One pipelined round trip: the counting script once per chord (and per 1000 of its parts)."""
         import msgpack
 
@@ -281,7 +288,8 @@ class RedisBackend(Backend):
         for chord_id, task_ids in by_chord.items():
             key = CHORD_PREFIX + chord_id
             for start in range(0, len(task_ids), CHORD_PARTS_PER_CALL):
-                script(keys=[key, key + ":parts"], args=task_ids[start:start + CHORD_PARTS_PER_CALL], client=pipe)
+                script(keys=[key, key + ":parts", FIRING_PREFIX + (firer or "")],
+                       args=[firer or "", *task_ids[start:start + CHORD_PARTS_PER_CALL]], client=pipe)
                 calls.append(chord_id)
             if self.expires_ms:
                 pipe.pexpire(key + ":parts", self.expires_ms)
@@ -292,6 +300,23 @@ class RedisBackend(Backend):
                 header, body = reply
                 completed.append((counted, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
         return completed
+
+    def chord_bodies_queued(self, chord_ids: list[str], firer: str) -> None:
+        if chord_ids:
+            self.client.srem(FIRING_PREFIX + firer, *(CHORD_PREFIX + chord_id for chord_id in chord_ids))
+
+    def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        import msgpack
+
+        out = []
+        for key in self.client.smembers(FIRING_PREFIX + firer):
+            header, body = self.client.hmget(key, ("header", "body"))
+            chord_id = key.decode()[len(CHORD_PREFIX):]
+            if header is None:  # expired with the results: nothing left to send
+                self.chord_bodies_queued([chord_id], firer)
+                continue
+            out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
+        return out
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One script call (one command, one flat reply) per :data:`READ_MANY` ids."""

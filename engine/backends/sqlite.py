@@ -43,10 +43,13 @@ CREATE TABLE IF NOT EXISTS engine_results (
     date_done REAL NOT NULL
 )
 """
+#: ``fired``: 0 until the last header task is counted, 1 while its counter sends the body
+#: (``firer`` names it), 2 once the body is queued durably.
 CHORD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS engine_chords (
     chord_id TEXT PRIMARY KEY, size INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,
-    fired INTEGER NOT NULL DEFAULT 0, header BLOB NOT NULL, body BLOB NOT NULL, created REAL NOT NULL);
+    fired INTEGER NOT NULL DEFAULT 0, header BLOB NOT NULL, body BLOB NOT NULL, created REAL NOT NULL,
+    firer TEXT);
 CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
     PRIMARY KEY (chord_id, task_id));
 """
@@ -91,6 +94,9 @@ class SQLiteBackend(Backend):
             connection.execute(SCHEMA)
             connection.execute(INDEX)
             connection.executescript(CHORD_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(engine_chords)")}
+            if "firer" not in columns:  # a file made by an earlier version
+                connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
             local.connection, local.pid = connection, os.getpid()
         opened: sqlite3.Connection = local.connection
         return opened
@@ -140,7 +146,8 @@ class SQLiteBackend(Backend):
             (chord_id, len(header_ids), msgpack.packb(header_ids), msgpack.packb(body, use_bin_type=True),
              time.time()))
 
-    def chord_parts_done(self, parts: list[tuple[str, str]]) -> list[tuple[str, list[str], dict]]:
+    def chord_parts_done(self, parts: list[tuple[str, str]],
+                         firer: str | None = None) -> list[tuple[str, list[str], dict]]:
         """One transaction: a part counts once (its row), and the flag of a completed chord is set once.
 
         The parts are counted per chord, with one insert of all its task ids and
@@ -161,8 +168,8 @@ class SQLiteBackend(Backend):
                     continue
                 connection.execute("UPDATE engine_chords SET done = done + ? WHERE chord_id = ?", (inserted, chord_id))
                 fired = connection.execute(
-                    "UPDATE engine_chords SET fired = 1 WHERE chord_id = ? AND fired = 0 AND done >= size",
-                    (chord_id,)).rowcount
+                    "UPDATE engine_chords SET fired = 1, firer = ? WHERE chord_id = ? AND fired = 0 AND done >= size",
+                    (firer, chord_id)).rowcount
                 if fired:
                     header, body = connection.execute(
                         "SELECT header, body FROM engine_chords WHERE chord_id = ?", (chord_id,)).fetchone()
@@ -173,6 +180,16 @@ class SQLiteBackend(Backend):
             raise
         connection.execute("COMMIT")
         return completed
+
+    def chord_bodies_queued(self, chord_ids: list[str], firer: str) -> None:
+        self._connection().executemany("UPDATE engine_chords SET fired = 2 WHERE chord_id = ? AND firer = ?",
+                                       [(chord_id, firer) for chord_id in chord_ids])
+
+    def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        rows = self._connection().execute(
+            "SELECT chord_id, header, body FROM engine_chords WHERE fired = 1 AND firer = ?", (firer,)).fetchall()
+        return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
+                for chord_id, header, body in rows]
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One query per :data:`READ_MANY` ids."""

@@ -44,12 +44,17 @@ class ChordCounter:
     """Header tasks this worker runs, counted in the store when final; bodies sent through ``send``."""
 
     def __init__(self, app: Engine, backend: Backend, states_out: StateFlusher,
-                 send: Callable[[TaskMessage], None]) -> None:
+                 send: Callable[[TaskMessage], None], firer: str | None = None) -> None:
         self.app = app
         self.backend = backend
         self.states = states_out
         #: How a body's message leaves: the supervisor queues it here or sends it on.
         self.send = send
+        #: This worker's durable identity (its name and journal), None without a journal: a chord
+        #: completed here is noted as fired by it until its body is queued durably (see confirm()).
+        self.firer = firer
+        #: Chords whose body (or failure) went out since the last confirm().
+        self._sent: list[str] = []
         #: Header task id -> chord id, until its final state is stored and counted.
         self._chord_of: dict[str, str] = {}
         #: Parts stored but not counted yet (the count failed; tried again after the next store).
@@ -98,22 +103,69 @@ class ChordCounter:
             if now - since > CACHE_SECONDS:
                 self._take_kept(chord_id)
 
+    def all_counted(self) -> bool:
+        """True unless parts wait for a count that failed (their tasks then stay in the journal)."""
+        return not self._parts
+
     def retry(self) -> None:
         """Count the parts whose count failed before (housekeeping calls it: the last store may be past)."""
         if not self._parts:
             return
         parts, self._parts = self._parts, []
         try:
-            completed = self.backend.chord_parts_done(parts)
+            completed = self.backend.chord_parts_done(parts, self.firer)
         except Exception as exc:
             logger.error("could not count %d chord header task(s), will retry: %s", len(parts), exc)
             self._parts[:0] = parts
             return
         for chord_id, header_ids, body in completed:
-            try:
-                self._start_body(chord_id, header_ids, body)
-            except Exception:
-                logger.exception("could not start the body of chord %s", chord_id)
+            self._fire(chord_id, header_ids, body)
+
+    def _fire(self, chord_id: str, header_ids: list[str], body: dict) -> None:
+        try:
+            self._start_body(chord_id, header_ids, body)
+        except Exception:
+            # Left as being fired: this worker, restarted, tries again (recover()).
+            logger.exception("could not start the body of chord %s", chord_id)
+            return
+        if self.firer is not None:
+            self._sent.append(chord_id)
+
+    def confirm(self, durable: bool) -> None:
+        """Tell the store that the bodies sent since the last call are queued for good.
+
+        The supervisor calls it each turn with ``durable`` True once the journal
+        holds them, their states are written and any body sent to another worker
+        was acknowledged; until then a crash leaves those chords "being fired by
+        this worker", and :meth:`recover` sends their bodies again at restart.
+        """
+        if not self._sent or not durable:
+            return
+        sent, self._sent = self._sent, []
+        try:
+            self.backend.chord_bodies_queued(sent, self.firer)  # type: ignore[arg-type]  # set when _sent is
+        except Exception as exc:
+            logger.warning("could not mark %d chord bodies queued, will retry: %s", len(sent), exc)
+            self._sent[:0] = sent
+
+    def recover(self, replayed_ids: set[str]) -> None:
+        """At start: send again the bodies of chords this worker completed but did not queue for good.
+
+        A body the journal replayed (its task id is the chord id) is queued already.
+        """
+        if self.firer is None:
+            return
+        try:
+            firing = self.backend.chords_firing(self.firer)
+        except Exception as exc:
+            logger.error("could not look for chords left being fired by this worker: %s", exc)
+            return
+        for chord_id, header_ids, body in firing:
+            if chord_id in replayed_ids:
+                self._sent.append(chord_id)
+                continue
+            logger.warning("sending again the body of chord %s, completed before this worker stopped", chord_id)
+            self._fire(chord_id, header_ids, body)
 
     def _start_body(self, chord_id: str, header_ids: list[str], body: dict) -> None:
         """Send the body with the header's results in order, or fail the chord with the first failed task."""

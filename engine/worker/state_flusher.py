@@ -47,6 +47,9 @@ class StateFlusher:
         self.recorder = StateRecorder(batch_size=BATCH_SIZE, max_entries=RECORDER_ENTRIES)
         #: Called with each batch of records once the backend stored it (the supervisor counts chords there).
         self.after_store: Callable[[list[Any]], None] | None = None
+        #: False while finished tasks must stay in the journal although their states are stored
+        #: (a chord count that failed: replayed after a crash, they are counted then).
+        self.may_release: Callable[[], bool] | None = None
         #: Journal keys of tasks that ran; they leave the journal once their states are out.
         self._finished: list[JournalRef] = []
         self._last_flush = 0.0
@@ -105,5 +108,9 @@ class StateFlusher:
         return finished
 
     def _release(self, keys: list[JournalRef]) -> None:
-        if keys and self.journal is not None:
-            self.journal.remove(keys)
+        if not keys or self.journal is None:
+            return
+        if self.may_release is not None and not self.may_release():
+            self._finished[:0] = keys  # released by a later flush, once allowed
+            return
+        self.journal.remove(keys)

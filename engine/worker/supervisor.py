@@ -15,6 +15,7 @@ never stalls the others.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -124,6 +125,7 @@ class Supervisor:
             if self.backend is not None and self.backend.supports_chords and self.replies is None else None
         if self.chords is not None:
             self.states.after_store = self.chords.stored
+            self.states.may_release = self.chords.all_counted
         self.stats = RuntimeStats()
         self.scheduler = make_scheduler(fair, self.prefetch, self.stats, float(conf.worker_queue_seconds))
         self.timers = TimerHeap()
@@ -158,6 +160,8 @@ class Supervisor:
             raise ImproperlyConfigured("CURVE is supported for workers that bind (--bind), not with --connect")
         if self.journal_path:
             self.journal = self.states.journal = Journal(self.journal_path)
+            if self.chords is not None:
+                self.chords.firer = f"{self.hostname} {os.path.abspath(self.journal_path)}"
             saved = self.journal.runtimes()
             self.stats.load(saved)
             self.scheduler.expect_kinds(saved)
@@ -175,6 +179,7 @@ class Supervisor:
         if self.journal is None:
             return
         replayed = 0
+        replayed_ids: set[str] = set()
         pending = list(self.journal.pending())
         # A task held for later got a row of its own while its frame's row stayed for the
         # others: replayed from its own row only, not a second time from the frame.
@@ -189,9 +194,12 @@ class Supervisor:
                 self.journal.remove([ref])
                 continue
             self.accept(message, raw, journal_ref=ref)
+            replayed_ids.add(message.id)
             replayed += 1
         if replayed:
             logger.warning("replaying %d task(s) accepted but not finished before this worker stopped", replayed)
+        if self.chords is not None:
+            self.chords.recover(replayed_ids)
 
     def run(self) -> int:
         """Serve until a warm or cold shutdown; return the exit status."""
@@ -255,6 +263,13 @@ class Supervisor:
                 self.journal.commit()  # on disk before the clients hear "acknowledged"
             consumer.flush()
             self.states.flush(now)
+            if self.chords is not None:
+                # Durable: in the committed journal (a body queued here is added during the state
+                # flush, after this turn's commit), its failure state written, and a body for a
+                # queue another worker serves acknowledged by it.
+                producer = self.app._producer
+                self.chords.confirm(not self.states.pending and not (self.journal and self.journal.dirty)
+                                    and (producer is None or not producer.waiting))
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if self.stopping == WARM:
