@@ -709,9 +709,9 @@ class GroupResult:
         return sum(1 for state in self._states() if state == states.SUCCESS)
 
     def forget(self) -> None:
-        """Forget every member's result."""
-        for result in self.results:
-            result.forget()
+        """Forget every member's result (one bulk call per backend)."""
+        for backend, ids in _ids_by_backend(self.results):
+            backend.forget_many(ids)
 
     def __len__(self) -> int:
         return len(self.results)

@@ -348,3 +348,12 @@ def test_the_redis_store_remembers_which_worker_fires_a_chord_until_its_body_is_
     app.backend.client.delete("engine-chords-firing:w1 /j.db", "engine-chords-firing:w2 /j.db")
     _store_fire_recover(app.backend)
     app.backend.chord_bodies_queued(["fc2"], "w1 /j.db")
+
+
+def test_forgetting_a_group_deletes_every_member_in_bulk(app):
+    from engine.canvas import GroupResult
+
+    ids = [new_id() for _ in range(1500)]
+    app.backend.store([StateRecord(i, states.SUCCESS, dumps(1), None, time.time()) for i in ids])
+    GroupResult([app.AsyncResult(i) for i in ids]).forget()
+    assert app.backend.get_many_encoded(ids) == {}

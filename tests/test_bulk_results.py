@@ -190,3 +190,14 @@ def test_a_wait_on_many_reads_when_a_result_is_stored_not_at_every_poll(app, mon
             writer.close()
     assert time.monotonic() - started < 10  # woken by the store, not after the 30 s interval
     assert len(reads) <= 3  # polling with backoff would have read about 20 times in that second
+
+
+def test_forgetting_a_group_forgets_every_member_at_once(app):
+    ids = [f"f{i}" for i in range(1500)]  # more than one query's or command's worth
+    for task_id in ids:
+        store(app, task_id, states.SUCCESS, 1)
+    store(app, "kept", states.SUCCESS, 2)
+    group = GroupResult([app.AsyncResult(i) for i in ids])
+    group.forget()
+    assert app.backend.get_many_encoded(ids + ["kept"]).keys() == {"kept"}
+    assert group.completed_count() == 0

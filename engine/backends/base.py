@@ -77,6 +77,11 @@ class Backend:
         """Remove what is stored for ``task_id``."""
         raise NotImplementedError
 
+    def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Remove what is stored for every one of ``task_ids`` (one call per id here; bulk where the store can)."""
+        for task_id in task_ids:
+            self.forget(task_id)
+
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """The stored records of those of ``task_ids`` that have one, results still encoded.
 

@@ -207,6 +207,17 @@ class SQLiteBackend(Backend):
     def forget(self, task_id: str) -> None:
         self._connection().execute("DELETE FROM engine_results WHERE task_id = ?", (task_id,))
 
+    def forget_many(self, task_ids: Sequence[str]) -> None:
+        """One transaction for all of them."""
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany("DELETE FROM engine_results WHERE task_id = ?", [(i,) for i in task_ids])
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
     def cleanup(self, now: float | None = None) -> int:
         """Delete results older than ``result_expires``; return how many."""
         if self.expires is None:
