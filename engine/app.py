@@ -57,6 +57,7 @@ class Engine:
         self.tasks = TaskRegistry()
         self._backend: Backend | None = None
         self._producer: Any = None
+        self._control: Any = None
         #: Modules to import before a worker starts (``include=``, ``autodiscover_tasks``).
         self._pending_imports: list[Any] = list(include or ())
         self._register_builtins()
@@ -241,6 +242,15 @@ class Engine:
 
             self._backend = backend_from_url(self.conf.result_backend, self)
         return self._backend
+
+    @property
+    def control(self) -> Any:
+        """Remote control of running workers: ``app.control.inspect().stats()``, ``.revoke(id)`` (engine.control)."""
+        if self._control is None:
+            from engine.control import Control
+
+            self._control = Control(self)
+        return self._control
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
         """Return the result handle of task ``task_id``."""

@@ -708,6 +708,15 @@ class GroupResult:
         """How many members succeeded."""
         return sum(1 for state in self._states() if state == states.SUCCESS)
 
+    def revoke(self, terminate: bool = False, signal: str = "SIGKILL", timeout: float = 1.0) -> dict:
+        """Revoke every member with one request to each worker (see ``AsyncResult.revoke``)."""
+        ids = [r.id for r in self.results if not isinstance(r, EagerResult)]
+        if not ids:
+            return {}
+        app = next(r for r in self.results if not isinstance(r, EagerResult)).app or current.get_current_app()
+        replies: dict = app.control.revoke(ids, terminate=terminate, signal=signal, timeout=timeout)
+        return replies
+
     def forget(self) -> None:
         """Forget every member's result (one bulk call per backend)."""
         for backend, ids in _ids_by_backend(self.results):

@@ -188,5 +188,15 @@ def keys(directory: str, name: str) -> None:
     click.echo(f"public key: {public}\nsecret key: {secret}")
 
 
+def _add_operation_commands() -> None:
+    from engine.cli_control import control, inspect
+
+    main.add_command(inspect)
+    main.add_command(control)
+
+
+_add_operation_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     worker_main()

@@ -102,6 +102,13 @@ class AsyncResult:
         """Remove the stored state and result."""
         self.backend.forget(self.id)
 
+    def revoke(self, terminate: bool = False, signal: str = "SIGKILL", timeout: float = 1.0) -> dict:
+        """Revoke this task on every worker (``app.control.revoke``): it never starts; ``terminate`` stops it."""
+        if self.app is None:
+            self.app = current.get_current_app()
+        replies: dict = self.app.control.revoke(self.id, terminate=terminate, signal=signal, timeout=timeout)
+        return replies
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, AsyncResult):
             return other.id == self.id

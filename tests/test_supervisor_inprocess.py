@@ -50,7 +50,8 @@ class FakeChild:
 class FakePool:
     """The pool's bookkeeping without forking: ``forget()`` returns ``status`` as the child's exit status."""
 
-    def __init__(self) -> None:
+    def __init__(self, concurrency: int = 2) -> None:
+        self.concurrency = concurrency
         self.children: dict[int, FakeChild] = {}
         self.by_fd: dict[int, FakeChild] = {}
         self.status: int | None = -signal.SIGKILL

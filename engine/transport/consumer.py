@@ -53,6 +53,8 @@ class Consumer:
         self._active: dict[Any, Peer] = {}
         self._holders: dict[Any, Peer] = {}
         self._turn = 0
+        #: Control requests received (``(peer, request)``), answered by the supervisor (engine.worker.control).
+        self.requests: list[tuple[Peer, dict]] = []
         self.router: zmq.Socket | None = None
         self.authenticator: Any = None
         if binds:
@@ -106,6 +108,11 @@ class Consumer:
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
                     peer.credit = {}  # a (re)started client holds no credit of ours
+                elif kind == protocol.CONTROL:
+                    request = protocol.unpack(body)
+                    if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+                        raise ValueError("a control request is a map with a method name")
+                    self.requests.append((peer, request))
                 else:
                     logger.warning("dropped a frame of unknown kind %r from %s", kind[:8], peer.name)
             except (MessageDecodeError, ValueError, TypeError, AttributeError, KeyError) as exc:

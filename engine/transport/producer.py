@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from engine.core import encode_message
-from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
+from engine.exceptions import EncodeError, OutboxFull
 from engine.transport import protocol
 from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
 from engine.utils.hostname import HOSTNAME
@@ -300,15 +300,9 @@ class Producer:
 
     def _secure(self, sock: zmq.Socket) -> None:
         """CURVE-encrypt and authenticate the link when the app has keys set."""
-        server_key = self.app.conf.transport_curve_server_key
-        client_key = self.app.conf.transport_curve_client_key
-        if server_key or client_key:
-            if not (server_key and client_key):
-                raise ImproperlyConfigured(
-                    "CURVE needs both transport_curve_server_key and transport_curve_client_key")
-            from engine.transport.security import secure_client
+        from engine.transport.security import secure_app_client
 
-            secure_client(sock, server_key, client_key)
+        secure_app_client(self.app, sock)
 
     def _loop(self) -> None:
         next_beat = 0.0

@@ -16,6 +16,9 @@ kind      direction        body
 ``R``     worker → client  results for the ``rpc://`` backend:
                            ``[[task id, state, result, traceback, timestamp], ...]``, with a sixth
                            field, the client id, when sent to a worker that relays them
+``Q``     client → worker  a control request: ``{"id": str, "method": str, "arguments": {...}}``
+``P``     worker → client  its reply: ``{"id": str, "worker": str, "reply": ...}`` or, when the
+                           method failed, ``{"id": str, "worker": str, "error": str}``
 ========  ===============  ===================================================
 
 Topologies: by default workers *bind* a ROUTER and clients *connect* one
@@ -37,7 +40,8 @@ import zmq
 from engine.core import StateRecord
 
 __all__ = (
-    "ACKS", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "RESULTS", "TASKS", "Peer", "PeerTable", "pack",
+    "ACKS", "CONTROL", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "REPLY", "RESULTS", "TASKS", "Peer",
+    "PeerTable", "pack",
     "pack_records", "tune_socket", "unpack", "unpack_addressed_records", "unpack_records",
 )
 
@@ -49,6 +53,8 @@ CREDIT = b"C"
 TASKS = b"T"
 ACKS = b"A"
 RESULTS = b"R"
+CONTROL = b"Q"
+REPLY = b"P"
 
 #: Largest frame a socket accepts (bigger ones are dropped by ZeroMQ itself).
 MAX_FRAME = 256 * 1024 * 1024

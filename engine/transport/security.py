@@ -72,3 +72,13 @@ def secure_client(sock: zmq.Socket, server_key_file: str, client_key_file: str) 
     sock.curve_serverkey = load_public(server_key_file)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
+
+
+def secure_app_client(app: Any, sock: zmq.Socket) -> None:
+    """CURVE-encrypt and authenticate a client socket of ``app`` when the app has keys set (else nothing)."""
+    server_key = app.conf.transport_curve_server_key
+    client_key = app.conf.transport_curve_client_key
+    if server_key or client_key:
+        if not (server_key and client_key):
+            raise ImproperlyConfigured("CURVE needs both transport_curve_server_key and transport_curve_client_key")
+        secure_client(sock, server_key, client_key)

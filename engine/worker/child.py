@@ -23,7 +23,7 @@ import msgpack
 
 from engine import serialization, states
 from engine.core import decode_message, encode_message
-from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded
+from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.worker import pipe
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ RETIRE_EXIT = 75
 REPORT_SLOWER_THAN = 0.001
 #: Reports wait at most this long while the child is busy with tiny tasks (seconds).
 REPORT_EVERY = 0.005
+#: After tasks that ran this long since the last read (seconds), look in the pipe for a revoke
+#: of the tasks still ahead before starting the next one (tiny tasks never pay for the look).
+REVOKE_LOOKAHEAD = 0.005
 #: ... and at most this many bytes.
 REPORT_BYTES = 256 * 1024
 #: Seconds between checks that the supervisor is still there.
@@ -156,13 +159,15 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     default_soft = options.get("soft_time_limit")
     poller = select.poll()
     poller.register(task_fd, select.POLLIN)
+    #: Ids of tasks this child holds that were revoked (the supervisor's REVOKE frames).
+    revoked: set[str] = set()
     done = 0
     exit_code = 0
     last_flush = time.monotonic()
     try:
         running = True
         while running:
-            frames = reader.frames() or reader.read()
+            frames = _take_revokes(reader.frames() or reader.read(), revoked)
             if not frames:
                 if reader.eof:
                     break
@@ -171,15 +176,24 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                 if not poller.poll(PARENT_CHECK * 1000) and os.getppid() != parent:
                     break
                 continue
-            for kind, payload in frames:
+            read_at = time.monotonic()
+            index = 0
+            while index < len(frames):
+                kind, payload = frames[index]
+                index += 1
                 if kind == pipe.STOP:
                     running = False
                     break
                 if kind != pipe.TASK:
                     continue
-                runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft)
+                runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft, revoked)
                 done += 1
                 now = time.monotonic()
+                if now - read_at > REVOKE_LOOKAHEAD and index < len(frames) and poller.poll(0):
+                    # Tasks ran a while since these frames were read: a revoke of one still
+                    # ahead may be waiting in the pipe, behind them.
+                    frames.extend(_take_revokes(reader.read(), revoked))
+                    read_at = now
                 # Busy with tiny tasks: report in batches. Otherwise report each task as it
                 # ends, so the supervisor's view (time limits, results) stays current.
                 if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or writer.pending > REPORT_BYTES:
@@ -204,8 +218,18 @@ def _rss_kib() -> int:
     return psutil.Process().memory_info().rss // 1024
 
 
+def _take_revokes(frames: list[tuple[int, bytes]], revoked: set[str]) -> list[tuple[int, bytes]]:
+    """Note the ids of REVOKE frames in ``revoked``; return the other frames."""
+    if not any(kind == pipe.REVOKE for kind, _ in frames):
+        return frames
+    for kind, payload in frames:
+        if kind == pipe.REVOKE:
+            revoked.update(msgpack.unpackb(payload, raw=False))
+    return [frame for frame in frames if frame[0] != pipe.REVOKE]
+
+
 def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, writer: pipe.FrameWriter,
-             hostname: str, default_soft: float | None) -> float:
+             hostname: str, default_soft: float | None, revoked: set[str] | None = None) -> float:
     """Run one task message; report its states and DONE; return its run time."""
     global _soft_limited
     started = time.monotonic()
@@ -216,6 +240,11 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
     try:
         message = decode_message(payload)
         task_id, name = message.id, message.task
+        if revoked and task_id in revoked:
+            revoked.discard(task_id)
+            recorder.record(task_id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
+            writer.add(pipe.DONE, msgpack.packb([task_id, states.REVOKED, 0.0, False]))
+            return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
         request = task.request_class(message, task, recorder=recorder, hostname=hostname)

@@ -35,7 +35,8 @@ __all__ = ("Journal", "default_journal_path")
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL);"
           "CREATE TABLE IF NOT EXISTS frames (id INTEGER PRIMARY KEY, raw BLOB NOT NULL);"
-          "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL)")
+          "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL);"
+          "CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, expires REAL NOT NULL)")
 
 #: How the journal knows an accepted task: its own row's key (a ``str``), or the id of the
 #: received batch frame it came in (an ``int``), whose row goes once all its tasks are final.
@@ -253,6 +254,22 @@ class Journal:
             db.execute("BEGIN")
             db.execute("DELETE FROM runtimes")
             db.executemany("INSERT INTO runtimes VALUES (?, ?)", by_name.items())
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def revoked(self) -> dict[str, float]:
+        """Revoked ids (task ids and ``root:`` ids) an earlier run saved, with when each expires (unix time)."""
+        return {str(key): float(expires) for key, expires in self._db.execute("SELECT id, expires FROM revoked")}
+
+    def save_revoked(self, entries: dict[str, float]) -> None:
+        """Replace the saved revoked ids with ``entries`` (id -> expiry, unix time), in one transaction."""
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            db.execute("DELETE FROM revoked")
+            db.executemany("INSERT INTO revoked VALUES (?, ?)", entries.items())
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)

@@ -53,6 +53,11 @@ class TimeLimits:
                     logger.exception("on_timeout handler failed")
                 self.pool.kill(child)
 
+    def terminate(self, child: Child, signum: int) -> None:
+        """Stop ``child``'s running task on purpose (a revoke with terminate): its exit is not a loss."""
+        self._killed[child.pid] = ("revoked", float(signum))
+        self.pool.kill(child, signum)
+
     def killing(self, pid: int) -> bool:
         """True while a child killed for its time limit has not been reaped."""
         return pid in self._killed

@@ -16,6 +16,7 @@ import struct
 __all__ = (
     "DONE",
     "RECORD",
+    "REVOKE",
     "SEND",
     "STOP",
     "TASK",
@@ -29,6 +30,8 @@ HEADER = struct.Struct("<IB")
 # supervisor -> child
 TASK = 1
 STOP = 2
+#: Task ids (a msgpack list) this child holds and must not start: they were revoked.
+REVOKE = 3
 # child -> supervisor
 DONE = 10
 RECORD = 11

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -162,6 +162,17 @@ class FifoScheduler:
         """Waiting tasks that count against a credit window of ``window`` tasks: all of them here."""
         return len(self.waiting)
 
+    def remove_if(self, predicate: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+        """Take out (and return) the waiting tasks ``predicate`` picks, e.g. revoked ones."""
+        taken = [entry for entry in self.waiting if predicate(entry)]
+        if taken:
+            self.waiting = collections.deque(entry for entry in self.waiting if not predicate(entry))
+        return taken
+
+    def entries(self) -> list[QueuedTask]:
+        """Every waiting task (for inspection)."""
+        return list(self.waiting)
+
     def push_front(self, entry: QueuedTask) -> None:
         """Queue a task ahead of the others (it was taken back from a child)."""
         self.waiting.appendleft(entry)
@@ -220,6 +231,24 @@ class FairScheduler(FifoScheduler):
             return self.count
         slow = sum(len(queue) for name, queue in self.by_name.items() if estimate(name) > FAIR_BATCH_SECONDS)
         return self.count - min(slow, window)
+
+    def remove_if(self, predicate: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+        taken: list[QueuedTask] = []
+        for name, queue in list(self.by_name.items()):
+            picked = [entry for entry in queue if predicate(entry)]
+            if not picked:
+                continue
+            taken += picked
+            kept = collections.deque(entry for entry in queue if not predicate(entry))
+            if kept:
+                self.by_name[name] = kept
+            else:
+                del self.by_name[name]
+        self.count -= len(taken)
+        return taken
+
+    def entries(self) -> list[QueuedTask]:
+        return [entry for queue in self.by_name.values() for entry in queue]
 
     def push(self, entry: QueuedTask) -> None:
         self.by_name.setdefault(entry.name, collections.deque()).append(entry)

@@ -28,6 +28,7 @@ from engine.exceptions import (
     ImproperlyConfigured,
     MessageDecodeError,
     NotRegistered,
+    TaskRevokedError,
     TimeLimitExceeded,
     WorkerLostError,
 )
@@ -36,13 +37,16 @@ from engine.utils.hostname import default_worker_name
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.chords import ChordCounter
+from engine.worker.control import ControlHandler
 from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
 from engine.worker.replies import ReplyRouter
+from engine.worker.revoked import RevokedSet
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
 from engine.worker.shutdown import COLD, WARM, ShutdownSignals
 from engine.worker.state_flusher import STATE_FLUSH_INTERVAL, StateFlusher
+from engine.worker.task_stats import TaskStats
 from engine.worker.timers import TimerHeap
 
 if TYPE_CHECKING:
@@ -139,6 +143,13 @@ class Supervisor:
         self.consumer: Consumer | None = None
         self.context: zmq.Context | None = None
         self.counters = {"received": 0, "done": 0, "malformed": 0, "unknown": 0, "lost": 0, "requeued": 0}
+        #: Per task name counts and timings (``engine inspect stats``).
+        self.task_stats = TaskStats()
+        #: Task ids and root ids not to start (``engine control revoke``), saved in the journal.
+        self.revoked = RevokedSet()
+        self.control = ControlHandler(self)
+        #: Children told to stop by ``pool_shrink``: their exit is not a loss.
+        self._retiring: set[int] = set()
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
         self.in_children = 0
         self._next_housekeeping = 0.0
@@ -162,6 +173,7 @@ class Supervisor:
             self.journal = self.states.journal = Journal(self.journal_path)
             if self.chords is not None:
                 self.chords.firer = f"{self.hostname} {os.path.abspath(self.journal_path)}"
+            self.revoked.load(self.journal.revoked())
             saved = self.journal.runtimes()
             self.stats.load(saved)
             self.scheduler.expect_kinds(saved)
@@ -252,6 +264,10 @@ class Supervisor:
                     self._receive(target)
                 # Stopping: task frames stay unread and unacknowledged, so their clients
                 # send them to another worker once this one is gone.
+            if consumer.requests:
+                requests, consumer.requests = consumer.requests, []
+                for peer, request in requests:
+                    self.control.handle(peer, request)
             now = time.monotonic()
             if self.stopping == COLD:
                 return self._cold_stop()
@@ -340,6 +356,9 @@ class Supervisor:
             self.replies.remember(message, peer)
         if self.chords is not None:
             self.chords.watch(message)
+        if self.revoked.matches(message):
+            self._revoked(message, journal_ref)
+            return
         try:
             task = self.registry.lookup(message.task)
         except NotRegistered as exc:
@@ -421,6 +440,7 @@ class Supervisor:
         self.in_children -= 1
         child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if child.outstanding else 0.0
         self.counters["done"] += 1
+        self.task_stats.finished(entry.name, state, runtime, max(0.0, entry.started - entry.received))
         if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
             self.stats.add(entry.name, runtime)
         if state == states.REJECTED and requeue:
@@ -454,9 +474,10 @@ class Supervisor:
         child.outstanding.clear()
         child.queued_seconds = 0.0
         self.in_children = max(0, self.in_children - len(held))
-        if status == RETIRE_EXIT and reason is None:
+        if (status == RETIRE_EXIT or child.pid in self._retiring) and reason is None:
             lost = None
-            logger.info("child %d retired (task or memory limit)", child.pid)
+            self._retiring.discard(child.pid)
+            logger.info("child %d retired (task or memory limit, or a smaller pool)", child.pid)
         else:
             lost = held.pop(0) if held else None
             if not self.stopping or lost is not None:
@@ -465,11 +486,21 @@ class Supervisor:
             self.scheduler.push_front(entry)
         if lost is not None:
             self._task_lost(lost, child.pid, status, reason)
+        if len(self.pool.children) >= self.pool.concurrency:
+            return  # a child retired by pool_shrink: not replaced
         if self.stopping is None or (self.stopping == WARM and (len(self.scheduler) or self.timers.any_due())):
             self.pool.spawn()  # during a warm stop too, while accepted work still waits
 
     def _task_lost(self, entry: QueuedTask, pid: int, status: int | None, reason: tuple[str, float] | None) -> None:
         task, message = entry.task, entry.message
+        if reason and reason[0] == "revoked":
+            # Terminated on purpose (``revoke(terminate=True)``): REVOKED, not lost, and never run again.
+            self.task_stats.count("revoked", message.task, states.REVOKED)
+            self.states.record(message.id, states.REVOKED, TaskRevokedError(f"terminated ({reason[1]})"),
+                               f"TaskRevokedError: terminated ({reason[1]})")
+            if entry.journal_ref is not None:
+                self.states.finished(entry.journal_ref)
+            return
         self.counters["lost"] += 1
         if reason and reason[0] == "time_limit":
             exc: Exception = TimeLimitExceeded(reason[1])
@@ -484,6 +515,88 @@ class Supervisor:
             self.states.record(message.id, states.FAILURE, exc, f"{type(exc).__name__}: {exc}")
         if entry.journal_ref is not None:
             self.states.finished(entry.journal_ref)
+
+    # --- revoking and resizing (control requests) ------------------------------------
+
+    def _revoked(self, message: TaskMessage, journal_ref: JournalRef | None) -> None:
+        """A revoked task that will not start: REVOKED is stored, the journal forgets it."""
+        logger.info("discarding revoked task %s[%s]", message.task, message.id)
+        self.task_stats.count("revoked", message.task, states.REVOKED)
+        self.states.record(message.id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
+        if journal_ref is not None:
+            self.states.finished(journal_ref)
+
+    def revoke(self, task_ids: list[str], root_ids: list[str], terminate_with: int | None = None) -> dict:
+        """Revoke tasks by id and by root id: none of them starts here from now on.
+
+        Tasks waiting for a child or for their time are taken out now, and a
+        child holding some behind its running task is told to skip them; tasks
+        that arrive later (from a client's outbox, a retry, the journal after a
+        restart) are refused on arrival. A task already running goes on, unless
+        ``terminate_with`` (a signal number) is given: its child gets the signal
+        and is replaced. Returns the ids revoked before they started, those
+        terminated, and those left running.
+        """
+        self.revoked.add(task_ids, root_ids)
+        self._save_revoked()
+        matches = self.revoked.matches
+        taken = self.scheduler.remove_if(lambda entry: matches(entry.message))
+        taken += self.timers.remove_if(lambda entry: matches(entry.message))
+        for entry in taken:
+            self._revoked(entry.message, entry.journal_ref)
+        revoked_ids = [entry.message.id for entry in taken]
+        terminated, running = [], []
+        for child in list(self.pool.children.values()):
+            queued = []
+            for index, entry in enumerate(child.outstanding):
+                if not matches(entry.message):
+                    continue
+                if not (index == 0 and entry.started):
+                    queued.append(entry.message.id)  # behind the running one: the child skips it
+                elif terminate_with is not None and not self.limits.killing(child.pid):
+                    logger.warning("terminating task %s[%s] (revoked): signal %d to child %d",
+                                   entry.message.task, entry.message.id, terminate_with, child.pid)
+                    self.limits.terminate(child, terminate_with)
+                    terminated.append(entry.message.id)
+                else:
+                    running.append(entry.message.id)
+            if queued:
+                # The child reads this before starting any of them (it looks in its pipe after
+                # a long task); it reports them REVOKED, done without running.
+                child.writer.add(pipe.REVOKE, msgpack.packb(queued))
+                _safe_flush(child)
+                revoked_ids += queued
+        return {"revoked": revoked_ids, "terminated": terminated, "running": running}
+
+    def _save_revoked(self) -> None:
+        if self.journal is None or not self.revoked.changed:
+            return
+        self.revoked.changed = False
+        try:
+            self.journal.save_revoked(self.revoked.entries)
+        except Exception as exc:  # kept in memory: the worker still refuses them until it stops
+            logger.warning("could not save revoked task ids to %s: %s", self.journal_path, exc)
+
+    def resize_pool(self, delta: int) -> int:
+        """Add (``delta`` > 0) or retire (< 0) children; return the new pool size (at least 1)."""
+        pool = self.pool
+        target = max(1, pool.concurrency + delta)
+        if target > pool.concurrency:
+            pool.concurrency = target
+            while len(pool.children) < target:
+                pool.spawn()
+        elif target < pool.concurrency:
+            pool.concurrency = target
+            active = [c for c in pool.children.values() if c.accepting and c.pid not in self._retiring]
+            active.sort(key=lambda c: len(c.outstanding))  # idle ones first
+            for child in active[:max(0, len(active) - target)]:
+                child.accepting = False
+                self._retiring.add(child.pid)
+                child.writer.add(pipe.STOP, b"")  # after what it holds: those tasks still run
+                _safe_flush(child)
+        self.concurrency = pool.concurrency
+        logger.info("pool resized to %d children", pool.concurrency)
+        return pool.concurrency
 
     def _route_message(self, message: TaskMessage) -> None:
         """A message the supervisor itself sends (a chord's body): queued here when this worker consumes its queue."""
@@ -534,6 +647,8 @@ class Supervisor:
         if now >= self._next_runtimes_save:
             self._next_runtimes_save = now + RUNTIMES_SAVE_EVERY
             self._save_runtimes()
+            self.revoked.purge()
+            self._save_revoked()
         if self.replies is not None:
             self.replies.prune()
         if self.chords is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable
 from itertools import count
 
 from engine.worker.scheduler import QueuedTask
@@ -43,6 +44,18 @@ class TimerHeap:
     def any_due(self, now: float | None = None) -> bool:
         """True when a held task is due at ``now`` (default: the current time)."""
         return bool(self._heap) and self._heap[0][0] <= (time.time() if now is None else now)
+
+    def remove_if(self, predicate: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+        """Take out (and return) the held tasks ``predicate`` picks, e.g. revoked ones."""
+        taken = [item[2] for item in self._heap if predicate(item[2])]
+        if taken:
+            self._heap = [item for item in self._heap if not predicate(item[2])]
+            heapq.heapify(self._heap)
+        return taken
+
+    def entries(self) -> list[tuple[float, QueuedTask]]:
+        """Every held task with when it is due, earliest first (for inspection)."""
+        return [(due, entry) for due, _, entry in sorted(self._heap, key=lambda item: item[:2])]
 
     def pop_due(self, now: float | None = None) -> list[QueuedTask]:
         """Remove and return every task due at ``now``, earliest first."""
