@@ -181,3 +181,60 @@ def test_pool_grow_and_shrink_and_shutdown(worker_setup):
     assert workerapp.add.delay(2, 2).get(timeout=30) == 4
     assert "error" not in control.shutdown(timeout=5).popitem()[1]
     assert worker.proc.wait(30) == 0  # a warm shutdown
+
+
+def test_a_client_reports_its_backlog_per_queue():
+    from tests.worker_helpers import free_endpoint
+
+    app = Engine("backlog", transport=free_endpoint(), producer_flush_timeout=0.1, set_as_current=False)
+
+    @app.task
+    def noop():
+        return None
+
+    for _ in range(3):
+        noop.delay()
+    noop.apply_async(queue="other")
+    stats = app.producer.stats()
+    assert stats["outbox"] == {"celery": 3, "other": 1} and stats["outbox_total"] == 4
+    assert stats["unacknowledged"] == 0 and stats["client_id"].startswith("client-")
+    app.close()
+
+
+@pytest.mark.slow
+def test_metrics_and_health_are_served_and_parse(worker_setup):
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests import workerapp
+    from tests.worker_helpers import free_port
+
+    port = free_port()
+    worker = worker_setup("--concurrency", "2", "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    for i in range(5):
+        assert workerapp.add.delay(i, i).get(timeout=30) == 2 * i
+    with pytest.raises(ValueError, match="boom"):
+        workerapp.fails.delay("boom").get(timeout=30)
+    base = f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+        assert response.status == 200 and response.read() == b"ok\n"
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            families = {family.name: family for family in text_string_to_metric_families(response.read().decode())}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["engine_tasks"].samples}
+        if samples.get(("engine_tasks_total", (("state", "FAILURE"), ("task", "tests.workerapp.fails")))) == 1:
+            break
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.1)
+    assert samples[("engine_tasks_total", (("state", "SUCCESS"), ("task", "tests.workerapp.add")))] == 5
+    runtime = {s.labels.get("le"): s.value for s in families["engine_task_runtime_seconds"].samples
+               if s.name.endswith("_bucket") and s.labels["task"] == "tests.workerapp.add"}
+    assert runtime["+Inf"] == 5
+    assert families["engine_children"].samples[0].value == 2
+    assert "engine_tasks_waiting" in families and "engine_client_credit" in families
+    worker.stop()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"{base}/healthz", timeout=5)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import free_endpoint  # noqa: F401 - the tests' helper too
+from bench.harness import free_endpoint, free_port  # noqa: F401 - the tests' helpers too
 
 ROOT = Path(__file__).resolve().parent.parent
 

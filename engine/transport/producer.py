@@ -185,6 +185,20 @@ class Producer:
         """Call ``handler(body)`` in the I/O thread for each results frame (the rpc backend)."""
         self._result_handlers.append(handler)
 
+    def stats(self) -> dict:
+        """This client's backlog (without a broker, a backlog lives in the clients).
+
+        ``outbox``: messages per queue not sent yet (waiting for credit);
+        ``unacknowledged``: sent, not yet acknowledged by a worker; ``credit``:
+        what each worker granted and this client has not used.
+        """
+        with self._lock:
+            outbox = self._outbox.demand()
+            unacked = len(self._unacked)
+        credit = {peer.name: dict(peer.credit) for peer in list(self._peers)} if hasattr(self, "_peers") else {}
+        return {"client_id": self.client_id, "outbox": outbox, "outbox_total": sum(outbox.values()),
+                "unacknowledged": unacked, "credit": credit}
+
     @property
     def waiting(self) -> int:
         """Messages not yet acknowledged by a worker."""

@@ -210,6 +210,10 @@ class Journal:
             elif ref is not None and self._added.pop(ref, None) is None:
                 self._removed.add(ref)
 
+    def frames_held(self) -> int:
+        """Received frames kept because some of their tasks are not final yet."""
+        return len(self._frame_left)
+
     @property
     def dirty(self) -> bool:
         """True when there is something to commit."""

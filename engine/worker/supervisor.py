@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from engine.app import Engine
     from engine.core import TaskMessage
     from engine.transport.protocol import Peer
+    from engine.worker.metrics import MetricsServer
 
 __all__ = ("EXIT_COLD", "EXIT_FAILURE", "EXIT_OK", "Supervisor")
 
@@ -101,7 +102,8 @@ class Supervisor:
                  max_memory_per_child: int | None = None, time_limit: float | None = None,
                  soft_time_limit: float | None = None, hostname: str | None = None,
                  apps: list[Engine] | None = None, curve: tuple[str, str] | None = None,
-                 journal: str | None = None, use_journal: bool = True) -> None:
+                 journal: str | None = None, use_journal: bool = True, metrics_port: int | None = None,
+                 metrics_host: str = "0.0.0.0") -> None:
         self.app = app
         self.curve = curve
         conf = app.conf
@@ -150,6 +152,10 @@ class Supervisor:
         self.control = ControlHandler(self)
         #: Children told to stop by ``pool_shrink``: their exit is not a loss.
         self._retiring: set[int] = set()
+        #: When the loop last turned (monotonic): what /healthz looks at.
+        self.last_turn = time.monotonic()
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        self.metrics: MetricsServer | None = None
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
         self.in_children = 0
         self._next_housekeeping = 0.0
@@ -183,6 +189,11 @@ class Supervisor:
                                  int(self.app.conf.max_message_size), curve=self.curve)
         if self.replies is not None:
             self.replies.consumer = self.consumer
+        if self.metrics_port is not None:
+            from engine.worker.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, self.metrics_port, self.metrics_host)
+            self.metrics.start()
         self.signals.install()
         self._replay()
 
@@ -268,7 +279,7 @@ class Supervisor:
                 requests, consumer.requests = consumer.requests, []
                 for peer, request in requests:
                     self.control.handle(peer, request)
-            now = time.monotonic()
+            now = self.last_turn = time.monotonic()
             if self.stopping == COLD:
                 return self._cold_stop()
             self._fire_timers()
@@ -495,7 +506,7 @@ class Supervisor:
         task, message = entry.task, entry.message
         if reason and reason[0] == "revoked":
             # Terminated on purpose (``revoke(terminate=True)``): REVOKED, not lost, and never run again.
-            self.task_stats.count("revoked", message.task, states.REVOKED)
+            self.task_stats.decided(message.task, states.REVOKED)
             self.states.record(message.id, states.REVOKED, TaskRevokedError(f"terminated ({reason[1]})"),
                                f"TaskRevokedError: terminated ({reason[1]})")
             if entry.journal_ref is not None:
@@ -521,7 +532,7 @@ class Supervisor:
     def _revoked(self, message: TaskMessage, journal_ref: JournalRef | None) -> None:
         """A revoked task that will not start: REVOKED is stored, the journal forgets it."""
         logger.info("discarding revoked task %s[%s]", message.task, message.id)
-        self.task_stats.count("revoked", message.task, states.REVOKED)
+        self.task_stats.decided(message.task, states.REVOKED)
         self.states.record(message.id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
         if journal_ref is not None:
             self.states.finished(journal_ref)
@@ -702,12 +713,15 @@ class Supervisor:
         return EXIT_COLD
 
     def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.states.flush(time.monotonic(), force=True)
         if self.app._producer is not None:  # messages forwarded to queues other workers consume
             self.app._producer.close(timeout=FORWARD_FLUSH_TIMEOUT)
             self.app._producer = None
         if self.journal is not None:
             self._save_runtimes()
+            self._save_revoked()
             self.journal.close()
         if self.consumer is not None:
             self.consumer.flush()
