@@ -101,6 +101,9 @@ def setup_logging(level: str) -> None:
                    "(default: one per worker name and endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
 @click.option("--no-journal", is_flag=True, help="Keep accepted tasks in memory only (faster; a killed "
               "supervisor loses them).")
+@click.option("-E", "--events", is_flag=True, help="Publish task and worker events (engine events, engine dashboard).")
+@click.option("--events-endpoint", default=None,
+              help="Where to publish events (default: the task endpoint's port + 1).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics (/metrics) and a health probe (/healthz) on this port.")
 @click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Address the metrics server listens on.")
@@ -109,7 +112,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
                 max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
                 soft_time_limit: float | None, loglevel: str, hostname: str | None,
                 curve_secret_key: str | None, curve_clients: str | None, journal: str | None,
-                no_journal: bool, metrics_port: int | None, metrics_host: str) -> None:
+                no_journal: bool, events: bool, events_endpoint: str | None, metrics_port: int | None,
+                metrics_host: str) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
     Exit status: 0 warm shutdown, 1 start-up failure, 2 usage error, 3 cold shutdown.
@@ -137,7 +141,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
             hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key and curve_clients else None,
-            journal=journal, use_journal=not no_journal, metrics_port=metrics_port, metrics_host=metrics_host)
+            journal=journal, use_journal=not no_journal, metrics_port=metrics_port, metrics_host=metrics_host,
+            events=events, events_endpoint=events_endpoint)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
         log.error("cannot start worker: %s", exc)
@@ -159,6 +164,8 @@ def _banner(supervisor: Supervisor, app_spec: str, core: ModuleType) -> None:
         f"  core:        {'compiled' if core.HAS_EXTENSION else 'pure Python'}",
         f"  journal:     {supervisor.journal_path or 'off'}",
     ]
+    if supervisor.events is not None:
+        lines.append(f"  events:      {supervisor.events_endpoint}")
     if supervisor.metrics is not None:
         address = f"http://{supervisor.metrics_host}:{supervisor.metrics.port}"
         lines.append(f"  metrics:     {address}/metrics, {address}/healthz")
@@ -196,9 +203,10 @@ def keys(directory: str, name: str) -> None:
 
 def _add_operation_commands() -> None:
     from engine.cli_control import control, inspect
+    from engine.cli_events import dashboard, events
 
-    main.add_command(inspect)
-    main.add_command(control)
+    for command in (inspect, control, events, dashboard):
+        main.add_command(command)
 
 
 _add_operation_commands()

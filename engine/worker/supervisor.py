@@ -52,6 +52,7 @@ from engine.worker.timers import TimerHeap
 if TYPE_CHECKING:
     from engine.app import Engine
     from engine.core import TaskMessage
+    from engine.events import EventPublisher
     from engine.transport.protocol import Peer
     from engine.worker.metrics import MetricsServer
 
@@ -86,6 +87,9 @@ HELD_RECHECK = 0.005
 STOP_GRACE = 10.0
 #: Outcomes whose run time is not the kind's (the body did not run, or gave up at once).
 NOT_RUN = frozenset({states.REVOKED, states.REJECTED})
+#: The event a final state a child reported is published as (``-E``).
+_EVENT_OF = {states.SUCCESS: "succeeded", states.FAILURE: "failed", states.RETRY: "retried",
+             states.REVOKED: "revoked", states.REJECTED: "rejected", states.IGNORED: "ignored"}
 
 
 class Supervisor:
@@ -103,7 +107,7 @@ class Supervisor:
                  soft_time_limit: float | None = None, hostname: str | None = None,
                  apps: list[Engine] | None = None, curve: tuple[str, str] | None = None,
                  journal: str | None = None, use_journal: bool = True, metrics_port: int | None = None,
-                 metrics_host: str = "0.0.0.0") -> None:
+                 metrics_host: str = "0.0.0.0", events: bool = False, events_endpoint: str | None = None) -> None:
         self.app = app
         self.curve = curve
         conf = app.conf
@@ -156,6 +160,11 @@ class Supervisor:
         self.last_turn = time.monotonic()
         self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self.metrics: MetricsServer | None = None
+        #: ``-E``: where task and worker events go (None: not published).
+        self.events_wanted, self.events_endpoint = events, events_endpoint
+        self.events: EventPublisher | None = None
+        #: Failed task id -> the last line of its traceback, until its DONE is read (for the "failed" event).
+        self._failure_info: dict[str, str] = {}
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
         self.in_children = 0
         self._next_housekeeping = 0.0
@@ -189,6 +198,13 @@ class Supervisor:
                                  int(self.app.conf.max_message_size), curve=self.curve)
         if self.replies is not None:
             self.replies.consumer = self.consumer
+        if self.events_wanted:
+            from engine.events import EventPublisher, events_endpoint
+
+            endpoint = self.events_endpoint or events_endpoint((self.binds or self.connects)[0])
+            self.events = EventPublisher(self.context, endpoint, self.hostname, self.curve)
+            self.events_endpoint = endpoint
+            self.events.worker("online", self._worker_figures())
         if self.metrics_port is not None:
             from engine.worker.metrics import MetricsServer
 
@@ -290,6 +306,10 @@ class Supervisor:
                 self.journal.commit()  # on disk before the clients hear "acknowledged"
             consumer.flush()
             self.states.flush(now)
+            if self.events is not None:
+                self.events.flush(now)
+                if self.events.heartbeat_due(now):
+                    self.events.worker("heartbeat", self._worker_figures())
             if self.chords is not None:
                 # Durable: in the committed journal (a body queued here is added during the state
                 # flush, after this turn's commit), its failure state written, and a body for a
@@ -367,6 +387,8 @@ class Supervisor:
             self.replies.remember(message, peer)
         if self.chords is not None:
             self.chords.watch(message)
+        if self.events is not None:
+            self.events.task("received", message.id, message.task)
         if self.revoked.matches(message):
             self._revoked(message, journal_ref)
             return
@@ -406,9 +428,12 @@ class Supervisor:
         now = time.monotonic()
         touched = {}
         self.in_children += len(assigned)
+        events = self.events
         for child, entry in assigned:
             if child.outstanding[0] is entry:
                 entry.started = now
+                if events is not None:
+                    events.task("started", entry.message.id, entry.message.task)
             child.writer.add(pipe.TASK, entry.raw)
             touched[child.pid] = child
         for child in touched.values():
@@ -438,6 +463,8 @@ class Supervisor:
                 task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
                 if self.replies is not None and child.outstanding:
                     self.replies.follow(task_id, child.outstanding[0].message.id)
+                if self.events is not None and state == states.FAILURE and traceback:
+                    self._failure_info[task_id] = traceback.strip().splitlines()[-1][:500]
                 self.states.record_encoded(task_id, state, body, traceback, timestamp)
             elif kind == pipe.SEND:
                 self._accept_from_child(payload)
@@ -460,8 +487,14 @@ class Supervisor:
         else:
             if entry.journal_ref is not None:
                 self.states.finished(entry.journal_ref)
+        if self.events is not None:
+            self.events.task(_EVENT_OF.get(state, state.lower()), task_id, entry.name, runtime,
+                             self._failure_info.pop(task_id, None))
         if child.outstanding:
-            child.outstanding[0].started = time.monotonic()
+            head = child.outstanding[0]
+            head.started = time.monotonic()
+            if self.events is not None:
+                self.events.task("started", head.message.id, head.message.task)
 
     def _accept_from_child(self, raw: bytes) -> None:
         try:
@@ -504,6 +537,9 @@ class Supervisor:
 
     def _task_lost(self, entry: QueuedTask, pid: int, status: int | None, reason: tuple[str, float] | None) -> None:
         task, message = entry.task, entry.message
+        if self.events is not None:
+            self.events.task("revoked" if reason and reason[0] == "revoked" else "lost", message.id, message.task,
+                             info=None if reason and reason[0] == "revoked" else f"child {pid} exited ({status})")
         if reason and reason[0] == "revoked":
             # Terminated on purpose (``revoke(terminate=True)``): REVOKED, not lost, and never run again.
             self.task_stats.decided(message.task, states.REVOKED)
@@ -532,6 +568,8 @@ class Supervisor:
     def _revoked(self, message: TaskMessage, journal_ref: JournalRef | None) -> None:
         """A revoked task that will not start: REVOKED is stored, the journal forgets it."""
         logger.info("discarding revoked task %s[%s]", message.task, message.id)
+        if self.events is not None:
+            self.events.task("revoked", message.id, message.task)
         self.task_stats.decided(message.task, states.REVOKED)
         self.states.record(message.id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
         if journal_ref is not None:
@@ -712,7 +750,17 @@ class Supervisor:
         self._close()
         return EXIT_COLD
 
+    def _worker_figures(self) -> dict:
+        """What a worker event carries: pool, queue and counter figures."""
+        children = list(self.pool.children.values())
+        return {"children": len(children), "busy": sum(1 for c in children if c.outstanding),
+                "waiting": len(self.scheduler), "scheduled": len(self.timers), "in_children": self.in_children,
+                "counters": self.task_stats.counters(), "received": self.counters["received"]}
+
     def _close(self) -> None:
+        if self.events is not None:
+            self.events.worker("offline", self._worker_figures())
+            self.events.close()
         if self.metrics is not None:
             self.metrics.stop()
         self.states.flush(time.monotonic(), force=True)
