@@ -101,6 +101,8 @@ def setup_logging(level: str) -> None:
                    "(default: one per worker name and endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
 @click.option("--no-journal", is_flag=True, help="Keep accepted tasks in memory only (faster; a killed "
               "supervisor loses them).")
+@click.option("--autoscale", default=None, metavar="MAX,MIN",
+              help="Grow the pool up to MAX children under a backlog, shrink it to MIN when idle.")
 @click.option("-E", "--events", is_flag=True, help="Publish task and worker events (engine events, engine dashboard).")
 @click.option("--events-endpoint", default=None,
               help="Where to publish events (default: the task endpoint's port + 1).")
@@ -112,8 +114,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
                 max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
                 soft_time_limit: float | None, loglevel: str, hostname: str | None,
                 curve_secret_key: str | None, curve_clients: str | None, journal: str | None,
-                no_journal: bool, events: bool, events_endpoint: str | None, metrics_port: int | None,
-                metrics_host: str) -> None:
+                no_journal: bool, autoscale: str | None, events: bool, events_endpoint: str | None,
+                metrics_port: int | None, metrics_host: str) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
     Exit status: 0 warm shutdown, 1 start-up failure, 2 usage error, 3 cold shutdown.
@@ -133,6 +135,11 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
         if backend:
             app.conf.result_backend = backend
         concurrency = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
+        scale = None
+        if autoscale:
+            from engine.worker.autoscale import parse_autoscale
+
+            scale = parse_autoscale(autoscale)
         # The name as given (None without -n): the Supervisor names an unnamed worker
         # engine@HOST-PID, and keys its default journal on engine@HOST, which a restart keeps.
         supervisor = Supervisor(
@@ -142,7 +149,7 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
             hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key and curve_clients else None,
             journal=journal, use_journal=not no_journal, metrics_port=metrics_port, metrics_host=metrics_host,
-            events=events, events_endpoint=events_endpoint)
+            events=events, events_endpoint=events_endpoint, autoscale=scale)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
         log.error("cannot start worker: %s", exc)
@@ -158,7 +165,9 @@ def _banner(supervisor: Supervisor, app_spec: str, core: ModuleType) -> None:
         f"engine-worker {supervisor.hostname}",
         f"  app:         {app_spec} ({len(supervisor.registry)} tasks)",
         f"  transport:   {', '.join(endpoints)}",
-        f"  concurrency: {supervisor.concurrency} (prefork), mode: {'fair' if supervisor.fair else 'fifo'}",
+        f"  concurrency: {supervisor.concurrency} (prefork"
+        + (f", autoscale {supervisor.autoscaler.low}..{supervisor.autoscaler.high}" if supervisor.autoscaler else "")
+        + f"), mode: {'fair' if supervisor.fair else 'fifo'}",
         f"  queues:      {', '.join(supervisor.queues)}",
         f"  backend:     {supervisor.app.conf.result_backend or 'disabled'}",
         f"  core:        {'compiled' if core.HAS_EXTENSION else 'pure Python'}",

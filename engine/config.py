@@ -82,6 +82,8 @@ DEFAULTS: dict[str, Any] = {
     "producer_flush_timeout": None,
     #: Target seconds of queued work a worker accepts per child (sizes its credit window).
     "worker_queue_seconds": 0.05,
+    # --autoscale: seconds a pool stays idle before it shrinks by a child (Celery's AUTOSCALE_KEEPALIVE).
+    "worker_autoscale_keepalive": 30.0,
     #: Largest task message accepted, in bytes.
     "max_message_size": 16 * 1024 * 1024,
 }
@@ -176,6 +178,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "producer_outbox_full": (_one_of("block", "raise"), "'block' or 'raise'"),
     "producer_flush_timeout": (_optional(_non_negative), "None (wait until taken) or seconds (>= 0)"),
     "worker_queue_seconds": (_positive, "seconds (> 0)"),
+    "worker_autoscale_keepalive": (_positive, "seconds (> 0)"),
     "max_message_size": (_count, "bytes, a whole number >= 1"),
 }
 

@@ -238,3 +238,32 @@ def test_metrics_and_health_are_served_and_parse(worker_setup):
     worker.stop()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"{base}/healthz", timeout=5)
+
+
+def test_autoscale_takes_max_and_min():
+    from engine.worker.autoscale import parse_autoscale
+
+    assert parse_autoscale("10,3") == (10, 3) and parse_autoscale("3,10") == (10, 3) and parse_autoscale("4") == (4, 1)
+    for bad in ("0,1", "a,b", "1,2,3", ""):
+        with pytest.raises(ValueError, match="MAX,MIN"):
+            parse_autoscale(bad)
+
+
+@pytest.mark.slow
+def test_autoscale_grows_under_a_burst_and_shrinks_when_idle(worker_setup):
+    from tests import workerapp
+
+    worker = worker_setup("--autoscale", "4,1", extra_env={"ENGINE_TEST_AUTOSCALE_KEEPALIVE": "1"})
+    assert len(pids(worker)) == 1
+    burst = [workerapp.sleepy.delay(0.5) for _ in range(12)]
+    deadline = time.monotonic() + 30
+    most = 1
+    while not all(result.ready() for result in burst):
+        most = max(most, len(pids(worker)))
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert most == 4  # grew to MAX under the burst, not beyond
+    while len(pids(worker)) > 1:  # idle past the keepalive: back to MIN
+        assert time.monotonic() < deadline + 30, pids(worker)
+        time.sleep(0.1)
+    assert workerapp.add.delay(1, 1).get(timeout=30) == 2

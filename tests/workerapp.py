@@ -18,6 +18,7 @@ app = Engine(
     # One endpoint, or several separated by commas (a client connected to several workers).
     transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599").split(","),
     backend=os.environ.get("ENGINE_TEST_BACKEND") or None,
+    worker_autoscale_keepalive=float(os.environ.get("ENGINE_TEST_AUTOSCALE_KEEPALIVE", "30")),
 )
 
 _hog: list = []

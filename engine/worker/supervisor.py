@@ -35,6 +35,7 @@ from engine.exceptions import (
 from engine.transport.consumer import Consumer
 from engine.utils.hostname import default_worker_name
 from engine.worker import pipe
+from engine.worker.autoscale import Autoscaler
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.chords import ChordCounter
 from engine.worker.control import ControlHandler
@@ -107,11 +108,13 @@ class Supervisor:
                  soft_time_limit: float | None = None, hostname: str | None = None,
                  apps: list[Engine] | None = None, curve: tuple[str, str] | None = None,
                  journal: str | None = None, use_journal: bool = True, metrics_port: int | None = None,
-                 metrics_host: str = "0.0.0.0", events: bool = False, events_endpoint: str | None = None) -> None:
+                 metrics_host: str = "0.0.0.0", events: bool = False, events_endpoint: str | None = None,
+                 autoscale: tuple[int, int] | None = None) -> None:
         self.app = app
         self.curve = curve
         conf = app.conf
-        self.concurrency = max(1, int(concurrency))
+        # --autoscale MAX,MIN: the pool starts at MIN children.
+        self.concurrency = max(1, int(autoscale[1] if autoscale else concurrency))
         self.fair = fair
         self.hostname = hostname or default_worker_name()
         self.queues = queues or [conf.task_default_queue]
@@ -163,6 +166,8 @@ class Supervisor:
         #: ``-E``: where task and worker events go (None: not published).
         self.events_wanted, self.events_endpoint = events, events_endpoint
         self.events: EventPublisher | None = None
+        self.autoscaler = Autoscaler(self, autoscale[0], autoscale[1], float(conf.worker_autoscale_keepalive)) \
+            if autoscale else None
         #: Failed task id -> the last line of its traceback, until its DONE is read (for the "failed" event).
         self._failure_info: dict[str, str] = {}
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
@@ -704,6 +709,8 @@ class Supervisor:
             self.chords.retry()
             self.chords.prune(now)
         children = list(self.pool.children.values())
+        if self.autoscaler is not None and not self.stopping:
+            self.autoscaler.tick(now)
         self.limits.enforce(now, children)
         for child in children:
             if child.writer.pending and not self.limits.killing(child.pid):
