@@ -24,7 +24,7 @@ from bench.table import print_table
 
 #: Every scenario ``bench run`` knows, in the order a full run takes them.
 SCENARIOS = {**BASIC_SCENARIOS, "fair": pipelines.fair, "mixed": pipelines.mixed, "pipeline": pipelines.pipeline,
-             "chord": pipelines.chord}
+             "chord": pipelines.chord, "operating": pipelines.operating}
 
 
 def _progress_bar():

@@ -14,7 +14,7 @@ from bench import redis_server
 from bench.harness import Worker
 from bench.scenarios import _backend_url, _percentile, throughput
 
-__all__ = ("chord", "fair", "mixed", "pipeline")
+__all__ = ("chord", "fair", "mixed", "operating", "pipeline")
 
 #: Concurrency levels of the fair scenario besides the run's own (many children on few cores).
 MANY_CHILDREN = 16
@@ -149,3 +149,24 @@ def time_chord(worker: Any, send: Callable[[float], Any], warm_task: Any, count:
     body_start = max(start for kind, _, start, _ in rows if kind == "body")
     return {"tasks": count, "seconds": round(body_start - sent0, 3), "tasks_per_s": round(count / (body_start - sent0)),
             "body_delay_ms": round((body_start - header_end) * 1000, 2)}
+
+
+#: The operator's options the operating scenario prices, beside a worker without them.
+OPERATING = (("plain", ()), ("events", ("-E",)), ("metrics", ("--metrics-port", "0")),
+             ("events+metrics", ("-E", "--metrics-port", "0")))
+
+
+def operating(tasks: int, concurrency: int, progress: Callable[[float], None]) -> dict:
+    """No-op tasks/s with ``-E`` (events) and ``--metrics-port``, beside the same worker without (same run).
+
+    The metrics server is not scraped here (a scrape reads the supervisor's
+    figures once; its cost is per scrape, not per task); events are published
+    with nobody subscribed, which costs the worker what a subscriber would.
+    """
+    out: dict = {}
+    for index, (label, flags) in enumerate(OPERATING):
+        out[label] = throughput(tasks, concurrency, lambda _: None, extra=flags)["tasks_per_s"]
+        progress((index + 1) / len(OPERATING))
+    for label, _ in OPERATING[1:]:
+        out[f"{label}_vs_plain"] = round(out[label] / out["plain"], 3)
+    return out

@@ -120,6 +120,12 @@ def rows(report: dict) -> Iterator[Row]:
                "last header end", f"{_n(c['tasks_per_s'])}; {c['body_delay_ms']} ms",
                f"{_n(theirs['tasks_per_s'])}; {theirs['body_delay_ms']} ms" if theirs else "",
                _ratio(c["tasks_per_s"], theirs["tasks_per_s"]) if theirs else "", "", "")
+    if "operating" in ours:
+        o = ours["operating"]
+        yield ("no-op tasks/s: plain / -E / --metrics-port / both",
+               f"{_n(o['plain'])} / {_n(o['events'])} ({o['events_vs_plain']:.0%}) / {_n(o['metrics'])} "
+               f"({o['metrics_vs_plain']:.0%}) / {_n(o['events+metrics'])} ({o['events+metrics_vs_plain']:.0%})",
+               "", "", "", "")
     for name, peer in (("Celery", celery), ("Dramatiq", dramatiq)):
         if "skipped" in peer:
             yield (f"{name} comparison", f"skipped: {peer['skipped']}", "", "", "", "")

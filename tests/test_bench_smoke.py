@@ -191,9 +191,13 @@ def test_the_fair_mixed_and_pipeline_scenarios_complete_in_both_modes():
     assert mixed["default"]["slow_tasks"] == mixed["fair"]["slow_tasks"] == 2
     assert all(mixed[mode]["tiny_wait_p99_ms"] >= mixed[mode]["tiny_wait_p50_ms"] >= 0 for mode in ("default", "fair"))
     pipeline = pipelines.pipeline(300, 2, lambda fraction: None)  # also checks the group's results, in order
-    assert set(pipeline) == {"sqlite", "rpc"} and pipeline["rpc"]["fair"]["tasks"] == 300
-    table = list(rows({"results": {"fair": fair, "mixed": mixed, "pipeline": pipeline}}))
+    assert {"sqlite", "rpc"} <= set(pipeline) and pipeline["rpc"]["fair"]["tasks"] == 300
+    assert "tasks" in pipeline["redis"]["default"] or "skipped" in pipeline["redis"]
+    operating = pipelines.operating(300, 2, lambda fraction: None)
+    assert operating["plain"] > 0 and operating["events+metrics_vs_plain"] > 0
+    table = list(rows({"results": {"fair": fair, "mixed": mixed, "pipeline": pipeline, "operating": operating}}))
     assert any("--fair" in row[0] for row in table) and any(row[0].startswith("mixed") for row in table)
+    assert any(row[0].startswith("no-op tasks/s: plain / -E") for row in table)
 
 
 @pytest.mark.slow
