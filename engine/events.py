@@ -12,7 +12,9 @@ most every :data:`PUBLISH_EVERY` seconds), compact events:
 * worker events ``online``, ``heartbeat`` (every :data:`HEARTBEAT` seconds, with
   counters, pool and queue figures) and ``offline``.
 
-A frame is ``[b"engine-events", worker name, msgpack([events...])]``. Nothing
+A frame is ``[b"engine-events", worker name, msgpack([timestamp, [event, ...]])]``,
+each event ``[type, task id, task name, runtime, info]``: the batch's time
+stands for its events' (they are at most :data:`PUBLISH_EVERY` apart). Nothing
 is kept for a subscriber that is not there (PUB drops), and a slow one loses
 events rather than slowing the worker (bounded queue).
 
@@ -79,19 +81,20 @@ class EventPublisher:
 
             self.authenticator = secure_server(context, self.socket, *curve)
         self.socket.bind(endpoint)
-        #: Events of this turn, compact lists (see the module docstring).
-        self.pending: list[list[Any]] = []
+        #: Events not published yet: ``(type, task id, task name, runtime, info)``.
+        self.pending: list[tuple[Any, ...]] = []
         self._next_publish = 0.0
         self._next_heartbeat = 0.0
 
     def task(self, kind: str, task_id: str, name: str, runtime: float | None = None, info: str | None = None) -> None:
         """Note one task event (published with the next batch)."""
-        self.pending.append([kind, task_id, name, time.time(), runtime, info])
+        # Up to three per task in the supervisor's loop: a tuple, no clock read (the batch has the time).
+        self.pending.append((kind, task_id, name, runtime, info))
 
     def worker(self, kind: str, figures: dict | None = None) -> None:
         """Publish a worker event now (``online``, ``heartbeat``, ``offline``)."""
         self.flush(force=True)
-        self._send([["worker-" + kind, self.hostname, None, time.time(), None, figures or {}]])
+        self._send([("worker-" + kind, self.hostname, None, None, figures or {})])
 
     def flush(self, now: float | None = None, force: bool = False) -> None:
         """Publish the pending task events if the batch is due (or ``force``)."""
@@ -111,10 +114,10 @@ class EventPublisher:
         self._next_heartbeat = now + HEARTBEAT
         return True
 
-    def _send(self, events: list[list[Any]]) -> None:
+    def _send(self, events: list[tuple[Any, ...]]) -> None:
+        body = msgpack.packb([time.time(), events], use_bin_type=True)
         try:
-            self.socket.send_multipart((TOPIC, self.hostname.encode(), msgpack.packb(events, use_bin_type=True)),
-                                       flags=zmq.NOBLOCK)
+            self.socket.send_multipart((TOPIC, self.hostname.encode(), body), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # no room: viewers lose these events, the worker never waits for them
 
@@ -161,11 +164,13 @@ class EventReceiver:
             if len(frames) != 3:
                 continue
             try:
-                events = msgpack.unpackb(frames[2], raw=False)
+                timestamp, events = msgpack.unpackb(frames[2], raw=False)
                 worker = frames[1].decode()
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, TypeError, UnicodeDecodeError):
                 continue
-            out.extend((worker, event) for event in events if isinstance(event, list) and len(event) == 6)
+            # As ClusterState takes them: [type, task id, task name, timestamp, runtime, info].
+            out.extend((worker, [event[0], event[1], event[2], timestamp, event[3], event[4]])
+                       for event in events if isinstance(event, list) and len(event) == 5)
 
     def close(self) -> None:
         """Stop listening."""
