@@ -35,7 +35,7 @@ __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make
 
 #: Weight of the newest run time in the per-name moving average.
 EWMA_ALPHA = 0.2
-#: Runs the mean run time over all kinds (which sizes the credit window) is taken over.
+#: About how many runs the average run time over all kinds (which sizes the credit window) spans.
 OVERALL_RUNS = 1024
 #: Most tasks one child holds ahead in the default mode (tiny tasks).
 MAX_DEPTH = 512
@@ -94,10 +94,9 @@ class RuntimeStats:
 
     def __init__(self) -> None:
         self.by_name: dict[str, float] = {}
-        #: Mean run time of the last :data:`OVERALL_RUNS` runs (0 before the first).
+        #: Average run time over about the last :data:`OVERALL_RUNS` runs (0 before the first).
         self.overall = 0.0
-        self._recent: collections.deque[float] = collections.deque()
-        self._recent_sum = 0.0
+        self._runs = 0
         #: True when a run time was added since the owner last saved :attr:`by_name`.
         self.changed = False
 
@@ -105,15 +104,12 @@ class RuntimeStats:
         """Fold one measured run time in."""
         previous = self.by_name.get(name)
         self.by_name[name] = runtime if previous is None else previous + EWMA_ALPHA * (runtime - previous)
-        # A plain mean over many runs, not a fast-moving average: the credit window and the
-        # default mode's depth are sized from it, and in a mix of tiny and slow kinds an
-        # average of the last few runs swings by orders of magnitude at each slow run.
-        recent = self._recent
-        recent.append(runtime)
-        self._recent_sum += runtime
-        if len(recent) > OVERALL_RUNS:
-            self._recent_sum -= recent.popleft()
-        self.overall = max(self._recent_sum, 0.0) / len(recent)
+        # A slow average (the plain mean of the first runs, then a weight of 1/OVERALL_RUNS), not
+        # a fast-moving one: the credit window and the default mode's depth are sized from it, and
+        # in a mix of tiny and slow kinds an average of the last few runs swings by orders of
+        # magnitude at each slow run. One multiply-add: this runs once per task.
+        self._runs += 1
+        self.overall += (runtime - self.overall) / (self._runs if self._runs < OVERALL_RUNS else OVERALL_RUNS)
         self.changed = True
 
     def load(self, by_name: dict[str, float]) -> None:
