@@ -101,6 +101,14 @@ def setup_logging(level: str) -> None:
                    "(default: one per worker name and endpoint under $ENGINE_STATE_DIR or ~/.local/state/engine).")
 @click.option("--no-journal", is_flag=True, help="Keep accepted tasks in memory only (faster; a killed "
               "supervisor loses them).")
+@click.option("-f", "--logfile", default=None, type=click.Path(dir_okay=False),
+              help="Log to this file instead of stderr (reopened when logrotate moves it, and on SIGHUP).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object per line, with the task's name and id.")
+@click.option("--log-config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A logging.config.dictConfig file (JSON, or YAML by its .yaml/.yml extension).")
+@click.option("--pidfile", default=None, type=click.Path(dir_okay=False),
+              help="Write the supervisor's pid here; refuse to start if it names a running process.")
 @click.option("--autoscale", default=None, metavar="MAX,MIN",
               help="Grow the pool up to MAX children under a backlog, shrink it to MIN when idle.")
 @click.option("-E", "--events", is_flag=True, help="Publish task and worker events (engine events, engine dashboard).")
@@ -114,7 +122,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
                 max_tasks_per_child: int | None, max_memory_per_child: int | None, time_limit: float | None,
                 soft_time_limit: float | None, loglevel: str, hostname: str | None,
                 curve_secret_key: str | None, curve_clients: str | None, journal: str | None,
-                no_journal: bool, autoscale: str | None, events: bool, events_endpoint: str | None,
+                no_journal: bool, logfile: str | None, log_format: str, log_config: str | None,
+                pidfile: str | None, autoscale: str | None, events: bool, events_endpoint: str | None,
                 metrics_port: int | None, metrics_host: str) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
@@ -122,14 +131,21 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
     SIGTERM or SIGINT: warm shutdown (finish accepted tasks); a second one, or SIGQUIT: cold.
     """
     from engine import core
+    from engine.worker.logs import configure_logging
+    from engine.worker.pidfile import Pidfile
     from engine.worker.supervisor import EXIT_FAILURE, Supervisor
 
-    setup_logging(loglevel)
     log = logging.getLogger("engine.worker")
+    owned_pidfile = None
     try:
         if bool(curve_secret_key) != bool(curve_clients):
             raise ImproperlyConfigured("CURVE needs both --curve-secret-key and --curve-clients")
         app = find_app(app_spec)
+        # After the app's import: its setup_logging receivers decide, and its settings are known.
+        configure_logging(loglevel, logfile, log_format, log_config, bool(app.conf.worker_hijack_root_logger))
+        if pidfile:
+            owned_pidfile = Pidfile(pidfile)
+            owned_pidfile.acquire()
         app.finalize()  # include= and autodiscover_tasks() modules
         app.set_current()  # what shared tasks and app-less calls use here and in the children, as in Celery
         if backend:
@@ -149,14 +165,23 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
             hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key and curve_clients else None,
             journal=journal, use_journal=not no_journal, metrics_port=metrics_port, metrics_host=metrics_host,
-            events=events, events_endpoint=events_endpoint, autoscale=scale)
+            events=events or bool(app.conf.worker_send_task_events), events_endpoint=events_endpoint, autoscale=scale)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
+        if not logging.getLogger().handlers:
+            setup_logging(loglevel)  # the failure came before logging was set up
         log.error("cannot start worker: %s", exc)
+        if owned_pidfile is not None:
+            owned_pidfile.release()
         sys.exit(EXIT_FAILURE)
     _banner(supervisor, app_spec, core)
     log.info("%s ready.", supervisor.hostname)
-    sys.exit(supervisor.run())
+    try:
+        status = supervisor.run()
+    finally:
+        if owned_pidfile is not None:
+            owned_pidfile.release()
+    sys.exit(status)
 
 
 def _banner(supervisor: Supervisor, app_spec: str, core: ModuleType) -> None:

@@ -84,6 +84,10 @@ DEFAULTS: dict[str, Any] = {
     "worker_queue_seconds": 0.05,
     # --autoscale: seconds a pool stays idle before it shrinks by a child (Celery's AUTOSCALE_KEEPALIVE).
     "worker_autoscale_keepalive": 30.0,
+    # As Celery: the worker replaces the root logger's handlers (False: adds its own beside them).
+    "worker_hijack_root_logger": True,
+    # As Celery's: publish task and worker events (engine-worker -E does the same).
+    "worker_send_task_events": False,
     #: Largest task message accepted, in bytes.
     "max_message_size": 16 * 1024 * 1024,
 }
@@ -179,6 +183,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "producer_flush_timeout": (_optional(_non_negative), "None (wait until taken) or seconds (>= 0)"),
     "worker_queue_seconds": (_positive, "seconds (> 0)"),
     "worker_autoscale_keepalive": (_positive, "seconds (> 0)"),
+    "worker_hijack_root_logger": (_flag, "True or False"),
+    "worker_send_task_events": (_flag, "True or False"),
     "max_message_size": (_count, "bytes, a whole number >= 1"),
 }
 
@@ -187,7 +193,8 @@ _NO_BROKER = "there is no broker: clients send tasks straight to workers over Ze
 _MSGPACK_ONLY = "messages and results are always msgpack (accept_pickle opts in to pickle)"
 _NO_EVENTS = "engine sends no task events"
 _NO_QUEUES = "queues exist where a worker consumes them (engine-worker -Q); there is nothing to declare"
-_OWN_LOGGING = "engine-worker sets up its own logging (--loglevel; engine.log.WORKER_FORMAT)"
+_OWN_LOGGING = ("engine-worker sets up its own logging (--loglevel, --logfile, --log-format, --log-config, "
+                "or the setup_logging signal)")
 
 #: Celery settings accepted and ignored (one warning per name says why). A name ending in
 #: ``*`` stands for every setting with that prefix.
@@ -213,13 +220,11 @@ CELERY_IGNORED: dict[str, str] = {
     "task_publish_retry": "a client keeps every message until a worker acknowledges it, and sends it again",
     "task_publish_retry_policy": "a client keeps every message until a worker acknowledges it, and sends it again",
     "task_send_sent_event": _NO_EVENTS,
-    "worker_send_task_events": _NO_EVENTS,
     "event_*": _NO_EVENTS,
     "result_persistent": "the rpc:// backend keeps nothing on a broker",
     "result_exchange": _NO_BROKER,
     "result_exchange_type": _NO_BROKER,
     "result_extended": "stored results keep state, result, traceback and time",
-    "worker_hijack_root_logger": _OWN_LOGGING,
     "worker_log_format": _OWN_LOGGING,
     "worker_task_log_format": _OWN_LOGGING,
     "worker_redirect_stdouts": _OWN_LOGGING,
@@ -229,7 +234,7 @@ CELERY_IGNORED: dict[str, str] = {
     "worker_pool": "the pool is always prefork",
     "worker_state_db": "the worker's journal keeps accepted tasks (--journal)",
     "beat_*": "engine has no beat scheduler",
-    "control_*": "engine has no remote control over a broker",
+    "control_*": "remote control goes over the transport (engine inspect / engine control)",
     "security_*": "message signing is not supported; use CURVE (engine keys)",
 }
 

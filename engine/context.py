@@ -49,6 +49,8 @@ class Context:
     chain: list | None = None
     timelimit: tuple = (None, None)
     options: dict = {}
+    #: Headers added by before_task_publish receivers on the sending side (None when none).
+    headers: dict | None = None
     recorder: Recorder | None = None
     retry_dispatcher: Any = None
     #: ``retry(max_retries=N)`` in this call: the limit its automatic retry applies (this call only).

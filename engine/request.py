@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from engine import states
+from engine import signals, states
 from engine.context import Context
 from engine.exceptions import TaskRevokedError
 from engine.tracer import ExceptionInfo, TraceOutcome, trace_task
@@ -103,6 +103,8 @@ class Request:
             "timelimit": (options.get("time_limit"), options.get("soft_time_limit")),
             "options": options,
             "retry_dispatcher": self.retry_dispatcher,
+            # Headers a before_task_publish receiver added (tracing context, ...).
+            "headers": options.get("headers"),
         })
 
     def execute(self, propagate: bool = False) -> TraceOutcome:
@@ -131,6 +133,8 @@ class Request:
         logger.info("Task %s[%s] expired before it could run", self.name, self.id)
         if self.recorder is not None:
             self.recorder.record(self.id, states.REVOKED, exc, None)
+        if signals.task_revoked.receivers:
+            signals.task_revoked.send(sender=self.task, request=self, terminated=False, signum=None, expired=True)
         return TraceOutcome(states.REVOKED, exc, None, 0.0)
 
     # Hooks: a custom request class overrides these (calling super() first).

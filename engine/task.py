@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from engine import context, states
+from engine import context, signals, states
 from engine.canvas import Signature, chunks, xmap, xstarmap
 from engine.core import StateRecorder, TaskMessage, compute_backoff
 from engine.exceptions import (
@@ -38,6 +38,24 @@ __all__ = ("Task", "new_task_id")
 #: ``apply_async`` options that travel in the message but have no parameter of their own.
 MESSAGE_OPTIONS = frozenset({"retries", "chain", "chord", "parent_id", "root_id", "reply_to", "time_limit",
                              "soft_time_limit"})
+
+
+#: The headers before_task_publish receivers see that the message already carries (others travel as
+#: ``options["headers"]`` and reach the task as ``request.headers``).
+_MESSAGE_HEADERS = ("lang", "task", "id", "root_id", "parent_id", "retries", "eta", "expires", "ignore_result")
+
+
+def _before_publish(name: str, message: TaskMessage) -> None:
+    """Send before_task_publish; keys the receivers added to ``headers`` go with the message."""
+    headers = {"lang": "py", "task": name, "id": message.id, "root_id": message.root_id or message.id,
+               "parent_id": message.parent_id, "retries": message.retries, "eta": message.eta,
+               "expires": message.expires, "ignore_result": message.ignore_result}
+    signals.before_task_publish.send(sender=name, body=(message.args, message.kwargs, {}), exchange="",
+                                     routing_key=message.queue, headers=headers, properties={}, declare=[],
+                                     retry_policy=None)
+    extra = {key: value for key, value in headers.items() if key not in _MESSAGE_HEADERS}
+    if extra:
+        message.options = {**message.options, "headers": {**message.options.get("headers", {}), **extra}}
 
 
 def _timestamp(value: Any, name: str) -> float | None:
@@ -230,7 +248,12 @@ class Task:
         if self.typing:
             self.check_arguments(args, kwargs)
         message = self.build_message(args, kwargs, **options)
+        if signals.before_task_publish.receivers:
+            _before_publish(self.name, message)
         self.app.send_message(message)
+        if signals.after_task_publish.receivers:
+            signals.after_task_publish.send(sender=self.name, body=(message.args, message.kwargs, {}), exchange="",
+                                            routing_key=message.queue)
         return self.AsyncResult(message.id)
 
     def build_message(self, args: tuple = (), kwargs: dict | None = None, *, task_id: str | None = None,

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, NamedTuple, Protocol
 
-from engine import context, states
+from engine import context, signals, states
 from engine.canvas import maybe_signature
 from engine.exceptions import EncodeError, Ignore, Reject, Retry
 from engine.task import Task
@@ -121,7 +121,10 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
     einfo: ExceptionInfo | None = None
     started = monotonic()
     context.push(task, request)
+    state = states.FAILURE
     try:
+        if signals.task_prerun.receivers:
+            signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
         if store is not None and not eager and task.resolve_option("track_started"):
             store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or HOSTNAME})
         try:
@@ -139,6 +142,8 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
             if store is not None:
                 store.record(task_id, states.RETRY, exc.exc if exc.exc is not None else exc, einfo.traceback)
             task.on_retry(exc.exc, task_id, args, kwargs, einfo)
+            if signals.task_retry.receivers:
+                signals.task_retry.send(sender=task, request=request, reason=exc, einfo=einfo)
             logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
         except Exception as exc:
             state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
@@ -153,12 +158,17 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
                 state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
             else:
                 _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
+                if signals.task_success.receivers:
+                    signals.task_success.send(sender=task, result=retval)
                 logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id, monotonic() - started,
                             retval)
         if state not in NO_AFTER_RETURN:
             _call_handler(eager, task, "after_return", state, retval, task_id, args, kwargs, einfo)
     finally:
         context.pop()
+        if signals.task_postrun.receivers:
+            signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs,
+                                      retval=retval, state=state)
     return TraceOutcome(state, retval, einfo, monotonic() - started)
 
 
@@ -171,6 +181,9 @@ def _fail(task: Task, task_id: str, request: context.Context, store: Recorder | 
     einfo = ExceptionInfo()
     _record_failure(task, task_id, request, store, exc, einfo)
     task.on_failure(exc, task_id, request.args, request.kwargs, einfo)
+    if signals.task_failure.receivers:
+        signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=request.args,
+                                  kwargs=request.kwargs, traceback=einfo.tb, einfo=einfo)
     _log_failure(task, task_id, exc, einfo)
     if propagate:
         raise exc

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from engine import serialization, states
+from engine import serialization, signals, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.worker import pipe
@@ -143,6 +143,9 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     # or a time limit), and the kernel kills it if the supervisor dies.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    # SIGHUP (logrotate, a closed terminal) is the supervisor's too: its log file handler reopens
+    # the file in every process by itself once the file was moved.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _soft_limit_handler)
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe, inherited: a child's SIGALRM is not its news
     reader = pipe.FrameReader(task_fd)
@@ -153,6 +156,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     for each in apps:
         each._producer = producer
     app.set_current()  # tasks' app-less calls (shared tasks, AsyncResult(id)) use the worker's app
+    signals.worker_process_init.send(sender=None)  # e.g. open a database pool per child, after fork
     registry = app.tasks
     max_tasks = options.get("max_tasks_per_child") or 0
     max_memory_kib = options.get("max_memory_per_child") or 0
@@ -204,6 +208,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                     running = False
                     break
     finally:
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exit_code)
         try:
             writer.flush()
         except OSError:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
 import msgpack
 import zmq
 
-from engine import states
+from engine import signals, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import (
     ImproperlyConfigured,
@@ -159,6 +160,7 @@ class Supervisor:
         self.control = ControlHandler(self)
         #: Children told to stop by ``pool_shrink``: their exit is not a loss.
         self._retiring: set[int] = set()
+        self._reopen_logs = False
         #: When the loop last turned (monotonic): what /healthz looks at.
         self.last_turn = time.monotonic()
         self.metrics_port, self.metrics_host = metrics_port, metrics_host
@@ -189,6 +191,7 @@ class Supervisor:
         """Open the journal, fork the children, then open the transport (children must not inherit sockets)."""
         if self.curve is not None and self.connects:
             raise ImproperlyConfigured("CURVE is supported for workers that bind (--bind), not with --connect")
+        signals.worker_init.send(sender=self)
         if self.journal_path:
             self.journal = self.states.journal = Journal(self.journal_path)
             if self.chords is not None:
@@ -216,6 +219,9 @@ class Supervisor:
             self.metrics = MetricsServer(self, self.metrics_port, self.metrics_host)
             self.metrics.start()
         self.signals.install()
+        # SIGHUP: reopen the log files (logrotate). Noted here, done by the loop, which the
+        # signal wakes (the wake-up pipe): never in the middle of writing a line.
+        signal.signal(signal.SIGHUP, self._on_hangup)
         self._replay()
 
     def _replay(self) -> None:
@@ -249,6 +255,7 @@ class Supervisor:
         """Serve until a warm or cold shutdown; return the exit status."""
         consumer = self.consumer
         assert consumer is not None, "start() first"
+        signals.worker_ready.send(sender=self)
         poller = zmq.Poller()
         for sock in consumer.sockets:
             poller.register(sock, zmq.POLLIN)
@@ -286,6 +293,11 @@ class Supervisor:
             for target, _ in events:
                 if target == self.signals.fd:
                     self.signals.drain()
+                    if self._reopen_logs:
+                        self._reopen_logs = False
+                        from engine.worker.logs import reopen_log_files
+
+                        logger.info("SIGHUP: reopened %d log file(s)", reopen_log_files())
                 elif self.replies is not None and target == self.replies.wake_fd:
                     self.replies.relay()
                 elif isinstance(target, int):
@@ -370,6 +382,8 @@ class Supervisor:
                     self.counters["malformed"] += 1
                     consumer.consumed_any(peer)  # it was sent against some credit: take it back
                     logger.warning("dropped a malformed task message from %s: %s", peer.name, exc)
+                    if signals.task_rejected.receivers:
+                        signals.task_rejected.send(sender=self, message=raw, exc=exc)
                     if journal is not None:
                         journal.remove([ref])
                     continue
@@ -402,10 +416,14 @@ class Supervisor:
         except NotRegistered as exc:
             self.counters["unknown"] += 1
             logger.error("received unknown task %s[%s]: %s", message.task, message.id, exc)
+            if signals.task_unknown.receivers:
+                signals.task_unknown.send(sender=self, name=message.task, id=message.id, message=message, exc=exc)
             self.states.record(message.id, states.FAILURE, exc, f"NotRegistered: {exc}")
             if journal_ref is not None:
                 self.states.finished(journal_ref)
             return
+        if signals.task_received.receivers:
+            signals.task_received.send(sender=self, request=task.request_class(message, task, hostname=self.hostname))
         if message.eta is not None and message.eta > time.time():
             if journal is not None and isinstance(journal_ref, int):
                 # Held for later: a row of its own, so that its frame's row can go with the others.
@@ -547,6 +565,8 @@ class Supervisor:
                              info=None if reason and reason[0] == "revoked" else f"child {pid} exited ({status})")
         if reason and reason[0] == "revoked":
             # Terminated on purpose (``revoke(terminate=True)``): REVOKED, not lost, and never run again.
+            if signals.task_revoked.receivers:
+                self._signal_revoked(message, terminated=True, signum=int(reason[1]))
             self.task_stats.decided(message.task, states.REVOKED)
             self.states.record(message.id, states.REVOKED, TaskRevokedError(f"terminated ({reason[1]})"),
                                f"TaskRevokedError: terminated ({reason[1]})")
@@ -575,10 +595,17 @@ class Supervisor:
         logger.info("discarding revoked task %s[%s]", message.task, message.id)
         if self.events is not None:
             self.events.task("revoked", message.id, message.task)
+        if signals.task_revoked.receivers:
+            self._signal_revoked(message, terminated=False, signum=None)
         self.task_stats.decided(message.task, states.REVOKED)
         self.states.record(message.id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
         if journal_ref is not None:
             self.states.finished(journal_ref)
+
+    def _signal_revoked(self, message: TaskMessage, terminated: bool, signum: int | None) -> None:
+        task = self.registry.get(message.task)
+        request = task.request_class(message, task, hostname=self.hostname) if task is not None else None
+        signals.task_revoked.send(sender=task, request=request, terminated=terminated, signum=signum, expired=False)
 
     def revoke(self, task_ids: list[str], root_ids: list[str], terminate_with: int | None = None) -> dict:
         """Revoke tasks by id and by root id: none of them starts here from now on.
@@ -757,6 +784,9 @@ class Supervisor:
         self._close()
         return EXIT_COLD
 
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self._reopen_logs = True
+
     def _worker_figures(self) -> dict:
         """What a worker event carries: pool, queue and counter figures."""
         children = list(self.pool.children.values())
@@ -765,6 +795,7 @@ class Supervisor:
                 "counters": self.task_stats.counters(), "received": self.counters["received"]}
 
     def _close(self) -> None:
+        signals.worker_shutdown.send(sender=self)
         if self.events is not None:
             self.events.worker("offline", self._worker_figures())
             self.events.close()
