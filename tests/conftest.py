@@ -43,8 +43,8 @@ def worker_setup(tmp_path):
     env = {"ENGINE_TEST_ENDPOINT": endpoint, "ENGINE_TEST_BACKEND": backend}
     workers: list = []
 
-    def start(*args: str, extra_env: dict | None = None, ready: bool = True):
-        worker = WorkerProcess(*args, env={**env, **(extra_env or {})})
+    def start(*args: str, extra_env: dict | None = None, ready: bool = True, app_module: str = "tests.workerapp"):
+        worker = WorkerProcess(*args, env={**env, **(extra_env or {})}, app=app_module)
         workers.append(worker)
         return worker.wait_ready() if ready else worker
 

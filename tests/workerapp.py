@@ -205,3 +205,12 @@ def tsum_marked(values, path):
 def tsum(values):
     """A chord body (and a chain step after a group): the sum of the results."""
     return sum(values)
+
+
+@app.task
+def say(text):
+    """Log ``text`` at WARNING from the task (the log file tests read it)."""
+    import logging
+
+    logging.getLogger("tests.workerapp.say").warning("said: %s", text)
+    return text

@@ -91,6 +91,8 @@ def _read_config(path: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ImproperlyConfigured(f"the log config {path!r} must hold a mapping (logging.config.dictConfig's)")
     config.setdefault("version", 1)
+    # dictConfig's default would silence every logger that exists already: the engine's own.
+    config.setdefault("disable_existing_loggers", False)
     return config
 
 
