@@ -416,7 +416,9 @@ class _MemberSender:
         self.options = options
         self._fast: dict[str, Any] = {}  # task name -> the task when its sending is not customised, else None
 
-    def __call__(self, member: Signature) -> Any:
+    def __call__(self, member: Any) -> Any:
+        if not isinstance(member, Signature):  # a chain, group or chord as a member
+            return member.apply_async(self.args, self.kwargs, **self.options)
         name = member["task"]
         task = self._fast.get(name, _UNSEEN)
         if task is _UNSEEN:

@@ -56,7 +56,10 @@ class Control:
         targets = list(endpoints) if endpoints is not None else _endpoints(self.app)
         wanted = set(destination) if destination is not None else None
         request_id = uuid.uuid4().hex
-        body = protocol.pack({"id": request_id, "method": method, "arguments": arguments or {}})
+        request: dict[str, Any] = {"id": request_id, "method": method, "arguments": arguments or {}}
+        if wanted is not None:
+            request["destination"] = sorted(wanted)  # the other workers ignore it (and do not reply)
+        body = protocol.pack(request)
         context: zmq.Context = zmq.Context.instance()
         sockets = []
         replies: dict[str, dict[str, Any]] = {}
@@ -73,7 +76,9 @@ class Control:
                 sockets.append(sock)
             answered: set[int] = set()
             deadline = time.monotonic() + timeout
-            while len(answered) < len(sockets) and (limit is None or len(replies) < limit):
+            # With a destination, the workers not named stay silent: wait for the named ones.
+            expected = len(sockets) if wanted is None else min(len(sockets), len(wanted))
+            while len(answered) < expected and (limit is None or len(replies) < limit):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -89,8 +94,7 @@ class Control:
                         continue  # a late reply to an earlier request
                     answered.add(id(sock))
                     worker = str(reply.get("worker"))
-                    if wanted is None or worker in wanted:
-                        replies[worker] = {"error": reply["error"]} if "error" in reply else {"ok": reply.get("reply")}
+                    replies[worker] = {"error": reply["error"]} if "error" in reply else {"ok": reply.get("reply")}
         finally:
             for sock in sockets:
                 sock.close(linger=0)

@@ -75,11 +75,10 @@ class EventPublisher:
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.authenticator: Any = None
-        if curve is not None:
-            from engine.transport.security import secure_server
+        if curve is not None:  # the worker's keys; its consumer's authenticator admits the clients
+            from engine.transport.security import curve_server_socket
 
-            self.authenticator = secure_server(context, self.socket, *curve)
+            curve_server_socket(self.socket, curve[0])
         self.socket.bind(endpoint)
         #: Events not published yet: ``(type, task id, task name, runtime, info)``.
         self.pending: list[tuple[Any, ...]] = []
@@ -124,8 +123,6 @@ class EventPublisher:
     def close(self) -> None:
         """Close the socket (the authenticator too, with CURVE)."""
         self.socket.close(linger=0)
-        if self.authenticator is not None:
-            self.authenticator.stop()
 
 
 class EventReceiver:

@@ -206,10 +206,8 @@ def _record_failure(task: Task, task_id: str, request: context.Context, store: R
     """Record FAILURE for the task and every later step of its chain, then send errbacks."""
     if store is not None:
         store.record(task_id, states.FAILURE, exc, einfo.traceback)
-        for step in request.chain or ():
-            step_id = (step.get("options") or {}).get("task_id")
-            if step_id:
-                store.record(step_id, states.FAILURE, exc, einfo.traceback)
+        for step_id in _chain_step_ids(request.chain or ()):
+            store.record(step_id, states.FAILURE, exc, einfo.traceback)
     for errback in request.errbacks or ():
         try:
             sig = _signature(task, errback)
@@ -222,6 +220,26 @@ def _record_failure(task: Task, task_id: str, request: context.Context, store: R
                                 reply_to=request.reply_to)
         except Exception:
             logger.exception("Task %s[%s]: errback %r failed", task.name, request.id, errback)
+
+
+def _chain_step_ids(steps: Any) -> list[str]:
+    """The task ids of later chain steps, a group's members and a chord's header and body included."""
+    ids: list[str] = []
+    for step in steps:
+        if not isinstance(step, dict):
+            continue
+        kind = step.get("subtask_type")
+        if kind == "group":
+            ids += _chain_step_ids(step.get("kwargs", {}).get("tasks", ()))
+        elif kind == "chord":
+            kwargs = step.get("kwargs", {})
+            ids += _chain_step_ids([*kwargs.get("header", ()), kwargs.get("body")])
+        else:
+            step_id = (step.get("options") or {}).get("task_id")
+            if step_id:
+                ids.append(step_id)
+            ids += _chain_step_ids((step.get("options") or {}).get("chain") or ())
+    return ids
 
 
 def _takes_request_exc_traceback(handler: Task) -> bool:

@@ -260,13 +260,40 @@ def test_a_restarted_worker_sends_again_the_bodies_it_fired_but_never_queued(tmp
     # The first run counted both and crashed before their bodies were in its journal.
     assert len(backend.chord_parts_done([("lost", "l1"), ("replayed", "r1")], "w /j")) == 2
 
+    class States:  # what the counter reads of the state flusher: no journal, states not yet stored
+        journal = None
+        stores = 0
+        pending = True
+
     sent = []
-    counter = ChordCounter(app, backend, states_out=None, send=sent.append, firer="w /j")  # type: ignore[arg-type]
+    states_out = States()
+    counter = ChordCounter(app, backend, states_out=states_out, send=sent.append, firer="w /j")  # type: ignore[arg-type]
     counter.recover(replayed_ids={"replayed"})  # the journal had the second body already
 
     assert [(m.id, m.args) for m in sent] == [("lost", ([5],))]
-    counter.confirm(durable=False)
-    assert len(backend.chords_firing("w /j")) == 2  # not durable yet: still to recover
-    counter.confirm(durable=True)
+    counter.confirm()
+    assert len(backend.chords_firing("w /j")) == 2  # nothing stored since: still to recover
+    counter.confirm(producer_idle=False)
+    states_out.stores += 1  # a batch of states was written since
+    counter.confirm(producer_idle=False)
+    assert len(backend.chords_firing("w /j")) == 2  # a forwarded message is not acknowledged yet
+    counter.confirm()
     assert backend.chords_firing("w /j") == []
     app.close()
+
+
+@pytest.mark.slow
+def test_a_failing_chain_step_fails_the_groups_and_chords_after_it(worker_setup):
+    from engine import chain
+    from tests import workerapp
+
+    worker_setup("--concurrency", "2")
+    add, tsum, fails = workerapp.add, workerapp.tsum, workerapp.fails
+    ending = (fails.s("early") | group(add.s(1), add.s(2))).apply_async()
+    with pytest.raises(ValueError, match="early"):
+        ending.get(timeout=30)  # not a wait for ever
+    through = chain(fails.s("early"), group(add.s(1), add.s(2)), tsum.s(), add.s(1)).apply_async()
+    with pytest.raises(ValueError, match="early"):
+        through.get(timeout=30)
+    with pytest.raises(ValueError, match="early"):
+        through.parent.get(timeout=30)  # the chord's body

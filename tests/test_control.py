@@ -167,9 +167,10 @@ def test_terminate_stops_the_running_task_and_replaces_its_child(worker_setup, t
 def test_pool_grow_and_shrink_and_shutdown(worker_setup):
     from tests import workerapp
 
-    worker = worker_setup("--concurrency", "1")
+    worker = worker_setup("--concurrency", "1", "-n", "resized@test")
     control = workerapp.app.control
-    assert control.pool_grow(2, timeout=5).popitem()[1]["ok"] == {"concurrency": 3}
+    assert control.pool_grow(2, destination=["someone-else"], timeout=1) == {}  # not for this worker: not run
+    assert control.pool_grow(2, destination=["resized@test"], timeout=5) == {"resized@test": {"ok": {"concurrency": 3}}}
     deadline = time.monotonic() + 30
     while len(pids(worker)) != 3 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -267,3 +268,20 @@ def test_autoscale_grows_under_a_burst_and_shrinks_when_idle(worker_setup):
         assert time.monotonic() < deadline + 30, pids(worker)
         time.sleep(0.1)
     assert workerapp.add.delay(1, 1).get(timeout=30) == 2
+
+
+def test_revoked_ids_are_saved_one_by_one_and_reloaded(tmp_path):
+    from engine.worker.journal import Journal
+
+    revoked = RevokedSet(max_entries=2, expires=100)
+    revoked.add(["a", "b"], now=1000.0)
+    journal = Journal(str(tmp_path / "j.db"))
+    journal.save_revoked(*revoked.take_changes())
+    revoked.add(["c"], now=1001.0)  # "a" goes: over the bound
+    added, removed = revoked.take_changes()
+    assert added == {"c": 1101.0} and removed == {"a"} and not revoked.changed
+    journal.save_revoked(added, removed)
+    journal.close()
+    reopened = Journal(str(tmp_path / "j.db"))
+    assert reopened.revoked() == {"b": 1100.0, "c": 1101.0}
+    reopened.close()

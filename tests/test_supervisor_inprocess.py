@@ -421,3 +421,14 @@ def test_a_message_the_supervisor_sends_itself_goes_to_a_child_at_once(app, supe
 
     assert [e.message.id for e in child.outstanding] == [body.id]
     assert pipe.FrameReader(read_fd).read() == [(pipe.TASK, encode_message(body))]
+
+
+def test_a_revoked_task_a_dead_child_held_is_not_run_elsewhere(app, supervisor):
+    running, revoked, other = queued(app, started=1.0), queued(app), queued(app)
+    child = child_holding(supervisor, running, revoked, other)
+    supervisor.in_children = 3
+    supervisor.revoked.add([revoked.message.id])
+    supervisor._child_exited(child)
+    assert waiting_ids(supervisor) == [other.message.id]  # put back to run elsewhere, the revoked one not
+    assert stored(supervisor, revoked.message.id).state == states.REVOKED
+    assert revoked.journal_ref in supervisor.journal.removed

@@ -483,8 +483,8 @@ def test_curve_admits_only_authorized_clients(setup, tmp_path):
     _, bad_secret = make_keys(str(keys), "bad")
     clients.mkdir()
     (clients / "good.key").write_bytes(open(good_public, "rb").read())
-    worker = setup("--concurrency", "1", "--curve-secret-key", worker_secret, "--curve-clients", str(clients))
-    assert "CURVE" in worker.output
+    worker = setup("--concurrency", "1", "--curve-secret-key", worker_secret, "--curve-clients", str(clients), "-E")
+    assert "CURVE" in worker.output and "events:" in worker.output  # events under CURVE too
     runs = setup.tmp / "runs.txt"
     app = workerapp.app
     app.close()
@@ -496,6 +496,15 @@ def test_curve_admits_only_authorized_clients(setup, tmp_path):
         app.close()
         app.conf.transport_curve_client_key = good_secret
         assert workerapp.log_run.delay(str(runs), "friend").get(timeout=20) == "friend"
+        from engine.events import EventReceiver
+
+        receiver = EventReceiver(app)  # an authorized client reads the events (encrypted)
+        try:
+            deadline = time.monotonic() + 10
+            while not receiver.receive(0.2):  # the next heartbeat, within 2 s
+                assert time.monotonic() < deadline, "no event under CURVE"
+        finally:
+            receiver.close()
     finally:
         app.close()
         app.conf.update(transport_curve_server_key=None, transport_curve_client_key=None)

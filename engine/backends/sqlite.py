@@ -53,8 +53,9 @@ CREATE TABLE IF NOT EXISTS engine_chords (
 CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
     PRIMARY KEY (chord_id, task_id));
 """
-#: Seconds between two looks at the commit counter while waiting for results.
+#: Seconds between two looks at the commit counter while waiting for results (first, and at most).
 CHANGE_CHECK = 0.0005
+CHANGE_CHECK_MAX = 0.005
 #: Ids read by one query of a bulk read (below SQLite's smallest limit of bound parameters, 999).
 READ_MANY = 900
 INDEX = "CREATE INDEX IF NOT EXISTS engine_results_date_done ON engine_results (date_done)"
@@ -123,13 +124,15 @@ class SQLiteBackend(Backend):
     def _wait_for_change(self, seconds: float, token: Any) -> None:
         """Sleep in short steps until another connection committed (or ``seconds`` passed)."""
         end = time.monotonic() + seconds
+        step = CHANGE_CHECK
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return
-            time.sleep(min(CHANGE_CHECK, remaining))
+            time.sleep(min(step, remaining))
             if self._change_token() != token:
                 return
+            step = min(step * 1.5, CHANGE_CHECK_MAX)  # a quiet store is looked at less often
 
     def get_encoded(self, task_id: str) -> StateRecord | None:
         row = self._connection().execute(

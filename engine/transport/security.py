@@ -66,6 +66,15 @@ def secure_server(context: zmq.Context, sock: zmq.Socket, secret_key_file: str, 
     return authenticator
 
 
+def curve_server_socket(sock: zmq.Socket, secret_key_file: str) -> None:
+    """Make ``sock`` a CURVE server with the keys in ``secret_key_file``, admitted by the authenticator
+    :func:`secure_server` already started on the same context (one per context)."""
+    public, secret = load_secret(secret_key_file)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
 def secure_client(sock: zmq.Socket, server_key_file: str, client_key_file: str) -> None:
     """Make ``sock`` a CURVE client of the server whose public key is in ``server_key_file``."""
     public, secret = load_secret(client_key_file)

@@ -53,8 +53,11 @@ class ChordCounter:
         #: This worker's durable identity (its name and journal), None without a journal: a chord
         #: completed here is noted as fired by it until its body is queued durably (see confirm()).
         self.firer = firer
-        #: Chords whose body (or failure) went out since the last confirm().
-        self._sent: list[str] = []
+        #: Chords whose body (or failure) went out and is not confirmed durable yet: (chord id, the
+        #: journal's commit count and the state flusher's store count when it went out).
+        self._sent: list[tuple[str, int, int]] = []
+        #: Completed chords whose body could not be started (a store or transport error): tried again.
+        self._unstarted: list[tuple[str, list[str], dict]] = []
         #: Header task id -> chord id, until its final state is stored and counted.
         self._chord_of: dict[str, str] = {}
         #: Parts stored but not counted yet (the count failed; tried again after the next store).
@@ -108,7 +111,11 @@ class ChordCounter:
         return not self._parts
 
     def retry(self) -> None:
-        """Count the parts whose count failed before (housekeeping calls it: the last store may be past)."""
+        """Count the parts whose count failed before, start the bodies that failed to start (housekeeping)."""
+        if self._unstarted:
+            unstarted, self._unstarted = self._unstarted, []
+            for chord_id, header_ids, body in unstarted:
+                self._fire(chord_id, header_ids, body)
         if not self._parts:
             return
         parts, self._parts = self._parts, []
@@ -125,28 +132,44 @@ class ChordCounter:
         try:
             self._start_body(chord_id, header_ids, body)
         except Exception:
-            # Left as being fired: this worker, restarted, tries again (recover()).
-            logger.exception("could not start the body of chord %s", chord_id)
+            # Still marked as being fired: tried again at the next housekeeping pass.
+            logger.exception("could not start the body of chord %s, will retry", chord_id)
+            self._unstarted.append((chord_id, header_ids, body))
             return
         if self.firer is not None:
-            self._sent.append(chord_id)
+            self._sent.append((chord_id, self.commits(), self.states.stores))
 
-    def confirm(self, durable: bool) -> None:
-        """Tell the store that the bodies sent since the last call are queued for good.
+    def commits(self) -> int:
+        """The journal's count of commits (0 without a journal)."""
+        journal = self.states.journal
+        return journal.commits if journal is not None else 0
 
-        The supervisor calls it each turn with ``durable`` True once the journal
-        holds them, their states are written and any body sent to another worker
-        was acknowledged; until then a crash leaves those chords "being fired by
-        this worker", and :meth:`recover` sends their bodies again at restart.
+    def confirm(self, producer_idle: bool = True) -> None:
+        """Tell the store which bodies sent are queued for good: nothing to recover for them any more.
+
+        A body is durable once a journal commit and a state store happened after
+        it was sent (its journal row, or its chord's failure state, is written)
+        and no message this worker forwards (a body for a queue another worker
+        serves) waits for an acknowledgement. Until then a crash leaves the chord
+        "being fired by this worker", and :meth:`recover` sends it again at restart.
         """
-        if not self._sent or not durable:
+        if not self._sent or not producer_idle:
             return
-        sent, self._sent = self._sent, []
+        journal = self.states.journal
+        commits, stores = self.commits(), self.states.stores
+        journal_clean = journal is None or not journal.dirty
+        states_clean = not self.states.pending
+        done = [entry for entry in self._sent if (commits > entry[1] or journal_clean)
+                and (stores > entry[2] or states_clean)]
+        if not done:
+            return
         try:
-            self.backend.chord_bodies_queued(sent, self.firer)  # type: ignore[arg-type]  # set when _sent is
+            self.backend.chord_bodies_queued([chord_id for chord_id, _, _ in done], self.firer)  # type: ignore[arg-type]
         except Exception as exc:
-            logger.warning("could not mark %d chord bodies queued, will retry: %s", len(sent), exc)
-            self._sent[:0] = sent
+            logger.warning("could not mark %d chord bodies queued, will retry: %s", len(done), exc)
+            return
+        confirmed = {id(entry) for entry in done}
+        self._sent = [entry for entry in self._sent if id(entry) not in confirmed]
 
     def recover(self, replayed_ids: set[str]) -> None:
         """At start: send again the bodies of chords this worker completed but did not queue for good.
@@ -162,7 +185,7 @@ class ChordCounter:
             return
         for chord_id, header_ids, body in firing:
             if chord_id in replayed_ids:
-                self._sent.append(chord_id)
+                self._sent.append((chord_id, self.commits(), self.states.stores))
                 continue
             logger.warning("sending again the body of chord %s, completed before this worker stopped", chord_id)
             self._fire(chord_id, header_ids, body)

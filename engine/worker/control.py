@@ -61,6 +61,9 @@ class ControlHandler:
     def handle(self, peer: Peer, request: dict) -> None:
         """Run one request and send its reply to ``peer`` (an unknown method or bad arguments get an error)."""
         sup = self.supervisor
+        destination = request.get("destination")
+        if destination is not None and sup.hostname not in destination:
+            return  # for other workers only: not run, no reply
         reply: dict[str, Any] = {"id": request.get("id"), "worker": sup.hostname}
         method = self.methods.get(request["method"])
         arguments = request.get("arguments") or {}

@@ -135,6 +135,8 @@ class Journal:
         #: Frame id -> tasks of it not final yet.
         self._frame_left: dict[int, int] = {}
         self._next_frame = 1
+        #: Commits that wrote something (what was added before one of them is on disk).
+        self.commits = 0
         self._lock_fd = -1
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -239,6 +241,7 @@ class Journal:
             if frames_removed:
                 db.executemany("DELETE FROM frames WHERE id = ?", ((frame_id,) for frame_id in frames_removed))
             db.execute("COMMIT")
+            self.commits += 1
         except BaseException:
             _rollback(db)
             # Nothing of this batch reached the file: all of it waits for the next commit.
@@ -267,13 +270,13 @@ class Journal:
         """Revoked ids (task ids and ``root:`` ids) an earlier run saved, with when each expires (unix time)."""
         return {str(key): float(expires) for key, expires in self._db.execute("SELECT id, expires FROM revoked")}
 
-    def save_revoked(self, entries: dict[str, float]) -> None:
-        """Replace the saved revoked ids with ``entries`` (id -> expiry, unix time), in one transaction."""
+    def save_revoked(self, added: dict[str, float], removed: Iterable[str] = ()) -> None:
+        """Save revoked ids added (id -> expiry, unix time) and forget those ``removed``, in one transaction."""
         db = self._db
         try:
             db.execute("BEGIN")
-            db.execute("DELETE FROM revoked")
-            db.executemany("INSERT INTO revoked VALUES (?, ?)", entries.items())
+            db.executemany("INSERT OR REPLACE INTO revoked VALUES (?, ?)", added.items())
+            db.executemany("DELETE FROM revoked WHERE id = ?", ((key,) for key in removed))
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)

@@ -12,6 +12,7 @@ read. (Soft limits are the child's own business: a SIGALRM timer.)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,9 @@ __all__ = ("TimeLimits",)
 
 logger = logging.getLogger("engine.worker")
 
+#: Seconds a child gets to die of a terminating revoke's signal before it is killed (SIGKILL).
+TERMINATE_GRACE = 5.0
+
 
 class TimeLimits:
     """Kills children past their task's hard limit and remembers why each one died."""
@@ -30,12 +34,21 @@ class TimeLimits:
         self.pool = pool
         self.default_limit = default_limit
         self.hostname = hostname
-        #: pid -> (reason, limit) of children killed on purpose and not yet reaped.
+        #: pid -> (reason, limit or signal) of children killed on purpose and not yet reaped.
         self._killed: dict[int, tuple[str, float]] = {}
+        #: pid -> (when, the task id) of children sent a signal by a terminating revoke.
+        self._terminated: dict[int, tuple[float, str]] = {}
 
     def enforce(self, now: float, children: Iterable[Child]) -> None:
         """Kill every child whose running task is past its limit at ``now`` (monotonic)."""
         for child in children:
+            terminated = self._terminated.get(child.pid)
+            if terminated is not None and now - terminated[0] > TERMINATE_GRACE:
+                # The revoke's signal did not end it (handled, or stopped): make sure, once.
+                logger.warning("child %d still alive %.0fs after a terminating revoke: SIGKILL", child.pid,
+                               TERMINATE_GRACE)
+                self._terminated[child.pid] = (float("inf"), terminated[1])
+                self.pool.kill(child)
             if not child.outstanding or child.pid in self._killed:
                 continue
             entry = child.outstanding[0]
@@ -53,10 +66,16 @@ class TimeLimits:
                     logger.exception("on_timeout handler failed")
                 self.pool.kill(child)
 
-    def terminate(self, child: Child, signum: int) -> None:
-        """Stop ``child``'s running task on purpose (a revoke with terminate): its exit is not a loss."""
+    def terminate(self, child: Child, signum: int, task_id: str) -> None:
+        """Stop ``child``'s running task ``task_id`` on purpose (a revoke with terminate): its exit is not a loss."""
         self._killed[child.pid] = ("revoked", float(signum))
+        self._terminated[child.pid] = (time.monotonic(), task_id)
         self.pool.kill(child, signum)
+
+    def terminated_task(self, pid: int) -> str | None:
+        """The task a terminating revoke aimed at in child ``pid`` (and forget it), or None."""
+        entry = self._terminated.pop(pid, None)
+        return entry[1] if entry is not None else None
 
     def killing(self, pid: int) -> bool:
         """True while a child killed for its time limit has not been reaped."""

@@ -38,8 +38,26 @@ class RevokedSet:
         self.expires = expires
         #: key (a task id, or ``root:`` + a root id) -> expiry; insertion order is age order.
         self.entries: dict[str, float] = {}
-        #: True when entries changed since the owner last saved them.
-        self.changed = False
+        #: What changed since the owner last saved (see :meth:`take_changes`): saved one by one,
+        #: a revoke never rewrites the whole set.
+        self._added: dict[str, float] = {}
+        self._removed: set[str] = set()
+
+    @property
+    def changed(self) -> bool:
+        """True when entries changed since the last :meth:`take_changes`."""
+        return bool(self._added or self._removed)
+
+    def take_changes(self) -> tuple[dict[str, float], set[str]]:
+        """The entries added (with their expiry) and the keys removed since the last call."""
+        added, removed = self._added, self._removed
+        self._added, self._removed = {}, set()
+        return added, removed
+
+    def _drop(self, key: str) -> None:
+        del self.entries[key]
+        if self._added.pop(key, None) is None:
+            self._removed.add(key)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -50,9 +68,10 @@ class RevokedSet:
         for key in [*task_ids, *(ROOT + root for root in root_ids)]:
             self.entries.pop(key, None)  # re-revoking renews it (and makes it the newest)
             self.entries[key] = expiry
+            self._added[key] = expiry
+            self._removed.discard(key)
         while len(self.entries) > self.max_entries:
-            del self.entries[next(iter(self.entries))]
-        self.changed = True
+            self._drop(next(iter(self.entries)))
 
     def load(self, saved: dict[str, float], now: float | None = None) -> None:
         """Start from what an earlier run saved (expired ones dropped)."""
@@ -64,11 +83,8 @@ class RevokedSet:
     def purge(self, now: float | None = None) -> None:
         """Drop expired entries."""
         now = now if now is not None else time.time()
-        expired = [key for key, expiry in self.entries.items() if expiry <= now]
-        for key in expired:
-            del self.entries[key]
-        if expired:
-            self.changed = True
+        for key in [key for key, expiry in self.entries.items() if expiry <= now]:
+            self._drop(key)
 
     def matches(self, message: TaskMessage) -> bool:
         """True when ``message`` is revoked: its id, or its root's (a task that is its own root counts too)."""

@@ -53,6 +53,8 @@ class StateFlusher:
         #: Journal keys of tasks that ran; they leave the journal once their states are out.
         self._finished: list[JournalRef] = []
         self._last_flush = 0.0
+        #: Batches written out (what was recorded before one of them is stored).
+        self.stores = 0
 
     @property
     def pending(self) -> bool:
@@ -86,9 +88,11 @@ class StateFlusher:
         records = recorder.flush()
         if self.replies is not None:
             self.replies.send(records)
+            self.stores += 1
         elif self.backend is not None:
             try:
                 self.backend.store(records)
+                self.stores += 1
                 if self.after_store is not None:
                     self.after_store(records)
             except Exception as exc:

@@ -195,7 +195,8 @@ class Supervisor:
         if self.journal_path:
             self.journal = self.states.journal = Journal(self.journal_path)
             if self.chords is not None:
-                self.chords.firer = f"{self.hostname} {os.path.abspath(self.journal_path)}"
+                # The journal is the worker's durable identity (an unnamed worker's name has its pid).
+                self.chords.firer = os.path.abspath(self.journal_path)
             self.revoked.load(self.journal.revoked())
             saved = self.journal.runtimes()
             self.stats.load(saved)
@@ -328,12 +329,8 @@ class Supervisor:
                 if self.events.heartbeat_due(now):
                     self.events.worker("heartbeat", self._worker_figures())
             if self.chords is not None:
-                # Durable: in the committed journal (a body queued here is added during the state
-                # flush, after this turn's commit), its failure state written, and a body for a
-                # queue another worker serves acknowledged by it.
-                producer = self.app._producer
-                self.chords.confirm(not self.states.pending and not (self.journal and self.journal.dirty)
-                                    and (producer is None or not producer.waiting))
+                producer = self.app._producer  # a body for a queue another worker serves went through it
+                self.chords.confirm(producer is None or not producer.waiting)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if self.stopping == WARM:
@@ -486,7 +483,8 @@ class Supervisor:
                 task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
                 if self.replies is not None and child.outstanding:
                     self.replies.follow(task_id, child.outstanding[0].message.id)
-                if self.events is not None and state == states.FAILURE and traceback:
+                if self.events is not None and state == states.FAILURE and traceback and child.outstanding \
+                        and child.outstanding[0].message.id == task_id:  # not the later steps of its chain
                     self._failure_info[task_id] = traceback.strip().splitlines()[-1][:500]
                 self.states.record_encoded(task_id, state, body, traceback, timestamp)
             elif kind == pipe.SEND:
@@ -537,20 +535,33 @@ class Supervisor:
     def _child_exited(self, child: Child) -> None:
         status = self.pool.forget(child)
         reason = self.limits.reason(child.pid)
+        target = self.limits.terminated_task(child.pid)
         held = list(child.outstanding)
         child.outstanding.clear()
         child.queued_seconds = 0.0
         self.in_children = max(0, self.in_children - len(held))
-        if (status == RETIRE_EXIT or child.pid in self._retiring) and reason is None:
+        retiring = child.pid in self._retiring
+        self._retiring.discard(child.pid)
+        if (status == RETIRE_EXIT or (retiring and status == 0)) and reason is None:
             lost = None
-            self._retiring.discard(child.pid)
             logger.info("child %d retired (task or memory limit, or a smaller pool)", child.pid)
         else:
             lost = held.pop(0) if held else None
-            if not self.stopping or lost is not None:
+            if reason and reason[0] == "revoked" and lost is not None and lost.message.id != target \
+                    and not self.revoked.matches(lost.message):
+                # The revoked task had ended just before the signal (its DONE unread): the one
+                # killed is another, which never finished: it runs again, it is not REVOKED.
+                logger.warning("child %d was terminated after revoked task %s ended: %s runs again",
+                               child.pid, target, lost)
+                held.insert(0, lost)
+                lost = None
+            elif not self.stopping or lost is not None:
                 logger.error("child %d exited (status %s) while running %s", child.pid, status, lost)
-        for entry in reversed(held):  # never started: run them elsewhere
-            self.scheduler.push_front(entry)
+        for entry in reversed(held):  # never started: run them elsewhere (unless revoked meanwhile)
+            if self.revoked.matches(entry.message):
+                self._revoked(entry.message, entry.journal_ref)
+            else:
+                self.scheduler.push_front(entry)
         if lost is not None:
             self._task_lost(lost, child.pid, status, reason)
         if len(self.pool.children) >= self.pool.concurrency:
@@ -637,7 +648,7 @@ class Supervisor:
                 elif terminate_with is not None and not self.limits.killing(child.pid):
                     logger.warning("terminating task %s[%s] (revoked): signal %d to child %d",
                                    entry.message.task, entry.message.id, terminate_with, child.pid)
-                    self.limits.terminate(child, terminate_with)
+                    self.limits.terminate(child, terminate_with, entry.message.id)
                     terminated.append(entry.message.id)
                 else:
                     running.append(entry.message.id)
@@ -652,9 +663,9 @@ class Supervisor:
     def _save_revoked(self) -> None:
         if self.journal is None or not self.revoked.changed:
             return
-        self.revoked.changed = False
+        added, removed = self.revoked.take_changes()
         try:
-            self.journal.save_revoked(self.revoked.entries)
+            self.journal.save_revoked(added, removed)
         except Exception as exc:  # kept in memory: the worker still refuses them until it stops
             logger.warning("could not save revoked task ids to %s: %s", self.journal_path, exc)
 

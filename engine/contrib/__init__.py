@@ -1,0 +1,1 @@
+"""Integrations shipped with the engine (the pytest plugin: :mod:`engine.contrib.pytest`)."""
