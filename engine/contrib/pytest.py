@@ -56,7 +56,10 @@ __all__ = ("EngineWorker",)
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 #: Settings the fixtures change on the app and restore afterwards.
-_POINTED = ("transport", "transport_bind", "result_backend")
+_POINTED = ("transport", "transport_bind", "result_backend", "producer_flush_timeout")
+#: Seconds the app's client waits at the end of a test for a worker to take what it sent: a test
+#: whose worker never came must not hang the run.
+FLUSH_TIMEOUT = 10.0
 
 
 class EngineWorker:
@@ -146,7 +149,7 @@ def engine_app(engine_app_spec: str, engine_config: dict[str, Any], tmp_path: An
     saved = {name: app.conf[name] for name in {*_POINTED, *engine_config}}
     app.close()
     app.conf.update(transport=_free_endpoint(), transport_bind=False,
-                    result_backend=f"sqlite:///{tmp_path / 'engine-results.db'}")
+                    result_backend=f"sqlite:///{tmp_path / 'engine-results.db'}", producer_flush_timeout=FLUSH_TIMEOUT)
     app.conf.update(engine_config)
     try:
         yield app
@@ -161,8 +164,12 @@ def engine_worker(request: pytest.FixtureRequest, engine_app: Engine, engine_app
     """A real engine-worker for ``engine_app``, ready before the test, stopped and reaped after."""
     transport = engine_app.conf.transport
     endpoint = transport if isinstance(transport, str) else transport[0]
+    arguments = list(engine_worker_parameters)
+    if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in arguments):
+        # The worker imports the app afresh: it consumes the queue the test's app sends to.
+        arguments += ["--queues", engine_app.conf.task_default_queue]
     worker = EngineWorker(engine_app_spec, endpoint, engine_app.conf.result_backend, str(tmp_path / "engine-state"),
-                          str(request.config.rootpath), list(engine_worker_parameters))
+                          str(request.config.rootpath), arguments)
     request.node.engine_worker = worker  # its log goes into a failing test's report
     try:
         worker.wait_ready()
