@@ -57,10 +57,11 @@ def render(snapshot: dict[str, Any]) -> Any:
                         str(worker.get("scheduled") or 0), f"{worker['ended']:,}")
     kinds = Table(title="tasks", expand=True)
     columns = ("received", "started", "succeeded", "failed", "retried", "revoked")
-    for column in ("task", "tasks/s", *columns):
+    for column in ("task", "tasks/s", "wait", *columns):
         kinds.add_column(column, justify="left" if column == "task" else "right")
     for task in snapshot["tasks"]:
-        kinds.add_row(task["name"], f"{task['tasks_per_s']:,.1f}", *(f"{task.get(c, 0):,}" for c in columns))
+        kinds.add_row(task["name"], f"{task['tasks_per_s']:,.1f}", f"{task['wait_s'] * 1000:,.1f} ms",
+                      *(f"{task.get(c, 0):,}" for c in columns))
     failures = Table(title="latest failures", expand=True)
     for column in ("worker", "task", "id", "error"):
         failures.add_column(column)
@@ -120,7 +121,8 @@ th:first-child, td:first-child { text-align: left; }
 <table id="workers"><thead><tr><th>worker</th><th>status</th><th>tasks/s</th><th>busy/children</th>
 <th>waiting</th><th>scheduled</th><th>ended</th></tr></thead><tbody></tbody></table>
 <h2>Tasks</h2>
-<table id="tasks"><thead><tr><th>task</th><th>tasks/s</th><th>received</th><th>started</th><th>succeeded</th>
+<table id="tasks"><thead><tr><th>task</th><th>tasks/s</th><th>wait (ms)</th><th>received</th><th>started</th>
+<th>succeeded</th>
 <th>failed</th><th>retried</th><th>revoked</th></tr></thead><tbody></tbody></table>
 <h2>Latest failures</h2>
 <table id="failures"><thead><tr><th>worker</th><th>task</th><th>id</th><th>error</th></tr></thead>
@@ -138,7 +140,8 @@ async function refresh() {
     fill("workers", state.workers.map(w => [cell(w.name), cell(w.online ? "online" : "offline",
       w.online ? "online" : "offline"), cell(w.tasks_per_s), cell((w.busy ?? "-") + "/" + (w.children ?? "-")),
       cell(w.waiting ?? 0), cell(w.scheduled ?? 0), cell(w.ended)]));
-    fill("tasks", state.tasks.map(t => [cell(t.name), cell(t.tasks_per_s), cell(t.received ?? 0),
+    fill("tasks", state.tasks.map(t => [cell(t.name), cell(t.tasks_per_s), cell((t.wait_s * 1000).toFixed(1)),
+      cell(t.received ?? 0),
       cell(t.started ?? 0), cell(t.succeeded ?? 0), cell(t.failed ?? 0), cell(t.retried ?? 0),
       cell(t.revoked ?? 0)]));
     fill("failures", state.failures.slice(0, 20).map(f => [cell(f.worker), cell(f.task), cell(f.id),

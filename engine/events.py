@@ -180,6 +180,8 @@ class ClusterState:
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, collections.Counter[str]] = {}
+        #: Task name -> worker -> mean wait (received to started, seconds), from the heartbeats.
+        self.waits: dict[str, dict[str, float]] = {}
         self.failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=FAILURES_KEPT)
         #: (time, worker, task name) of each task that ended lately: the rates.
         self._ended: collections.deque[tuple[float, str, str]] = collections.deque()
@@ -196,6 +198,8 @@ class ClusterState:
             entry["online"] = kind != "worker-offline"
             if isinstance(info, dict) and info:
                 entry["figures"] = info
+                for name, wait in (info.get("waits") or {}).items():
+                    self.waits.setdefault(str(name), {})[worker] = float(wait)
             return
         counts = self.tasks.setdefault(str(name), collections.Counter())
         counts[kind] += 1
@@ -220,7 +224,8 @@ class ClusterState:
             workers.append({"name": name, "online": online, "tasks_per_s": round(per_worker[name] / RATE_WINDOW, 1),
                             "ended": entry["ended"], **{k: entry["figures"].get(k) for k in
                                                         ("busy", "children", "waiting", "scheduled", "in_children")}})
-        tasks = [{"name": name, "tasks_per_s": round(per_name[name] / RATE_WINDOW, 1), **dict(counts)}
+        tasks = [{"name": name, "tasks_per_s": round(per_name[name] / RATE_WINDOW, 1),
+                  "wait_s": round(max(self.waits.get(name, {}).values(), default=0.0), 4), **dict(counts)}
                  for name, counts in sorted(self.tasks.items())]
         return {"workers": workers, "tasks": tasks, "failures": list(self.failures), "events": self.events,
                 "time": now}

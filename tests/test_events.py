@@ -31,7 +31,7 @@ def test_the_cluster_state_folds_events_into_rates_counts_and_failures():
 
     state = ClusterState()
     now = time.time()
-    state.add("w1", ["worker-online", "w1", None, now, None, {"children": 2, "busy": 0}])
+    state.add("w1", ["worker-online", "w1", None, now, None, {"children": 2, "busy": 0, "waits": {"add": 0.004}}])
     for i in range(10):
         state.add("w1", ["received", f"t{i}", "add", now, None, None])
         state.add("w1", ["succeeded", f"t{i}", "add", now, 0.001, None])
@@ -40,7 +40,7 @@ def test_the_cluster_state_folds_events_into_rates_counts_and_failures():
     worker = snapshot["workers"][0]
     assert worker["online"] and worker["ended"] == 11 and worker["tasks_per_s"] == pytest.approx(11 / 5, abs=0.1)
     add = next(task for task in snapshot["tasks"] if task["name"] == "add")
-    assert add["received"] == 10 and add["succeeded"] == 10
+    assert add["received"] == 10 and add["succeeded"] == 10 and add["wait_s"] == 0.004
     assert snapshot["failures"][0]["error"] == "ValueError: boom"
     state.add("w1", ["worker-offline", "w1", None, now, None, {}])
     assert not state.snapshot(now)["workers"][0]["online"]
@@ -148,11 +148,11 @@ def test_the_dashboard_shows_a_worker_in_a_real_browser_and_its_counts_move(work
             assert time.monotonic() < deadline, browser.page_source
             time.sleep(0.2)
         row = next(line for line in table_text("tasks").splitlines() if line.startswith("tests.workerapp.add"))
-        assert row.split()[4] == "5"  # succeeded
+        assert row.split()[5] == "5"  # succeeded (after tasks/s, wait, received, started)
         assert workerapp.add.delay(5, 5).get(timeout=30) == 10
         while True:  # the count moves without reloading the page
             row = next(line for line in table_text("tasks").splitlines() if line.startswith("tests.workerapp.add"))
-            if row.split()[4] == "6":
+            if row.split()[5] == "6":
                 break
             assert time.monotonic() < deadline, row
             time.sleep(0.2)

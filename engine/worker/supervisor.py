@@ -803,7 +803,8 @@ class Supervisor:
         children = list(self.pool.children.values())
         return {"children": len(children), "busy": sum(1 for c in children if c.outstanding),
                 "waiting": len(self.scheduler), "scheduled": len(self.timers), "in_children": self.in_children,
-                "counters": self.task_stats.counters(), "received": self.counters["received"]}
+                "counters": self.task_stats.counters(), "received": self.counters["received"],
+                "waits": self.task_stats.mean_waits()}
 
     def _close(self) -> None:
         signals.worker_shutdown.send(sender=self)

@@ -90,6 +90,10 @@ class TaskStats:
                     totals[counter] += count
         return totals
 
+    def mean_waits(self) -> dict[str, float]:
+        """Per task name, the mean wait (received to started) over its last runs, in seconds."""
+        return {name: _summary(kind.waits)["mean"] for name, kind in list(self.by_name.items()) if kind.waits}
+
     def snapshot(self) -> dict[str, Any]:
         """Counters and per task name figures, as plain data."""
         return {
