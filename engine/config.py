@@ -230,7 +230,7 @@ CELERY_IGNORED: dict[str, str] = {
     "worker_redirect_stdouts": _OWN_LOGGING,
     "worker_redirect_stdouts_level": _OWN_LOGGING,
     "worker_cancel_long_running_tasks_on_connection_loss": _NO_BROKER,
-    "worker_disable_rate_limits": "engine has no rate limits yet",
+    "worker_disable_rate_limits": "rate limits apply per worker (Task.rate_limit); unset it to run unlimited",
     "worker_pool": "the pool is always prefork",
     "worker_state_db": "the worker's journal keeps accepted tasks (--journal)",
     "beat_*": "engine has no beat scheduler",

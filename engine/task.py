@@ -121,6 +121,8 @@ class Task:
     #: Hard and soft time limits in seconds (None: the app's settings).
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    #: At most this many runs per worker: "100/s", "10/m", "2/h" or a number per second (None: no limit).
+    rate_limit: str | float | None = None
     #: The queue the task is sent to (None: routes, then ``task_default_queue``).
     queue: str | None = None
     #: Exceptions that are expected: logged without a traceback.
@@ -574,3 +576,10 @@ def validate_options(base: type, options: dict[str, Any]) -> None:
     if unknown:
         raise ImproperlyConfigured(
             f"unknown task option(s) {', '.join(sorted(unknown))} for base {base.__module__}.{base.__qualname__}")
+    if options.get("rate_limit") is not None:
+        from engine.worker.rate_limits import parse_rate
+
+        try:
+            parse_rate(options["rate_limit"])
+        except ValueError as exc:
+            raise ImproperlyConfigured(str(exc)) from None

@@ -214,3 +214,11 @@ def say(text):
 
     logging.getLogger("tests.workerapp.say").warning("said: %s", text)
     return text
+
+
+@app.task(rate_limit="10/s")
+def limited(path, label):
+    """At most 10 runs a second per worker: appends ``label start`` to ``path``."""
+    with open(path, "a") as fh:
+        fh.write(f"{label} {time.time():.6f}\n")
+    return label

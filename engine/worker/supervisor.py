@@ -43,6 +43,7 @@ from engine.worker.control import ControlHandler
 from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
+from engine.worker.rate_limits import RateLimiter
 from engine.worker.replies import ReplyRouter
 from engine.worker.revoked import RevokedSet
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
@@ -157,6 +158,8 @@ class Supervisor:
         self.task_stats = TaskStats()
         #: Task ids and root ids not to start (``engine control revoke``), saved in the journal.
         self.revoked = RevokedSet()
+        #: The next free slot of each rate-limited task name (``Task.rate_limit``).
+        self.rate_limiter = RateLimiter()
         self.control = ControlHandler(self)
         #: Children told to stop by ``pool_shrink``: their exit is not a loss.
         self._retiring: set[int] = set()
@@ -421,13 +424,19 @@ class Supervisor:
             return
         if signals.task_received.receivers:
             signals.task_received.send(sender=self, request=task.request_class(message, task, hostname=self.hostname))
-        if message.eta is not None and message.eta > time.time():
+        due = message.eta
+        rate = self.rate_limiter.rate_of(task) if task.rate_limit is not None else None
+        if rate is not None:
+            # Over its kind's rate limit: held for its slot in the timer heap, like an ETA task.
+            slot = self.rate_limiter.reserve(message.task, rate, max(time.time(), due or 0.0))
+            due = slot if slot > time.time() else due
+        if due is not None and due > time.time():
             if journal is not None and isinstance(journal_ref, int):
                 # Held for later: a row of its own, so that its frame's row can go with the others.
                 own = journal.add(_journal_key(message), raw)
                 journal.remove([journal_ref])
                 journal_ref = own
-            self.timers.push(message.eta, QueuedTask(message, raw, task, peer, journal_ref))
+            self.timers.push(due, QueuedTask(message, raw, task, peer, journal_ref))
         else:
             self.scheduler.push(QueuedTask(message, raw, task, peer, journal_ref))
 
