@@ -73,7 +73,11 @@ class CeleryWorker:
 
 def throughput(redis_url: str, tasks: int, concurrency: int) -> dict:
     """Scenario 1 on Celery."""
-    worker = CeleryWorker(redis_url, concurrency)
+    return _noops(CeleryWorker(redis_url, concurrency), tasks)
+
+
+def _noops(worker: CeleryWorker, tasks: int) -> dict:
+    """No-op tasks/s through ``worker`` (warmed with one task first), which is stopped after."""
     try:
         worker.tasks.noop.delay(0, 0)
         worker.wait_completed(1, 60)
@@ -103,13 +107,7 @@ def fairness(redis_url: str, concurrency: int, long_s: float = 2.0, short_s: flo
 
 def fair(redis_url: str, tasks: int, concurrency: int) -> dict:
     """Scenario 1 on Celery's ``-O fair`` (prefetch multiplier 1), beside ``--fair``."""
-    worker = CeleryWorker(redis_url, concurrency, "-O", "fair", prefetch=1)
-    try:
-        worker.tasks.noop.delay(0, 0)
-        worker.wait_completed(1, 60)
-        return scenarios.time_noops(lambda i: worker.tasks.noop.delay(i, i), worker, tasks)
-    finally:
-        worker.stop()
+    return _noops(CeleryWorker(redis_url, concurrency, "-O", "fair", prefetch=1), tasks)
 
 
 def chord(redis_url: str, tasks: int, concurrency: int) -> dict:
