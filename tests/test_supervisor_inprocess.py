@@ -432,3 +432,25 @@ def test_a_revoked_task_a_dead_child_held_is_not_run_elsewhere(app, supervisor):
     assert waiting_ids(supervisor) == [other.message.id]  # put back to run elsewhere, the revoked one not
     assert stored(supervisor, revoked.message.id).state == states.REVOKED
     assert revoked.journal_ref in supervisor.journal.removed
+
+
+def test_a_replayed_task_whose_final_state_is_stored_does_not_run_again(app, tmp_path):
+    from engine.core import encode_batch
+    from engine.worker.journal import Journal
+
+    messages = [app.tasks["t.work"].build_message((i,)) for i in range(3)]
+    journal = Journal(str(tmp_path / "journal.db"))
+    ref = journal.add_frame(encode_batch(messages), 3)
+    journal.commit()
+    journal.close()
+    app.backend.store_state(messages[1].id, states.SUCCESS, 1)  # it finished before the crash
+
+    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
+    sup.pool = sup.limits.pool = FakePool()
+    sup.journal = sup.states.journal = Journal(str(tmp_path / "journal.db"))
+    try:
+        sup._replay()
+        assert waiting_ids(sup) == [messages[0].id, messages[2].id]
+        assert sup.journal._frame_left == {ref: 2}  # the finished one is released, the others still held
+    finally:
+        sup.journal.close()

@@ -229,15 +229,23 @@ class Supervisor:
         self._replay()
 
     def _replay(self) -> None:
-        """Queue again what the journal kept from an earlier run (accepted, never finished)."""
+        """Queue again what the journal kept from an earlier run (accepted, never finished).
+
+        A task whose final state is already stored (it finished before the crash,
+        its frame's row waiting for the others; or another worker ran it after
+        its client sent it again) is not run a second time: the results store is
+        asked once for all of them. Tasks that store no result cannot be told
+        apart and run again (at-least-once).
+        """
         if self.journal is None:
             return
-        replayed = 0
+        replayed = skipped = 0
         replayed_ids: set[str] = set()
         pending = list(self.journal.pending())
         # A task held for later got a row of its own while its frame's row stayed for the
         # others: replayed from its own row only, not a second time from the frame.
         own_rows = {ref for ref, _ in pending if isinstance(ref, str)}
+        decoded = []
         for ref, raw in pending:
             try:
                 message = decode_message(raw)
@@ -247,13 +255,32 @@ class Supervisor:
             if isinstance(ref, int) and _journal_key(message) in own_rows:
                 self.journal.remove([ref])
                 continue
+            decoded.append((ref, raw, message))
+        finished = self._finished_already([message.id for _, _, message in decoded])
+        for ref, raw, message in decoded:
+            if message.id in finished:
+                self.journal.remove([ref])
+                skipped += 1
+                continue
             self.accept(message, raw, journal_ref=ref)
             replayed_ids.add(message.id)
             replayed += 1
-        if replayed:
-            logger.warning("replaying %d task(s) accepted but not finished before this worker stopped", replayed)
+        if replayed or skipped:
+            logger.warning("replaying %d task(s) accepted but not finished before this worker stopped "
+                           "(%d more had finished already: not run again)", replayed, skipped)
         if self.chords is not None:
             self.chords.recover(replayed_ids)
+
+    def _finished_already(self, task_ids: list[str]) -> set[str]:
+        """Those of ``task_ids`` whose final state the results store holds (none without a shared store)."""
+        if not task_ids or self.backend is None or self.replies is not None:
+            return set()
+        try:
+            found = self.backend.get_many_encoded(task_ids)
+        except Exception as exc:  # the store is down: replay everything (at-least-once)
+            logger.warning("could not ask the results store which replayed tasks finished: %s", exc)
+            return set()
+        return {task_id for task_id, record in found.items() if record.state in states.READY_STATES}
 
     def run(self) -> int:
         """Serve until a warm or cold shutdown; return the exit status."""
