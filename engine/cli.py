@@ -109,6 +109,9 @@ def setup_logging(level: str) -> None:
               help="A logging.config.dictConfig file (JSON, or YAML by its .yaml/.yml extension).")
 @click.option("--pidfile", default=None, type=click.Path(dir_okay=False),
               help="Write the supervisor's pid here; refuse to start if it names a running process.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
+              help="On SIGTERM, hand tasks not started back to their clients and give running ones this many "
+                   "seconds (then stop them and hand them back too): the journal is left empty.")
 @click.option("--autoscale", default=None, metavar="MAX,MIN",
               help="Grow the pool up to MAX children under a backlog, shrink it to MIN when idle.")
 @click.option("-E", "--events", is_flag=True, help="Publish task and worker events (engine events, engine dashboard).")
@@ -123,7 +126,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
                 soft_time_limit: float | None, loglevel: str, hostname: str | None,
                 curve_secret_key: str | None, curve_clients: str | None, journal: str | None,
                 no_journal: bool, logfile: str | None, log_format: str, log_config: str | None,
-                pidfile: str | None, autoscale: str | None, events: bool, events_endpoint: str | None,
+                pidfile: str | None, shutdown_timeout: float | None, autoscale: str | None, events: bool,
+                events_endpoint: str | None,
                 metrics_port: int | None, metrics_host: str) -> None:
     """Run an engine worker: receive tasks over ZeroMQ and run them in prefork children.
 
@@ -165,7 +169,8 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
             max_memory_per_child=max_memory_per_child, time_limit=time_limit, soft_time_limit=soft_time_limit,
             hostname=hostname, curve=(curve_secret_key, curve_clients) if curve_secret_key and curve_clients else None,
             journal=journal, use_journal=not no_journal, metrics_port=metrics_port, metrics_host=metrics_host,
-            events=events or bool(app.conf.worker_send_task_events), events_endpoint=events_endpoint, autoscale=scale)
+            events=events or bool(app.conf.worker_send_task_events), events_endpoint=events_endpoint, autoscale=scale,
+            shutdown_timeout=shutdown_timeout)
         supervisor.start()
     except Exception as exc:  # start-up failures: one clear line, no traceback
         if not logging.getLogger().handlers:

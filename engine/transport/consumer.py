@@ -55,6 +55,8 @@ class Consumer:
         self._turn = 0
         #: Control requests received (``(peer, request)``), answered by the supervisor (engine.worker.control).
         self.requests: list[tuple[Peer, dict]] = []
+        #: Ids of tasks handed back (draining) that their client took, per client: ``(peer, ids)``.
+        self.taken: list[tuple[Peer, list[str]]] = []
         self.router: zmq.Socket | None = None
         self.authenticator: Any = None
         if binds:
@@ -108,6 +110,8 @@ class Consumer:
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
                     peer.credit = {}  # a (re)started client holds no credit of ours
+                elif kind == protocol.TAKEN:
+                    self.taken.append((peer, [str(task_id) for task_id in protocol.unpack(body)]))
                 elif kind == protocol.CONTROL:
                     request = protocol.unpack(body)
                     if not isinstance(request, dict) or not isinstance(request.get("method"), str):

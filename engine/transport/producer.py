@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from engine.core import encode_message
+from engine.core import decode_message, encode_message, split_batch
 from engine.exceptions import EncodeError, OutboxFull
 from engine.transport import protocol
 from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
@@ -363,8 +363,25 @@ class Producer:
                         handler(body)
                 elif kind == protocol.HELLO:
                     peer.name = str(protocol.unpack(body).get("id", peer.name))
+                elif kind == protocol.RETURN:
+                    self._take_back(peer, body)
             except Exception as exc:
                 logger.warning("dropping a malformed %r frame from %s: %s", kind, peer.name, exc)
+
+    def _take_back(self, peer: Peer, body: bytes) -> None:
+        """A draining worker handed back tasks it will not start: send them to another worker."""
+        taken: list[_Pending] = []
+        with self._lock:
+            for raw in split_batch(body):
+                message = decode_message(raw)
+                pending = self._unacked.pop(message.id, None) or _Pending(message.queue, message.id, raw)
+                pending.peer = None
+                taken.append(pending)
+            self._outbox.put_back(taken)
+            self._lock.notify_all()
+        peer.credit = {}  # it grants nothing any more
+        peer.try_send(protocol.TAKEN, protocol.pack([pending.id for pending in taken]))
+        logger.info("worker %s handed back %d task(s): they go to another worker", peer.name, len(taken))
 
     def _acknowledge(self, ids: list) -> None:
         with self._lock:

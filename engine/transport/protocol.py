@@ -16,6 +16,8 @@ kind      direction        body
 ``R``     worker → client  results for the ``rpc://`` backend:
                            ``[[task id, state, result, traceback, timestamp], ...]``, with a sixth
                            field, the client id, when sent to a worker that relays them
+``B``     worker → client  tasks handed back unstarted by a draining worker (a batch frame, as ``T``)
+``K``     client → worker  the ids of the tasks handed back that the client took: ``[task id, ...]``
 ``Q``     client → worker  a control request: ``{"id": str, "method": str, "arguments": {...}}``
 ``P``     worker → client  its reply: ``{"id": str, "worker": str, "reply": ...}`` or, when the
                            method failed, ``{"id": str, "worker": str, "error": str}``
@@ -40,8 +42,8 @@ import zmq
 from engine.core import StateRecord
 
 __all__ = (
-    "ACKS", "CONTROL", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "REPLY", "RESULTS", "TASKS", "Peer",
-    "PeerTable", "pack",
+    "ACKS", "CONTROL", "CREDIT", "DEMAND", "HELLO", "PEER_TIMEOUT", "REPLY", "RESULTS", "RETURN", "TAKEN", "TASKS",
+    "Peer", "PeerTable", "pack",
     "pack_records", "tune_socket", "unpack", "unpack_addressed_records", "unpack_records",
 )
 
@@ -55,6 +57,8 @@ ACKS = b"A"
 RESULTS = b"R"
 CONTROL = b"Q"
 REPLY = b"P"
+RETURN = b"B"
+TAKEN = b"K"
 
 #: Largest frame a socket accepts (bigger ones are dropped by ZeroMQ itself).
 MAX_FRAME = 256 * 1024 * 1024

@@ -40,6 +40,7 @@ from engine.worker.autoscale import Autoscaler
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.chords import ChordCounter
 from engine.worker.control import ControlHandler
+from engine.worker.drain import Drain
 from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
@@ -111,7 +112,7 @@ class Supervisor:
                  apps: list[Engine] | None = None, curve: tuple[str, str] | None = None,
                  journal: str | None = None, use_journal: bool = True, metrics_port: int | None = None,
                  metrics_host: str = "0.0.0.0", events: bool = False, events_endpoint: str | None = None,
-                 autoscale: tuple[int, int] | None = None) -> None:
+                 autoscale: tuple[int, int] | None = None, shutdown_timeout: float | None = None) -> None:
         self.app = app
         self.curve = curve
         conf = app.conf
@@ -173,6 +174,8 @@ class Supervisor:
         self.events: EventPublisher | None = None
         self.autoscaler = Autoscaler(self, autoscale[0], autoscale[1], float(conf.worker_autoscale_keepalive)) \
             if autoscale else None
+        #: --shutdown-timeout: a warm shutdown hands unstarted tasks back to their clients (engine.worker.drain).
+        self.drain = Drain(self, float(shutdown_timeout)) if shutdown_timeout is not None else None
         #: Failed task id -> the last line of its traceback, until its DONE is read (for the "failed" event).
         self._failure_info: dict[str, str] = {}
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
@@ -303,8 +306,11 @@ class Supervisor:
                 listening = False
                 logger.info("%s shutdown requested: accepting no more tasks", self.stopping)
                 consumer.stop_granting()
-                for sock in consumer.sockets:
-                    poller.unregister(sock)
+                if self.drain is not None and self.stopping == WARM:
+                    self.drain.begin(time.monotonic())  # the sockets stay read: tasks go back as they come
+                else:
+                    for sock in consumer.sockets:
+                        poller.unregister(sock)
             if registered_generation != self.pool.generation:  # a child came or went
                 registered_generation = self.pool.generation
                 for fd in set(self.pool.by_fd) - registered:
@@ -337,12 +343,20 @@ class Supervisor:
                         self._read_child(child)
                 elif not self.stopping:
                     self._receive(target)
+                elif self.drain is not None and self.drain.started:
+                    for peer, _, raws in consumer.receive(target):
+                        self.drain.send_back_frame(peer, raws)
                 # Stopping: task frames stay unread and unacknowledged, so their clients
                 # send them to another worker once this one is gone.
             if consumer.requests:
                 requests, consumer.requests = consumer.requests, []
                 for peer, request in requests:
                     self.control.handle(peer, request)
+            if consumer.taken:
+                taken, consumer.taken = consumer.taken, []
+                if self.drain is not None:
+                    for _, ids in taken:
+                        self.drain.taken(ids)
             now = self.last_turn = time.monotonic()
             if self.stopping == COLD:
                 return self._cold_stop()
@@ -364,7 +378,9 @@ class Supervisor:
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if self.stopping == WARM:
-                if not stop_sent and not self._holds_work():
+                if self.drain is not None and self.drain.started:
+                    self.drain.tick(now)
+                if not stop_sent and not self._holds_work() and (self.drain is None or self.drain.done()):
                     self.states.flush(now, force=True)
                     for child in self.pool.children.values():
                         child.accepting = False

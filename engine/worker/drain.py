@@ -1,0 +1,133 @@
+"""``engine-worker --shutdown-timeout S``: a warm shutdown with a deadline that leaves nothing behind.
+
+On SIGTERM (a scale-down, a pod deletion) the worker stops taking work, and
+hands every task it accepted but has not started (waiting for a child, held
+for its ETA or a retry delay) back to the client that sent it (a ``B``
+frame; the client sends it on to another worker and answers with the ids it
+took, a ``K`` frame). A task frame that arrives meanwhile goes back the same
+way. Running tasks may finish until the deadline; then their children are
+killed, as in a cold shutdown, and those tasks are handed back too (they run
+again elsewhere: at-least-once). A task released only once its client took
+it, so a drained worker's journal is empty and a pod losing its disk loses
+nothing. A task whose client is gone (or does not answer within
+:data:`TAKE_WAIT` seconds) stays in the journal, and the log says so.
+
+Tasks already written to a child's pipe behind its running task (at most
+about ``worker_queue_seconds`` of work) run before the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from engine.transport import protocol
+
+if TYPE_CHECKING:
+    from engine.transport.protocol import Peer
+    from engine.worker.scheduler import QueuedTask
+    from engine.worker.supervisor import Supervisor
+
+__all__ = ("Drain",)
+
+logger = logging.getLogger("engine.worker")
+
+#: Seconds a client has to say it took tasks handed back before they stay in the journal.
+TAKE_WAIT = 5.0
+#: Tasks per handed-back frame.
+FRAME_TASKS = 512
+
+
+class Drain:
+    """Hands a stopping worker's unstarted tasks back to their clients, within a deadline."""
+
+    def __init__(self, supervisor: Supervisor, timeout: float) -> None:
+        self.supervisor = supervisor
+        self.timeout = timeout
+        self.deadline = 0.0
+        self.started = False
+        #: Task id -> (the entry handed back, when): released once its client took it.
+        self.handed: dict[str, tuple[QueuedTask, float]] = {}
+        self.kept = 0
+
+    def begin(self, now: float) -> None:
+        """Start draining: everything waiting goes back to its client."""
+        self.started = True
+        self.deadline = now + self.timeout
+        sup = self.supervisor
+        entries = sup.scheduler.remove_if(lambda entry: True) + sup.timers.remove_if(lambda entry: True)
+        logger.warning("draining: %d task(s) not started go back to their clients; running ones have %.0fs",
+                       len(entries), self.timeout)
+        self.hand_back(entries, now)
+
+    def hand_back(self, entries: list[QueuedTask], now: float) -> None:
+        """Send ``entries`` back to the clients that sent them; keep (journaled) those without one."""
+        by_peer: dict[int, tuple[Peer, list[QueuedTask]]] = {}
+        consumer = self.supervisor.consumer
+        for entry in entries:
+            peer = entry.peer
+            if peer is None or consumer is None or peer not in consumer.peers:
+                self._keep(entry, "its client is not connected")
+                continue
+            by_peer.setdefault(id(peer), (peer, []))[1].append(entry)
+        for peer, items in by_peer.values():
+            for start in range(0, len(items), FRAME_TASKS):
+                chunk = items[start:start + FRAME_TASKS]
+                if peer.try_send(protocol.RETURN, encode_batch_raw([entry.raw for entry in chunk])):
+                    for entry in chunk:
+                        self.handed[entry.message.id] = (entry, now)
+                else:
+                    for entry in chunk:
+                        self._keep(entry, "its client's queue is full")
+
+    def send_back_frame(self, peer: Peer, raws: list[bytes]) -> None:
+        """Task messages that arrived while draining: straight back to their client (never journaled)."""
+        if raws:
+            peer.try_send(protocol.RETURN, encode_batch_raw(raws))
+
+    def taken(self, ids: list[str]) -> None:
+        """A client took these back: the journal forgets them."""
+        states = self.supervisor.states
+        for task_id in ids:
+            handed = self.handed.pop(task_id, None)
+            if handed is not None and handed[0].journal_ref is not None:
+                states.finished(handed[0].journal_ref)
+
+    def tick(self, now: float) -> None:
+        """Past the deadline: stop running tasks and hand them back; give up waiting on silent clients."""
+        sup = self.supervisor
+        if now >= self.deadline:
+            busy = [child for child in sup.pool.children.values() if child.outstanding]
+            if busy:
+                logger.warning("drain deadline: stopping %d running task(s); they go back to their clients",
+                               sum(len(child.outstanding) for child in busy))
+                entries = []
+                for child in busy:
+                    entries += list(child.outstanding)
+                    child.outstanding.clear()
+                    child.accepting = False
+                    sup.pool.kill(child)
+                sup.in_children = 0
+                self.hand_back(entries, now)
+        for task_id, (entry, when) in list(self.handed.items()):
+            if now - when > TAKE_WAIT:
+                del self.handed[task_id]
+                self._keep(entry, "its client did not take it back")
+
+    def done(self) -> bool:
+        """True once every task handed back was taken (or given up on)."""
+        return not self.handed
+
+    def _keep(self, entry: QueuedTask, why: str) -> None:
+        self.kept += 1
+        sup = self.supervisor
+        where = f"kept in the journal {sup.journal_path}" if sup.journal else "lost (no journal)"
+        logger.warning("task %s[%s] not handed back (%s): %s", entry.message.task, entry.message.id, why, where)
+
+
+def encode_batch_raw(raws: list[bytes]) -> bytes:
+    """A batch frame of already encoded task messages (what ``engine.core.encode_batch`` makes of messages)."""
+    frame: bytes = msgpack.packb(list(raws), use_bin_type=True)
+    return frame
