@@ -73,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
     "worker_max_memory_per_child": None,
     #: Seconds a client waits for a worker to acknowledge a message before sending it again.
     "transport_ack_timeout": 10.0,
+    # dns+tcp://NAME:PORT entries: seconds between two resolutions, and most workers a client links to.
+    "transport_dns_refresh": 5.0,
+    "transport_max_peers": 64,
     #: Most messages a client holds (waiting for credit or for an acknowledgement) ...
     "producer_max_outbox": 1_000_000,
     #: ... and what ``delay()`` does when that many are held: "block" until workers take
@@ -178,6 +181,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_max_tasks_per_child": (_optional(_count), "None or a whole number >= 1"),
     "worker_max_memory_per_child": (_optional(_count), "None or KiB, a whole number >= 1"),
     "transport_ack_timeout": (_positive, "seconds (> 0)"),
+    "transport_dns_refresh": (_positive, "seconds (> 0)"),
+    "transport_max_peers": (_optional(_count), "None (no bound) or a whole number >= 1"),
     "producer_max_outbox": (_count, "a whole number >= 1"),
     "producer_outbox_full": (_one_of("block", "raise"), "'block' or 'raise'"),
     "producer_flush_timeout": (_optional(_non_negative), "None (wait until taken) or seconds (>= 0)"),

@@ -203,6 +203,8 @@ def _endpoints(app: Engine) -> list[str]:
     if app.conf.transport_bind:
         raise ImproperlyConfigured("remote control reaches workers that bind (the default); with "
                                    "transport_bind=True the workers connect to the client and cannot be asked")
+    from engine.transport.discovery import expand
+
     endpoints = app.conf.transport
-    return [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    return expand([endpoints] if isinstance(endpoints, str) else list(endpoints))  # every worker a name stands for
 

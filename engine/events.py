@@ -130,10 +130,12 @@ class EventReceiver:
 
     def __init__(self, app: Engine | None = None, endpoints: Iterable[str] = (),
                  events_endpoints: Iterable[str] = ()) -> None:
-        targets = [events_endpoint(e) for e in endpoints] + list(events_endpoints)
+        from engine.transport.discovery import expand
+
+        targets = [events_endpoint(e) for e in expand(endpoints)] + list(events_endpoints)
         if app is not None and not targets:
             transport = app.conf.transport
-            targets = [events_endpoint(e) for e in ([transport] if isinstance(transport, str) else transport)]
+            targets = [events_endpoint(e) for e in expand([transport] if isinstance(transport, str) else transport)]
         if not targets:
             raise ValueError("no workers to listen to: give an app or endpoints")
         self.endpoints = targets

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from engine.core import decode_message, encode_message, split_batch
-from engine.exceptions import EncodeError, OutboxFull
+from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
+from engine.transport.discovery import EndpointSet
 from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
 from engine.utils.hostname import HOSTNAME
 
@@ -120,6 +121,11 @@ class Producer:
         endpoints = app.conf.transport
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.bind = bool(app.conf.transport_bind)
+        #: What the client links to: the endpoints, DNS names resolved (and resolved again).
+        self._endpoint_set = EndpointSet(self.endpoints, self.client_id, app.conf.transport_max_peers,
+                                         float(app.conf.transport_dns_refresh))
+        if self.bind and self._endpoint_set.dynamic:
+            raise ImproperlyConfigured("dns+tcp:// entries name workers to connect to: not with transport_bind=True")
         self._outbox = _Outbox()
         self.max_message_size = int(app.conf.max_message_size)
         self.ack_timeout = float(app.conf.transport_ack_timeout)
@@ -296,21 +302,52 @@ class Producer:
             self._sockets.append(sock)
         else:
             self._router = None
-            for endpoint in self.endpoints:
-                sock = self.context.socket(zmq.DEALER)
-                protocol.tune_socket(sock, max_size)
-                sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
-                self._secure(sock)
-                sock.connect(endpoint)
-                self._peers.connect(sock, endpoint)
-                self._sockets.append(sock)
         self._poller = zmq.Poller()
         for sock in self._sockets:
             self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        hello = protocol.pack({"role": "client", "id": self.client_id, "host": HOSTNAME})
-        for peer in self._peers:
-            peer.try_send(protocol.HELLO, hello)
+        if not self.bind:
+            for endpoint in self._endpoint_set.current():
+                self._link(endpoint)
+
+    def _link(self, endpoint: str) -> None:
+        """Connect a DEALER to the worker at ``endpoint`` and say hello."""
+        sock = self.context.socket(zmq.DEALER)
+        protocol.tune_socket(sock, int(self.app.conf.max_message_size))
+        sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
+        self._secure(sock)
+        sock.connect(endpoint)
+        peer = self._peers.connect(sock, endpoint)
+        self._sockets.append(sock)
+        self._poller.register(sock, zmq.POLLIN)
+        peer.try_send(protocol.HELLO, protocol.pack({"role": "client", "id": self.client_id, "host": HOSTNAME}))
+
+    def _unlink(self, endpoint: str) -> None:
+        """Stop using the worker at ``endpoint`` (its address is gone): what it did not acknowledge goes elsewhere."""
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            return
+        with self._lock:
+            lost = [p for p in self._unacked.values() if p.peer is peer]
+            for pending in lost:
+                del self._unacked[pending.id]
+                pending.peer = None
+            self._outbox.put_back(lost)
+        self._peers.drop_link(peer)
+        self._poller.unregister(peer.socket)
+        self._sockets.remove(peer.socket)
+        peer.socket.close(linger=0)
+        logger.info("worker %s is gone from DNS: %d unacknowledged task(s) go to another worker", endpoint, len(lost))
+
+    def _refresh_links(self, now: float) -> None:
+        """Resolve the DNS entries again; link to new workers, unlink those whose address is gone."""
+        wanted = set(self._endpoint_set.current(now))
+        linked = {peer.key for peer in self._peers}
+        for endpoint in sorted(wanted - linked):
+            logger.info("worker %s found in DNS: linking to it", endpoint)
+            self._link(endpoint)
+        for endpoint in sorted(linked - wanted):
+            self._unlink(endpoint)
 
     def _secure(self, sock: zmq.Socket) -> None:
         """CURVE-encrypt and authenticate the link when the app has keys set."""
@@ -330,13 +367,15 @@ class Producer:
                 except BlockingIOError:
                     pass
             self._awake = False
-            for sock in self._sockets:
+            for sock in list(self._sockets):
                 if sock in events:
                     self._receive(sock)
             now = time.monotonic()
             if now >= next_beat:
                 self._heartbeat(now)
                 next_beat = now + HEARTBEAT
+                if self._endpoint_set.dynamic and now >= self._endpoint_set.next_refresh:
+                    self._refresh_links(now)
             self._dispatch(now)
 
     def _receive(self, sock: zmq.Socket) -> None:

@@ -194,6 +194,11 @@ class PeerTable:
             peer = self.by_key[route] = Peer(sock, route, route, route.decode(errors="replace"))
         return peer
 
+    def drop_link(self, peer: Peer) -> None:
+        """Forget a DEALER link's peer (its socket is being closed)."""
+        self.by_key.pop(peer.key, None)
+        self._by_socket.pop(peer.socket, None)
+
     def remove(self, peer: Peer) -> None:
         """Forget a routed peer (a DEALER link's peer stays: it is the link itself)."""
         if peer.route is not None:
