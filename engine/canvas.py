@@ -181,6 +181,8 @@ def maybe_signature(data: Any, app: Engine | None = None) -> Any:
     if isinstance(data, (chain, group, chord)):
         return data
     kind = data.get("subtask_type")
+    if kind == "chain":
+        return chain([maybe_signature(task, app) for task in data["kwargs"]["tasks"]], app=app)
     if kind == "group":
         return group([maybe_signature(task, app) for task in data["kwargs"]["tasks"]], app=app)
     if kind == "chord":
@@ -195,11 +197,14 @@ def step_dict(step: Any) -> dict:
     """A chain step as a message carries it: a signature's dict, or Celery's dict form of a group or chord."""
     if isinstance(step, group):
         return {"task": "group", "subtask_type": "group", "args": [],
-                "kwargs": {"tasks": [dict(t) for t in step.tasks]}, "options": {}, "immutable": False}
+                "kwargs": {"tasks": [step_dict(t) for t in step.tasks]}, "options": {}, "immutable": False}
     if isinstance(step, chord):
         return {"task": "chord", "subtask_type": "chord", "args": [],
-                "kwargs": {"header": [dict(t) for t in step.header.tasks], "body": dict(step.body or {})},
+                "kwargs": {"header": [step_dict(t) for t in step.header.tasks], "body": dict(step.body or {})},
                 "options": {}, "immutable": False}
+    if isinstance(step, chain):
+        return {"task": "chain", "subtask_type": "chain", "args": [],
+                "kwargs": {"tasks": [step_dict(t) for t in step.tasks]}, "options": {}, "immutable": False}
     return dict(step)
 
 
@@ -253,6 +258,10 @@ class chain:
         """A copy whose steps can be changed (frozen, given options) without touching these."""
         return chain(*self.tasks, app=self._app)
 
+    def freeze(self) -> Any:
+        """Give every step its task id now; return the last step's result (the chain's)."""
+        return self._freeze()[-1]
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Send the chain (as Celery's chain call does)."""
         return self.apply_async(args, kwargs)
@@ -277,8 +286,15 @@ class chain:
             return self.apply(args, kwargs, **options)
         results = self._freeze()
         first, rest = self.tasks[0], self.tasks[1:]
-        # The message carries the remaining steps reversed, so each hop pops the next one.
-        first.apply_async(args, kwargs, chain=[step_dict(step) for step in reversed(rest)] or None, **options)
+        chord_id = options.pop("chord", None) if rest else None
+        if chord_id is not None and isinstance(rest[-1], Signature):
+            # A chain in a chord's header: its last step is the header task the chord counts.
+            rest[-1].set(chord=chord_id, ignore_result=False)
+        # The message carries the remaining steps reversed, so each hop pops the next one; steps
+        # given to this chain (it is a step or member of another) run after its own.
+        following = list(options.pop("chain", None) or ())
+        carried = following + [step_dict(step) for step in reversed(rest)]
+        first.apply_async(args, kwargs, chain=carried or None, **options)
         return results[-1]
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:

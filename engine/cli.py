@@ -145,12 +145,12 @@ def worker_main(app_spec: str, concurrency: int | None, fair: bool, binds: tuple
         if bool(curve_secret_key) != bool(curve_clients):
             raise ImproperlyConfigured("CURVE needs both --curve-secret-key and --curve-clients")
         app = find_app(app_spec)
-        # After the app's import: its setup_logging receivers decide, and its settings are known.
+        app.finalize()  # include= and autodiscover_tasks() modules
+        # After every module of the app is imported: its setup_logging receivers decide.
         configure_logging(loglevel, logfile, log_format, log_config, bool(app.conf.worker_hijack_root_logger))
         if pidfile:
             owned_pidfile = Pidfile(pidfile)
             owned_pidfile.acquire()
-        app.finalize()  # include= and autodiscover_tasks() modules
         app.set_current()  # what shared tasks and app-less calls use here and in the children, as in Celery
         if backend:
             app.conf.result_backend = backend

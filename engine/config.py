@@ -91,6 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "worker_hijack_root_logger": True,
     # As Celery's: publish task and worker events (engine-worker -E does the same).
     "worker_send_task_events": False,
+    # As Celery's: True runs every task as if it had no rate_limit.
+    "worker_disable_rate_limits": False,
     #: Largest task message accepted, in bytes.
     "max_message_size": 16 * 1024 * 1024,
 }
@@ -190,6 +192,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_autoscale_keepalive": (_positive, "seconds (> 0)"),
     "worker_hijack_root_logger": (_flag, "True or False"),
     "worker_send_task_events": (_flag, "True or False"),
+    "worker_disable_rate_limits": (_flag, "True or False"),
     "max_message_size": (_count, "bytes, a whole number >= 1"),
 }
 
@@ -235,7 +238,6 @@ CELERY_IGNORED: dict[str, str] = {
     "worker_redirect_stdouts": _OWN_LOGGING,
     "worker_redirect_stdouts_level": _OWN_LOGGING,
     "worker_cancel_long_running_tasks_on_connection_loss": _NO_BROKER,
-    "worker_disable_rate_limits": "rate limits apply per worker (Task.rate_limit); unset it to run unlimited",
     "worker_pool": "the pool is always prefork",
     "worker_state_db": "the worker's journal keeps accepted tasks (--journal)",
     "beat_*": "engine has no beat scheduler",

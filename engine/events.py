@@ -226,9 +226,14 @@ class ClusterState:
             workers.append({"name": name, "online": online, "tasks_per_s": round(per_worker[name] / RATE_WINDOW, 1),
                             "ended": entry["ended"], **{k: entry["figures"].get(k) for k in
                                                         ("busy", "children", "waiting", "scheduled", "in_children")}})
-        tasks = [{"name": name, "tasks_per_s": round(per_name[name] / RATE_WINDOW, 1),
-                  "wait_s": round(max(self.waits.get(name, {}).values(), default=0.0), 4), **dict(counts)}
-                 for name, counts in sorted(self.tasks.items())]
+        online = {worker["name"] for worker in workers if worker["online"]}
+
+        def mean_wait(name: str) -> float:
+            waits = [wait for worker, wait in self.waits.get(name, {}).items() if worker in online]
+            return round(sum(waits) / len(waits), 4) if waits else 0.0
+
+        tasks = [{"name": name, "tasks_per_s": round(per_name[name] / RATE_WINDOW, 1), "wait_s": mean_wait(name),
+                  **dict(counts)} for name, counts in sorted(self.tasks.items())]
         return {"workers": workers, "tasks": tasks, "failures": list(self.failures), "events": self.events,
                 "time": now}
 

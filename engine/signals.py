@@ -90,7 +90,7 @@ class Signal:
             if dispatch_uid in self._by_uid:
                 return receiver
             self._by_uid[dispatch_uid] = receiver
-        self._signal.connect(receiver, sender=blinker.ANY if sender is None else sender, weak=weak)
+        self._signal.connect(receiver, sender=blinker.ANY if sender is None else _unwrap(sender), weak=weak)
         return receiver
 
     def disconnect(self, receiver: Callable[..., Any] | None = None, *, sender: Any = None,
@@ -99,14 +99,14 @@ class Signal:
         if dispatch_uid is not None:
             receiver = self._by_uid.pop(dispatch_uid, receiver)
         if receiver is not None:
-            self._signal.disconnect(receiver, sender=blinker.ANY if sender is None else sender)
+            self._signal.disconnect(receiver, sender=blinker.ANY if sender is None else _unwrap(sender))
 
     def send(self, sender: Any = None, **arguments: Any) -> list[tuple[Callable[..., Any], Any]]:
         """Call every receiver for ``sender``; return ``(receiver, result or the exception it raised)`` pairs."""
         if not self.receivers:
             return []
         responses: list[tuple[Callable[..., Any], Any]] = []
-        for receiver in list(self._signal.receivers_for(sender)):
+        for receiver in list(self._signal.receivers_for(_unwrap(sender))):
             try:
                 result = receiver(signal=self, sender=sender, **arguments)
             except Exception as exc:  # a broken receiver must not break the task or the worker
@@ -117,6 +117,12 @@ class Signal:
 
     def __repr__(self) -> str:
         return f"<Signal: {self.name}>"
+
+
+def _unwrap(sender: Any) -> Any:
+    """A shared task's proxy stands for its task: receivers connected for one match the other."""
+    resolve = getattr(type(sender), "_get_current_object", None)
+    return resolve(sender) if resolve is not None else sender
 
 
 before_task_publish = Signal("before_task_publish")

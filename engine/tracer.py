@@ -229,7 +229,7 @@ def _chain_step_ids(steps: Any) -> list[str]:
         if not isinstance(step, dict):
             continue
         kind = step.get("subtask_type")
-        if kind == "group":
+        if kind in ("group", "chain"):
             ids += _chain_step_ids(step.get("kwargs", {}).get("tasks", ()))
         elif kind == "chord":
             kwargs = step.get("kwargs", {})

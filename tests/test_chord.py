@@ -176,6 +176,10 @@ def test_chains_with_groups_and_chords_through_a_worker(worker_setup):
     assert result.get(timeout=60) == 2 * 5 + sum(range(5)) + 5
     ending = (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
     assert ending.get(timeout=60) == [3, 4]
+    nested = chord([chain(add.s(1, 1), add.s(1)), add.s(10, 10)], tsum.s()).apply_async()
+    assert nested.get(timeout=60) == 3 + 20  # a chain as a header member
+    inner = (add.s(1, 1) | group(chain(add.s(1), add.s(1)), add.s(5))).apply_async()
+    assert inner.get(timeout=60) == [4, 7]  # a chain as a group member
 
 
 def test_the_worker_that_stored_the_header_results_sends_the_body_without_reading_them_back(tmp_path, monkeypatch):

@@ -291,3 +291,13 @@ def test_revoked_ids_are_saved_one_by_one_and_reloaded(tmp_path):
     reopened = Journal(str(tmp_path / "j.db"))
     assert reopened.revoked() == {"b": 1100.0, "c": 1101.0}
     reopened.close()
+
+
+def test_revoked_changes_that_could_not_be_saved_are_saved_later_and_expired_rows_go():
+    revoked = RevokedSet(expires=100)
+    revoked.load({"old": 50.0, "kept": 500.0}, now=100.0)
+    revoked.add(["new"], now=100.0)
+    added, removed = revoked.take_changes()
+    assert added == {"new": 200.0} and removed == {"old"}
+    revoked.give_back_changes(added, removed)  # the save failed (a full disk)
+    assert revoked.take_changes() == ({"new": 200.0}, {"old"})

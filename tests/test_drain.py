@@ -31,7 +31,8 @@ def pair(tmp_path):
     workers: list[WorkerProcess] = []
 
     def start(index: int, *args: str) -> WorkerProcess:
-        env = {"ENGINE_TEST_ENDPOINT": endpoints[index], "ENGINE_TEST_BACKEND": backend,
+        # Its app names both workers: what it sends on itself (draining) can reach the other one.
+        env = {"ENGINE_TEST_ENDPOINT": ",".join(endpoints), "ENGINE_TEST_BACKEND": backend,
                "ENGINE_STATE_DIR": str(tmp_path / f"state{index}")}
         worker = WorkerProcess("--bind", endpoints[index], *args, env=env).wait_ready()
         workers.append(worker)
@@ -90,3 +91,18 @@ def test_past_the_deadline_running_tasks_are_stopped_and_run_elsewhere(pair, tmp
     assert workerapp.app.AsyncResult(slow.id).state == states.SUCCESS
     assert journal_rows(journal) == 0
     assert len(runs.read_text().splitlines()) == 1  # the first run never finished
+
+
+def test_a_retry_waiting_for_its_countdown_is_sent_on_to_another_worker(pair, tmp_path):
+    journal = str(tmp_path / "a.db")
+    first = pair(0, "--concurrency", "1", "--shutdown-timeout", "2", "--journal", journal, "-n", "first@test")
+    result = workerapp.retries_later.delay(4)  # its retry comes from the task itself: no client to hand it to
+    deadline = time.monotonic() + 30
+    while result.state != states.RETRY:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pair(1, "--concurrency", "1")
+    first.proc.send_signal(15)
+    assert first.proc.wait(30) == 0
+    assert result.get(timeout=30) == "retried"  # ran on the second worker
+    assert journal_rows(journal) == 0

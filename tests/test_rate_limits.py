@@ -43,3 +43,31 @@ def test_a_burst_over_the_limit_is_spread_and_other_tasks_are_not_held(worker_se
     assert [r.get(timeout=60) for r in limited] == [f"l{i}" for i in range(20)]
     starts = [float(line.split()[1]) for line in runs.read_text().splitlines()]
     assert max(starts) - min(starts) >= 1.7  # 20 at 10/s: about 1.9 s, not all at once
+
+
+def test_an_eta_task_does_not_hold_back_its_kind_and_rate_held_tasks_count_against_credit():
+    from engine.core import encode_message
+    from engine.worker.supervisor import Supervisor
+    from tests.test_supervisor_inprocess import FakePool
+
+    app = Engine("limits", backend="memory://", set_as_current=False)
+
+    @app.task(rate_limit="10/s")
+    def limited():
+        return None
+
+    sup = Supervisor(app, concurrency=1, use_journal=False, hostname="w@test")
+    sup.pool = sup.limits.pool = FakePool()
+    later = limited.build_message(countdown=600)  # e.g. a retry with a countdown
+    sup.accept(later, encode_message(later))
+    now = [limited.build_message() for _ in range(3)]
+    for message in now:
+        sup.accept(message, encode_message(message))
+    assert [e.message.id for e in sup.scheduler.waiting] == [now[0].id]  # not after the ETA's time
+    assert len(sup.timers) == 3 and sup.rate_held == 2  # two wait for their slots, 0.1 s apart
+    time.sleep(0.25)
+    sup._fire_timers()
+    assert [e.message.id for e in sup.scheduler.waiting] == [m.id for m in now] and sup.rate_held == 0
+    sup.take_from_timers(lambda entry: True)
+    assert len(sup.timers) == 0
+    app.close()

@@ -218,3 +218,42 @@ def test_worker_signals_fire_once_each_in_the_right_process(worker_setup, tmp_pa
     assert status == 0 and len(shutdowns) >= 2 and all(r["exitcode"] == 0 and r["same_pid"] for r in shutdowns)
     assert [r["pid"] for r in rows if r["signal"] == "worker_shutdown"] == [supervisor]
     assert os.path.exists(log)
+
+
+def test_a_receiver_connected_for_a_shared_task_matches_its_task():
+    from engine import shared_task
+
+    app = Engine("signals-shared", set_as_current=False)
+
+    @shared_task
+    def shared():
+        return None
+
+    calls = []
+
+    def receiver(sender=None, **kwargs):
+        calls.append(sender)
+
+    with _current(app):
+        signals.task_prerun.connect(receiver, sender=shared)
+        try:
+            signals.task_prerun.send(sender=app.tasks[shared.name])
+        finally:
+            signals.task_prerun.disconnect(receiver, sender=shared)
+    assert calls == [app.tasks[shared.name]]
+
+
+class _current:
+    """Make ``app`` the current app for the block."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __enter__(self):
+        from engine import current
+
+        self.before = current.get_current_app()
+        self.app.set_current()
+
+    def __exit__(self, *exc):
+        self.before.set_current()

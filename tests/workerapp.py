@@ -222,3 +222,11 @@ def limited(path, label):
     with open(path, "a") as fh:
         fh.write(f"{label} {time.time():.6f}\n")
     return label
+
+
+@app.task(bind=True)
+def retries_later(self, countdown):
+    """Asks to be retried in ``countdown`` seconds once, then returns "retried"."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=countdown)
+    return "retried"

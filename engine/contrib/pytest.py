@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -90,10 +90,16 @@ class EngineWorker:
         """Everything the worker printed so far."""
         return "\n".join(self.lines)
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Block until the worker is serving; kill it and fail with its log otherwise."""
+    def wait_ready(self, timeout: float = READY_TIMEOUT, answers: Callable[[], bool] | None = None) -> None:
+        """Block until the worker is serving; kill it and fail with its log otherwise.
+
+        Serving: its "ready." line, or ``answers()`` true (a control ping: the line
+        may go to a log file, or be JSON, or be left to the app's own logging).
+        """
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.05):
+            if answers is not None and answers():
+                return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"engine-worker did not start (exit status {self.proc.returncode}):\n{self.log}")
@@ -172,7 +178,7 @@ def engine_worker(request: pytest.FixtureRequest, engine_app: Engine, engine_app
                           str(request.config.rootpath), arguments)
     request.node.engine_worker = worker  # its log goes into a failing test's report
     try:
-        worker.wait_ready()
+        worker.wait_ready(answers=lambda: bool(engine_app.control.ping(timeout=0.2, endpoints=[endpoint])))
         yield worker
     finally:
         engine_app.close()  # the client's messages flushed (bounded) while the worker still runs

@@ -413,10 +413,15 @@ class Producer:
         with self._lock:
             for raw in split_batch(body):
                 message = decode_message(raw)
-                pending = self._unacked.pop(message.id, None) or _Pending(message.queue, message.id, raw)
+                pending = self._unacked.get(message.id)
+                if pending is not None and pending.peer is not None and pending.peer is not peer:
+                    taken.append(pending)  # already sent again to another worker: only say we have it
+                    continue
+                self._unacked.pop(message.id, None)
+                pending = pending or _Pending(message.queue, message.id, raw)
                 pending.peer = None
                 taken.append(pending)
-            self._outbox.put_back(taken)
+            self._outbox.put_back([pending for pending in taken if pending.peer is None])
             self._lock.notify_all()
         peer.credit = {}  # it grants nothing any more
         peer.try_send(protocol.TAKEN, protocol.pack([pending.id for pending in taken]))

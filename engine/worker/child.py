@@ -208,11 +208,11 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                     running = False
                     break
     finally:
-        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exit_code)
         try:
-            writer.flush()
+            writer.flush()  # the last reports first: a slow receiver must not hold them back
         except OSError:
             pass
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exit_code)
         logging.shutdown()
         os._exit(exit_code)
 
@@ -248,6 +248,10 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         if revoked and task_id in revoked:
             revoked.discard(task_id)
             recorder.record(task_id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
+            if signals.task_revoked.receivers:
+                task = registry.get(name)
+                signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
+                                          terminated=False, signum=None, expired=False)
             writer.add(pipe.DONE, msgpack.packb([task_id, states.REVOKED, 0.0, False]))
             return 0.0
         task = registry.lookup(name)

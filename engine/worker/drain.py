@@ -7,10 +7,16 @@ frame; the client sends it on to another worker and answers with the ids it
 took, a ``K`` frame). A task frame that arrives meanwhile goes back the same
 way. Running tasks may finish until the deadline; then their children are
 killed, as in a cold shutdown, and those tasks are handed back too (they run
-again elsewhere: at-least-once). A task released only once its client took
-it, so a drained worker's journal is empty and a pod losing its disk loses
-nothing. A task whose client is gone (or does not answer within
-:data:`TAKE_WAIT` seconds) stays in the journal, and the log says so.
+again elsewhere: at-least-once). A task is released only once its client
+took it, so a drained worker's journal is empty and a pod losing its disk
+loses nothing.
+
+A task that came from no client (a retry, a next chain step or subtask a
+task sent, a journal replay, a chord body) runs here if it can start before
+the deadline; otherwise the supervisor sends it on to another worker as a
+client would, and it leaves the journal once that worker acknowledged it. A
+task whose client does not answer within :data:`TAKE_WAIT` seconds is sent
+on the same way.
 
 Tasks already written to a child's pipe behind its running task (at most
 about ``worker_queue_seconds`` of work) run before the worker exits.
@@ -19,6 +25,7 @@ about ``worker_queue_seconds`` of work) run before the worker exits.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -50,26 +57,33 @@ class Drain:
         self.started = False
         #: Task id -> (the entry handed back, when): released once its client took it.
         self.handed: dict[str, tuple[QueuedTask, float]] = {}
-        self.kept = 0
+        #: Entries sent on to another worker through the supervisor's own producer: released
+        #: from the journal once it flushed (see :meth:`forwarded_refs`).
+        self.forwarded: list[QueuedTask] = []
 
     def begin(self, now: float) -> None:
         """Start draining: everything waiting goes back to its client."""
         self.started = True
         self.deadline = now + self.timeout
         sup = self.supervisor
-        entries = sup.scheduler.remove_if(lambda entry: True) + sup.timers.remove_if(lambda entry: True)
+        consumer = sup.consumer
+        has_client = lambda entry: entry.peer is not None and consumer is not None and entry.peer in consumer.peers  # noqa: E731
+        wall_deadline = time.time() + self.timeout
+        entries = sup.scheduler.remove_if(has_client) + sup.take_from_timers(has_client)
+        # From no client: run here if it can start in time, else sent on to another worker.
+        self.forward(sup.take_from_timers(lambda entry: (entry.message.eta or 0.0) >= wall_deadline))
         logger.warning("draining: %d task(s) not started go back to their clients; running ones have %.0fs",
                        len(entries), self.timeout)
         self.hand_back(entries, now)
 
     def hand_back(self, entries: list[QueuedTask], now: float) -> None:
-        """Send ``entries`` back to the clients that sent them; keep (journaled) those without one."""
+        """Send ``entries`` back to the clients that sent them (those without one are sent on)."""
         by_peer: dict[int, tuple[Peer, list[QueuedTask]]] = {}
         consumer = self.supervisor.consumer
         for entry in entries:
             peer = entry.peer
             if peer is None or consumer is None or peer not in consumer.peers:
-                self._keep(entry, "its client is not connected")
+                self.forward([entry])
                 continue
             by_peer.setdefault(id(peer), (peer, []))[1].append(entry)
         for peer, items in by_peer.values():
@@ -79,8 +93,17 @@ class Drain:
                     for entry in chunk:
                         self.handed[entry.message.id] = (entry, now)
                 else:
-                    for entry in chunk:
-                        self._keep(entry, "its client's queue is full")
+                    self.forward(chunk)  # its client's queue is full
+
+    def forward(self, entries: list[QueuedTask]) -> None:
+        """Send ``entries`` to another worker through the supervisor's producer (as a client would)."""
+        if not entries:
+            return
+        producer = self.supervisor.app.producer
+        for entry in entries:
+            producer.send(entry.message)
+            self.forwarded.append(entry)
+        logger.warning("draining: %d task(s) from no client sent on to another worker", len(entries))
 
     def send_back_frame(self, peer: Peer, raws: list[bytes]) -> None:
         """Task messages that arrived while draining: straight back to their client (never journaled)."""
@@ -99,6 +122,10 @@ class Drain:
         """Past the deadline: stop running tasks and hand them back; give up waiting on silent clients."""
         sup = self.supervisor
         if now >= self.deadline:
+            for child in list(sup.pool.children.values()):
+                sup._read_child(child)  # a task that just finished is not handed back to run again
+            leftover = sup.scheduler.remove_if(lambda entry: True) + sup.take_from_timers(lambda entry: True)
+            self.hand_back(leftover, now)
             busy = [child for child in sup.pool.children.values() if child.outstanding]
             if busy:
                 logger.warning("drain deadline: stopping %d running task(s); they go back to their clients",
@@ -111,20 +138,24 @@ class Drain:
                     sup.pool.kill(child)
                 sup.in_children = 0
                 self.hand_back(entries, now)
-        for task_id, (entry, when) in list(self.handed.items()):
-            if now - when > TAKE_WAIT:
-                del self.handed[task_id]
-                self._keep(entry, "its client did not take it back")
+        silent = [entry for task_id, (entry, when) in list(self.handed.items()) if now - when > TAKE_WAIT]
+        for entry in silent:
+            del self.handed[entry.message.id]
+        if silent:
+            logger.warning("draining: %d task(s) handed back were not taken by their client", len(silent))
+            self.forward(silent)
 
     def done(self) -> bool:
-        """True once every task handed back was taken (or given up on)."""
-        return not self.handed
+        """True once every task handed back was taken and nothing waits for its time here."""
+        return not self.handed and not len(self.supervisor.timers)
 
-    def _keep(self, entry: QueuedTask, why: str) -> None:
-        self.kept += 1
-        sup = self.supervisor
-        where = f"kept in the journal {sup.journal_path}" if sup.journal else "lost (no journal)"
-        logger.warning("task %s[%s] not handed back (%s): %s", entry.message.task, entry.message.id, why, where)
+    def release_forwarded(self) -> None:
+        """The producer flushed: the tasks sent on are another worker's now (the journal forgets them)."""
+        states = self.supervisor.states
+        for entry in self.forwarded:
+            if entry.journal_ref is not None:
+                states.finished(entry.journal_ref)
+        self.forwarded = []
 
 
 def encode_batch_raw(raws: list[bytes]) -> bytes:

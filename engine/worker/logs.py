@@ -97,16 +97,24 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def reopen_log_files() -> int:
-    """Reopen every file the root logger writes to (after logrotate moved it); return how many."""
+    """Reopen every file a logger writes to (after logrotate moved it); return how many.
+
+    A file that cannot be reopened is reported and skipped: logging must not stop the worker.
+    """
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    handlers = {id(h): h for logger in loggers for h in logger.handlers if isinstance(h, logging.FileHandler)}
     reopened = 0
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                if handler.stream is not None:
-                    handler.stream.close()
-                handler.stream = handler._open()
-                reopened += 1
-            finally:
-                handler.release()
+    for handler in handlers.values():
+        handler.acquire()
+        try:
+            if handler.stream is not None:
+                handler.stream.close()
+            handler.stream = handler._open()
+            reopened += 1
+        except OSError as exc:
+            handler.stream = None  # FileHandler opens it again at its next line
+            logging.getLogger("engine.worker").error("could not reopen the log file %s: %s", handler.baseFilename, exc)
+        finally:
+            handler.release()
     return reopened

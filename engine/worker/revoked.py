@@ -54,6 +54,13 @@ class RevokedSet:
         self._added, self._removed = {}, set()
         return added, removed
 
+    def give_back_changes(self, added: dict[str, float], removed: set[str]) -> None:
+        """Changes taken by :meth:`take_changes` that could not be saved: saved with the next ones."""
+        for key, expiry in added.items():
+            if key in self.entries and key not in self._removed:
+                self._added.setdefault(key, expiry)
+        self._removed |= {key for key in removed if key not in self.entries}
+
     def _drop(self, key: str) -> None:
         del self.entries[key]
         if self._added.pop(key, None) is None:
@@ -79,6 +86,8 @@ class RevokedSet:
         for key, expiry in sorted(saved.items(), key=lambda item: item[1]):
             if expiry > now:
                 self.entries[key] = expiry
+            else:
+                self._removed.add(key)  # expired while the worker was down: deleted at the next save
 
     def purge(self, now: float | None = None) -> None:
         """Drop expired entries."""

@@ -65,7 +65,7 @@ FAIR_BATCH_MAX = MAX_DEPTH
 class QueuedTask:
     """A received task message waiting for (or assigned to) a child."""
 
-    __slots__ = ("expected", "journal_ref", "message", "peer", "raw", "received", "started", "task")
+    __slots__ = ("expected", "journal_ref", "message", "peer", "rate_slot", "raw", "received", "started", "task")
 
     def __init__(self, message: TaskMessage, raw: bytes, task: Task, peer: Peer | None = None,
                  journal_ref: Any = None) -> None:
@@ -79,6 +79,8 @@ class QueuedTask:
         self.started = 0.0
         #: ``--fair``: the run time expected when it was handed to a child (counted in ``queued_seconds``).
         self.expected = 0.0
+        #: True while it waits in the timer heap for its kind's rate-limit slot (taken already).
+        self.rate_slot = False
 
     @property
     def name(self) -> str:

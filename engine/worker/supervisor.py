@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import msgpack
 import zmq
@@ -161,6 +161,8 @@ class Supervisor:
         self.revoked = RevokedSet()
         #: The next free slot of each rate-limited task name (``Task.rate_limit``).
         self.rate_limiter = RateLimiter()
+        #: Tasks waiting in the timer heap for their rate-limit slot (they count against the window).
+        self.rate_held = 0
         self.control = ControlHandler(self)
         #: Children told to stop by ``pool_shrink``: their exit is not a loss.
         self._retiring: set[int] = set()
@@ -260,30 +262,39 @@ class Supervisor:
                 continue
             decoded.append((ref, raw, message))
         finished = self._finished_already([message.id for _, _, message in decoded])
+        counted = []
         for ref, raw, message in decoded:
-            if message.id in finished:
+            record = finished.get(message.id)
+            if record is not None:
+                if self.chords is not None and message.options.get("chord"):
+                    # Kept in the journal because its chord part may not have been counted: count it now.
+                    self.chords.watch(message)
+                    counted.append(record)
                 self.journal.remove([ref])
+                replayed_ids.add(message.id)  # a chord body that ran already is not sent again
                 skipped += 1
                 continue
             self.accept(message, raw, journal_ref=ref)
             replayed_ids.add(message.id)
             replayed += 1
+        if counted and self.chords is not None:
+            self.chords.stored(counted)
         if replayed or skipped:
             logger.warning("replaying %d task(s) accepted but not finished before this worker stopped "
                            "(%d more had finished already: not run again)", replayed, skipped)
         if self.chords is not None:
             self.chords.recover(replayed_ids)
 
-    def _finished_already(self, task_ids: list[str]) -> set[str]:
-        """Those of ``task_ids`` whose final state the results store holds (none without a shared store)."""
+    def _finished_already(self, task_ids: list[str]) -> dict:
+        """The stored final records of those of ``task_ids`` that have one (none without a shared store)."""
         if not task_ids or self.backend is None or self.replies is not None:
-            return set()
+            return {}
         try:
             found = self.backend.get_many_encoded(task_ids)
         except Exception as exc:  # the store is down: replay everything (at-least-once)
             logger.warning("could not ask the results store which replayed tasks finished: %s", exc)
-            return set()
-        return {task_id for task_id, record in found.items() if record.state in states.READY_STATES}
+            return {}
+        return {task_id: record for task_id, record in found.items() if record.state in states.READY_STATES}
 
     def run(self) -> int:
         """Serve until a warm or cold shutdown; return the exit status."""
@@ -467,24 +478,53 @@ class Supervisor:
             return
         if signals.task_received.receivers:
             signals.task_received.send(sender=self, request=task.request_class(message, task, hostname=self.hostname))
+        entry = QueuedTask(message, raw, task, peer, journal_ref)
         due = message.eta
-        rate = self.rate_limiter.rate_of(task) if task.rate_limit is not None else None
-        if rate is not None:
-            # Over its kind's rate limit: held for its slot in the timer heap, like an ETA task.
-            slot = self.rate_limiter.reserve(message.task, rate, max(time.time(), due or 0.0))
-            due = slot if slot > time.time() else due
+        if due is None or due <= time.time():
+            due = self._rate_slot(entry)  # its time has come: its rate limit's slot, if any
         if due is not None and due > time.time():
             if journal is not None and isinstance(journal_ref, int):
                 # Held for later: a row of its own, so that its frame's row can go with the others.
-                own = journal.add(_journal_key(message), raw)
+                entry.journal_ref = journal.add(_journal_key(message), raw)
                 journal.remove([journal_ref])
-                journal_ref = own
-            self.timers.push(due, QueuedTask(message, raw, task, peer, journal_ref))
+            self.timers.push(due, entry)
         else:
-            self.scheduler.push(QueuedTask(message, raw, task, peer, journal_ref))
+            self.scheduler.push(entry)
+
+    def _rate_slot(self, entry: QueuedTask) -> float | None:
+        """When ``entry`` may start under its kind's rate limit (None: now), its slot taken."""
+        if entry.task.rate_limit is None or self.app.conf.worker_disable_rate_limits:
+            return None
+        rate = self.rate_limiter.rate_of(entry.task)
+        if rate is None:
+            return None
+        now = time.time()
+        slot = self.rate_limiter.reserve(entry.message.task, rate, now)
+        if slot <= now:
+            return None
+        entry.rate_slot = True
+        self.rate_held += 1  # counted against the credit window: a limited kind must not hoard
+        return slot
+
+    def take_from_timers(self, predicate: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+        """Take the held tasks ``predicate`` picks out of the timer heap (their rate slots given up)."""
+        taken = self.timers.remove_if(predicate)
+        for entry in taken:
+            if entry.rate_slot:
+                entry.rate_slot = False
+                self.rate_held -= 1
+        return taken
 
     def _fire_timers(self) -> None:
         for entry in self.timers.pop_due():
+            if entry.rate_slot:
+                entry.rate_slot = False
+                self.rate_held -= 1
+            elif entry.task.rate_limit is not None:  # an ETA task whose time came: now its rate slot
+                slot = self._rate_slot(entry)
+                if slot is not None:
+                    self.timers.push(slot, entry)
+                    continue
             self.scheduler.push(entry)
 
     # --- children ------------------------------------------------------------------
@@ -685,7 +725,7 @@ class Supervisor:
         self._save_revoked()
         matches = self.revoked.matches
         taken = self.scheduler.remove_if(lambda entry: matches(entry.message))
-        taken += self.timers.remove_if(lambda entry: matches(entry.message))
+        taken += self.take_from_timers(lambda entry: matches(entry.message))
         for entry in taken:
             self._revoked(entry.message, entry.journal_ref)
         revoked_ids = [entry.message.id for entry in taken]
@@ -718,8 +758,9 @@ class Supervisor:
         added, removed = self.revoked.take_changes()
         try:
             self.journal.save_revoked(added, removed)
-        except Exception as exc:  # kept in memory: the worker still refuses them until it stops
-            logger.warning("could not save revoked task ids to %s: %s", self.journal_path, exc)
+        except Exception as exc:  # kept in memory, and saved with the next changes
+            self.revoked.give_back_changes(added, removed)
+            logger.warning("could not save revoked task ids to %s (will retry): %s", self.journal_path, exc)
 
     def resize_pool(self, delta: int) -> int:
         """Add (``delta`` > 0) or retire (< 0) children; return the new pool size (at least 1)."""
@@ -769,7 +810,8 @@ class Supervisor:
         if len(self.timers) >= MAX_TIMERS:
             return
         window = self.window()
-        free = window - self.scheduler.held_for_credit(window) - self.in_children - consumer.outstanding()
+        free = window - self.scheduler.held_for_credit(window) - self.in_children - consumer.outstanding() \
+            - self.rate_held
         consumer.grant(free, standing=self.concurrency)
 
     def _housekeeping(self, now: float) -> None:
@@ -867,8 +909,12 @@ class Supervisor:
             self.metrics.stop()
         self.states.flush(time.monotonic(), force=True)
         if self.app._producer is not None:  # messages forwarded to queues other workers consume
-            self.app._producer.close(timeout=FORWARD_FLUSH_TIMEOUT)
+            flushed = self.app._producer.flush(FORWARD_FLUSH_TIMEOUT)
+            self.app._producer.close(timeout=0)
             self.app._producer = None
+            if flushed and self.drain is not None and self.drain.forwarded:
+                self.drain.release_forwarded()  # acknowledged by another worker: not ours to keep
+                self.states.flush(time.monotonic(), force=True)
         if self.journal is not None:
             self._save_runtimes()
             self._save_revoked()
