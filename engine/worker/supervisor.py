@@ -480,8 +480,8 @@ class Supervisor:
             signals.task_received.send(sender=self, request=task.request_class(message, task, hostname=self.hostname))
         entry = QueuedTask(message, raw, task, peer, journal_ref)
         due = message.eta
-        if due is None or due <= time.time():
-            due = self._rate_slot(entry)  # its time has come: its rate limit's slot, if any
+        if due is None or due <= time.time():  # its time has come: its rate limit's slot, if any
+            due = self._rate_slot(entry) if task.rate_limit is not None else None
         if due is not None and due > time.time():
             if journal is not None and isinstance(journal_ref, int):
                 # Held for later: a row of its own, so that its frame's row can go with the others.
