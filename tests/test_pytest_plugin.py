@@ -87,3 +87,52 @@ def test_fails_on_purpose(engine_worker):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*engine-worker log*", "*ready.*"])
+
+
+@pytest.mark.slow
+def test_a_test_run_that_dies_leaves_no_worker_behind(pytester: pytest.Pytester):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pytester.makepyfile(proj_tasks=PROJECT, test_stuck='''
+import time
+
+def test_stuck(engine_worker):
+    time.sleep(120)
+''')
+    pytester.makeini("[pytest]\nengine_plugin = true\nengine_app = proj_tasks:app\n")
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"], cwd=str(pytester.path),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def workers() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["cmdline", "cwd"]):
+            try:
+                if "proj_tasks:app" in (process.info["cmdline"] or []) and process.info["cwd"] == str(pytester.path):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    try:
+        deadline = time.monotonic() + 60
+        while not workers():
+            assert time.monotonic() < deadline and run.poll() is None, "the worker never started"
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside the test now
+        os.kill(run.pid, signal.SIGKILL)  # the test run dies without any teardown
+        run.wait(10)
+        deadline = time.monotonic() + 30
+        while workers():
+            assert time.monotonic() < deadline, "a worker outlived the test run"
+            time.sleep(0.1)
+    finally:
+        for process in workers():
+            process.kill()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)

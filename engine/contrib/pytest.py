@@ -62,6 +62,15 @@ _POINTED = ("transport", "transport_bind", "result_backend", "producer_flush_tim
 FLUSH_TIMEOUT = 10.0
 
 
+#: Runs the worker's command line (its arguments) with SIGTERM as its parent-death signal (Linux).
+_DIE_WITH_TESTS = ("import ctypes, os, signal, sys\n"
+                   "try:\n"
+                   "    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+                   "except (OSError, AttributeError):\n"
+                   "    pass\n"
+                   "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
 class EngineWorker:
     """One ``engine-worker`` subprocess: its pid, its output so far, and how to stop it."""
 
@@ -71,8 +80,10 @@ class EngineWorker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH", "")) if p)
         self.argv = [sys.executable, "-m", "engine.cli", "-A", app_spec, "--bind", endpoint, "--backend", backend,
                      "--loglevel", "INFO", *arguments]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=cwd, start_new_session=True)
+        # Through a one-line launcher that asks Linux to stop the worker (warm) if the test run dies
+        # (a timeout, Ctrl-C twice): no worker is left behind by a run that never reached teardown.
+        self.proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_TESTS, *self.argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
         self.pid = self.proc.pid
         self.lines: list[str] = []
         self._ready = threading.Event()
