@@ -50,7 +50,7 @@ class Autoscaler:
     def backlog(self) -> int:
         """Tasks accepted and not started: waiting for a child or queued in one."""
         sup = self.supervisor
-        busy = sum(1 for child in sup.pool.children.values() if child.outstanding)
+        busy = sup.pool.busy()
         return len(sup.scheduler) + max(0, sup.in_children - busy)
 
     def tick(self, now: float) -> None:

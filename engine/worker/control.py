@@ -112,7 +112,7 @@ class ControlHandler:
             "hostname": sup.hostname, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "rss_bytes": rss, "fair": sup.fair, "queues": list(sup.queues),
             "pool": {"max-concurrency": sup.pool.concurrency, "processes": [c.pid for c in children],
-                     "busy": sum(1 for c in children if c.outstanding)},
+                     "busy": sup.pool.busy()},
             "counters": {**figures["counters"], "received": sup.counters["received"], "lost": sup.counters["lost"],
                          "requeued": sup.counters["requeued"], "unknown": sup.counters["unknown"],
                          "malformed": sup.counters["malformed"]},

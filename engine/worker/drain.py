@@ -28,8 +28,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import msgpack
-
 from engine.transport import protocol
 
 if TYPE_CHECKING:
@@ -89,7 +87,7 @@ class Drain:
         for peer, items in by_peer.values():
             for start in range(0, len(items), FRAME_TASKS):
                 chunk = items[start:start + FRAME_TASKS]
-                if peer.try_send(protocol.RETURN, encode_batch_raw([entry.raw for entry in chunk])):
+                if peer.try_send(protocol.RETURN, protocol.pack([entry.raw for entry in chunk])):
                     for entry in chunk:
                         self.handed[entry.message.id] = (entry, now)
                 else:
@@ -108,7 +106,7 @@ class Drain:
     def send_back_frame(self, peer: Peer, raws: list[bytes]) -> None:
         """Task messages that arrived while draining: straight back to their client (never journaled)."""
         if raws:
-            peer.try_send(protocol.RETURN, encode_batch_raw(raws))
+            peer.try_send(protocol.RETURN, protocol.pack(raws))  # a batch frame, as the producer packs one
 
     def taken(self, ids: list[str]) -> None:
         """A client took these back: the journal forgets them."""
@@ -157,8 +155,3 @@ class Drain:
                 states.finished(entry.journal_ref)
         self.forwarded = []
 
-
-def encode_batch_raw(raws: list[bytes]) -> bytes:
-    """A batch frame of already encoded task messages (what ``engine.core.encode_batch`` makes of messages)."""
-    frame: bytes = msgpack.packb(list(raws), use_bin_type=True)
-    return frame

@@ -78,7 +78,7 @@ class SupervisorCollector:
         children = list(sup.pool.children.values())
         yield GaugeMetricFamily("engine_children", "Pool children alive.", value=len(children))
         yield GaugeMetricFamily("engine_children_busy", "Children running a task.",
-                                value=sum(1 for child in children if child.outstanding))
+                                value=sup.pool.busy())
         credit = GaugeMetricFamily("engine_client_credit", "Tasks each client may still send to this worker.",
                                    labels=["client"])
         consumer = sup.consumer

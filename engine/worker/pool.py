@@ -102,6 +102,10 @@ class Pool:
         except ProcessLookupError:
             pass
 
+    def busy(self) -> int:
+        """Children holding a task (running it, or about to)."""
+        return sum(1 for child in list(self.children.values()) if child.outstanding)
+
     def kill_all(self) -> None:
         """Kill every child at once (cold shutdown)."""
         for child in list(self.children.values()):

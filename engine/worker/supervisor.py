@@ -895,7 +895,7 @@ class Supervisor:
     def _worker_figures(self) -> dict:
         """What a worker event carries: pool, queue and counter figures."""
         children = list(self.pool.children.values())
-        return {"children": len(children), "busy": sum(1 for c in children if c.outstanding),
+        return {"children": len(children), "busy": self.pool.busy(),
                 "waiting": len(self.scheduler), "scheduled": len(self.timers), "in_children": self.in_children,
                 "counters": self.task_stats.counters(), "received": self.counters["received"],
                 "waits": self.task_stats.mean_waits()}
