@@ -144,7 +144,7 @@ class ChordCounter:
         journal = self.states.journal
         return journal.commits if journal is not None else 0
 
-    def confirm(self, producer_idle: bool = True) -> None:
+    def confirm(self, producer_idle: bool | None = None) -> None:
         """Tell the store which bodies sent are queued for good: nothing to recover for them any more.
 
         A body is durable once a journal commit and a state store happened after
@@ -153,7 +153,12 @@ class ChordCounter:
         serves) waits for an acknowledgement. Until then a crash leaves the chord
         "being fired by this worker", and :meth:`recover` sends it again at restart.
         """
-        if not self._sent or not producer_idle:
+        if not self._sent:
+            return
+        if producer_idle is None:  # a body for a queue another worker serves went through the app's producer
+            producer = self.app._producer
+            producer_idle = producer is None or not producer.waiting
+        if not producer_idle:
             return
         journal = self.states.journal
         commits, stores = self.commits(), self.states.stores

@@ -384,8 +384,7 @@ class Supervisor:
                 if self.events.heartbeat_due(now):
                     self.events.worker("heartbeat", self._worker_figures())
             if self.chords is not None:
-                producer = self.app._producer  # a body for a queue another worker serves went through it
-                self.chords.confirm(producer is None or not producer.waiting)
+                self.chords.confirm()  # returns at once unless bodies wait to be confirmed
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if self.stopping == WARM:
