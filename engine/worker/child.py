@@ -181,10 +181,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                     break
                 continue
             read_at = time.monotonic()
-            index = 0
-            while index < len(frames):
-                kind, payload = frames[index]
-                index += 1
+            for kind, payload in frames:  # frames read ahead below are appended: this loop sees them
                 if kind == pipe.STOP:
                     running = False
                     break
@@ -193,11 +190,13 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                 runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft, revoked)
                 done += 1
                 now = time.monotonic()
-                if now - read_at > REVOKE_LOOKAHEAD and index < len(frames) and poller.poll(0):
+                if now - read_at > REVOKE_LOOKAHEAD:
                     # Tasks ran a while since these frames were read: a revoke of one still
-                    # ahead may be waiting in the pipe, behind them.
-                    frames.extend(_take_revokes(reader.read(), revoked))
+                    # ahead may be waiting in the pipe, behind them. At most one look per
+                    # REVOKE_LOOKAHEAD, whatever it finds: tiny tasks must not pay a syscall each.
                     read_at = now
+                    if poller.poll(0):
+                        frames.extend(_take_revokes(reader.read(), revoked))
                 # Busy with tiny tasks: report in batches. Otherwise report each task as it
                 # ends, so the supervisor's view (time limits, results) stays current.
                 if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or writer.pending > REPORT_BYTES:
