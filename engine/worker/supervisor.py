@@ -461,7 +461,7 @@ class Supervisor:
             self.chords.watch(message)
         if self.events is not None:
             self.events.task("received", message.id, message.task)
-        if self.revoked.matches(message):
+        if self.revoked.entries and self.revoked.matches(message):  # once per task: no call while none are
             self._revoked(message, journal_ref)
             return
         try:
@@ -590,9 +590,10 @@ class Supervisor:
         self.in_children -= 1
         child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if child.outstanding else 0.0
         self.counters["done"] += 1
-        self.task_stats.finished(entry.name, state, runtime, max(0.0, entry.started - entry.received))
+        name = entry.message.task
+        self.task_stats.finished(name, state, runtime, max(0.0, entry.started - entry.received))
         if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
-            self.stats.add(entry.name, runtime)
+            self.stats.add(name, runtime)
         if state == states.REJECTED and requeue:
             self.counters["requeued"] += 1
             self.scheduler.push(entry)
@@ -600,7 +601,7 @@ class Supervisor:
             if entry.journal_ref is not None:
                 self.states.finished(entry.journal_ref)
         if self.events is not None:
-            self.events.task(_EVENT_OF.get(state, state.lower()), task_id, entry.name, runtime,
+            self.events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
                              self._failure_info.pop(task_id, None))
         if child.outstanding:
             head = child.outstanding[0]
