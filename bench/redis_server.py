@@ -30,16 +30,18 @@ def missing() -> str | None:
 class RedisServer:
     """One ``redis-server`` subprocess on a free loopback port."""
 
-    def __init__(self, executable: str = "redis-server") -> None:
+    def __init__(self, executable: str = "redis-server", host: str = "127.0.0.1") -> None:
         self.executable = executable
+        #: The address it listens on (loopback unless a test's own network namespace lab says otherwise).
+        self.host = host
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self._log = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0`` of the running server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://<host>:<port>/0`` of the running server."""
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0, attempts: int = 3) -> RedisServer:
         """Start the server and wait (at most ``timeout`` per attempt) until it answers PING.
@@ -52,9 +54,11 @@ class RedisServer:
             self.port = free_port()
             # Output goes to a temp file, not a pipe nobody reads (a full pipe would block it).
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives until stop()
+            # Protected mode refuses clients that are not on loopback: off for a test lab's private bridge.
+            protected = "yes" if self.host.startswith("127.") else "no"
             self.proc = subprocess.Popen(
                 [self.executable, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                 "--bind", "127.0.0.1", "--dir", tempfile.gettempdir()],
+                 "--bind", self.host, "--protected-mode", protected, "--dir", tempfile.gettempdir()],
                 stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
             if self._wait_ping(timeout):
                 return self
@@ -70,7 +74,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 return False
             try:
-                client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+                client = redis.Redis(host=self.host, port=self.port, socket_timeout=1, socket_connect_timeout=1)
                 try:
                     if client.ping():
                         return True

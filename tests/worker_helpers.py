@@ -21,12 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """One ``engine-worker`` subprocess and its output."""
 
-    def __init__(self, *args: str, env: dict | None = None, app: str = "tests.workerapp") -> None:
+    def __init__(self, *args: str, env: dict | None = None, app: str = "tests.workerapp",
+                 prefix: tuple[str, ...] | list[str] = ()) -> None:
+        """Start ``engine-worker -A app args``; ``prefix`` runs it inside something (e.g. ``ip netns exec NS``)."""
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         # Journals go to a fresh directory unless a test shares one between workers on purpose.
         full_env.setdefault("ENGINE_STATE_DIR", tempfile.mkdtemp(prefix="engine-state-"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "-A", app, "--loglevel", "INFO", *args],
+            [*prefix, sys.executable, "-m", "engine.cli", "-A", app, "--loglevel", "INFO", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, text=True,
             start_new_session=True)
         self.pid = self.proc.pid

@@ -19,6 +19,8 @@ app = Engine(
     transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599").split(","),
     backend=os.environ.get("ENGINE_TEST_BACKEND") or None,
     worker_autoscale_keepalive=float(os.environ.get("ENGINE_TEST_AUTOSCALE_KEEPALIVE", "30")),
+    # A Redis URL: workers share each task's rate limit through it (None: limits per worker).
+    rate_limit_url=os.environ.get("ENGINE_TEST_RATE_LIMIT_URL") or None,
 )
 
 _hog: list = []
@@ -172,6 +174,16 @@ def exits():
 def mark(directory, number):
     """Record one execution (for counting duplicates), then return the number."""
     with open(os.path.join(directory, f"{os.getpid()}.runs"), "a") as fh:
+        fh.write(f"{number}\n")
+    return number
+
+
+@app.task
+def mark_host(directory, number, seconds=0.0):
+    """Sleep ``seconds``, then record one execution in a file named by the host (ENGINE_TEST_HOST) and pid."""
+    time.sleep(seconds)
+    host = os.environ.get("ENGINE_TEST_HOST", "local")
+    with open(os.path.join(directory, f"{host}-{os.getpid()}.runs"), "a") as fh:
         fh.write(f"{number}\n")
     return number
 
