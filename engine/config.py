@@ -93,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
     "worker_send_task_events": False,
     # As Celery's: True runs every task as if it had no rate_limit.
     "worker_disable_rate_limits": False,
+    #: None: each worker enforces a task's ``rate_limit`` alone (as Celery). A Redis URL
+    #: (redis://, rediss:// or unix://): every worker of the app shares each limit through it.
+    "rate_limit_url": None,
     #: Largest task message accepted, in bytes.
     "max_message_size": 16 * 1024 * 1024,
 }
@@ -147,6 +150,14 @@ def _backend_url(value: Any) -> bool:
     return value is None or (_text(value) and (value.partition("://")[0] if "://" in value else value) in BACKENDS)
 
 
+def _redis_url(value: Any) -> bool:
+    if value is None:
+        return True
+    scheme, sep, rest = value.partition("://") if isinstance(value, str) else ("", "", "")
+    # A bare "redis://" is redis-py's localhost:6379 (Celery configs use it); a socket needs its path.
+    return bool(sep) and (scheme in ("redis", "rediss") or (scheme == "unix" and bool(rest)))
+
+
 def _expires(value: Any) -> bool:
     return value is None or _non_negative(value) or isinstance(value, timedelta)
 
@@ -193,6 +204,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_hijack_root_logger": (_flag, "True or False"),
     "worker_send_task_events": (_flag, "True or False"),
     "worker_disable_rate_limits": (_flag, "True or False"),
+    "rate_limit_url": (_redis_url, "None (limits per worker) or a Redis URL: redis://host:port/db, "
+                                   "rediss://host:port/db or unix:///path/redis.sock"),
     "max_message_size": (_count, "bytes, a whole number >= 1"),
 }
 

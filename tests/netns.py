@@ -95,7 +95,9 @@ class Lab:
         self.bridge = f"ebr{self.tag}"
         self.hosts: dict[str, Host] = {}
         self._pids: list[int] = []
-        _ip("link", "add", self.bridge, "type", "bridge")
+        # A fixed address: a bridge otherwise takes the lowest of its ports' and changes it when a
+        # host joins or is cut off, and the hosts' cached ARP entries for the store would go stale.
+        _ip("link", "add", self.bridge, "address", f"02:00:00:00:{self.tag[:2]}:{self.tag[2:]}", "type", "bridge")
         _ip("addr", "add", f"{subnet}.254/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 

@@ -4,7 +4,9 @@
         --runs DIR --tasks N --seconds S --out REPORT.json
 
 Sends N ``workerapp.mark_host`` tasks to the workers the name resolves to
-(re-resolved every 0.5 s), waits for every result, and writes a JSON report:
+(re-resolved every 0.5 s), or with ``--bind-port P`` binds ``tcp://0.0.0.0:P``
+for workers that connect to it (the ventilator pattern), waits for every
+result, and writes a JSON report:
 how many tasks reached each final state and which numbers never finished.
 Executions (and so duplicates) are counted by the test from the runs folder.
 """
@@ -23,7 +25,8 @@ from tests import workerapp
 def main() -> None:
     """Run the batch and write the report."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--transport", required=True)
+    parser.add_argument("--transport", default=None)
+    parser.add_argument("--bind-port", type=int, default=None)
     parser.add_argument("--backend", required=True)
     parser.add_argument("--runs", required=True)
     parser.add_argument("--tasks", type=int, default=400)
@@ -33,8 +36,10 @@ def main() -> None:
     args = parser.parse_args()
 
     app = workerapp.app
-    app.conf.update(transport=args.transport, result_backend=args.backend, transport_bind=False,
-                    transport_dns_refresh=0.5, producer_flush_timeout=args.timeout)
+    binding = args.bind_port is not None
+    app.conf.update(transport=f"tcp://0.0.0.0:{args.bind_port}" if binding else args.transport,
+                    result_backend=args.backend, transport_bind=binding, transport_dns_refresh=0.5,
+                    producer_flush_timeout=args.timeout)
     started = time.monotonic()
     results = GroupResult([workerapp.mark_host.delay(args.runs, number, args.seconds) for number in range(args.tasks)])
     deadline = started + args.timeout

@@ -109,3 +109,30 @@ def test_a_client_follows_the_workers_a_name_resolves_to(monkeypatch, tmp_path):
         app.close()
         for worker in workers:
             worker.kill()
+
+
+def test_a_connecting_worker_follows_the_producers_a_name_resolves_to(monkeypatch):
+    import zmq
+
+    from engine.transport.consumer import Consumer
+
+    answer = ["tcp://127.0.0.2:7001"]
+    monkeypatch.setattr(discovery, "resolve", lambda entry: list(answer))
+    context = zmq.Context()
+    consumer = Consumer(context, "worker-1", [], ["dns+tcp://producers.test:7001", "tcp://127.0.0.9:7002"], ["q"],
+                        1 << 20, dns_refresh=0.5)
+    try:
+        linked = lambda: sorted(peer.key for peer in consumer.peers)  # noqa: E731
+        assert linked() == ["tcp://127.0.0.2:7001", "tcp://127.0.0.9:7002"] and len(consumer.sockets) == 2
+        before = consumer.generation
+        answer[:] = ["tcp://127.0.0.3:7001"]  # the producer moved
+        now = time.monotonic()
+        consumer.refresh_links(now)  # not due yet: nothing changes
+        assert linked() == ["tcp://127.0.0.2:7001", "tcp://127.0.0.9:7002"]
+        consumer.refresh_links(now + 1.0)
+        assert linked() == ["tcp://127.0.0.3:7001", "tcp://127.0.0.9:7002"]  # the static entry stays
+        assert len(consumer.sockets) == 2 and consumer.generation > before
+        assert all(not sock.closed for sock in consumer.sockets)
+    finally:
+        consumer.close()
+        context.term()

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ from tests.worker_helpers import ROOT, WorkerProcess, wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PORT = 5555
+#: Where producers bind in the ventilator pattern.
+PRODUCER_PORT = 6000
 NAME = "workers.test"
 
 
@@ -44,16 +47,22 @@ class Cluster:
         self.redis = RedisServer(host=lab.gateway).start()
         self.client = lab.add_host("c")
         self.workers: dict[str, WorkerProcess] = {}
-        self._client_proc: subprocess.Popen | None = None
+        #: The clients started, by host name: their process and report file.
+        self._clients: dict[str, tuple[subprocess.Popen, Path]] = {}
 
-    def start_worker(self, name: str, *args: str) -> WorkerProcess:
-        """A new host ``name`` running a worker on port 5555 (concurrency 2 unless ``args`` say)."""
+    def start_worker(self, name: str, *args: str, bind: bool = True,
+                     hosts: dict[str, list[str]] | None = None) -> WorkerProcess:
+        """A new host ``name`` (its ``/etc/hosts``: ``hosts``) running a worker, bound to port 5555 unless not ``bind``.
+
+        Concurrency 2 unless ``args`` say; names re-resolved every 0.5 s (--connect dns+tcp://).
+        """
         host = self.lab.add_host(name)
+        host.write_hosts(hosts or {})
         env = {"ENGINE_TEST_HOST": name, "ENGINE_TEST_BACKEND": self.redis.url,
-               "ENGINE_TEST_ENDPOINT": f"tcp://{host.address}:{PORT}",
+               "ENGINE_TEST_ENDPOINT": f"tcp://{host.address}:{PORT}", "ENGINE_TEST_DNS_REFRESH": "0.5",
                "ENGINE_STATE_DIR": str(self.tmp_path / f"state-{name}")}
-        worker = WorkerProcess("--bind", f"tcp://0.0.0.0:{PORT}", "--concurrency", "2", *args,
-                               env=env, prefix=host.prefix())
+        binding = ("--bind", f"tcp://0.0.0.0:{PORT}") if bind else ()
+        worker = WorkerProcess(*binding, "--concurrency", "2", *args, env=env, prefix=host.prefix())
         self.lab.started(worker.pid)
         self.workers[name] = worker.wait_ready()
         return worker
@@ -62,31 +71,41 @@ class Cluster:
         """Make ``workers.test`` resolve, in the client host, to the addresses of these worker hosts."""
         self.client.write_hosts({NAME: [self.lab.hosts[name].address for name in names]})
 
-    def send_batch(self, tasks: int, seconds: float, timeout: float = 150) -> None:
-        """Start the client: ``tasks`` tasks of ``seconds`` each, sent to ``dns+tcp://workers.test:5555``."""
-        self._report = self.tmp_path / "report.json"
-        self._client_proc = subprocess.Popen(
-            [*self.client.prefix(), sys.executable, "-m", "tests.netns_client", "--transport",
-             f"dns+tcp://{NAME}:{PORT}", "--backend", self.redis.url, "--runs", str(self.runs),
-             "--tasks", str(tasks), "--seconds", str(seconds), "--timeout", str(timeout), "--out", str(self._report)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lab.started(self._client_proc.pid)
+    def send_batch(self, tasks: int, seconds: float, timeout: float = 150, host: netns.Host | None = None,
+                   bind_port: int | None = None) -> None:
+        """Start a client in ``host`` (the client host): ``tasks`` tasks of ``seconds`` each.
 
-    def report(self, timeout: float = 200) -> dict:
-        """Wait for the client to finish its batch; its report."""
-        proc = self._client_proc
+        Sent to ``dns+tcp://workers.test:5555``, or, with ``bind_port``, to the workers that connect to it.
+        Its executions are recorded under ``runs/<host>/``.
+        """
+        host = host or self.client
+        report = self.tmp_path / f"report-{host.name}.json"
+        runs = self.runs / host.name
+        runs.mkdir(exist_ok=True)
+        where = ["--bind-port", str(bind_port)] if bind_port else ["--transport", f"dns+tcp://{NAME}:{PORT}"]
+        proc = subprocess.Popen(
+            [*host.prefix(), sys.executable, "-m", "tests.netns_client", *where, "--backend", self.redis.url,
+             "--runs", str(runs), "--tasks", str(tasks), "--seconds", str(seconds), "--timeout", str(timeout),
+             "--out", str(report)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._clients[host.name] = (proc, report)
+        self.lab.started(proc.pid)
+
+    def report(self, host: netns.Host | None = None, timeout: float = 200) -> dict:
+        """Wait for the client in ``host`` (the client host) to finish its batch; its report."""
+        proc, report = self._clients[(host or self.client).name]
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("the client did not finish its batch in time") from None
         assert proc.returncode == 0, output
-        return json.loads(self._report.read_text())
+        return json.loads(report.read_text())
 
-    def executions(self) -> dict[str, collections.Counter]:
-        """Per host, how many times each task number ran."""
+    def executions(self, client: str = "*") -> dict[str, collections.Counter]:
+        """Per worker host, how many times each task number of ``client`` (every client) ran."""
         ran: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        for path in self.runs.glob("*.runs"):
+        for path in self.runs.glob(f"{client}/*.runs"):
             host = path.name.split("-", 1)[0]
             ran[host].update(int(line) for line in path.read_text().split())
         return ran
@@ -96,19 +115,20 @@ class Cluster:
         ran = self.executions()
         return sum(sum(counter.values()) for name, counter in ran.items() if host in (None, name))
 
-    def lost_and_duplicated(self, tasks: int) -> tuple[list[int], int]:
-        """The task numbers that never ran, and how many executions were repeats."""
+    def lost_and_duplicated(self, tasks: int, client: str = "c") -> tuple[list[int], int]:
+        """The task numbers of ``client`` that never ran, and how many of its executions were repeats."""
         total: collections.Counter = collections.Counter()
-        for counter in self.executions().values():
+        for counter in self.executions(client).values():
             total.update(counter)
         lost = [number for number in range(tasks) if total[number] == 0]
         return lost, sum(count - 1 for count in total.values() if count > 1)
 
     def close(self) -> None:
         """Stop the workers, the client and Redis, by pid (the lab removes the rest)."""
-        if self._client_proc is not None and self._client_proc.poll() is None:
-            self._client_proc.kill()
-            self._client_proc.wait(10)
+        for proc, _ in self._clients.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         for worker in self.workers.values():
             worker.kill()
         self.redis.stop()
@@ -127,13 +147,13 @@ def cluster(tmp_path):
             cluster.close()
 
 
-def _done_cleanly(report: dict, cluster: Cluster, tasks: int) -> int:
-    """Assert every task finished and none was lost; the number of duplicate executions (reported)."""
+def _done_cleanly(report: dict, cluster: Cluster, tasks: int, client: str = "c") -> int:
+    """Assert every task of ``client`` finished and none was lost; the number of duplicate executions (reported)."""
     assert report["missing"] == [] and report["states"] == {"SUCCESS": tasks}, report
-    lost, duplicates = cluster.lost_and_duplicated(tasks)
+    lost, duplicates = cluster.lost_and_duplicated(tasks, client)
     assert lost == []
-    print(f"\n{tasks} tasks: lost 0, duplicates {duplicates}, ran per host "
-          f"{ {host: sum(c.values()) for host, c in sorted(cluster.executions().items())} }, {report['elapsed']} s")
+    ran = {host: sum(counter.values()) for host, counter in sorted(cluster.executions(client).items())}
+    print(f"\n{tasks} tasks from {client}: lost 0, duplicates {duplicates}, ran per host {ran}, {report['elapsed']} s")
     return duplicates
 
 
@@ -194,3 +214,17 @@ def test_a_drained_worker_host_hands_its_tasks_back_and_leaves_an_empty_journal(
     assert first.stop(signal.SIGTERM, timeout=30) == 0  # ... and it is told to stop
     assert journal_rows(journal) == 0
     _done_cleanly(cluster.report(), cluster, tasks)
+
+
+def test_workers_that_connect_follow_the_producers_a_name_resolves_to(cluster):
+    # The ventilator pattern across hosts: producers bind, the worker connects to dns+tcp://producers.test.
+    first, second = cluster.lab.add_host("p1"), cluster.lab.add_host("p2")
+    cluster.send_batch(200, 0.005, host=first, bind_port=PRODUCER_PORT)
+    worker = cluster.start_worker("w1", "--connect", f"dns+tcp://producers.test:{PRODUCER_PORT}", bind=False,
+                                  hosts={"producers.test": [first.address]})
+    _done_cleanly(cluster.report(first), cluster, 200, client="p1")
+    # A second producer host joins the name: the worker connects to it within a refresh (0.5 s here).
+    cluster.send_batch(200, 0.005, host=second, bind_port=PRODUCER_PORT, timeout=30)
+    cluster.lab.hosts["w1"].write_hosts({"producers.test": [first.address, second.address]})
+    _done_cleanly(cluster.report(second), cluster, 200, client="p2")
+    assert "found in DNS: connecting to it" in worker.output

@@ -19,6 +19,7 @@ app = Engine(
     transport=os.environ.get("ENGINE_TEST_ENDPOINT", "tcp://127.0.0.1:5599").split(","),
     backend=os.environ.get("ENGINE_TEST_BACKEND") or None,
     worker_autoscale_keepalive=float(os.environ.get("ENGINE_TEST_AUTOSCALE_KEEPALIVE", "30")),
+    transport_dns_refresh=float(os.environ.get("ENGINE_TEST_DNS_REFRESH", "5")),
     # A Redis URL: workers share each task's rate limit through it (None: limits per worker).
     rate_limit_url=os.environ.get("ENGINE_TEST_RATE_LIMIT_URL") or None,
 )

@@ -24,6 +24,7 @@ import zmq
 from engine.core import split_batch
 from engine.exceptions import MessageDecodeError
 from engine.transport import protocol
+from engine.transport.discovery import EndpointSet
 from engine.transport.protocol import Peer, PeerTable
 from engine.utils.hostname import HOSTNAME
 
@@ -39,8 +40,11 @@ class Consumer:
     """The worker's sockets and the credit it granted each client (on each :class:`Peer`)."""
 
     def __init__(self, context: zmq.Context, worker_id: str, binds: list[str], connects: list[str],
-                 queues: list[str], max_message_size: int, curve: tuple[str, str] | None = None) -> None:
+                 queues: list[str], max_message_size: int, curve: tuple[str, str] | None = None,
+                 max_peers: int | None = None, dns_refresh: float = 5.0) -> None:
         self.worker_id = worker_id
+        self._context = context
+        self._max_message_size = max_message_size
         self.queues = list(queues)
         self.sockets: list[zmq.Socket] = []
         self.peers = PeerTable()
@@ -70,16 +74,48 @@ class Consumer:
             for endpoint in binds:
                 self.router.bind(endpoint)
             self.sockets.append(self.router)
-        hello = protocol.pack({"role": "worker", "id": worker_id, "host": HOSTNAME})
-        for endpoint in connects:
-            sock = context.socket(zmq.DEALER)
-            protocol.tune_socket(sock, max_message_size)
-            sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
-            sock.connect(endpoint)
-            self.sockets.append(sock)
-            peer = self.peers.connect(sock, endpoint)
-            peer.last_seen = time.monotonic()
-            peer.try_send(protocol.HELLO, hello)
+        self._hello = protocol.pack({"role": "worker", "id": worker_id, "host": HOSTNAME})
+        #: The producers to connect to (the ventilator pattern): ``dns+tcp://`` names resolved, and
+        #: resolved again, as a client resolves the workers it sends to.
+        self.connect_set = EndpointSet(connects, worker_id, max_peers, dns_refresh)
+        #: Bumped whenever a socket is opened or closed after start: the supervisor's poller follows it.
+        self.generation = 0
+        for endpoint in self.connect_set.current():
+            self._link(endpoint)
+
+    def _link(self, endpoint: str) -> None:
+        """Connect a DEALER to the producer at ``endpoint`` and say hello."""
+        sock = self._context.socket(zmq.DEALER)
+        protocol.tune_socket(sock, self._max_message_size)
+        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        sock.connect(endpoint)
+        self.sockets.append(sock)
+        peer = self.peers.connect(sock, endpoint)
+        peer.last_seen = time.monotonic()
+        peer.try_send(protocol.HELLO, self._hello)
+        self.generation += 1
+
+    def _unlink(self, peer: Peer) -> None:
+        """Close the link to a producer whose address is gone (the tasks it sent stay accepted here)."""
+        self.peers.drop_link(peer)
+        for table in (self.acks, self._wanting, self._active, self._holders):
+            table.pop(peer.key, None)
+        self.sockets.remove(peer.socket)
+        peer.socket.close(linger=0)
+        self.generation += 1
+
+    def refresh_links(self, now: float) -> None:
+        """When due, resolve the ``dns+tcp://`` producers again: connect to new ones, close links to those gone."""
+        if not self.connect_set.dynamic or now < self.connect_set.next_refresh:
+            return
+        wanted = set(self.connect_set.current(now))
+        linked = {peer.key: peer for peer in self.peers if peer.route is None}
+        for endpoint in sorted(wanted - set(linked)):
+            logger.info("producer %s found in DNS: connecting to it", endpoint)
+            self._link(endpoint)
+        for endpoint in sorted(set(linked) - wanted):
+            logger.info("producer %s is gone from DNS: closing the link", endpoint)
+            self._unlink(linked[endpoint])
 
     def receive(self, sock: zmq.Socket, limit: int = 1000) -> Iterator[tuple[Peer, bytes, list[bytes]]]:
         """Yield ``(peer, frame, raw task messages)`` for each task batch frame waiting on ``sock``."""

@@ -44,7 +44,7 @@ from engine.worker.drain import Drain
 from engine.worker.journal import Journal, JournalRef, default_journal_path
 from engine.worker.limits import TimeLimits
 from engine.worker.pool import Child, Pool
-from engine.worker.rate_limits import RateLimiter
+from engine.worker.rate_limits import RateLimiter, RedisRateLimiter
 from engine.worker.replies import ReplyRouter
 from engine.worker.revoked import RevokedSet
 from engine.worker.scheduler import QueuedTask, RuntimeStats, make_scheduler
@@ -159,8 +159,9 @@ class Supervisor:
         self.task_stats = TaskStats()
         #: Task ids and root ids not to start (``engine control revoke``), saved in the journal.
         self.revoked = RevokedSet()
-        #: The next free slot of each rate-limited task name (``Task.rate_limit``).
-        self.rate_limiter = RateLimiter()
+        #: The next free slot of each rate-limited task name (``Task.rate_limit``): this worker's own,
+        #: or shared by the cluster through Redis when ``rate_limit_url`` names one.
+        self.rate_limiter = RedisRateLimiter(conf.rate_limit_url) if conf.rate_limit_url else RateLimiter()
         #: Tasks waiting in the timer heap for their rate-limit slot (they count against the window).
         self.rate_held = 0
         self.control = ControlHandler(self)
@@ -211,8 +212,10 @@ class Supervisor:
             self.scheduler.expect_kinds(saved)
         self.pool.start()
         self.context = zmq.Context()
+        conf = self.app.conf
         self.consumer = Consumer(self.context, self.hostname, self.binds, self.connects, self.queues,
-                                 int(self.app.conf.max_message_size), curve=self.curve)
+                                 int(conf.max_message_size), curve=self.curve, max_peers=conf.transport_max_peers,
+                                 dns_refresh=float(conf.transport_dns_refresh))
         if self.replies is not None:
             self.replies.consumer = self.consumer
         if self.events_wanted:
@@ -302,7 +305,10 @@ class Supervisor:
         assert consumer is not None, "start() first"
         signals.worker_ready.send(sender=self)
         poller = zmq.Poller()
-        for sock in consumer.sockets:
+        polled = set(consumer.sockets)  # the transport's sockets in the poller
+        polled_generation = consumer.generation
+        reading_transport = True
+        for sock in polled:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
         if self.replies is not None:
@@ -320,8 +326,9 @@ class Supervisor:
                 if self.drain is not None and self.stopping == WARM:
                     self.drain.begin(time.monotonic())  # the sockets stay read: tasks go back as they come
                 else:
-                    for sock in consumer.sockets:
+                    for sock in polled:
                         poller.unregister(sock)
+                    polled, reading_transport = set(), False
             if registered_generation != self.pool.generation:  # a child came or went
                 registered_generation = self.pool.generation
                 for fd in set(self.pool.by_fd) - registered:
@@ -330,6 +337,14 @@ class Supervisor:
                 for fd in registered - set(self.pool.by_fd):
                     poller.unregister(fd)
                     registered.discard(fd)
+            if polled_generation != consumer.generation:  # a producer found or gone in DNS (--connect)
+                polled_generation = consumer.generation
+                if reading_transport:
+                    for sock in polled - set(consumer.sockets):
+                        poller.unregister(sock)
+                    for sock in set(consumer.sockets) - polled:
+                        poller.register(sock, zmq.POLLIN)
+                    polled = set(consumer.sockets)
             timeout = self._poll_timeout()
             if timeout > 0 and self.states.pending:
                 # About to sleep: write states now. Under load the loop never sleeps
@@ -818,6 +833,8 @@ class Supervisor:
         assert self.consumer is not None
         self._next_housekeeping = now + HOUSEKEEPING
         self.consumer.expire(now)
+        if not self.stopping:
+            self.consumer.refresh_links(now)
         self.consumer.reclaim_idle(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT
@@ -928,6 +945,7 @@ class Supervisor:
             self.backend.close()
         if self.replies is not None:
             self.replies.close()
+        self.rate_limiter.close()
         self.signals.uninstall()
 
 
