@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("profile", help="where a no-op task's time goes, per process (py-spy)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["mesh"]:  # links, heartbeats and memory per host as the mesh grows (bench/mesh.py)
+        return __import__("bench.mesh", fromlist=["main"]).main(argv[1:])
     if argv[:1] == ["profile"]:
         from bench.profile import main as profile_main
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 
 import pytest
@@ -375,6 +376,30 @@ def test_the_worker_half_over_real_zeromq():
         assert client.poll(2000)
         assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["task-1"])]
         assert consumer.outstanding() == 2
+    finally:
+        client.close(linger=0)
+        consumer.close()
+        context.term()
+
+
+def test_replayed_tasks_are_acknowledged_to_their_client_when_it_is_heard_again():
+    context = zmq.Context()
+    endpoint = f"inproc://credit-{uuid.uuid4().hex}"
+    consumer = Consumer(context, "worker-1", [endpoint], [], ["q"], 1 << 20)
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.ROUTING_ID, b"client-1")
+    client.setsockopt(zmq.LINGER, 0)
+    try:
+        consumer.acknowledge_when_heard({b"client-1": ["t1", "t2"], b"client-gone": ["t3"]})
+        client.connect(endpoint)
+        client.send_multipart([protocol.DEMAND, protocol.pack({"waiting": {}, "credit": {}})])
+        assert consumer.router.poll(2000)
+        list(consumer.receive(consumer.router))
+        consumer.flush()
+        assert client.poll(2000)
+        assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["t1", "t2"])]
+        consumer.expire(time.monotonic() + 3600)  # a client never heard from: its tasks run here anyway
+        assert consumer._unheard == {}
     finally:
         client.close(linger=0)
         consumer.close()

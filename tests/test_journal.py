@@ -61,6 +61,21 @@ def test_the_supervisor_keys_its_default_journal_on_the_name_given(monkeypatch, 
 # --- one worker per journal -------------------------------------------------------------
 
 
+def test_a_frame_keeps_its_sender_and_an_older_journal_gains_the_column(tmp_path):
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as db:  # a journal written before frames kept their sender
+        db.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY, raw BLOB NOT NULL)")
+        db.execute("INSERT INTO frames VALUES (1, x'90')")
+    journal = Journal(path)
+    try:
+        frame = journal.add_frame(b"\x90", 1, b"client-1")
+        journal.add_frame(b"\x90", 1)  # from no client: nothing to acknowledge later
+        journal.commit()
+        assert journal.frame_senders() == {frame: b"client-1"}
+    finally:
+        journal.close()
+
+
 def test_a_journal_held_by_another_journal_object_is_refused(tmp_path):
     path = str(tmp_path / "j.db")
     first = Journal(path)

@@ -50,6 +50,9 @@ class Consumer:
         self.peers = PeerTable()
         #: Task ids to acknowledge per peer key, sent by the next :meth:`flush`.
         self.acks: dict[Any, list[str]] = {}
+        #: Replayed task ids to acknowledge to a client (by routing id) when it is heard from again.
+        self._unheard: dict[Any, list[str]] = {}
+        self._unheard_until = 0.0
         # Subsets of the peers, by key, so that granting costs O(clients that matter), not
         # O(clients connected): those that reported tasks waiting, those that sent tasks lately,
         # and those that hold credit.
@@ -129,6 +132,8 @@ class Consumer:
             if peer is None:
                 continue
             peer.last_seen = time.monotonic()
+            if self._unheard and peer.key in self._unheard:
+                self.acks.setdefault(peer.key, []).extend(self._unheard.pop(peer.key))
             try:
                 if kind == protocol.TASKS:
                     peer.last_task = peer.last_seen
@@ -179,6 +184,19 @@ class Consumer:
     def ack(self, peer: Peer, task_id: str) -> None:
         """Acknowledge a task to the client that sent it (sent with the next :meth:`flush`)."""
         self.acks.setdefault(peer.key, []).append(task_id)
+
+    def acknowledge_when_heard(self, ids_by_client: dict[Any, list[str]], within: float = 60.0) -> None:
+        """Acknowledge these replayed tasks to each client when it sends anything, for ``within`` seconds.
+
+        A worker killed after journaling a frame and before its acknowledgement
+        went out replays the frame's tasks; their client, not told, would send
+        them again to another worker after ``transport_ack_timeout``, and they
+        would run twice. Its link reconnects by itself: the first frame it sends
+        gets the acknowledgement.
+        """
+        for key, ids in ids_by_client.items():
+            self._unheard.setdefault(key, []).extend(ids)
+        self._unheard_until = time.monotonic() + within
 
     def outstanding(self) -> int:
         """Credit granted and not yet used, over all clients and queues."""
@@ -316,7 +334,9 @@ class Consumer:
         return peer
 
     def expire(self, now: float) -> None:
-        """Forget clients that went silent, taking back their credit."""
+        """Forget clients that went silent, taking back their credit (and replayed tasks' acks not delivered)."""
+        if self._unheard and now > self._unheard_until:
+            self._unheard.clear()  # those clients are gone: their tasks run here anyway
         for peer in self.peers.silent(now):
             if peer.route is not None:
                 logger.info("client %s went silent; taking back its credit", peer.name)

@@ -25,6 +25,7 @@ from engine import serialization, signals, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.worker import pipe
+from engine.worker.report_log import ReportLog, log_path
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -47,6 +48,9 @@ REPORT_EVERY = 0.005
 REVOKE_LOOKAHEAD = 0.005
 #: ... and at most this many bytes.
 REPORT_BYTES = 256 * 1024
+#: Between two batches, reports go to the child's report log at least this often (seconds): what
+#: the log holds is what a restarted supervisor need not run again (engine.worker.report_log).
+LOG_EVERY = 0.001
 #: Seconds between checks that the supervisor is still there.
 PARENT_CHECK = 1.0
 #: This child's last run time per task name: a kind not seen yet, or one that ran longer than
@@ -149,7 +153,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     signal.signal(signal.SIGALRM, _soft_limit_handler)
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe, inherited: a child's SIGALRM is not its news
     reader = pipe.FrameReader(task_fd)
-    writer = pipe.FrameWriter(result_fd, blocking=True)
+    writer = pipe.FrameWriter(result_fd, blocking=True, log=_report_log(options.get("report_dir")))
     app = apps[0]
     recorder = ChildRecorder(writer, bool(app.conf.accept_pickle))
     producer = ChildProducer(writer)
@@ -167,7 +171,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     revoked: set[str] = set()
     done = 0
     exit_code = 0
-    last_flush = time.monotonic()
+    last_flush = last_checkpoint = time.monotonic()
     try:
         running = True
         while running:
@@ -201,7 +205,10 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                 # ends, so the supervisor's view (time limits, results) stays current.
                 if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or writer.pending > REPORT_BYTES:
                     writer.flush()
-                    last_flush = now
+                    last_flush = last_checkpoint = now
+                elif now - last_checkpoint > LOG_EVERY:
+                    writer.checkpoint()
+                    last_checkpoint = now
                 if (max_tasks and done >= max_tasks) or (max_memory_kib and _rss_kib() > max_memory_kib):
                     exit_code = RETIRE_EXIT  # what this child still held never started: run elsewhere
                     running = False
@@ -214,6 +221,17 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exit_code)
         logging.shutdown()
         os._exit(exit_code)
+
+
+def _report_log(directory: str | None) -> ReportLog | None:
+    """This child's report log in ``directory`` (None without a journal, or when it cannot be made)."""
+    if not directory:
+        return None
+    try:
+        return ReportLog(log_path(directory, os.getpid()))
+    except OSError as exc:
+        logger.warning("child %d keeps no report log (its tasks may run twice after a crash): %s", os.getpid(), exc)
+        return None
 
 
 def _rss_kib() -> int:

@@ -34,7 +34,7 @@ from engine.utils.hostname import HOSTNAME
 __all__ = ("Journal", "default_journal_path")
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS journal (task_id TEXT PRIMARY KEY, raw BLOB NOT NULL);"
-          "CREATE TABLE IF NOT EXISTS frames (id INTEGER PRIMARY KEY, raw BLOB NOT NULL);"
+          "CREATE TABLE IF NOT EXISTS frames (id INTEGER PRIMARY KEY, raw BLOB NOT NULL, sender BLOB);"
           "CREATE TABLE IF NOT EXISTS runtimes (name TEXT PRIMARY KEY, seconds REAL NOT NULL);"
           "CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, expires REAL NOT NULL)")
 
@@ -130,7 +130,7 @@ class Journal:
         self.path = path
         self._added: dict[str, bytes] = {}
         self._removed: set[str] = set()
-        self._frames_added: dict[int, bytes] = {}
+        self._frames_added: dict[int, tuple[bytes, bytes | None]] = {}
         self._frames_removed: set[int] = set()
         #: Frame id -> tasks of it not final yet.
         self._frame_left: dict[int, int] = {}
@@ -151,6 +151,9 @@ class Journal:
             self._db.execute("PRAGMA cache_size=-512")
             self._db.execute("PRAGMA wal_autocheckpoint=256")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+            if "sender" not in columns:  # a journal written before frames kept their sender
+                self._db.execute("ALTER TABLE frames ADD COLUMN sender BLOB")
             # Prove now that the disk takes writes: a full or read-only disk is a
             # start-up error, not a surprise at the first task.
             self._db.execute("BEGIN IMMEDIATE")
@@ -184,17 +187,26 @@ class Journal:
         for task_id, raw in self._db.execute("SELECT task_id, raw FROM journal ORDER BY rowid").fetchall():
             yield str(task_id), bytes(raw)
 
+    def frame_senders(self) -> dict[int, bytes]:
+        """The sender of each frame an earlier run left (frames whose sender was noted)."""
+        return {int(frame_id): bytes(sender)
+                for frame_id, sender in self._db.execute("SELECT id, sender FROM frames WHERE sender IS NOT NULL")}
+
     def add(self, task_id: str, raw: bytes) -> str:
         """Note an accepted message as its own row (written by the next :meth:`commit`); return its ref."""
         self._removed.discard(task_id)
         self._added[task_id] = raw
         return task_id
 
-    def add_frame(self, frame: bytes, count: int) -> int:
-        """Note a received batch frame of ``count`` task messages, as one row; return its ref (its id)."""
+    def add_frame(self, frame: bytes, count: int, sender: bytes | None = None) -> int:
+        """Note a received batch frame of ``count`` task messages, as one row; return its ref (its id).
+
+        ``sender`` is the routing id of the client that sent it: a restarted worker
+        acknowledges the frame's tasks to that client when it hears from it again.
+        """
         frame_id = self._next_frame
         self._next_frame += 1
-        self._frames_added[frame_id] = frame
+        self._frames_added[frame_id] = (frame, sender)
         self._frame_left[frame_id] = count
         return frame_id
 
@@ -237,7 +249,8 @@ class Journal:
             if removed:
                 db.executemany("DELETE FROM journal WHERE task_id = ?", ((task_id,) for task_id in removed))
             if frames_added:
-                db.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?)", frames_added.items())
+                db.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?)",
+                               ((frame_id, frame, sender) for frame_id, (frame, sender) in frames_added.items()))
             if frames_removed:
                 db.executemany("DELETE FROM frames WHERE id = ?", ((frame_id,) for frame_id in frames_removed))
             db.execute("COMMIT")

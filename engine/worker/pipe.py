@@ -12,6 +12,10 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.worker.report_log import ReportLog
 
 __all__ = (
     "DONE",
@@ -23,6 +27,7 @@ __all__ = (
     "FrameReader",
     "FrameWriter",
     "open_pipe",
+    "split_frames",
 )
 
 HEADER = struct.Struct("<IB")
@@ -55,15 +60,29 @@ def open_pipe() -> tuple[int, int]:
 
 
 class FrameWriter:
-    """Buffers frames for one pipe and writes them in as few syscalls as possible."""
+    """Buffers frames for one pipe and writes them in as few syscalls as possible.
 
-    __slots__ = ("blocking", "buffer", "fd")
+    ``log`` (a child's :class:`~engine.worker.report_log.ReportLog`) keeps the
+    frames on disk too: at each :meth:`checkpoint`, and at the latest just
+    before they go into the pipe.
+    """
 
-    def __init__(self, fd: int, blocking: bool) -> None:
+    __slots__ = ("blocking", "buffer", "fd", "log", "logged")
+
+    def __init__(self, fd: int, blocking: bool, log: ReportLog | None = None) -> None:
         self.fd = fd
         self.buffer = bytearray()
         self.blocking = blocking
+        self.log = log
+        #: Bytes at the start of ``buffer`` already in the log.
+        self.logged = 0
         os.set_blocking(fd, blocking)
+
+    def checkpoint(self) -> None:
+        """Put the frames added since the last checkpoint in the log, not yet in the pipe."""
+        if self.log is not None and len(self.buffer) > self.logged:
+            self.log.append(memoryview(self.buffer)[self.logged:])
+            self.logged = len(self.buffer)
 
     def add(self, kind: int, payload: bytes) -> None:
         """Queue one frame."""
@@ -76,6 +95,7 @@ class FrameWriter:
         A non-blocking writer keeps the rest for the next call. Raises OSError
         (EPIPE) when the reader is gone.
         """
+        self.checkpoint()
         view = memoryview(self.buffer)
         written = 0
         try:
@@ -87,6 +107,7 @@ class FrameWriter:
         finally:
             view.release()
             del self.buffer[:written]
+            self.logged = max(0, self.logged - written)
         return not self.buffer
 
     @property
@@ -120,19 +141,24 @@ class FrameReader:
 
     def frames(self) -> list[tuple[int, bytes]]:
         """Split off the complete frames buffered so far."""
-        out = []
-        buffer = self.buffer
-        offset = 0
-        size = HEADER.size
-        while len(buffer) - offset >= size:
-            length, kind = HEADER.unpack_from(buffer, offset)
-            if length > MAX_FRAME:
-                raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
-            end = offset + size + length
-            if end > len(buffer):
-                break
-            out.append((kind, bytes(buffer[offset + size:end])))
-            offset = end
+        out, offset = split_frames(self.buffer)
         if offset:
-            del buffer[:offset]
+            del self.buffer[:offset]
         return out
+
+
+def split_frames(buffer: bytes | bytearray) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete ``(kind, payload)`` frames at the start of ``buffer``, and the bytes they take."""
+    out = []
+    offset = 0
+    size = HEADER.size
+    while len(buffer) - offset >= size:
+        length, kind = HEADER.unpack_from(buffer, offset)
+        if length > MAX_FRAME:
+            raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
+        end = offset + size + length
+        if end > len(buffer):
+            break
+        out.append((kind, bytes(buffer[offset + size:end])))
+        offset = end
+    return out, offset

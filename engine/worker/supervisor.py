@@ -35,7 +35,7 @@ from engine.exceptions import (
 )
 from engine.transport.consumer import Consumer
 from engine.utils.hostname import default_worker_name
-from engine.worker import pipe
+from engine.worker import pipe, report_log
 from engine.worker.autoscale import Autoscaler
 from engine.worker.child import RETIRE_EXIT
 from engine.worker.chords import ChordCounter
@@ -183,6 +183,12 @@ class Supervisor:
         self._failure_info: dict[str, str] = {}
         #: Tasks handed to children and not done yet (kept, not summed over the children each turn).
         self.in_children = 0
+        #: Tasks the children of a killed predecessor reported finished (read at start, used by the replay).
+        self._recovered: dict[str, report_log.RecoveredTask] = {}
+        #: Where children keep their report logs (beside the journal; None without one).
+        self.report_dir: str | None = None
+        #: Report logs of children gone, with the store count when they went (removed after the next store).
+        self._dead_logs: list[tuple[int, str]] = []
         self._next_housekeeping = 0.0
         self._held_back = False
         self._next_cleanup = 0.0
@@ -210,6 +216,17 @@ class Supervisor:
             saved = self.journal.runtimes()
             self.stats.load(saved)
             self.scheduler.expect_kinds(saved)
+        if self.journal_path:
+            # What children reported and a killed predecessor never stored: read before new
+            # children write their own logs in the same place (see engine.worker.report_log).
+            report_dir = f"{self.journal_path}.reports"
+            self._recovered = report_log.recover(report_dir)
+            try:
+                os.makedirs(report_dir, exist_ok=True)
+                self.report_dir = self.pool.options["report_dir"] = report_dir
+            except OSError as exc:
+                logger.warning("children keep no report logs in %s (tasks may run twice after a crash): %s",
+                               report_dir, exc)
         self.pool.start()
         self.context = zmq.Context()
         conf = self.app.conf
@@ -242,8 +259,10 @@ class Supervisor:
         A task whose final state is already stored (it finished before the crash,
         its frame's row waiting for the others; or another worker ran it after
         its client sent it again) is not run a second time: the results store is
-        asked once for all of them. Tasks that store no result cannot be told
-        apart and run again (at-least-once).
+        asked once for all of them. Nor is one that a child's report log shows
+        finished (its states and the messages it sent are taken from the log).
+        Other tasks that store no result cannot be told apart and run again
+        (at-least-once).
         """
         if self.journal is None:
             return
@@ -264,10 +283,40 @@ class Supervisor:
                 self.journal.remove([ref])
                 continue
             decoded.append((ref, raw, message))
-        finished = self._finished_already([message.id for _, _, message in decoded])
+        recovered, self._recovered = self._recovered, {}
+        # Messages that tasks the logs show finished had sent: accepted again unless known already.
+        sent = {}
+        if recovered:
+            in_journal = {message.id for _, _, message in decoded}
+            for _, _, message in decoded:
+                for raw in recovered[message.id].sends if message.id in recovered else ():
+                    try:
+                        sent_id = decode_message(raw).id
+                    except MessageDecodeError:
+                        continue
+                    if sent_id not in in_journal:
+                        sent[sent_id] = raw
+        # The client of a frame may not have heard "acknowledged" before the crash: it hears it when it
+        # is back (its link reconnects by itself), rather than sending the tasks again elsewhere.
+        senders = self.journal.frame_senders()
+        unheard: dict[bytes, list[str]] = {}
+        for ref, _, message in decoded:
+            if isinstance(ref, int) and ref in senders:
+                unheard.setdefault(senders[ref], []).append(message.id)
+        if unheard and self.consumer is not None:
+            self.consumer.acknowledge_when_heard(unheard)
+        finished = self._finished_already([message.id for _, _, message in decoded] + list(sent))
+        for sent_id in finished:
+            sent.pop(sent_id, None)
         counted = []
+        from_logs = 0
         for ref, raw, message in decoded:
             record = finished.get(message.id)
+            if record is None and message.id in recovered:
+                self._finish_from_log(message, ref, recovered.pop(message.id), sent)
+                replayed_ids.add(message.id)
+                from_logs += 1
+                continue
             if record is not None:
                 if self.chords is not None and message.options.get("chord"):
                     # Kept in the journal because its chord part may not have been counted: count it now.
@@ -282,11 +331,30 @@ class Supervisor:
             replayed += 1
         if counted and self.chords is not None:
             self.chords.stored(counted)
-        if replayed or skipped:
+        if replayed or skipped or from_logs:
             logger.warning("replaying %d task(s) accepted but not finished before this worker stopped "
-                           "(%d more had finished already: not run again)", replayed, skipped)
+                           "(%d more had finished already, %d of them known from the children's report logs: "
+                           "not run again)", replayed, skipped + from_logs, from_logs)
         if self.chords is not None:
             self.chords.recover(replayed_ids)
+
+    def _finish_from_log(self, message: TaskMessage, ref: JournalRef, task: report_log.RecoveredTask,
+                         sent: dict[str, bytes]) -> None:
+        """Finish a replayed task that a child's report log shows finished: its reports, not a second run."""
+        if self.replies is not None:
+            self.replies.remember(message, None)
+        if self.chords is not None:
+            self.chords.watch(message)
+        for task_id, state, body, traceback, timestamp in task.records:
+            self.states.record_encoded(task_id, state, body, traceback, timestamp)
+        for raw in task.sends:
+            try:
+                sent_id = decode_message(raw).id
+            except MessageDecodeError:
+                continue
+            if sent.pop(sent_id, None) is not None:  # once, and only if not known already
+                self._accept_from_child(raw)
+        self.states.finished(ref)
 
     def _finished_already(self, task_ids: list[str]) -> dict:
         """The stored final records of those of ``task_ids`` that have one (none without a shared store)."""
@@ -387,12 +455,14 @@ class Supervisor:
             if self.stopping == COLD:
                 return self._cold_stop()
             self._fire_timers()
-            self._dispatch()
-            if not self.stopping:
-                self._grant()
             if self.journal is not None:
                 self.journal.commit()  # on disk before the clients hear "acknowledged"
             consumer.flush()
+            # Only now to the children: a task never runs before its client heard "acknowledged",
+            # so a crash cannot leave a task that ran unacknowledged (sent again elsewhere: twice).
+            self._dispatch()
+            if not self.stopping:
+                self._grant()
             self.states.flush(now)
             if self.events is not None:
                 self.events.flush(now)
@@ -442,7 +512,7 @@ class Supervisor:
         journal = self.journal
         for peer, frame, raws in consumer.receive(sock):
             # The frame as it came is the journal's row for all its tasks (one write per frame).
-            ref = journal.add_frame(frame, len(raws)) if journal is not None else None
+            ref = journal.add_frame(frame, len(raws), peer.route) if journal is not None else None
             for raw in raws:
                 try:
                     message = decode_message(raw)
@@ -641,6 +711,8 @@ class Supervisor:
 
     def _child_exited(self, child: Child) -> None:
         status = self.pool.forget(child)
+        if self.report_dir:  # its pipe was read to the end; its log goes once what it reported is stored
+            self._dead_logs.append((self.states.stores, report_log.log_path(self.report_dir, child.pid)))
         reason = self.limits.reason(child.pid)
         target = self.limits.terminated_task(child.pid)
         held = list(child.outstanding)
@@ -829,6 +901,20 @@ class Supervisor:
             - self.rate_held
         consumer.grant(free, standing=self.concurrency)
 
+    def _remove_dead_logs(self) -> None:
+        """Remove the report logs of children gone whose reports are all stored (or replied) now."""
+        stored_all = not self.states.pending
+        kept = []
+        for stores, path in self._dead_logs:
+            if stored_all or stores < self.states.stores:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            else:
+                kept.append((stores, path))
+        self._dead_logs = kept
+
     def _housekeeping(self, now: float) -> None:
         assert self.consumer is not None
         self._next_housekeeping = now + HOUSEKEEPING
@@ -836,6 +922,8 @@ class Supervisor:
         if not self.stopping:
             self.consumer.refresh_links(now)
         self.consumer.reclaim_idle(now)
+        if self._dead_logs:
+            self._remove_dead_logs()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT
             self.consumer.heartbeat()
@@ -936,6 +1024,12 @@ class Supervisor:
             self._save_runtimes()
             self._save_revoked()
             self.journal.close()
+        if self.report_dir:
+            self._remove_dead_logs()
+            try:
+                os.rmdir(self.report_dir)  # empty once every child was reaped and its reports stored
+            except OSError:
+                pass
         if self.consumer is not None:
             self.consumer.flush()
             self.consumer.close()

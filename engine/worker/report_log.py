@@ -1,0 +1,157 @@
+"""What children reported, kept beside the journal until their supervisor has stored it: fewer tasks run twice.
+
+A supervisor that is killed (SIGKILL, the OOM killer) loses the states its
+children reported and it had not written out yet (up to a flush interval),
+and its children run on for the moment the kernel takes to kill them
+(PR_SET_PDEATHSIG fires once the supervisor's exit is done). Its journal
+still holds all those tasks, so the next run would run them again.
+
+Each child therefore also writes every batch of reports, just before the
+batch goes into its pipe, to a file of its own in ``<journal>.reports/``: a
+ring of :data:`LOG_SIZE` bytes, written with ``pwrite`` and never synced
+(the page cache outlives the process; after a machine crash the journal
+replays, as before). Its header says where the complete frames end, and is
+written after them, so a child killed in the middle of a write leaves the
+frames before it readable. One write per batch, not per task: a batch is
+what a busy child reports every few milliseconds.
+
+A restarted supervisor reads the files its children left (:func:`recover`)
+before it forks new ones. A task of its journal that a log shows finished
+(a DONE with a final state) is not run again: the states it reported are
+stored (or replied, for ``rpc://``), the messages it sent (retries, chain
+steps) are accepted unless they are known already, and its journal row is
+released. Tasks whose reports were still in a child's buffer when it died
+run again (at-least-once). The supervisor removes a child's file when it
+has read the child's pipe to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from engine import states
+from engine.worker import pipe
+
+__all__ = ("LOG_SIZE", "RecoveredTask", "ReportLog", "log_path", "recover")
+
+logger = logging.getLogger("engine.worker")
+
+#: Bytes of frames a child's file keeps (a ring): several seconds of reports of a busy child.
+LOG_SIZE = 4 * 1024 * 1024
+#: ``<magic><end of the complete frames>`` at the start of the file.
+HEADER = struct.Struct("<4sQ")
+MAGIC = b"ERL1"
+
+
+def log_path(directory: str, pid: int) -> str:
+    """The report log of the child ``pid`` in ``directory``."""
+    return os.path.join(directory, f"{pid}.log")
+
+
+class ReportLog:
+    """A child's side: each batch of frames it reports, written to its file before the pipe."""
+
+    __slots__ = ("fd", "position")
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.position = HEADER.size
+        os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
+
+    def append(self, frames: bytes | bytearray | memoryview) -> None:
+        """Keep ``frames`` (whole frames); a batch larger than the ring, or a failed write, is not kept."""
+        if self.fd < 0:
+            return
+        size = len(frames)
+        if size > LOG_SIZE - HEADER.size:
+            return  # only this batch's tasks would run again after a crash
+        try:
+            if self.position + size > LOG_SIZE:
+                # Wrap: first say "empty", so that a crash while the start is overwritten
+                # never lets the old end point past the new frames.
+                self.position = HEADER.size
+                os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
+            os.pwrite(self.fd, frames, self.position)
+            self.position += size
+            os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
+        except OSError as exc:  # a full disk: the log is an optimisation, the journal still guarantees
+            logger.warning("child %d stops keeping its reports beside the journal: %s", os.getpid(), exc)
+            self.close()
+
+    def close(self) -> None:
+        """Close the file (it stays: the supervisor removes it once it has read the pipe)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class RecoveredTask:
+    """A task a child reported finished: its final state, the states it recorded and the messages it sent."""
+
+    state: str
+    records: list = field(default_factory=list)
+    sends: list[bytes] = field(default_factory=list)
+
+
+def _frames(path: Path) -> list[tuple[int, bytes]]:
+    """The complete frames of one report log (none when the file is not one)."""
+    data = path.read_bytes()
+    if len(data) < HEADER.size:
+        return []
+    magic, end = HEADER.unpack_from(data)
+    if magic != MAGIC or end > len(data):
+        return []
+    frames, _ = pipe.split_frames(data[HEADER.size:end])
+    return frames
+
+
+def recover(directory: str) -> dict[str, RecoveredTask]:
+    """The tasks the logs in ``directory`` show finished, by id; the logs are removed.
+
+    A DONE with a final state (not a requeue) closes a task: the RECORD and
+    SEND frames since the child's previous DONE are that task's.
+    """
+    found: dict[str, RecoveredTask] = {}
+    folder = Path(directory)
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.log")):
+        try:
+            frames = _frames(path)
+        except (OSError, ValueError) as exc:
+            logger.warning("could not read the report log %s: %s", path, exc)
+            frames = []
+        records: list = []
+        sends: list[bytes] = []
+        for kind, payload in frames:
+            try:
+                if kind == pipe.RECORD:
+                    records.append(msgpack.unpackb(payload, raw=False))
+                elif kind == pipe.SEND:
+                    sends.append(payload)
+                elif kind == pipe.DONE:
+                    task_id, state, _, requeue = msgpack.unpackb(payload, raw=False)
+                    if state in states.READY_STATES and not requeue:
+                        task = found.setdefault(task_id, RecoveredTask(state))
+                        task.state = state
+                        task.records += records
+                        task.sends += sends
+                    records, sends = [], []
+            except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+                logger.warning("skipping a malformed frame in the report log %s: %s", path, exc)
+                records, sends = [], []
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return found

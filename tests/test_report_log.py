@@ -1,0 +1,146 @@
+"""Children's report logs (issue 17, fewer duplicates): what a killed supervisor never stored is not run again."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from engine import states
+from engine.worker import pipe, report_log
+from engine.worker.report_log import HEADER, ReportLog, log_path, recover
+
+
+def frame(kind: int, body: list) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return pipe.HEADER.pack(len(payload), kind) + payload
+
+
+def record(task_id: str, state: str = states.SUCCESS, value: bytes = b"\x01") -> bytes:
+    return frame(pipe.RECORD, [task_id, state, value, None, 1.0])
+
+
+def done(task_id: str, state: str = states.SUCCESS, requeue: bool = False) -> bytes:
+    return frame(pipe.DONE, [task_id, state, 0.001, requeue])
+
+
+def send(raw: bytes) -> bytes:
+    return pipe.HEADER.pack(len(raw), pipe.SEND) + raw
+
+
+def test_a_finished_task_is_recovered_with_its_states_and_the_messages_it_sent(tmp_path):
+    log = ReportLog(log_path(str(tmp_path), 101))
+    log.append(record("a") + send(b"step-of-a") + done("a"))
+    log.append(record("b", states.RETRY) + done("b", states.RETRY))  # not final: it runs again
+    log.append(done("c", states.REJECTED, requeue=True))  # requeued: it runs again
+    log.append(frame(pipe.RECORD, ["d", states.STARTED, b"", None, 1.0]))  # killed while running d
+    log.close()
+    found = recover(str(tmp_path))
+    assert set(found) == {"a"}
+    assert found["a"].state == states.SUCCESS
+    assert [r[:2] for r in found["a"].records] == [["a", states.SUCCESS]]
+    assert found["a"].sends == [b"step-of-a"]
+    assert list(tmp_path.iterdir()) == []  # read once, then removed
+
+
+def test_frames_past_the_header_end_are_ignored_and_garbage_is_no_error(tmp_path):
+    path = log_path(str(tmp_path), 102)
+    log = ReportLog(path)
+    log.append(record("a") + done("a"))
+    end = log.position
+    log.append(record("b") + done("b"))
+    os.pwrite(log.fd, HEADER.pack(report_log.MAGIC, end), 0)  # killed before the header moved on
+    log.close()
+    (tmp_path / "103.log").write_bytes(b"not a report log at all")
+    assert set(recover(str(tmp_path))) == {"a"}
+    assert recover(str(tmp_path / "missing")) == {}
+
+
+def test_the_ring_wraps_and_keeps_the_latest_frames(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_log, "LOG_SIZE", 400)
+    log = ReportLog(log_path(str(tmp_path), 104))
+    for number in range(10):
+        log.append(record(f"t{number}") + done(f"t{number}"))
+    log.append(b"x" * 1000)  # larger than the ring: not kept, and nothing else is spoiled
+    log.close()
+    found = recover(str(tmp_path))
+    assert found and set(found) <= {f"t{n}" for n in range(10)} and "t9" in found
+    assert "t0" not in found
+
+
+def test_a_childs_writer_logs_at_checkpoints_and_never_twice(tmp_path):
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = pipe.FrameWriter(write_fd, blocking=True, log=ReportLog(log_path(str(tmp_path), 105)))
+        writer.add(pipe.DONE, msgpack.packb(["a", states.SUCCESS, 0.0, False]))
+        writer.checkpoint()  # in the log, not yet in the pipe
+        assert set(recover(str(tmp_path))) == {"a"}
+        writer.log = ReportLog(log_path(str(tmp_path), 105))
+        writer.add(pipe.DONE, msgpack.packb(["b", states.SUCCESS, 0.0, False]))
+        writer.checkpoint()
+        writer.add(pipe.DONE, msgpack.packb(["c", states.SUCCESS, 0.0, False]))
+        assert writer.flush()
+        frames, _ = pipe.split_frames(os.read(read_fd, 65536))
+        assert [msgpack.unpackb(p)[0] for _, p in frames] == ["a", "b", "c"]  # the pipe gets everything once
+        logged, _ = pipe.split_frames(open(log_path(str(tmp_path), 105), "rb").read()[HEADER.size:])
+        assert [msgpack.unpackb(p)[0] for _, p in logged] == ["b", "c"]  # b logged once, c at the flush
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_log_that_cannot_be_written_is_dropped_quietly(tmp_path, caplog):
+    log = ReportLog(log_path(str(tmp_path), 106))
+    os.close(log.fd)  # the next write fails, as on a full disk
+    log.append(done("a"))
+    assert log.fd == -1 and "stops keeping its reports" in caplog.text
+    log.append(done("b"))  # no error, nothing written
+
+
+@pytest.fixture
+def app():
+    from engine import Engine
+
+    app = Engine("reports", backend="memory://", set_as_current=False)
+
+    @app.task(name="t.work")
+    def work(x):
+        return x
+
+    yield app
+    app.close()
+
+
+def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_path):
+    from engine.core import encode_batch, encode_message
+    from engine.worker.journal import Journal
+    from engine.worker.supervisor import Supervisor
+    from tests.test_supervisor_inprocess import FakePool, waiting_ids
+
+    journal_path = str(tmp_path / "journal.db")
+    messages = [app.tasks["t.work"].build_message((i,)) for i in range(3)]
+    step = app.tasks["t.work"].build_message((99,))  # what the finished task sent (a chain step, say)
+    journal = Journal(journal_path)
+    ref = journal.add_frame(encode_batch(messages), 3, b"client-1")
+    journal.commit()
+    journal.close()
+    reports = f"{journal_path}.reports"
+    os.makedirs(reports)
+    log = ReportLog(log_path(reports, 4242))
+    log.append(record(messages[1].id, value=msgpack.packb(1)) + send(encode_message(step)) + done(messages[1].id))
+    log.close()
+
+    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
+    sup.pool = sup.limits.pool = FakePool()
+    sup.journal = sup.states.journal = Journal(journal_path)
+    sup._recovered = recover(reports)
+    try:
+        sup._replay()
+        # The logged one does not run again; what it sent does; the others run again.
+        assert waiting_ids(sup) == [messages[0].id, step.id, messages[2].id]
+        sup.states.flush(0.0, force=True)
+        assert app.AsyncResult(messages[1].id).state == states.SUCCESS  # its logged result, stored now
+        assert sup.journal._frame_left == {ref: 2}
+    finally:
+        sup.journal.close()
