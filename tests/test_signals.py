@@ -172,7 +172,9 @@ def test_worker_signals_fire_once_each_in_the_right_process(worker_setup, tmp_pa
                           extra_env={"ENGINE_TEST_SIGNAL_LOG": str(log)})
     try:
         supervisor = worker.pid
-        rows = _wait_for(log, lambda rows: sum(r["signal"] == "worker_process_init" for r in rows) == 2)
+        # The children's init and the supervisor's ready come in either order.
+        rows = _wait_for(log, lambda rows: sum(r["signal"] == "worker_process_init" for r in rows) == 2
+                         and any(r["signal"] == "worker_ready" for r in rows))
         children = {r["pid"] for r in rows if r["signal"] == "worker_process_init"}
         assert [r for r in rows if r["signal"] in ("worker_init", "worker_ready")] == [
             {"signal": "worker_init", "pid": supervisor, "hostname": "signalled@test"},
