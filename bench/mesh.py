@@ -161,8 +161,11 @@ def _stop_all(workers: list[Worker], clients: list[Client]) -> None:
         try:
             worker.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(10)
+            try:
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired) as exc:  # keep going: the others must stop too
+                print(f"could not stop worker {worker.proc.pid}: {exc}", file=sys.stderr)
         shutil.rmtree(worker.tmp, ignore_errors=True)
 
 

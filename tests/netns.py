@@ -89,17 +89,23 @@ class Host:
 class Lab:
     """A bridge and the hosts on it; a context manager that removes everything it made."""
 
-    def __init__(self, subnet: str = "10.213.77") -> None:
+    def __init__(self) -> None:
         self.tag = uuid.uuid4().hex[:4]
-        self.subnet = subnet
+        # A private /24 of its own (by its tag), so labs of runs side by side do not meet.
+        self.subnet = f"10.213.{int(self.tag[:2], 16)}"
         self.bridge = f"ebr{self.tag}"
         self.hosts: dict[str, Host] = {}
         self._pids: list[int] = []
-        # A fixed address: a bridge otherwise takes the lowest of its ports' and changes it when a
-        # host joins or is cut off, and the hosts' cached ARP entries for the store would go stale.
-        _ip("link", "add", self.bridge, "address", f"02:00:00:00:{self.tag[:2]}:{self.tag[2:]}", "type", "bridge")
-        _ip("addr", "add", f"{subnet}.254/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        try:
+            # A fixed address: a bridge otherwise takes the lowest of its ports' and changes it when
+            # a host joins or is cut off, and the hosts' cached ARP entries for the store go stale.
+            _ip("link", "add", self.bridge, "address", f"02:00:00:00:{self.tag[:2]}:{self.tag[2:]}",
+                "type", "bridge")
+            _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def gateway(self) -> str:

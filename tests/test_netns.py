@@ -45,7 +45,11 @@ class Cluster:
         self.runs = tmp_path / "runs"
         self.runs.mkdir()
         self.redis = RedisServer(host=lab.gateway).start()
-        self.client = lab.add_host("c")
+        try:
+            self.client = lab.add_host("c")
+        except BaseException:
+            self.redis.stop()
+            raise
         self.workers: dict[str, WorkerProcess] = {}
         #: The clients started, by host name: their process and report file.
         self._clients: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -125,13 +129,15 @@ class Cluster:
 
     def close(self) -> None:
         """Stop the workers, the client and Redis, by pid (the lab removes the rest)."""
-        for proc, _ in self._clients.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        for worker in self.workers.values():
-            worker.kill()
-        self.redis.stop()
+        try:
+            for proc, _ in self._clients.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            for worker in self.workers.values():
+                worker.kill()
+        finally:
+            self.redis.stop()
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ def record(task_id: str, state: str = states.SUCCESS, value: bytes = b"\x01") ->
     return frame(pipe.RECORD, [task_id, state, value, None, 1.0])
 
 
-def done(task_id: str, state: str = states.SUCCESS, requeue: bool = False) -> bytes:
-    return frame(pipe.DONE, [task_id, state, 0.001, requeue])
+def done(task_id: str, state: str = states.SUCCESS, requeue: bool = False, attempt: int = 0) -> bytes:
+    return frame(pipe.DONE, [task_id, state, 0.001, requeue, attempt])
 
 
 def send(raw: bytes) -> bytes:
@@ -30,22 +30,22 @@ def send(raw: bytes) -> bytes:
 
 
 def test_a_finished_task_is_recovered_with_its_states_and_the_messages_it_sent(tmp_path):
-    log = ReportLog(log_path(str(tmp_path), 101))
+    log = ReportLog(log_path(str(tmp_path), 1, 101))
     log.append(record("a") + send(b"step-of-a") + done("a"))
     log.append(record("b", states.RETRY) + done("b", states.RETRY))  # not final: it runs again
     log.append(done("c", states.REJECTED, requeue=True))  # requeued: it runs again
     log.append(frame(pipe.RECORD, ["d", states.STARTED, b"", None, 1.0]))  # killed while running d
     log.close()
     found = recover(str(tmp_path))
-    assert set(found) == {"a"}
-    assert found["a"].state == states.SUCCESS
-    assert [r[:2] for r in found["a"].records] == [["a", states.SUCCESS]]
-    assert found["a"].sends == [b"step-of-a"]
+    assert set(found) == {"a:0"}  # by attempt: a retry keeps its task's id
+    assert found["a:0"].state == states.SUCCESS
+    assert [r[:2] for r in found["a:0"].records] == [["a", states.SUCCESS]]
+    assert found["a:0"].sends == [b"step-of-a"]
     assert list(tmp_path.iterdir()) == []  # read once, then removed
 
 
 def test_frames_past_the_header_end_are_ignored_and_garbage_is_no_error(tmp_path):
-    path = log_path(str(tmp_path), 102)
+    path = log_path(str(tmp_path), 1, 102)
     log = ReportLog(path)
     log.append(record("a") + done("a"))
     end = log.position
@@ -53,37 +53,78 @@ def test_frames_past_the_header_end_are_ignored_and_garbage_is_no_error(tmp_path
     os.pwrite(log.fd, HEADER.pack(report_log.MAGIC, end), 0)  # killed before the header moved on
     log.close()
     (tmp_path / "103.log").write_bytes(b"not a report log at all")
-    assert set(recover(str(tmp_path))) == {"a"}
+    assert set(recover(str(tmp_path))) == {"a:0"}
     assert recover(str(tmp_path / "missing")) == {}
 
 
 def test_the_ring_wraps_and_keeps_the_latest_frames(tmp_path, monkeypatch):
     monkeypatch.setattr(report_log, "LOG_SIZE", 400)
-    log = ReportLog(log_path(str(tmp_path), 104))
+    log = ReportLog(log_path(str(tmp_path), 1, 104))
     for number in range(10):
         log.append(record(f"t{number}") + done(f"t{number}"))
-    log.append(b"x" * 1000)  # larger than the ring: not kept, and nothing else is spoiled
     log.close()
     found = recover(str(tmp_path))
-    assert found and set(found) <= {f"t{n}" for n in range(10)} and "t9" in found
-    assert "t0" not in found
+    assert found and set(found) <= {f"t{n}:0" for n in range(10)} and "t9:0" in found
+    assert "t0:0" not in found
+
+
+def test_a_task_cut_in_two_by_a_wrap_or_a_batch_too_large_is_not_recovered(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_log, "LOG_SIZE", 300)
+    log = ReportLog(log_path(str(tmp_path), 1, 107))
+    log.append(record("a") + done("a"))
+    log.append(send(b"y" * 200))  # the start of b: a chain step it sent ...
+    log.append(record("b") + done("b"))  # ... and its end, after the ring wrapped: b is not known in full
+    log.append(record("c") + done("c"))
+    log.append(send(b"z" * 400))  # d's step: larger than the ring, not kept ...
+    log.append(done("d"))  # ... so d is not known in full either
+    log.close()
+    assert set(recover(str(tmp_path))) == {"c:0"}
+
+
+def test_a_retry_is_not_taken_for_the_attempt_that_sent_it(app, tmp_path):
+    from engine.core import encode_message
+    from engine.worker.journal import Journal
+    from engine.worker.supervisor import Supervisor, _journal_key
+    from tests.test_supervisor_inprocess import FakePool
+
+    journal_path = str(tmp_path / "journal.db")
+    first = app.tasks["t.work"].build_message((1,))
+    retry = app.tasks["t.work"].build_message((1,), task_id=first.id, retries=1, countdown=600)
+    journal = Journal(journal_path)
+    journal.add(_journal_key(retry), encode_message(retry))  # the retry waits for its time
+    journal.commit()
+    journal.close()
+    reports = f"{journal_path}.reports"
+    os.makedirs(reports)
+    log = ReportLog(log_path(reports, 1, 1))  # attempt 0 sent the retry, then ended (retry(throw=False))
+    log.append(send(encode_message(retry)) + record(first.id) + done(first.id))
+    log.close()
+    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
+    sup.pool = sup.limits.pool = FakePool()
+    sup.journal = sup.states.journal = Journal(journal_path)
+    sup._recovered = recover(reports)
+    try:
+        sup._replay()
+        assert len(sup.timers) == 1  # the retry still waits: attempt 0's end is not attempt 1's
+    finally:
+        sup.journal.close()
 
 
 def test_a_childs_writer_logs_at_checkpoints_and_never_twice(tmp_path):
     read_fd, write_fd = os.pipe()
     try:
-        writer = pipe.FrameWriter(write_fd, blocking=True, log=ReportLog(log_path(str(tmp_path), 105)))
-        writer.add(pipe.DONE, msgpack.packb(["a", states.SUCCESS, 0.0, False]))
+        writer = pipe.FrameWriter(write_fd, blocking=True, log=ReportLog(log_path(str(tmp_path), 1, 105)))
+        writer.add(pipe.DONE, msgpack.packb(["a", states.SUCCESS, 0.0, False, 0]))
         writer.checkpoint()  # in the log, not yet in the pipe
-        assert set(recover(str(tmp_path))) == {"a"}
-        writer.log = ReportLog(log_path(str(tmp_path), 105))
-        writer.add(pipe.DONE, msgpack.packb(["b", states.SUCCESS, 0.0, False]))
+        assert set(recover(str(tmp_path))) == {"a:0"}
+        writer.log = ReportLog(log_path(str(tmp_path), 1, 105))
+        writer.add(pipe.DONE, msgpack.packb(["b", states.SUCCESS, 0.0, False, 0]))
         writer.checkpoint()
-        writer.add(pipe.DONE, msgpack.packb(["c", states.SUCCESS, 0.0, False]))
+        writer.add(pipe.DONE, msgpack.packb(["c", states.SUCCESS, 0.0, False, 0]))
         assert writer.flush()
         frames, _ = pipe.split_frames(os.read(read_fd, 65536))
         assert [msgpack.unpackb(p)[0] for _, p in frames] == ["a", "b", "c"]  # the pipe gets everything once
-        logged, _ = pipe.split_frames(open(log_path(str(tmp_path), 105), "rb").read()[HEADER.size:])
+        logged, _ = pipe.split_frames(open(log_path(str(tmp_path), 1, 105), "rb").read()[HEADER.size:])
         assert [msgpack.unpackb(p)[0] for _, p in logged] == ["b", "c"]  # b logged once, c at the flush
     finally:
         os.close(read_fd)
@@ -91,7 +132,7 @@ def test_a_childs_writer_logs_at_checkpoints_and_never_twice(tmp_path):
 
 
 def test_a_log_that_cannot_be_written_is_dropped_quietly(tmp_path, caplog):
-    log = ReportLog(log_path(str(tmp_path), 106))
+    log = ReportLog(log_path(str(tmp_path), 1, 106))
     os.close(log.fd)  # the next write fails, as on a full disk
     log.append(done("a"))
     assert log.fd == -1 and "stops keeping its reports" in caplog.text
@@ -127,7 +168,7 @@ def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_
     journal.close()
     reports = f"{journal_path}.reports"
     os.makedirs(reports)
-    log = ReportLog(log_path(reports, 4242))
+    log = ReportLog(log_path(reports, 1, 4242))
     log.append(record(messages[1].id, value=msgpack.packb(1)) + send(encode_message(step)) + done(messages[1].id))
     log.close()
 

@@ -107,7 +107,7 @@ def test_soft_limit_calls_on_timeout_while_the_task_runs_and_the_task_cleans_up(
     assert timeouts == [(True, 0.2, message.id, True)]  # called when the limit fired, before the cleanup
     assert runtime < 5
     assert final_state(frames)[:2] == (states.SUCCESS, "cleaned up")
-    assert frames[pipe.DONE] == [[message.id, states.SUCCESS, pytest.approx(runtime), False]]
+    assert frames[pipe.DONE] == [[message.id, states.SUCCESS, pytest.approx(runtime), False, 0]]  # attempt 0
 
 
 def test_soft_limit_from_the_call_or_the_worker_default_fails_a_task_that_does_not_catch_it(run):

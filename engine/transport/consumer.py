@@ -32,6 +32,8 @@ __all__ = ("Consumer",)
 
 logger = logging.getLogger("engine.transport.consumer")
 
+#: Milliseconds a link to a producer gone from DNS may still send what was queued for it.
+UNLINK_LINGER_MS = 1000
 #: A client that sent tasks within this many seconds keeps standing credit; an idle one's is taken back.
 ACTIVE_SECONDS = 1.0
 
@@ -104,7 +106,8 @@ class Consumer:
         for table in (self.acks, self._wanting, self._active, self._holders):
             table.pop(peer.key, None)
         self.sockets.remove(peer.socket)
-        peer.socket.close(linger=0)
+        # A moment to let acknowledgements and results already queued reach it, should it still be up.
+        peer.socket.close(linger=UNLINK_LINGER_MS)
         self.generation += 1
 
     def refresh_links(self, now: float) -> None:

@@ -25,7 +25,7 @@ from engine import serialization, signals, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.worker import pipe
-from engine.worker.report_log import ReportLog, log_path
+from engine.worker.report_log import ReportLog
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -153,7 +153,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     signal.signal(signal.SIGALRM, _soft_limit_handler)
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe, inherited: a child's SIGALRM is not its news
     reader = pipe.FrameReader(task_fd)
-    writer = pipe.FrameWriter(result_fd, blocking=True, log=_report_log(options.get("report_dir")))
+    writer = pipe.FrameWriter(result_fd, blocking=True, log=_report_log(options.get("report_log")))
     app = apps[0]
     recorder = ChildRecorder(writer, bool(app.conf.accept_pickle))
     producer = ChildProducer(writer)
@@ -223,12 +223,12 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
         os._exit(exit_code)
 
 
-def _report_log(directory: str | None) -> ReportLog | None:
-    """This child's report log in ``directory`` (None without a journal, or when it cannot be made)."""
-    if not directory:
+def _report_log(path: str | None) -> ReportLog | None:
+    """This child's report log at ``path`` (None without a journal, or when it cannot be made)."""
+    if not path:
         return None
     try:
-        return ReportLog(log_path(directory, os.getpid()))
+        return ReportLog(path)
     except OSError as exc:
         logger.warning("child %d keeps no report log (its tasks may run twice after a crash): %s", os.getpid(), exc)
         return None
@@ -256,12 +256,13 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
     global _soft_limited
     started = time.monotonic()
     task_id = "?"
+    retries = 0
     name = None
     state = states.FAILURE
     requeue = False
     try:
         message = decode_message(payload)
-        task_id, name = message.id, message.task
+        task_id, name, retries = message.id, message.task, message.retries
         if revoked and task_id in revoked:
             revoked.discard(task_id)
             recorder.record(task_id, states.REVOKED, TaskRevokedError("revoked"), "TaskRevokedError: revoked")
@@ -269,7 +270,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, msgpack.packb([task_id, states.REVOKED, 0.0, False]))
+            writer.add(pipe.DONE, msgpack.packb([task_id, states.REVOKED, 0.0, False, retries]))
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
@@ -304,7 +305,9 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
     runtime = time.monotonic() - started
     if name is not None:
         _last_run_times[name] = runtime
-    writer.add(pipe.DONE, msgpack.packb([task_id, state, runtime, requeue]))
+    # The attempt number too: a retry keeps the task id, and a report log must not take one
+    # attempt's end for another's (engine.worker.report_log).
+    writer.add(pipe.DONE, msgpack.packb([task_id, state, runtime, requeue, retries]))
     return runtime
 
 

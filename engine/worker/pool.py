@@ -11,6 +11,7 @@ import time
 import psutil
 
 from engine.worker import pipe
+from engine.worker.report_log import log_path
 
 __all__ = ("Child", "Pool")
 
@@ -30,6 +31,8 @@ class Child:
         self.accepting = True
         #: ``--fair``: expected seconds of work it holds (a kind not measured yet counts as long).
         self.queued_seconds = 0.0
+        #: Its report log (engine.worker.report_log), when the worker keeps a journal.
+        self.report_log: str | None = None
         self.process = psutil.Process(pid)
 
     @property
@@ -53,6 +56,8 @@ class Pool:
         self.by_fd: dict[int, Child] = {}
         #: Changes whenever a child is added or removed (the supervisor re-registers pipes only then).
         self.generation = 0
+        #: Children started so far (numbers their report logs).
+        self.started = 0
 
     def start(self) -> None:
         """Fork every child."""
@@ -64,6 +69,12 @@ class Pool:
         task_r, task_w = pipe.open_pipe()
         result_r, result_w = pipe.open_pipe()
         inherited = [fd for child in self.children.values() for fd in child.fds]
+        options = self.options
+        report_log = None
+        if options.get("report_dir"):
+            self.started += 1
+            report_log = log_path(options["report_dir"], os.getpid(), self.started)
+            options = {**options, "report_log": report_log}
         pid = os.fork()
         if pid == 0:  # the child
             try:
@@ -71,12 +82,13 @@ class Pool:
                     os.close(fd)
                 from engine.worker.child import child_main
 
-                child_main(self.apps, task_r, result_w, self.hostname, self.options)
+                child_main(self.apps, task_r, result_w, self.hostname, options)
             finally:
                 os._exit(1)
         os.close(task_r)
         os.close(result_w)
         child = Child(pid, pipe.FrameWriter(task_w, blocking=False), pipe.FrameReader(result_r))
+        child.report_log = report_log
         self.children[pid] = child
         self.by_fd[result_r] = child
         self.generation += 1

@@ -182,8 +182,9 @@ class RedisRateLimiter(RateLimiter):
 
     Keys are ``engine-rate:<task name>``: apps whose task names coincide
     share a limit when they name the same Redis database (use another
-    database number to keep them apart). One key per script call, so a
-    Redis Cluster node holding the key serves it.
+    database number to keep them apart). The client is a plain Redis client:
+    a Redis Cluster is not supported (its redirections would read as an
+    outage, and limits would fall back to per worker).
     """
 
     def __init__(self, url: str, lease_seconds: float = LEASE_SECONDS) -> None:

@@ -47,11 +47,19 @@ LOG_SIZE = 4 * 1024 * 1024
 #: ``<magic><end of the complete frames>`` at the start of the file.
 HEADER = struct.Struct("<4sQ")
 MAGIC = b"ERL1"
+#: A frame kind of the log only: frames are missing here (the ring wrapped, a batch was too large),
+#: so the task whose frames it cuts in two is not known in full and is not recovered.
+GAP = 0
+_GAP_FRAME = pipe.HEADER.pack(0, GAP)
 
 
-def log_path(directory: str, pid: int) -> str:
-    """The report log of the child ``pid`` in ``directory``."""
-    return os.path.join(directory, f"{pid}.log")
+def log_path(directory: str, pid: int, number: int) -> str:
+    """The report log of the ``number``-th child the supervisor ``pid`` started, in ``directory``.
+
+    Not named by the child's pid: a pid can come back while the log of the
+    child that had it waits to be removed.
+    """
+    return os.path.join(directory, f"{pid}-{number}.log")
 
 
 class ReportLog:
@@ -69,20 +77,28 @@ class ReportLog:
         if self.fd < 0:
             return
         size = len(frames)
-        if size > LOG_SIZE - HEADER.size:
-            return  # only this batch's tasks would run again after a crash
         try:
+            if size + len(_GAP_FRAME) > LOG_SIZE - HEADER.size:
+                self._write(_GAP_FRAME)  # only the tasks of this batch would run again after a crash
+                return
             if self.position + size > LOG_SIZE:
-                # Wrap: first say "empty", so that a crash while the start is overwritten
-                # never lets the old end point past the new frames.
+                # Wrap: first say "empty", so that a crash while the start is overwritten never
+                # lets the old end point past the new frames; the task whose frames went before
+                # the wrap is cut in two: a gap.
                 self.position = HEADER.size
                 os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
-            os.pwrite(self.fd, frames, self.position)
-            self.position += size
-            os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
+                self._write(_GAP_FRAME)
+            self._write(frames)
         except OSError as exc:  # a full disk: the log is an optimisation, the journal still guarantees
             logger.warning("child %d stops keeping its reports beside the journal: %s", os.getpid(), exc)
             self.close()
+
+    def _write(self, frames: bytes | bytearray | memoryview) -> None:
+        """Write whole frames at the end, then move the header's end past them."""
+        if os.pwrite(self.fd, frames, self.position) != len(frames):
+            raise OSError("short write")  # the header stays before them: nothing half written is read
+        self.position += len(frames)
+        os.pwrite(self.fd, HEADER.pack(MAGIC, self.position), 0)
 
     def close(self) -> None:
         """Close the file (it stays: the supervisor removes it once it has read the pipe)."""
@@ -96,7 +112,10 @@ class ReportLog:
 
 @dataclass
 class RecoveredTask:
-    """A task a child reported finished: its final state, the states it recorded and the messages it sent."""
+    """An attempt of a task a child reported finished: its final state, the states it recorded, the messages it sent.
+
+    Recovered tasks are keyed ``"<task id>:<attempt>"`` (retries keep the task id).
+    """
 
     state: str
     records: list = field(default_factory=list)
@@ -116,10 +135,11 @@ def _frames(path: Path) -> list[tuple[int, bytes]]:
 
 
 def recover(directory: str) -> dict[str, RecoveredTask]:
-    """The tasks the logs in ``directory`` show finished, by id; the logs are removed.
+    """The task attempts the logs in ``directory`` show finished, by ``"<id>:<attempt>"``; the logs are removed.
 
     A DONE with a final state (not a requeue) closes a task: the RECORD and
-    SEND frames since the child's previous DONE are that task's.
+    SEND frames since the child's previous DONE are that task's. A gap
+    (frames missing) makes the next DONE's task unknown in full: skipped.
     """
     found: dict[str, RecoveredTask] = {}
     folder = Path(directory)
@@ -133,23 +153,23 @@ def recover(directory: str) -> dict[str, RecoveredTask]:
             frames = []
         records: list = []
         sends: list[bytes] = []
+        whole = True  # the frames since the last DONE are all there
         for kind, payload in frames:
             try:
                 if kind == pipe.RECORD:
                     records.append(msgpack.unpackb(payload, raw=False))
                 elif kind == pipe.SEND:
                     sends.append(payload)
+                elif kind == GAP:
+                    records, sends, whole = [], [], False
                 elif kind == pipe.DONE:
-                    task_id, state, _, requeue = msgpack.unpackb(payload, raw=False)
-                    if state in states.READY_STATES and not requeue:
-                        task = found.setdefault(task_id, RecoveredTask(state))
-                        task.state = state
-                        task.records += records
-                        task.sends += sends
-                    records, sends = [], []
+                    task_id, state, _, requeue, attempt = msgpack.unpackb(payload, raw=False)
+                    if whole and state in states.READY_STATES and not requeue:
+                        found[f"{task_id}:{attempt}"] = RecoveredTask(state, records, sends)
+                    records, sends, whole = [], [], True
             except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
                 logger.warning("skipping a malformed frame in the report log %s: %s", path, exc)
-                records, sends = [], []
+                records, sends, whole = [], [], False
         try:
             path.unlink()
         except OSError:

@@ -284,36 +284,46 @@ class Supervisor:
                 continue
             decoded.append((ref, raw, message))
         recovered, self._recovered = self._recovered, {}
-        # Messages that tasks the logs show finished had sent: accepted again unless known already.
-        sent = {}
+        if self.replies is not None:
+            # rpc://: a result sent before its client is back would be dropped, and a client told
+            # "acknowledged" would not send the task again: such tasks run again, as before.
+            recovered = {}
+        # Messages that tasks the logs show finished had sent: accepted again unless known already
+        # (keyed by attempt: a retry keeps its task's id).
+        sent: dict[str, bytes] = {}
         if recovered:
-            in_journal = {message.id for _, _, message in decoded}
+            in_journal = {_journal_key(message) for _, _, message in decoded}
             for _, _, message in decoded:
-                for raw in recovered[message.id].sends if message.id in recovered else ():
+                task = recovered.get(_journal_key(message))
+                for raw in task.sends if task is not None else ():
                     try:
-                        sent_id = decode_message(raw).id
+                        key = _journal_key(decode_message(raw))
                     except MessageDecodeError:
                         continue
-                    if sent_id not in in_journal:
-                        sent[sent_id] = raw
-        # The client of a frame may not have heard "acknowledged" before the crash: it hears it when it
-        # is back (its link reconnects by itself), rather than sending the tasks again elsewhere.
-        senders = self.journal.frame_senders()
-        unheard: dict[bytes, list[str]] = {}
-        for ref, _, message in decoded:
-            if isinstance(ref, int) and ref in senders:
-                unheard.setdefault(senders[ref], []).append(message.id)
-        if unheard and self.consumer is not None:
-            self.consumer.acknowledge_when_heard(unheard)
-        finished = self._finished_already([message.id for _, _, message in decoded] + list(sent))
-        for sent_id in finished:
-            sent.pop(sent_id, None)
+                    if key not in in_journal:
+                        sent[key] = raw
+        if self.replies is None:
+            # The client of a frame may not have heard "acknowledged" before the crash: it hears it
+            # when it is back (its link reconnects by itself), rather than sending the tasks again
+            # elsewhere. Only for frames from clients that connected to this worker (--bind).
+            senders = self.journal.frame_senders()
+            unheard: dict[bytes, list[str]] = {}
+            for ref, _, message in decoded:
+                if isinstance(ref, int) and ref in senders:
+                    unheard.setdefault(senders[ref], []).append(message.id)
+            if unheard and self.consumer is not None:
+                self.consumer.acknowledge_when_heard(unheard)
+        sent_ids = {key.rpartition(":")[0]: key for key in sent}
+        finished = self._finished_already([message.id for _, _, message in decoded] + list(sent_ids))
+        for task_id in finished:
+            sent.pop(sent_ids.get(task_id, ""), None)
         counted = []
         from_logs = 0
         for ref, raw, message in decoded:
             record = finished.get(message.id)
-            if record is None and message.id in recovered:
-                self._finish_from_log(message, ref, recovered.pop(message.id), sent)
+            task = recovered.pop(_journal_key(message), None) if record is None else None
+            if task is not None:
+                self._finish_from_log(message, ref, task, sent)
                 replayed_ids.add(message.id)
                 from_logs += 1
                 continue
@@ -341,18 +351,16 @@ class Supervisor:
     def _finish_from_log(self, message: TaskMessage, ref: JournalRef, task: report_log.RecoveredTask,
                          sent: dict[str, bytes]) -> None:
         """Finish a replayed task that a child's report log shows finished: its reports, not a second run."""
-        if self.replies is not None:
-            self.replies.remember(message, None)
         if self.chords is not None:
             self.chords.watch(message)
         for task_id, state, body, traceback, timestamp in task.records:
             self.states.record_encoded(task_id, state, body, traceback, timestamp)
         for raw in task.sends:
             try:
-                sent_id = decode_message(raw).id
+                key = _journal_key(decode_message(raw))
             except MessageDecodeError:
                 continue
-            if sent.pop(sent_id, None) is not None:  # once, and only if not known already
+            if sent.pop(key, None) is not None:  # once, and only if not known already
                 self._accept_from_child(raw)
         self.states.finished(ref)
 
@@ -667,7 +675,7 @@ class Supervisor:
                 self._accept_from_child(payload)
 
     def _task_done(self, child: Child, payload: bytes) -> None:
-        task_id, state, runtime, requeue = msgpack.unpackb(payload, raw=False)
+        task_id, state, runtime, requeue = msgpack.unpackb(payload, raw=False)[:4]
         if not child.outstanding:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
             return
@@ -711,8 +719,9 @@ class Supervisor:
 
     def _child_exited(self, child: Child) -> None:
         status = self.pool.forget(child)
-        if self.report_dir:  # its pipe was read to the end; its log goes once what it reported is stored
-            self._dead_logs.append((self.states.stores, report_log.log_path(self.report_dir, child.pid)))
+        report_file = getattr(child, "report_log", None)
+        if report_file:  # its pipe was read to the end; its log goes once what it reported is stored
+            self._dead_logs.append((self.states.stores, report_file))
         reason = self.limits.reason(child.pid)
         target = self.limits.terminated_task(child.pid)
         held = list(child.outstanding)
