@@ -62,6 +62,9 @@ class TaskMessage:
         """Every field as a plain dict."""
     def __eq__(self, other: object) -> bool: ...
 
+def request_fields(msg: TaskMessage, eager: bool, hostname: str, retry_dispatcher: Any) -> dict[str, Any]:
+    """The fields of ``task.request`` for running ``msg`` (``engine.request.Request.context``)."""
+
 def new_task_id() -> str:
     """Return a new unique task id: a random UUID (version 4) in its usual text form."""
 

@@ -34,6 +34,7 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "request_fields",
     "split_batch",
 )
 
@@ -72,6 +73,7 @@ encode_batch = _impl.encode_batch
 decode_batch = _impl.decode_batch
 split_batch = _impl.split_batch
 new_task_id = _impl.new_task_id
+request_fields = _impl.request_fields
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord

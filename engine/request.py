@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import signals, states
 from engine.context import Context
+from engine.core import request_fields
 from engine.exceptions import TaskRevokedError
 from engine.tracer import ExceptionInfo, TraceOutcome, trace_task
 from engine.utils.hostname import HOSTNAME
@@ -75,37 +76,7 @@ class Request:
 
     def context(self) -> Context:
         """Build ``task.request`` for this call."""
-        msg = self.message
-        options = msg.options
-        return Context.of({
-            "id": msg.id,
-            "task": msg.task,
-            "args": msg.args,
-            "kwargs": msg.kwargs,
-            "retries": msg.retries,
-            "eta": msg.eta,
-            "expires": msg.expires,
-            "is_eager": self.eager,
-            "hostname": self.hostname,
-            "delivery_info": {"queue": msg.queue, "routing_key": msg.queue},
-            "reply_to": msg.reply_to,
-            "parent_id": msg.parent_id,
-            "root_id": msg.root_id or msg.id,
-            "correlation_id": msg.id,
-            # The call's own choice (None when it made none): call > task option > setting.
-            "ignore_result": options.get("ignore_result"),
-            # What the sender resolved from its own settings, for tasks that set nothing.
-            "sender_ignore_result": msg.ignore_result,
-            "called_directly": False,
-            "callbacks": options.get("link"),
-            "errbacks": options.get("link_error"),
-            "chain": options.get("chain"),
-            "timelimit": (options.get("time_limit"), options.get("soft_time_limit")),
-            "options": options,
-            "retry_dispatcher": self.retry_dispatcher,
-            # Headers a before_task_publish receiver added (tracing context, ...).
-            "headers": options.get("headers"),
-        })
+        return Context.of(request_fields(self.message, self.eager, self.hostname, self.retry_dispatcher))
 
     def execute(self, propagate: bool = False) -> TraceOutcome:
         """Run the task and return its outcome, calling this request's hooks.

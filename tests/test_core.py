@@ -130,6 +130,26 @@ def test_implementation_names(core):
     assert core.MAX_OPTIONS_DEPTH == 1023
 
 
+# -- a task's request fields ---------------------------------------------------------------
+
+def test_request_fields_come_from_the_message_and_its_options(core):
+    options = {"ignore_result": True, "link": ["cb"], "link_error": ["eb"], "chain": ["next"],
+               "time_limit": 9.0, "soft_time_limit": 5.0, "headers": {"trace": "x"}}
+    message = core.decode_message(core.encode_message(core.TaskMessage(
+        "id-1", "t.add", (1, 2), {"z": 3}, retries=2, eta=10.0, expires=20.0, queue="q", reply_to="client-1",
+        parent_id="p-1", root_id=None, ignore_result=False, options=options)))
+    fields = core.request_fields(message, False, "w@host", "dispatcher")
+    assert fields == {
+        "id": "id-1", "task": "t.add", "args": (1, 2), "kwargs": {"z": 3}, "retries": 2, "eta": 10.0,
+        "expires": 20.0, "is_eager": False, "hostname": "w@host", "delivery_info": {"queue": "q", "routing_key": "q"},
+        "reply_to": "client-1", "parent_id": "p-1", "root_id": "id-1", "correlation_id": "id-1",
+        "ignore_result": True, "sender_ignore_result": False, "called_directly": False, "callbacks": ["cb"],
+        "errbacks": ["eb"], "chain": ["next"], "timelimit": (9.0, 5.0), "options": options,
+        "retry_dispatcher": "dispatcher", "headers": {"trace": "x"}}
+    bare = core.request_fields(core.TaskMessage("id-2", "t.add", root_id="r"), True, "h", None)
+    assert bare["root_id"] == "r" and bare["args"] == () and bare["kwargs"] == {} and bare["timelimit"] == (None, None)
+
+
 # -- task ids -------------------------------------------------------------------------------
 
 def test_new_task_id_is_a_version_4_uuid(core):
