@@ -184,6 +184,10 @@ class Consumer:
                 credit[queue] = amount - 1
                 return
 
+    def ack_many(self, peer: Peer, task_ids: list[str]) -> None:
+        """Acknowledge tasks to the client that sent them (sent with the next :meth:`flush`)."""
+        self.acks.setdefault(peer.key, []).extend(task_ids)
+
     def ack(self, peer: Peer, task_id: str) -> None:
         """Acknowledge a task to the client that sent it (sent with the next :meth:`flush`)."""
         self.acks.setdefault(peer.key, []).append(task_id)

@@ -521,6 +521,9 @@ class Supervisor:
         for peer, frame, raws in consumer.receive(sock):
             # The frame as it came is the journal's row for all its tasks (one write per frame).
             ref = journal.add_frame(frame, len(raws), peer.route) if journal is not None else None
+            # Counted against credit and acknowledged once per frame and queue, not per task.
+            per_queue: dict[str, int] = {}
+            ids = []
             for raw in raws:
                 try:
                     message = decode_message(raw)
@@ -533,9 +536,14 @@ class Supervisor:
                     if journal is not None:
                         journal.remove([ref])
                     continue
-                consumer.consumed(peer, message.queue)
-                consumer.ack(peer, message.id)
+                queue = message.queue
+                per_queue[queue] = per_queue.get(queue, 0) + 1
+                ids.append(message.id)
                 self.accept(message, raw, peer, journal_ref=ref)
+            for queue, count in per_queue.items():
+                consumer.consumed(peer, queue, count)
+            if ids:
+                consumer.ack_many(peer, ids)
 
     def accept(self, message: TaskMessage, raw: bytes, peer: Peer | None = None,
                journal_ref: JournalRef | None = None) -> None:
