@@ -100,6 +100,25 @@ def resolve_ignore_result(task: Task, request: context.Context) -> bool:
     return bool(request.get("sender_ignore_result")) or bool(task.app.conf.task_ignore_result)
 
 
+#: The handlers a Task subclass may override that run around every call.
+_HANDLERS = ("before_start", "on_success", "after_return")
+#: Per task class: the names of _HANDLERS it overrides (the others are Task's empty methods).
+_overridden: dict[type, frozenset[str]] = {}
+
+
+def _handlers(task: Task) -> frozenset[str]:
+    """The handlers ``task`` overrides, on its class or on itself: the only ones worth a call."""
+    cls = type(task)
+    found = _overridden.get(cls)
+    if found is None:
+        found = _overridden[cls] = frozenset(
+            name for name in _HANDLERS if getattr(cls, name) is not getattr(Task, name))
+    vars_ = task.__dict__
+    if "before_start" in vars_ or "on_success" in vars_ or "after_return" in vars_:  # set on the instance
+        found = found | {name for name in _HANDLERS if name in vars_}
+    return found
+
+
 def _runner(task: Task) -> Callable[..., Any]:
     # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
     # calling run() directly saves a frame per task.
@@ -122,13 +141,16 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
     started = monotonic()
     context.push(task, request)
     state = states.FAILURE
+    # Task's own handlers do nothing: skip their calls (a no-op task pays for every call here).
+    handlers = _handlers(task)
     try:
         if signals.task_prerun.receivers:
             signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
         if store is not None and not eager and task.resolve_option("track_started"):
             store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or HOSTNAME})
         try:
-            task.before_start(task_id, args, kwargs)
+            if "before_start" in handlers:
+                task.before_start(task_id, args, kwargs)
             retval = _runner(task)(*args, **kwargs)
             state = states.SUCCESS
         except Reject as exc:
@@ -157,12 +179,14 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
                 # instead of crashing the child or the supervisor.
                 state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
             else:
-                _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
+                if "on_success" in handlers:
+                    _call_handler(eager, task, "on_success", retval, task_id, args, kwargs)
                 if signals.task_success.receivers:
                     signals.task_success.send(sender=task, result=retval)
-                logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id, monotonic() - started,
-                            retval)
-        if state not in NO_AFTER_RETURN:
+                if logger.isEnabledFor(logging.INFO):  # the arguments cost more than the check
+                    logger.info("Task %s[%s] succeeded in %.6fs: %.200r", task.name, task_id,
+                                monotonic() - started, retval)
+        if state not in NO_AFTER_RETURN and "after_return" in handlers:
             _call_handler(eager, task, "after_return", state, retval, task_id, args, kwargs, einfo)
     finally:
         context.pop()

@@ -123,6 +123,18 @@ def test_handlers_on_success(app):
     assert task.events == [("before_start", "i"), ("on_success", 4, "i", (2,), {}), ("after_return", "SUCCESS")]
 
 
+def test_handlers_given_as_options_or_set_on_the_task_are_called(app):
+    events = []
+
+    def ok(x):
+        return x
+
+    task = app.task(on_success=lambda self, retval, *rest: events.append(("on_success", retval)))(ok)
+    task.after_return = lambda status, *rest: events.append(("after_return", status))  # on the instance
+    task.apply((3,))
+    assert events == [("on_success", 3), ("after_return", "SUCCESS")]
+
+
 def test_handlers_on_failure_as_in_the_guide(app):
     def add(x, y):
         raise KeyError()
