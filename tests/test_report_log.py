@@ -185,3 +185,50 @@ def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_
         assert sup.journal._frame_left == {ref: 2}
     finally:
         sup.journal.close()
+
+
+def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(tmp_path):
+    from engine import Engine
+    from engine.core import encode_message
+    from engine.exceptions import WorkerLostError
+    from engine.worker.supervisor import Supervisor, _journal_key
+    from tests.test_supervisor_inprocess import FakeJournal, FakePool, child_holding, queued, stored, waiting_ids
+
+    app = Engine("dead-child", backend="memory://", set_as_current=False)
+
+    @app.task(name="t.work")
+    def work(x=0):
+        return x
+
+    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
+    sup.pool = sup.limits.pool = FakePool()
+    sup.journal = sup.states.journal = FakeJournal()
+    first, second, third, fourth = (queued(app) for _ in range(4))
+    child = child_holding(sup, second, third, fourth)  # first's DONE was read from the pipe already
+    child.report_log = log_path(str(tmp_path), 1, 1)
+    log = ReportLog(child.report_log)
+    ids = [entry.message.id for entry in (first, second, third, fourth)]
+    log.append(record(ids[0]) + done(ids[0]) + record(ids[1], value=msgpack.packb(2)) + done(ids[1]))
+    log.append(record(ids[2]) + done(ids[2]))  # in its log at its last checkpoint, never in the pipe
+    log.append(frame(pipe.RECORD, [ids[3], states.STARTED, b"", None, 1.0]))  # it died running the fourth
+    log.close()
+    try:
+        sup._child_exited(child)
+        assert stored(sup, ids[1]).state == stored(sup, ids[2]).state == states.SUCCESS  # not run again
+        assert isinstance(stored(sup, ids[3]).result, WorkerLostError)  # the one it was running
+        assert waiting_ids(sup) == []
+        assert sup.journal.removed == [_journal_key(e.message) for e in (second, third, fourth)]
+
+        # A held task that had sent messages may have had them read already: its log is not used.
+        fifth, sixth = queued(app), queued(app)
+        child = child_holding(sup, fifth, sixth)
+        child.report_log = log_path(str(tmp_path), 1, 2)
+        log = ReportLog(child.report_log)
+        step = app.tasks["t.work"].build_message((9,))
+        log.append(send(encode_message(step)) + record(fifth.message.id) + done(fifth.message.id))
+        log.close()
+        sup._child_exited(child)
+        assert isinstance(stored(sup, fifth.message.id).result, WorkerLostError)
+        assert waiting_ids(sup) == [sixth.message.id]
+    finally:
+        app.close()

@@ -38,7 +38,7 @@ import msgpack
 from engine import states
 from engine.worker import pipe
 
-__all__ = ("LOG_SIZE", "RecoveredTask", "ReportLog", "log_path", "recover")
+__all__ = ("LOG_SIZE", "RecoveredTask", "ReportLog", "frames_of", "log_path", "recover", "unread_tail")
 
 logger = logging.getLogger("engine.worker")
 
@@ -120,6 +120,49 @@ class RecoveredTask:
     state: str
     records: list = field(default_factory=list)
     sends: list[bytes] = field(default_factory=list)
+
+
+def frames_of(path: str | Path) -> list[tuple[int, bytes]]:
+    """The complete frames of one report log, gaps included (none when the file is not one)."""
+    try:
+        return _frames(Path(path))
+    except (OSError, ValueError):
+        return []
+
+
+def unread_tail(frames: list[tuple[int, bytes]], head: str) -> list[tuple[int, bytes]]:
+    """The frames of a dead child's log from the task ``head`` (``"<id>:<attempt>"``) on, when safe to use.
+
+    ``head`` is the first task the supervisor holds for the child: the next DONE
+    it expects. The pipe is one stream, so nothing after that task's frames was
+    read; of its own frames some may have been. Those are RECORDs (recorded
+    again, no harm) unless it sent messages (they would be sent twice): then,
+    and where a gap cuts its frames, nothing is used.
+    """
+    done_at = None
+    for index in range(len(frames) - 1, -1, -1):
+        kind, payload = frames[index]
+        if kind == pipe.DONE:
+            try:
+                task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
+            except (ValueError, TypeError):
+                return []
+            if f"{task_id}:{attempt}" == head:
+                done_at = index
+                break
+    if done_at is None:
+        return []
+    start = done_at
+    while start > 0 and frames[start - 1][0] not in (pipe.DONE, GAP):
+        start -= 1
+    if start > 0 and frames[start - 1][0] == GAP:
+        return []
+    if any(kind == pipe.SEND for kind, _ in frames[start:done_at]):
+        return []
+    tail = frames[start:]
+    gaps = [index for index, (kind, _) in enumerate(tail) if kind == GAP]
+    # After a gap, a task's DONE may have lost its RECORDs: it must not count as finished.
+    return tail[:gaps[0]] if gaps else tail
 
 
 def _frames(path: Path) -> list[tuple[int, bytes]]:

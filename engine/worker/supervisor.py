@@ -728,7 +728,10 @@ class Supervisor:
     def _child_exited(self, child: Child) -> None:
         status = self.pool.forget(child)
         report_file = getattr(child, "report_log", None)
-        if report_file:  # its pipe was read to the end; its log goes once what it reported is stored
+        if report_file:
+            if child.outstanding:
+                self._read_child_log(child, report_file)
+            # Its log goes once what it reported is stored.
             self._dead_logs.append((self.states.stores, report_file))
         reason = self.limits.reason(child.pid)
         target = self.limits.terminated_task(child.pid)
@@ -764,6 +767,31 @@ class Supervisor:
             return  # a child retired by pool_shrink: not replaced
         if self.stopping is None or (self.stopping == WARM and (len(self.scheduler) or self.timers.any_due())):
             self.pool.spawn()  # during a warm stop too, while accepted work still waits
+
+    def _read_child_log(self, child: Child, path: str) -> None:
+        """Take from a dead child's report log what it reported and this supervisor did not read.
+
+        Reports it wrote in its last milliseconds (in its log, not yet in its pipe,
+        or in the pipe unread) say which of the tasks it held had finished: those
+        are done, not run again. Fed through the pipe's own path, in order.
+        """
+        tail = report_log.unread_tail(report_log.frames_of(path), _journal_key(child.outstanding[0].message))
+        done: list[str] = []
+        for index, (kind, payload) in enumerate(tail):
+            if kind != pipe.DONE:
+                continue
+            task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
+            held = child.outstanding[len(done)] if len(done) < len(child.outstanding) else None
+            if held is None or f"{task_id}:{attempt}" != _journal_key(held.message):
+                # Not the order it was given them in: use nothing of this task's frames, nor after.
+                last = max((i for i, (k, _) in enumerate(tail[:index]) if k == pipe.DONE), default=-1)
+                tail = tail[:last + 1]
+                break
+            done.append(task_id)
+        if done:
+            logger.info("child %d reported %d finished task(s) in its report log only: not run again",
+                        child.pid, len(done))
+            self._handle_child_frames(child, tail)
 
     def _task_lost(self, entry: QueuedTask, pid: int, status: int | None, reason: tuple[str, float] | None) -> None:
         task, message = entry.task, entry.message
