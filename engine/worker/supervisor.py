@@ -727,14 +727,16 @@ class Supervisor:
 
     def _child_exited(self, child: Child) -> None:
         status = self.pool.forget(child)
+        reason = self.limits.reason(child.pid)
+        target = self.limits.terminated_task(child.pid)
         report_file = getattr(child, "report_log", None)
         if report_file:
-            if child.outstanding:
+            # Not for a child killed on purpose (a time limit, a terminating revoke): the task
+            # it was killed for is the one held first, whatever its log says since.
+            if child.outstanding and reason is None and target is None:
                 self._read_child_log(child, report_file)
             # Its log goes once what it reported is stored.
             self._dead_logs.append((self.states.stores, report_file))
-        reason = self.limits.reason(child.pid)
-        target = self.limits.terminated_task(child.pid)
         held = list(child.outstanding)
         child.outstanding.clear()
         child.queued_seconds = 0.0
