@@ -25,6 +25,11 @@ def done(task_id: str, state: str = states.SUCCESS, requeue: bool = False, attem
     return frame(pipe.DONE, [task_id, state, 0.001, requeue, attempt])
 
 
+def done_payload(task_id: str) -> bytes:
+    """The payload of ``done(task_id)``: what the supervisor keeps of the last DONE it read."""
+    return msgpack.packb([task_id, states.SUCCESS, 0.001, False, 0], use_bin_type=True)
+
+
 def send(raw: bytes) -> bytes:
     return pipe.HEADER.pack(len(raw), pipe.SEND) + raw
 
@@ -204,7 +209,8 @@ def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(t
     sup.pool = sup.limits.pool = FakePool()
     sup.journal = sup.states.journal = FakeJournal()
     first, second, third, fourth = (queued(app) for _ in range(4))
-    child = child_holding(sup, second, third, fourth)  # first's DONE was read from the pipe already
+    child = child_holding(sup, second, third, fourth)
+    child.last_done = done_payload(first.message.id)  # first's DONE was read from the pipe already
     child.report_log = log_path(str(tmp_path), 1, 1)
     log = ReportLog(child.report_log)
     ids = [entry.message.id for entry in (first, second, third, fourth)]
@@ -221,7 +227,7 @@ def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(t
 
         # A held task that had sent messages may have had them read already: its log is not used.
         fifth, sixth = queued(app), queued(app)
-        child = child_holding(sup, fifth, sixth)
+        child = child_holding(sup, fifth, sixth)  # no DONE read from it yet: its log is read from the start
         child.report_log = log_path(str(tmp_path), 1, 2)
         log = ReportLog(child.report_log)
         step = app.tasks["t.work"].build_message((9,))
@@ -230,5 +236,20 @@ def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(t
         sup._child_exited(child)
         assert isinstance(stored(sup, fifth.message.id).result, WorkerLostError)
         assert waiting_ids(sup) == [sixth.message.id]
+        sup.scheduler.waiting.clear()
+
+        # An earlier end of the same task (rejected and requeued, back on this child) is not this run's.
+        again = queued(app)
+        child = child_holding(sup, again)
+        child.report_log = log_path(str(tmp_path), 1, 3)
+        rejected = msgpack.packb([again.message.id, states.REJECTED, 0.001, True, 0])
+        child.last_done = rejected
+        log = ReportLog(child.report_log)
+        log.append(pipe.HEADER.pack(len(rejected), pipe.DONE) + rejected
+                   + frame(pipe.RECORD, [again.message.id, states.STARTED, b"", None, 1.0]))
+        log.close()
+        sup._child_exited(child)
+        assert isinstance(stored(sup, again.message.id).result, WorkerLostError)  # died running it again
+        assert waiting_ids(sup) == []
     finally:
         app.close()

@@ -40,6 +40,7 @@ class FakeChild:
         self.outstanding: collections.deque = collections.deque()
         self.accepting = True
         self.queued_seconds = 0.0
+        self.last_done: bytes | None = None
         self.reader = reader
         self.writer = writer
 

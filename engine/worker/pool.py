@@ -33,6 +33,8 @@ class Child:
         self.queued_seconds = 0.0
         #: Its report log (engine.worker.report_log), when the worker keeps a journal.
         self.report_log: str | None = None
+        #: The payload of the last DONE read from it: its report log is read on from there.
+        self.last_done: bytes | None = None
         self.process = psutil.Process(pid)
 
     @property

@@ -130,35 +130,43 @@ def frames_of(path: str | Path) -> list[tuple[int, bytes]]:
         return []
 
 
-def unread_tail(frames: list[tuple[int, bytes]], head: str) -> list[tuple[int, bytes]]:
-    """The frames of a dead child's log from the task ``head`` (``"<id>:<attempt>"``) on, when safe to use.
+def unread_tail(frames: list[tuple[int, bytes]], head: str, last_read: bytes | None) -> list[tuple[int, bytes]]:
+    """The frames of a dead child's log after the last DONE its supervisor read, when safe to use.
 
-    ``head`` is the first task the supervisor holds for the child: the next DONE
-    it expects. The pipe is one stream, so nothing after that task's frames was
-    read; of its own frames some may have been. Those are RECORDs (recorded
-    again, no harm) unless it sent messages (they would be sent twice): then,
-    and where a gap cuts its frames, nothing is used.
+    ``last_read`` is the payload of the last DONE the supervisor read from the
+    child's pipe (None: none yet), ``head`` (``"<id>:<attempt>"``) the first task
+    it still holds: the next DONE after ``last_read`` must be that task's. The
+    pipe is one stream, so nothing after that task's frames was read; of its
+    own frames some may have been. Those are RECORDs (recorded again, no harm)
+    unless it sent messages (they would be sent twice): then, and where a gap
+    cuts its frames, nothing is used. Tied to ``last_read``, an older DONE of
+    the same task (requeued, or sent twice) is never taken for this run's.
     """
-    done_at = None
-    for index in range(len(frames) - 1, -1, -1):
+    start = None
+    if last_read is None:
+        start = 0
+    else:
+        for index in range(len(frames) - 1, -1, -1):
+            kind, payload = frames[index]
+            if kind == pipe.DONE and payload == last_read:
+                start = index + 1
+                break
+    if start is None or (start < len(frames) and frames[start][0] == GAP):
+        return []
+    for index in range(start, len(frames)):
         kind, payload = frames[index]
+        if kind == GAP or kind == pipe.SEND:
+            return []  # its frames cut by a gap, or messages it sent may have been read already
         if kind == pipe.DONE:
             try:
                 task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
             except (ValueError, TypeError):
                 return []
-            if f"{task_id}:{attempt}" == head:
-                done_at = index
-                break
-    if done_at is None:
-        return []
-    start = done_at
-    while start > 0 and frames[start - 1][0] not in (pipe.DONE, GAP):
-        start -= 1
-    if start > 0 and frames[start - 1][0] == GAP:
-        return []
-    if any(kind == pipe.SEND for kind, _ in frames[start:done_at]):
-        return []
+            if f"{task_id}:{attempt}" != head:
+                return []
+            break
+    else:
+        return []  # the head's run did not end
     tail = frames[start:]
     gaps = [index for index, (kind, _) in enumerate(tail) if kind == GAP]
     # After a gap, a task's DONE may have lost its RECORDs: it must not count as finished.

@@ -683,6 +683,7 @@ class Supervisor:
                 self._accept_from_child(payload)
 
     def _task_done(self, child: Child, payload: bytes) -> None:
+        child.last_done = payload  # where this child's report log is read from should it die
         task_id, state, runtime, requeue = msgpack.unpackb(payload, raw=False)[:4]
         if not child.outstanding:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
@@ -777,19 +778,23 @@ class Supervisor:
         or in the pipe unread) say which of the tasks it held had finished: those
         are done, not run again. Fed through the pipe's own path, in order.
         """
-        tail = report_log.unread_tail(report_log.frames_of(path), _journal_key(child.outstanding[0].message))
+        tail = report_log.unread_tail(report_log.frames_of(path), _journal_key(child.outstanding[0].message),
+                                      getattr(child, "last_done", None))
         done: list[str] = []
+        used = 0  # frames up to the last DONE matched: the unfinished task's frames are not used
         for index, (kind, payload) in enumerate(tail):
             if kind != pipe.DONE:
                 continue
-            task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
+            try:
+                task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
+            except (ValueError, TypeError):
+                break
             held = child.outstanding[len(done)] if len(done) < len(child.outstanding) else None
             if held is None or f"{task_id}:{attempt}" != _journal_key(held.message):
-                # Not the order it was given them in: use nothing of this task's frames, nor after.
-                last = max((i for i, (k, _) in enumerate(tail[:index]) if k == pipe.DONE), default=-1)
-                tail = tail[:last + 1]
-                break
+                break  # not the order it was given them in: use nothing of this task's frames, nor after
             done.append(task_id)
+            used = index + 1
+        tail = tail[:used]
         if done:
             logger.info("child %d reported %d finished task(s) in its report log only: not run again",
                         child.pid, len(done))
