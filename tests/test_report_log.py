@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from engine import states
+from engine.core import TaskMessage, encode_message
 from engine.worker import pipe, report_log
 from engine.worker.report_log import HEADER, ReportLog, log_path, recover
 
@@ -34,9 +35,14 @@ def send(raw: bytes) -> bytes:
     return pipe.HEADER.pack(len(raw), pipe.SEND) + raw
 
 
+def step(task_id: str, padding: int = 0) -> bytes:
+    """An encoded message a task sent (a chain step, say), about ``padding`` bytes larger than the least."""
+    return encode_message(TaskMessage(task_id, "t.step", ("x" * padding,)))
+
+
 def test_a_finished_task_is_recovered_with_its_states_and_the_messages_it_sent(tmp_path):
     log = ReportLog(log_path(str(tmp_path), 1, 101))
-    log.append(record("a") + send(b"step-of-a") + done("a"))
+    log.append(record("a") + send(step("step-of-a")) + done("a"))
     log.append(record("b", states.RETRY) + done("b", states.RETRY))  # not final: it runs again
     log.append(done("c", states.REJECTED, requeue=True))  # requeued: it runs again
     log.append(frame(pipe.RECORD, ["d", states.STARTED, b"", None, 1.0]))  # killed while running d
@@ -45,7 +51,7 @@ def test_a_finished_task_is_recovered_with_its_states_and_the_messages_it_sent(t
     assert set(found) == {"a:0"}  # by attempt: a retry keeps its task's id
     assert found["a:0"].state == states.SUCCESS
     assert [r[:2] for r in found["a:0"].records] == [["a", states.SUCCESS]]
-    assert found["a:0"].sends == [b"step-of-a"]
+    assert found["a:0"].sends == [("step-of-a", "step-of-a:0", step("step-of-a"))]
     assert list(tmp_path.iterdir()) == []  # read once, then removed
 
 
@@ -77,10 +83,10 @@ def test_a_task_cut_in_two_by_a_wrap_or_a_batch_too_large_is_not_recovered(tmp_p
     monkeypatch.setattr(report_log, "LOG_SIZE", 300)
     log = ReportLog(log_path(str(tmp_path), 1, 107))
     log.append(record("a") + done("a"))
-    log.append(send(b"y" * 200))  # the start of b: a chain step it sent ...
+    log.append(send(step("y", 167)))  # the start of b: a chain step it sent ...
     log.append(record("b") + done("b"))  # ... and its end, after the ring wrapped: b is not known in full
     log.append(record("c") + done("c"))
-    log.append(send(b"z" * 400))  # d's step: larger than the ring, not kept ...
+    log.append(send(step("z", 400)))  # d's step: larger than the ring, not kept ...
     log.append(done("d"))  # ... so d is not known in full either
     log.close()
     assert set(recover(str(tmp_path))) == {"c:0"}

@@ -258,7 +258,8 @@ def test_during_a_warm_stop_a_dead_child_is_replaced_only_while_work_waits(app, 
 
 
 def done(entry: QueuedTask, state: str = states.SUCCESS, runtime: float = 0.25, requeue: bool = False) -> bytes:
-    return msgpack.packb([entry.message.id, state, runtime, requeue])
+    """A child's DONE payload for ``entry``: id, state, run time, requeue, attempt."""
+    return msgpack.packb([entry.message.id, state, runtime, requeue, entry.message.retries])
 
 
 def test_done_frees_the_task_starts_the_clock_of_the_next_and_learns_the_run_time(app, supervisor):
@@ -395,7 +396,7 @@ def test_the_count_of_tasks_in_children_follows_dispatch_done_and_exit(app, supe
     assert supervisor.in_children == len(child.outstanding) == 3
 
     done = child.outstanding[0]
-    supervisor._task_done(child, msgpack.packb([done.message.id, states.SUCCESS, 0.001, False]))
+    supervisor._task_done(child, msgpack.packb([done.message.id, states.SUCCESS, 0.001, False, 0]))
     assert supervisor.in_children == 2
 
     supervisor._child_exited(child)
@@ -407,7 +408,7 @@ def test_tasks_that_never_ran_say_nothing_of_their_kinds_run_time(app, superviso
     running = queued(app)
     child = child_holding(supervisor, running)
     supervisor.stats.add("t.work", 1.0)
-    supervisor._task_done(child, msgpack.packb([running.message.id, states.REVOKED, 0.00002, False]))
+    supervisor._task_done(child, msgpack.packb([running.message.id, states.REVOKED, 0.00002, False, 0]))
     assert supervisor.stats.estimate("t.work") == 1.0  # an expired task did not run
 
 

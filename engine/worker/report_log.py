@@ -36,9 +36,11 @@ from pathlib import Path
 import msgpack
 
 from engine import states
+from engine.core import decode_message
+from engine.exceptions import MessageDecodeError
 from engine.worker import pipe
 
-__all__ = ("LOG_SIZE", "RecoveredTask", "ReportLog", "frames_of", "log_path", "recover", "unread_tail")
+__all__ = ("LOG_SIZE", "RecoveredTask", "ReportLog", "attempt_key", "frames_of", "log_path", "recover", "unread_tail")
 
 logger = logging.getLogger("engine.worker")
 
@@ -110,83 +112,86 @@ class ReportLog:
                 pass
 
 
+def attempt_key(task_id: str, attempt: int) -> str:
+    """``"<task id>:<attempt>"``: one attempt of a task (a retry keeps the task's id), as the journal keys it."""
+    return f"{task_id}:{attempt}"
+
+
 @dataclass
 class RecoveredTask:
     """An attempt of a task a child reported finished: its final state, the states it recorded, the messages it sent.
 
-    Recovered tasks are keyed ``"<task id>:<attempt>"`` (retries keep the task id).
+    Recovered tasks are keyed by :func:`attempt_key`. ``sends`` holds each message
+    as ``(task id, attempt key, encoded message)``.
     """
 
     state: str
     records: list = field(default_factory=list)
-    sends: list[bytes] = field(default_factory=list)
+    sends: list[tuple[str, str, bytes]] = field(default_factory=list)
 
 
 def frames_of(path: str | Path) -> list[tuple[int, bytes]]:
-    """The complete frames of one report log, gaps included (none when the file is not one)."""
+    """The complete frames of one report log, gaps included (none when the file is not one, or unreadable)."""
     try:
-        return _frames(Path(path))
-    except (OSError, ValueError):
+        data = Path(path).read_bytes()
+        if len(data) < HEADER.size:
+            return []
+        magic, end = HEADER.unpack_from(data)
+        if magic != MAGIC or end > len(data):
+            return []
+        frames, _ = pipe.split_frames(data[HEADER.size:end])
+    except (OSError, ValueError) as exc:
+        logger.warning("could not read the report log %s: %s", path, exc)
         return []
-
-
-def unread_tail(frames: list[tuple[int, bytes]], head: str, last_read: bytes | None) -> list[tuple[int, bytes]]:
-    """The frames of a dead child's log after the last DONE its supervisor read, when safe to use.
-
-    ``last_read`` is the payload of the last DONE the supervisor read from the
-    child's pipe (None: none yet), ``head`` (``"<id>:<attempt>"``) the first task
-    it still holds: the next DONE after ``last_read`` must be that task's. The
-    pipe is one stream, so nothing after that task's frames was read; of its
-    own frames some may have been. Those are RECORDs (recorded again, no harm)
-    unless it sent messages (they would be sent twice): then, and where a gap
-    cuts its frames, nothing is used. Tied to ``last_read``, an older DONE of
-    the same task (requeued, or sent twice) is never taken for this run's.
-    """
-    start = None
-    if last_read is None:
-        start = 0
-    else:
-        for index in range(len(frames) - 1, -1, -1):
-            kind, payload = frames[index]
-            if kind == pipe.DONE and payload == last_read:
-                start = index + 1
-                break
-    if start is None or (start < len(frames) and frames[start][0] == GAP):
-        return []
-    for index in range(start, len(frames)):
-        kind, payload = frames[index]
-        if kind == GAP or kind == pipe.SEND:
-            return []  # its frames cut by a gap, or messages it sent may have been read already
-        if kind == pipe.DONE:
-            try:
-                task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
-            except (ValueError, TypeError):
-                return []
-            if f"{task_id}:{attempt}" != head:
-                return []
-            break
-    else:
-        return []  # the head's run did not end
-    tail = frames[start:]
-    gaps = [index for index, (kind, _) in enumerate(tail) if kind == GAP]
-    # After a gap, a task's DONE may have lost its RECORDs: it must not count as finished.
-    return tail[:gaps[0]] if gaps else tail
-
-
-def _frames(path: Path) -> list[tuple[int, bytes]]:
-    """The complete frames of one report log (none when the file is not one)."""
-    data = path.read_bytes()
-    if len(data) < HEADER.size:
-        return []
-    magic, end = HEADER.unpack_from(data)
-    if magic != MAGIC or end > len(data):
-        return []
-    frames, _ = pipe.split_frames(data[HEADER.size:end])
     return frames
 
 
+def _done(payload: bytes) -> tuple[str, str, bool, str]:
+    """A DONE frame's task id, state, requeue flag and attempt key; ValueError or TypeError when malformed."""
+    task_id, state, _, requeue, attempt = msgpack.unpackb(payload, raw=False)
+    return task_id, state, requeue, attempt_key(task_id, attempt)
+
+
+def unread_tail(frames: list[tuple[int, bytes]], held: list[str],
+                last_read: bytes | None) -> tuple[list[tuple[int, bytes]], int]:
+    """What a dead child's log says of the tasks its supervisor still held: the frames to use, and how many ended.
+
+    ``last_read`` is the payload of the last DONE the supervisor read from the
+    child's pipe (None: none yet); ``held`` the attempt keys of the tasks it
+    holds, in the order given. The frames after ``last_read`` are used through
+    the last DONE that ends the held tasks in that order; a gap (frames
+    missing) or a malformed DONE ends them. The pipe is one stream, so nothing
+    after the first held task's frames was read; of its own frames some may
+    have been. Those are RECORDs (recorded again, no harm) unless it sent
+    messages (they would be sent twice): then nothing is used. Tied to
+    ``last_read``, an older DONE of the same task (requeued, or sent twice) is
+    never taken for this run's.
+    """
+    start = 0
+    if last_read is not None:
+        found = [index for index, (kind, payload) in enumerate(frames) if kind == pipe.DONE and payload == last_read]
+        if not found:
+            return [], 0
+        start = found[-1] + 1
+    ended = used = 0
+    for index in range(start, len(frames)):
+        kind, payload = frames[index]
+        if kind == GAP or (kind == pipe.SEND and not ended):
+            break  # frames missing from here; or messages the first held task sent may have been read
+        if kind == pipe.DONE:
+            try:
+                key = _done(payload)[3]
+            except (ValueError, TypeError):
+                break
+            if ended >= len(held) or key != held[ended]:
+                break  # not the order it was given them in: use nothing of this task's frames, nor after
+            ended += 1
+            used = index + 1
+    return frames[start:used], ended
+
+
 def recover(directory: str) -> dict[str, RecoveredTask]:
-    """The task attempts the logs in ``directory`` show finished, by ``"<id>:<attempt>"``; the logs are removed.
+    """The task attempts the logs in ``directory`` show finished, by :func:`attempt_key`; the logs are removed.
 
     A DONE with a final state (not a requeue) closes a task: the RECORD and
     SEND frames since the child's previous DONE are that task's. A gap
@@ -197,28 +202,24 @@ def recover(directory: str) -> dict[str, RecoveredTask]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.glob("*.log")):
-        try:
-            frames = _frames(path)
-        except (OSError, ValueError) as exc:
-            logger.warning("could not read the report log %s: %s", path, exc)
-            frames = []
         records: list = []
-        sends: list[bytes] = []
+        sends: list[tuple[str, str, bytes]] = []
         whole = True  # the frames since the last DONE are all there
-        for kind, payload in frames:
+        for kind, payload in frames_of(path):
             try:
                 if kind == pipe.RECORD:
                     records.append(msgpack.unpackb(payload, raw=False))
                 elif kind == pipe.SEND:
-                    sends.append(payload)
+                    message = decode_message(payload)
+                    sends.append((message.id, attempt_key(message.id, message.retries), payload))
                 elif kind == GAP:
                     records, sends, whole = [], [], False
                 elif kind == pipe.DONE:
-                    task_id, state, _, requeue, attempt = msgpack.unpackb(payload, raw=False)
+                    _, state, requeue, key = _done(payload)
                     if whole and state in states.READY_STATES and not requeue:
-                        found[f"{task_id}:{attempt}"] = RecoveredTask(state, records, sends)
+                        found[key] = RecoveredTask(state, records, sends)
                     records, sends, whole = [], [], True
-            except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+            except (ValueError, TypeError, MessageDecodeError) as exc:  # msgpack's errors are ValueErrors
                 logger.warning("skipping a malformed frame in the report log %s: %s", path, exc)
                 records, sends, whole = [], [], False
         try:

@@ -289,19 +289,15 @@ class Supervisor:
             # "acknowledged" would not send the task again: such tasks run again, as before.
             recovered = {}
         # Messages that tasks the logs show finished had sent: accepted again unless known already
-        # (keyed by attempt: a retry keeps its task's id).
-        sent: dict[str, bytes] = {}
+        # (keyed by attempt: a retry keeps its task's id), by their key: (task id, message).
+        sent: dict[str, tuple[str, bytes]] = {}
         if recovered:
             in_journal = {_journal_key(message) for _, _, message in decoded}
             for _, _, message in decoded:
                 task = recovered.get(_journal_key(message))
-                for raw in task.sends if task is not None else ():
-                    try:
-                        key = _journal_key(decode_message(raw))
-                    except MessageDecodeError:
-                        continue
+                for task_id, key, raw in task.sends if task is not None else ():
                     if key not in in_journal:
-                        sent[key] = raw
+                        sent[key] = (task_id, raw)
         if self.replies is None:
             # The client of a frame may not have heard "acknowledged" before the crash: it hears it
             # when it is back (its link reconnects by itself), rather than sending the tasks again
@@ -313,17 +309,16 @@ class Supervisor:
                     unheard.setdefault(senders[ref], []).append(message.id)
             if unheard and self.consumer is not None:
                 self.consumer.acknowledge_when_heard(unheard)
-        sent_ids = {key.rpartition(":")[0]: key for key in sent}
-        finished = self._finished_already([message.id for _, _, message in decoded] + list(sent_ids))
-        for task_id in finished:
-            sent.pop(sent_ids.get(task_id, ""), None)
+        finished = self._finished_already([message.id for _, _, message in decoded]
+                                          + [task_id for task_id, _ in sent.values()])
+        unsent = {key for key, (task_id, _) in sent.items() if task_id not in finished}
         counted = []
         from_logs = 0
         for ref, raw, message in decoded:
             record = finished.get(message.id)
             task = recovered.pop(_journal_key(message), None) if record is None else None
             if task is not None:
-                self._finish_from_log(message, ref, task, sent)
+                self._finish_from_log(message, ref, task, unsent)
                 replayed_ids.add(message.id)
                 from_logs += 1
                 continue
@@ -349,18 +344,18 @@ class Supervisor:
             self.chords.recover(replayed_ids)
 
     def _finish_from_log(self, message: TaskMessage, ref: JournalRef, task: report_log.RecoveredTask,
-                         sent: dict[str, bytes]) -> None:
-        """Finish a replayed task that a child's report log shows finished: its reports, not a second run."""
+                         unsent: set[str]) -> None:
+        """Finish a replayed task that a child's report log shows finished: its reports, not a second run.
+
+        Of the messages it sent, those in ``unsent`` (by attempt key) are accepted, each once.
+        """
         if self.chords is not None:
             self.chords.watch(message)
         for task_id, state, body, traceback, timestamp in task.records:
             self.states.record_encoded(task_id, state, body, traceback, timestamp)
-        for raw in task.sends:
-            try:
-                key = _journal_key(decode_message(raw))
-            except MessageDecodeError:
-                continue
-            if sent.pop(key, None) is not None:  # once, and only if not known already
+        for _, key, raw in task.sends:
+            if key in unsent:
+                unsent.discard(key)
                 self._accept_from_child(raw)
         self.states.finished(ref)
 
@@ -684,7 +679,7 @@ class Supervisor:
 
     def _task_done(self, child: Child, payload: bytes) -> None:
         child.last_done = payload  # where this child's report log is read from should it die
-        task_id, state, runtime, requeue = msgpack.unpackb(payload, raw=False)[:4]
+        task_id, state, runtime, requeue, _ = msgpack.unpackb(payload, raw=False)
         if not child.outstanding:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
             return
@@ -778,26 +773,12 @@ class Supervisor:
         or in the pipe unread) say which of the tasks it held had finished: those
         are done, not run again. Fed through the pipe's own path, in order.
         """
-        tail = report_log.unread_tail(report_log.frames_of(path), _journal_key(child.outstanding[0].message),
-                                      getattr(child, "last_done", None))
-        done: list[str] = []
-        used = 0  # frames up to the last DONE matched: the unfinished task's frames are not used
-        for index, (kind, payload) in enumerate(tail):
-            if kind != pipe.DONE:
-                continue
-            try:
-                task_id, _, _, _, attempt = msgpack.unpackb(payload, raw=False)
-            except (ValueError, TypeError):
-                break
-            held = child.outstanding[len(done)] if len(done) < len(child.outstanding) else None
-            if held is None or f"{task_id}:{attempt}" != _journal_key(held.message):
-                break  # not the order it was given them in: use nothing of this task's frames, nor after
-            done.append(task_id)
-            used = index + 1
-        tail = tail[:used]
-        if done:
+        tail, ended = report_log.unread_tail(report_log.frames_of(path),
+                                             [_journal_key(entry.message) for entry in child.outstanding],
+                                             child.last_done)
+        if ended:
             logger.info("child %d reported %d finished task(s) in its report log only: not run again",
-                        child.pid, len(done))
+                        child.pid, ended)
             self._handle_child_frames(child, tail)
 
     def _task_lost(self, entry: QueuedTask, pid: int, status: int | None, reason: tuple[str, float] | None) -> None:
@@ -1098,7 +1079,7 @@ class Supervisor:
 def _journal_key(message: TaskMessage) -> str:
     # A retry reuses the task id: the attempt number keeps the retry's entry apart from
     # the attempt that is finishing.
-    return f"{message.id}:{message.retries}"
+    return report_log.attempt_key(message.id, message.retries)
 
 
 def _safe_flush(child: Child) -> None:
