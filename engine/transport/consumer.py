@@ -136,7 +136,7 @@ class Consumer:
                 continue
             peer.last_seen = time.monotonic()
             if self._unheard and peer.key in self._unheard:
-                self.acks.setdefault(peer.key, []).extend(self._unheard.pop(peer.key))
+                self.ack(peer, self._unheard.pop(peer.key))
             try:
                 if kind == protocol.TASKS:
                     peer.last_task = peer.last_seen
@@ -184,13 +184,9 @@ class Consumer:
                 credit[queue] = amount - 1
                 return
 
-    def ack_many(self, peer: Peer, task_ids: list[str]) -> None:
+    def ack(self, peer: Peer, task_ids: list[str]) -> None:
         """Acknowledge tasks to the client that sent them (sent with the next :meth:`flush`)."""
         self.acks.setdefault(peer.key, []).extend(task_ids)
-
-    def ack(self, peer: Peer, task_id: str) -> None:
-        """Acknowledge a task to the client that sent it (sent with the next :meth:`flush`)."""
-        self.acks.setdefault(peer.key, []).append(task_id)
 
     def acknowledge_when_heard(self, ids_by_client: dict[Any, list[str]], within: float = 60.0) -> None:
         """Acknowledge these replayed tasks to each client when it sends anything, for ``within`` seconds.

@@ -538,7 +538,7 @@ class Supervisor:
             for queue, count in per_queue.items():
                 consumer.consumed(peer, queue, count)
             if ids:
-                consumer.ack_many(peer, ids)
+                consumer.ack(peer, ids)
 
     def accept(self, message: TaskMessage, raw: bytes, peer: Peer | None = None,
                journal_ref: JournalRef | None = None) -> None:
