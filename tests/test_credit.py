@@ -313,7 +313,7 @@ def test_silent_clients_are_forgotten_with_their_credit_and_acks():
     silent.last_seen = 100.0
     report(consumer, alive, {}, {"q": 1})
     alive.last_seen = 100.0 + PEER_TIMEOUT
-    consumer.ack(silent, "t1")
+    consumer.ack(silent, ["t1"])
 
     consumer.expire(100.0 + PEER_TIMEOUT + 1)
 
@@ -336,7 +336,7 @@ def test_a_connected_producer_is_never_expired():
 def test_acks_go_out_one_frame_per_client_and_heartbeats_to_all():
     consumer, router, (a, b) = consumer_with_clients("a", "b")
     for task_id in ("t1", "t2"):
-        consumer.ack(a, task_id)
+        consumer.ack(a, [task_id])
     consumer.flush()
     consumer.flush()  # nothing new: nothing sent
     assert router.sent == [(b"a", protocol.ACKS, protocol.pack(["t1", "t2"]))]
@@ -347,7 +347,9 @@ def test_acks_go_out_one_frame_per_client_and_heartbeats_to_all():
                                    (b"b", protocol.CREDIT, protocol.pack({}))]
 
 
-def test_the_worker_half_over_real_zeromq():
+@pytest.fixture
+def over_zeromq():
+    """A worker's Consumer bound on inproc and a client's DEALER ``client-1`` (not connected yet), closed after."""
     context = zmq.Context()
     endpoint = f"inproc://credit-{uuid.uuid4().hex}"
     consumer = Consumer(context, "worker-1", [endpoint], [], ["q"], 1 << 20)
@@ -355,55 +357,50 @@ def test_the_worker_half_over_real_zeromq():
     client.setsockopt(zmq.ROUTING_ID, b"client-1")
     client.setsockopt(zmq.LINGER, 0)
     try:
-        client.connect(endpoint)
-        client.send_multipart([protocol.HELLO, protocol.pack({"role": "client", "id": "client-1"})])
-        client.send_multipart([protocol.DEMAND, protocol.pack({"waiting": {"q": 3}, "credit": {}})])
-        assert consumer.router.poll(2000)
-        assert list(consumer.receive(consumer.router)) == []
-
-        consumer.grant(10, standing=1)
-        assert client.poll(2000)
-        assert client.recv_multipart() == [protocol.CREDIT, protocol.pack({"q": 3})]
-
-        message = TaskMessage("task-1", "t.add", (1, 2))
-        client.send_multipart([protocol.TASKS, encode_batch([message])])
-        assert consumer.router.poll(2000)
-        [(peer, _, raws)] = list(consumer.receive(consumer.router))
-        assert raws == [encode_message(message)]
-        consumer.consumed(peer, "q")
-        consumer.ack(peer, "task-1")
-        consumer.flush()
-        assert client.poll(2000)
-        assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["task-1"])]
-        assert consumer.outstanding() == 2
+        yield consumer, client, endpoint
     finally:
         client.close(linger=0)
         consumer.close()
         context.term()
 
 
-def test_replayed_tasks_are_acknowledged_to_their_client_when_it_is_heard_again():
-    context = zmq.Context()
-    endpoint = f"inproc://credit-{uuid.uuid4().hex}"
-    consumer = Consumer(context, "worker-1", [endpoint], [], ["q"], 1 << 20)
-    client = context.socket(zmq.DEALER)
-    client.setsockopt(zmq.ROUTING_ID, b"client-1")
-    client.setsockopt(zmq.LINGER, 0)
-    try:
-        consumer.acknowledge_when_heard({b"client-1": ["t1", "t2"], b"client-gone": ["t3"]})
-        client.connect(endpoint)
-        client.send_multipart([protocol.DEMAND, protocol.pack({"waiting": {}, "credit": {}})])
-        assert consumer.router.poll(2000)
-        list(consumer.receive(consumer.router))
-        consumer.flush()
-        assert client.poll(2000)
-        assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["t1", "t2"])]
-        consumer.expire(time.monotonic() + 3600)  # a client never heard from: its tasks run here anyway
-        assert consumer._unheard == {}
-    finally:
-        client.close(linger=0)
-        consumer.close()
-        context.term()
+def test_the_worker_half_over_real_zeromq(over_zeromq):
+    consumer, client, endpoint = over_zeromq
+    client.connect(endpoint)
+    client.send_multipart([protocol.HELLO, protocol.pack({"role": "client", "id": "client-1"})])
+    client.send_multipart([protocol.DEMAND, protocol.pack({"waiting": {"q": 3}, "credit": {}})])
+    assert consumer.router.poll(2000)
+    assert list(consumer.receive(consumer.router)) == []
+
+    consumer.grant(10, standing=1)
+    assert client.poll(2000)
+    assert client.recv_multipart() == [protocol.CREDIT, protocol.pack({"q": 3})]
+
+    message = TaskMessage("task-1", "t.add", (1, 2))
+    client.send_multipart([protocol.TASKS, encode_batch([message])])
+    assert consumer.router.poll(2000)
+    [(peer, _, raws)] = list(consumer.receive(consumer.router))
+    assert raws == [encode_message(message)]
+    consumer.consumed(peer, "q")
+    consumer.ack(peer, ["task-1"])
+    consumer.flush()
+    assert client.poll(2000)
+    assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["task-1"])]
+    assert consumer.outstanding() == 2
+
+
+def test_replayed_tasks_are_acknowledged_to_their_client_when_it_is_heard_again(over_zeromq):
+    consumer, client, endpoint = over_zeromq
+    consumer.acknowledge_when_heard({b"client-1": ["t1", "t2"], b"client-gone": ["t3"]})
+    client.connect(endpoint)
+    client.send_multipart([protocol.DEMAND, protocol.pack({"waiting": {}, "credit": {}})])
+    assert consumer.router.poll(2000)
+    list(consumer.receive(consumer.router))
+    consumer.flush()
+    assert client.poll(2000)
+    assert client.recv_multipart() == [protocol.ACKS, protocol.pack(["t1", "t2"])]
+    consumer.expire(time.monotonic() + 3600)  # a client never heard from: its tasks run here anyway
+    assert consumer._unheard == {}
 
 
 # --- the client's half -----------------------------------------------------------------

@@ -93,10 +93,9 @@ def test_a_task_cut_in_two_by_a_wrap_or_a_batch_too_large_is_not_recovered(tmp_p
 
 
 def test_a_retry_is_not_taken_for_the_attempt_that_sent_it(app, tmp_path):
-    from engine.core import encode_message
     from engine.worker.journal import Journal
-    from engine.worker.supervisor import Supervisor, _journal_key
-    from tests.test_supervisor_inprocess import FakePool
+    from engine.worker.supervisor import _journal_key
+    from tests.test_supervisor_inprocess import in_process_supervisor
 
     journal_path = str(tmp_path / "journal.db")
     first = app.tasks["t.work"].build_message((1,))
@@ -110,9 +109,7 @@ def test_a_retry_is_not_taken_for_the_attempt_that_sent_it(app, tmp_path):
     log = ReportLog(log_path(reports, 1, 1))  # attempt 0 sent the retry, then ended (retry(throw=False))
     log.append(send(encode_message(retry)) + record(first.id) + done(first.id))
     log.close()
-    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
-    sup.pool = sup.limits.pool = FakePool()
-    sup.journal = sup.states.journal = Journal(journal_path)
+    sup = in_process_supervisor(app, Journal(journal_path))
     sup._recovered = recover(reports)
     try:
         sup._replay()
@@ -165,10 +162,9 @@ def app():
 
 
 def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_path):
-    from engine.core import encode_batch, encode_message
+    from engine.core import encode_batch
     from engine.worker.journal import Journal
-    from engine.worker.supervisor import Supervisor
-    from tests.test_supervisor_inprocess import FakePool, waiting_ids
+    from tests.test_supervisor_inprocess import in_process_supervisor, waiting_ids
 
     journal_path = str(tmp_path / "journal.db")
     messages = [app.tasks["t.work"].build_message((i,)) for i in range(3)]
@@ -183,9 +179,7 @@ def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_
     log.append(record(messages[1].id, value=msgpack.packb(1)) + send(encode_message(step)) + done(messages[1].id))
     log.close()
 
-    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
-    sup.pool = sup.limits.pool = FakePool()
-    sup.journal = sup.states.journal = Journal(journal_path)
+    sup = in_process_supervisor(app, Journal(journal_path))
     sup._recovered = recover(reports)
     try:
         sup._replay()
@@ -198,22 +192,12 @@ def test_a_replayed_task_its_child_logged_as_finished_is_not_run_again(app, tmp_
         sup.journal.close()
 
 
-def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(tmp_path):
-    from engine import Engine
-    from engine.core import encode_message
+def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(app, tmp_path):
     from engine.exceptions import WorkerLostError
-    from engine.worker.supervisor import Supervisor, _journal_key
-    from tests.test_supervisor_inprocess import FakeJournal, FakePool, child_holding, queued, stored, waiting_ids
+    from engine.worker.supervisor import _journal_key
+    from tests.test_supervisor_inprocess import child_holding, in_process_supervisor, queued, stored, waiting_ids
 
-    app = Engine("dead-child", backend="memory://", set_as_current=False)
-
-    @app.task(name="t.work")
-    def work(x=0):
-        return x
-
-    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
-    sup.pool = sup.limits.pool = FakePool()
-    sup.journal = sup.states.journal = FakeJournal()
+    sup = in_process_supervisor(app)
     first, second, third, fourth = (queued(app) for _ in range(4))
     child = child_holding(sup, second, third, fourth)
     child.last_done = done_payload(first.message.id)  # first's DONE was read from the pipe already
@@ -224,38 +208,35 @@ def test_a_dead_childs_log_tells_its_live_supervisor_which_held_tasks_finished(t
     log.append(record(ids[2]) + done(ids[2]))  # in its log at its last checkpoint, never in the pipe
     log.append(frame(pipe.RECORD, [ids[3], states.STARTED, b"", None, 1.0]))  # it died running the fourth
     log.close()
-    try:
-        sup._child_exited(child)
-        assert stored(sup, ids[1]).state == stored(sup, ids[2]).state == states.SUCCESS  # not run again
-        assert isinstance(stored(sup, ids[3]).result, WorkerLostError)  # the one it was running
-        assert waiting_ids(sup) == []
-        assert sup.journal.removed == [_journal_key(e.message) for e in (second, third, fourth)]
+    sup._child_exited(child)
+    assert stored(sup, ids[1]).state == stored(sup, ids[2]).state == states.SUCCESS  # not run again
+    assert isinstance(stored(sup, ids[3]).result, WorkerLostError)  # the one it was running
+    assert waiting_ids(sup) == []
+    assert sup.journal.removed == [_journal_key(e.message) for e in (second, third, fourth)]
 
-        # A held task that had sent messages may have had them read already: its log is not used.
-        fifth, sixth = queued(app), queued(app)
-        child = child_holding(sup, fifth, sixth)  # no DONE read from it yet: its log is read from the start
-        child.report_log = log_path(str(tmp_path), 1, 2)
-        log = ReportLog(child.report_log)
-        step = app.tasks["t.work"].build_message((9,))
-        log.append(send(encode_message(step)) + record(fifth.message.id) + done(fifth.message.id))
-        log.close()
-        sup._child_exited(child)
-        assert isinstance(stored(sup, fifth.message.id).result, WorkerLostError)
-        assert waiting_ids(sup) == [sixth.message.id]
-        sup.scheduler.waiting.clear()
+    # A held task that had sent messages may have had them read already: its log is not used.
+    fifth, sixth = queued(app), queued(app)
+    child = child_holding(sup, fifth, sixth)  # no DONE read from it yet: its log is read from the start
+    child.report_log = log_path(str(tmp_path), 1, 2)
+    log = ReportLog(child.report_log)
+    step = app.tasks["t.work"].build_message((9,))
+    log.append(send(encode_message(step)) + record(fifth.message.id) + done(fifth.message.id))
+    log.close()
+    sup._child_exited(child)
+    assert isinstance(stored(sup, fifth.message.id).result, WorkerLostError)
+    assert waiting_ids(sup) == [sixth.message.id]
+    sup.scheduler.waiting.clear()
 
-        # An earlier end of the same task (rejected and requeued, back on this child) is not this run's.
-        again = queued(app)
-        child = child_holding(sup, again)
-        child.report_log = log_path(str(tmp_path), 1, 3)
-        rejected = msgpack.packb([again.message.id, states.REJECTED, 0.001, True, 0])
-        child.last_done = rejected
-        log = ReportLog(child.report_log)
-        log.append(pipe.HEADER.pack(len(rejected), pipe.DONE) + rejected
-                   + frame(pipe.RECORD, [again.message.id, states.STARTED, b"", None, 1.0]))
-        log.close()
-        sup._child_exited(child)
-        assert isinstance(stored(sup, again.message.id).result, WorkerLostError)  # died running it again
-        assert waiting_ids(sup) == []
-    finally:
-        app.close()
+    # An earlier end of the same task (rejected and requeued, back on this child) is not this run's.
+    again = queued(app)
+    child = child_holding(sup, again)
+    child.report_log = log_path(str(tmp_path), 1, 3)
+    rejected = msgpack.packb([again.message.id, states.REJECTED, 0.001, True, 0])
+    child.last_done = rejected
+    log = ReportLog(child.report_log)
+    log.append(pipe.HEADER.pack(len(rejected), pipe.DONE) + rejected
+               + frame(pipe.RECORD, [again.message.id, states.STARTED, b"", None, 1.0]))
+    log.close()
+    sup._child_exited(child)
+    assert isinstance(stored(sup, again.message.id).result, WorkerLostError)  # died running it again
+    assert waiting_ids(sup) == []

@@ -118,12 +118,17 @@ def app():
     application.close()
 
 
-@pytest.fixture
-def supervisor(app):
+def in_process_supervisor(app, journal=None) -> Supervisor:
+    """A Supervisor that is never started: a FakePool, and ``journal`` (a FakeJournal unless given)."""
     sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
     sup.pool = sup.limits.pool = FakePool()
-    sup.journal = sup.states.journal = FakeJournal()
+    sup.journal = sup.states.journal = journal if journal is not None else FakeJournal()
     return sup
+
+
+@pytest.fixture
+def supervisor(app):
+    return in_process_supervisor(app)
 
 
 @pytest.fixture
@@ -447,9 +452,7 @@ def test_a_replayed_task_whose_final_state_is_stored_does_not_run_again(app, tmp
     journal.close()
     app.backend.store_state(messages[1].id, states.SUCCESS, 1)  # it finished before the crash
 
-    sup = Supervisor(app, concurrency=2, use_journal=False, hostname="w@test")
-    sup.pool = sup.limits.pool = FakePool()
-    sup.journal = sup.states.journal = Journal(str(tmp_path / "journal.db"))
+    sup = in_process_supervisor(app, Journal(str(tmp_path / "journal.db")))
     try:
         sup._replay()
         assert waiting_ids(sup) == [messages[0].id, messages[2].id]
