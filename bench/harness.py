@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,11 +20,35 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks source ports of outgoing connections from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(*hosts: str) -> int:
+    """A TCP port that nothing listens on right now, on every one of ``hosts`` (default 127.0.0.1).
+
+    Picked below the kernel's ephemeral range: a port bound to 0 and released comes from that
+    range, where any outgoing connection (a client's reconnect, a Redis client) may take it as its
+    source port before the worker binds it. Outside the range only an explicit bind can.
+    """
+    hosts = hosts or ("127.0.0.1",)
+    low, high = _ephemeral_ports()
+    first, last = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(200):
+        port = random.randint(first, last)
+        try:
+            for host in hosts:
+                with socket.socket() as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port in {first}-{last} on {', '.join(hosts)}")
 
 
 def free_endpoint() -> str:

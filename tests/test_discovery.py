@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import socket
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from engine.exceptions import ImproperlyConfigured
 from engine.transport import discovery
 from engine.transport.discovery import EndpointSet, rendezvous, resolve
+from tests.worker_helpers import free_port
 
 
 def test_a_dns_entry_resolves_to_every_address_of_its_name():
@@ -52,28 +52,12 @@ def test_a_name_that_stops_resolving_keeps_its_last_addresses(monkeypatch):
     assert endpoints.current() == first
 
 
-def _free_port_on(*hosts: str) -> int:
-    """A port free on every one of ``hosts`` (loopback addresses)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
-
-
 @pytest.mark.slow
 def test_a_client_follows_the_workers_a_name_resolves_to(monkeypatch, tmp_path):
     from tests import workerapp
     from tests.worker_helpers import WorkerProcess
 
-    port = _free_port_on("127.0.0.2", "127.0.0.3")
+    port = free_port("127.0.0.2", "127.0.0.3")
     first, second = f"tcp://127.0.0.2:{port}", f"tcp://127.0.0.3:{port}"
     answer = [first]
     monkeypatch.setattr(discovery, "resolve", lambda entry: list(answer))
