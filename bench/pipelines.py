@@ -10,8 +10,10 @@ import statistics
 import time
 from typing import Any, Callable
 
+import psutil
+
 from bench import redis_server
-from bench.harness import Worker
+from bench.harness import Worker, cpu_seconds
 from bench.scenarios import _backend_url, _percentile, throughput
 
 __all__ = ("chord", "fair", "mixed", "operating", "pipeline")
@@ -104,13 +106,21 @@ def pipeline(tasks: int, concurrency: int, progress: Callable[[float], None]) ->
             with Worker(concurrency, *flags, backend=url) as worker:
                 apps = worker.app()
                 apps.add.delay(0, 0).get(timeout=30)
+                client = psutil.Process()
+                client0, (supervisor0, children0) = cpu_seconds(client), worker.cpu_seconds()
                 started = time.perf_counter()
                 values = group(apps.add.s(i, i) for i in range(count)).apply_async().get(timeout=600)
                 elapsed = time.perf_counter() - started
+                client1, (supervisor1, children1) = cpu_seconds(client), worker.cpu_seconds()
                 if values != [2 * i for i in range(count)]:
                     raise AssertionError("the group's results are not its tasks' results, in order")
-        out.setdefault(backend, {})[mode] = {"tasks": count, "seconds": round(elapsed, 4),
-                                             "tasks_per_s": round(count / elapsed)}
+        per_task = 1e6 / count
+        out.setdefault(backend, {})[mode] = {
+            "tasks": count, "seconds": round(elapsed, 4), "tasks_per_s": round(count / elapsed),
+            # The client's figure includes its result reads; a Redis server's CPU is in none of them.
+            "cpu_us_per_task": {"client": round((client1 - client0) * per_task, 2),
+                                "supervisor": round((supervisor1 - supervisor0) * per_task, 2),
+                                "children": round((children1 - children0) * per_task, 2)}}
         progress((index + 1) / len(steps))
     return out
 

@@ -113,6 +113,10 @@ def rows(report: dict) -> Iterator[Row]:
             continue
         yield (f"group of {modes['default']['tasks']:,} add, results fetched, {backend}: default / --fair",
                f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
+        cpu = modes["default"].get("cpu_us_per_task")
+        if cpu:
+            yield (f"CPU µs per group member, {backend}, default: client / supervisor / children",
+                   " / ".join(str(cpu[part]) for part in ("client", "supervisor", "children")), "", "", "", "")
     if "chord" in ours:
         c = ours["chord"]
         theirs = celery.get("chord")
