@@ -66,7 +66,7 @@ def request_fields(msg: TaskMessage, eager: bool, hostname: str, retry_dispatche
     """The fields of ``task.request`` for running ``msg`` (``engine.request.Request.context``)."""
 
 def new_task_id() -> str:
-    """Return a new unique task id: a random UUID (version 4) in its usual text form."""
+    """Return a new unique task id: a time-ordered UUID (version 7, RFC 9562) in its usual text form."""
 
 def encode_message(msg: TaskMessage) -> bytes:
     """Encode one message (wire format v1)."""

@@ -154,10 +154,13 @@ def _pack(obj: Any) -> bytes:
 
 
 def new_task_id() -> str:
-    """Return a new unique task id: a random UUID (version 4) in its usual text form."""
-    # 16 bytes per call (the compiled twin draws blocks): simple, and thread- and fork-safe.
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
+    """Return a new unique task id: a time-ordered UUID (version 7, RFC 9562) in its usual text form.
+
+    The first 48 bits are the Unix time in milliseconds, the other 74 free bits random.
+    """
+    # 10 random bytes per call (the compiled twin draws blocks): simple, and thread- and fork-safe.
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70
     raw[8] = (raw[8] & 0x3F) | 0x80
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

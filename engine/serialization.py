@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import threading
 from typing import Any
 
 import msgpack
@@ -87,12 +88,35 @@ def _pickle_ext_hook(code: int, data: bytes) -> Any:
     return _ext_hook(code, data)
 
 
+class _Packers(threading.local):
+    """This thread's two msgpack Packers, kept between calls.
+
+    ``msgpack.packb`` builds a Packer (and its buffer) per call, which costs
+    more than packing a task's small result or report. A Packer is not
+    reentrant, and ``_default`` packs exceptions with ``msgpack.packb``, never
+    with these.
+    """
+
+    def __init__(self) -> None:
+        self.plain = msgpack.Packer(use_bin_type=True, default=_default, autoreset=True).pack
+        self.pickling = msgpack.Packer(use_bin_type=True, default=_pickle_default, autoreset=True).pack
+
+
+_packers = _Packers()
+#: A Packer keeps the largest buffer it ever needed: after packing more than this, a new one is made.
+PACKER_KEEP_BYTES = 1 << 20
+
+
 def dumps(value: Any, accept_pickle: bool = False) -> bytes:
     """Pack a value; raises :class:`EncodeError` naming the type msgpack cannot pack."""
+    packers = _packers
     try:
-        return msgpack.packb(value, use_bin_type=True, default=_pickle_default if accept_pickle else _default)
+        packed: bytes = (packers.pickling if accept_pickle else packers.plain)(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"result cannot be serialized with msgpack: {exc}") from None
+    if len(packed) > PACKER_KEEP_BYTES:
+        packers.__init__()  # type: ignore[misc]
+    return packed
 
 
 def loads(data: bytes, accept_pickle: bool = False) -> Any:

@@ -152,13 +152,25 @@ def test_request_fields_come_from_the_message_and_its_options(core):
 
 # -- task ids -------------------------------------------------------------------------------
 
-def test_new_task_id_is_a_version_4_uuid(core):
+def test_new_task_id_is_a_version_7_uuid_carrying_the_time_in_milliseconds(core):
+    import time
     import uuid
+    before = time.time_ns() // 1_000_000
     ids = [core.new_task_id() for _ in range(3000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+        assert before <= parsed.int >> 80 <= after
+
+
+def test_task_ids_made_in_a_later_millisecond_sort_after_earlier_ones(core):
+    import time
+    first = [core.new_task_id() for _ in range(100)]
+    time.sleep(0.003)
+    second = [core.new_task_id() for _ in range(100)]
+    assert max(first) < min(second)  # as text too: what a results table's key compares
 
 
 def test_new_task_id_is_unique_across_threads(core):

@@ -74,8 +74,7 @@ class ChildRecorder:
                timestamp: float | None = None) -> bool:
         """Serialize one state for the supervisor; raises EncodeError for a result msgpack cannot pack."""
         body = serialization.dumps(result, self.accept_pickle)
-        self.writer.add(pipe.RECORD, msgpack.packb(
-            [task_id, state, body, traceback, timestamp or time.time()], use_bin_type=True))
+        self.writer.add(pipe.RECORD, serialization.dumps([task_id, state, body, traceback, timestamp or time.time()]))
         if state not in states.READY_STATES:
             # STARTED and custom states matter while the task still runs: send them now
             # (final states ride with the next batch).
@@ -270,7 +269,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, msgpack.packb([task_id, states.REVOKED, 0.0, False, retries]))
+            writer.add(pipe.DONE, serialization.dumps([task_id, states.REVOKED, 0.0, False, retries]))
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
@@ -307,7 +306,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _last_run_times[name] = runtime
     # The attempt number too: a retry keeps the task id, and a report log must not take one
     # attempt's end for another's (engine.worker.report_log).
-    writer.add(pipe.DONE, msgpack.packb([task_id, state, runtime, requeue, retries]))
+    writer.add(pipe.DONE, serialization.dumps([task_id, state, runtime, requeue, retries]))
     return runtime
 
 

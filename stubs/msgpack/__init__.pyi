@@ -28,6 +28,22 @@ class ExtraData(ValueError):
     extra: bytes
     def __init__(self, unpacked: Any, extra: bytes) -> None: ...
 
+class Packer:
+    """A reusable packer: with ``autoreset`` (the default) ``pack`` returns each object's bytes."""
+
+    def __init__(
+        self,
+        *,
+        default: Callable[[Any], Any] | None = None,
+        unicode_errors: str | None = None,
+        use_single_float: bool = False,
+        autoreset: bool = True,
+        use_bin_type: bool = True,
+        strict_types: bool = False,
+        datetime: bool = False,
+    ) -> None: ...
+    def pack(self, obj: Any) -> bytes: ...
+
 def packb(
     o: Any,
     *,
