@@ -9,6 +9,7 @@ import time
 import pytest
 
 from engine import Engine, states
+from engine.core import StateRecord
 from engine.exceptions import RemoteTaskError
 
 
@@ -65,3 +66,31 @@ def test_custom_state_meta_is_visible(app):
     app.backend.store_state("p", "PROGRESS", {"done": 3})
     result = app.AsyncResult("p")
     assert (result.state, result.info, result.ready()) == ("PROGRESS", {"done": 3}, False)
+
+
+
+def test_processes_and_threads_opening_a_new_store_at_once_all_get_it(tmp_path):
+    # A worker's supervisor, its state writer and a client waiting on results may all open a
+    # file that does not exist yet at the same moment: none may fail with "database is locked".
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    errors = []
+    start = threading.Barrier(8)
+
+    def open_and_store(n: int) -> None:
+        backend = Engine(f"opener{n}", backend=url, set_as_current=False).backend
+        start.wait(10)
+        try:
+            backend.store([StateRecord(f"t{n}", states.SUCCESS, b"\x01", None, time.time())])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_store, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    reader = Engine("reader", backend=url, set_as_current=False).backend
+    assert len(reader.get_many_encoded([f"t{n}" for n in range(8)])) == 8

@@ -171,6 +171,30 @@ def test_waiting_on_many_reads_only_the_next_ids_not_ready_and_finishes_out_of_o
     assert max(sizes, default=0) <= 10  # a window, never all 35 ids (memory/rpc read their table directly)
 
 
+def test_waiting_on_many_asks_for_about_as_many_ids_as_were_found_ready_last(app, monkeypatch):
+    # A worker storing small batches is not answered with reads of a thousand ids still pending.
+    from engine.backends import base
+
+    ids = [f"b{i}" for i in range(300)]
+    sizes = []
+    real = app.backend.get_many_encoded
+    monkeypatch.setattr(app.backend, "get_many_encoded", lambda wanted: sizes.append(len(wanted)) or real(wanted))
+
+    def store_in_batches():
+        for start in range(0, len(ids), 30):
+            for task_id in ids[start:start + 30]:
+                store(app, task_id, states.SUCCESS, task_id)
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=store_in_batches)
+    writer.start()
+    try:
+        assert GroupResult([app.AsyncResult(i) for i in ids]).get(timeout=10) == ids
+    finally:
+        writer.join(10)
+    assert max(sizes, default=0) <= 2 * base.WAIT_AHEAD_MIN < len(ids)  # (memory/rpc read their table)
+
+
 def test_a_wait_on_many_reads_when_a_result_is_stored_not_at_every_poll(app, monkeypatch):
     # sqlite: the commit counter says when another connection stored something; memory and
     # rpc wait on their table's condition. A second of nothing must not mean dozens of reads.

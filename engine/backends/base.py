@@ -19,8 +19,10 @@ __all__ = ("Backend", "DisabledBackend")
 #: First and largest sleep between two polls of ``wait_for`` (seconds).
 POLL_FIRST = 0.0002
 POLL_MAX = 0.5
-#: Ids not ready yet that one read of ``wait_for_many`` asks for (the first ones, in order).
+#: Ids not ready yet that one read of ``wait_for_many`` asks for at most (the first ones, in order) ...
 WAIT_AHEAD = 1000
+#: ... and at least: in between, about as many as the last read found ready, and a quarter more.
+WAIT_AHEAD_MIN = 64
 
 
 class Backend:
@@ -120,9 +122,12 @@ class Backend:
         """Wait until every one of ``task_ids`` is ready; return their decoded records by id.
 
         Results mostly finish in the order they were sent, so each read asks
-        only for the first :data:`WAIT_AHEAD` ids not ready yet (one bulk read,
+        only for the first ids not ready yet (one bulk read,
         :meth:`get_many_encoded`), not for all of them: waiting on a group of
-        100,000 costs what waiting on 1,000 does. Between reads it waits for the
+        100,000 costs what waiting on 1,000 does. How many it asks for follows
+        how many the last read found (between :data:`WAIT_AHEAD_MIN` and
+        :data:`WAIT_AHEAD`), so that a worker storing states in small batches
+        is not answered with reads of many ids still pending. Between reads it waits for the
         store to change (:meth:`_wait_for_change`), with a backoff that starts
         again whenever one became ready. ``on_ready(n)`` is called each time
         ``n`` more became ready (progress). Raises
@@ -133,13 +138,14 @@ class Backend:
         pending = list(dict.fromkeys(task_ids))
         ready: dict[str, StateRecord] = {}
         head = 0  # every id before it is ready
+        window = min(WAIT_AHEAD_MIN, WAIT_AHEAD)
         sleep = POLL_FIRST
         while True:
             while head < len(pending) and pending[head] in ready:
                 head += 1
             if head == len(pending):
                 return {task_id: self.decode(record) for task_id, record in ready.items()}
-            ahead = [task_id for task_id in pending[head:head + WAIT_AHEAD] if task_id not in ready]
+            ahead = [task_id for task_id in pending[head:head + window] if task_id not in ready]
             token = self._change_token()  # before the read: a change during it is not missed
             found = self.get_many_encoded(ahead)
             done = {task_id: record for task_id, record in found.items() if record.state in states.READY_STATES}
@@ -149,7 +155,9 @@ class Backend:
                 if on_ready is not None:
                     on_ready(len(done))
                 if len(done) == len(ahead):
-                    continue  # the whole window was ready: read the next one at once
+                    window = min(window * 2, WAIT_AHEAD)
+                    continue  # the whole window was ready: read the next one (larger) at once
+                window = min(WAIT_AHEAD, max(WAIT_AHEAD_MIN, len(done) + len(done) // 4))
             if deadline is not None and time.monotonic() >= deadline:
                 missing = len(pending) - len(ready)
                 first = next(task_id for task_id in pending if task_id not in ready)

@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id T
 #: Seconds between two looks at the commit counter while waiting for results (first, and at most).
 CHANGE_CHECK = 0.0005
 CHANGE_CHECK_MAX = 0.005
+#: Seconds a new connection keeps trying when another one is setting up the same file.
+OPEN_TIMEOUT = 30.0
 #: Ids read by one query of a bulk read (below SQLite's smallest limit of bound parameters, 999).
 READ_MANY = 900
 INDEX = "CREATE INDEX IF NOT EXISTS engine_results_date_done ON engine_results (date_done)"
@@ -90,17 +92,36 @@ class SQLiteBackend(Backend):
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(SCHEMA)
-            connection.execute(INDEX)
-            connection.executescript(CHORD_SCHEMA)
-            columns = {row[1] for row in connection.execute("PRAGMA table_info(engine_chords)")}
-            if "firer" not in columns:  # a file made by an earlier version
-                connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            while True:
+                try:
+                    self._prepare(connection)
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Setting WAL mode, or a schema change, meeting another process doing the same
+                    # on a new file fails at once ("database is locked"): sqlite's busy wait does
+                    # not cover it. Try again for a while.
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        connection.close()
+                        raise
+                    time.sleep(0.01)
             local.connection, local.pid = connection, os.getpid()
         opened: sqlite3.Connection = local.connection
         return opened
+
+    @staticmethod
+    def _prepare(connection: sqlite3.Connection) -> None:
+        """WAL mode and the tables, on a new connection (each step does nothing when done already)."""
+        # Switching to WAL needs a lock: only a file not in WAL mode yet (the mode stays with the file).
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(SCHEMA)
+        connection.execute(INDEX)
+        connection.executescript(CHORD_SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(engine_chords)")}
+        if "firer" not in columns:  # a file made by an earlier version
+            connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
 
     def store(self, records: Iterable[StateRecord]) -> None:
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
