@@ -184,8 +184,28 @@ cdef tuple _unpack_payload(bytes payload):
     return tuple(<list>args), kwargs
 
 
-cdef inline bytes _pack(object obj):
-    return _packb(obj, use_bin_type=True, use_single_float=False)
+#: Packers not in use. A Packer is taken off the list while it packs (list pop and append are
+#: atomic), so threads and nested calls never share one.
+cdef list _free_packers = []
+#: A kept Packer keeps the largest buffer it ever grew to: after a larger message it is let go.
+_PACKER_KEEP_BYTES = 1 << 20
+#: Packers kept (one per thread that packs at once).
+_PACKERS_KEPT = 8
+
+
+cdef bytes _pack(object obj):
+    # msgpack.packb builds a Packer, and its buffer, per call: a large share of encoding a
+    # small message, so Packers are kept. A finalizer run by the collector mid-pack that
+    # sends a task takes another one.
+    cdef bytes out
+    if _free_packers:
+        packer = _free_packers.pop()
+    else:
+        packer = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
+    out = packer.pack(obj)
+    if PyBytes_GET_SIZE(out) <= _PACKER_KEEP_BYTES and len(_free_packers) < _PACKERS_KEPT:
+        _free_packers.append(packer)
+    return out
 
 
 # Task ids ------------------------------------------------------------------------

@@ -149,8 +149,23 @@ def _unpack_payload(payload: bytes) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
+#: Packers not in use, taken off the list while they pack (the compiled twin explains why).
+_free_packers: list[Any] = []
+#: A kept Packer keeps the largest buffer it ever grew to: after a larger message it is let go.
+_PACKER_KEEP_BYTES = 1 << 20
+#: Packers kept (one per thread that packs at once).
+_PACKERS_KEPT = 8
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True, use_single_float=False)
+    try:
+        packer = _free_packers.pop()
+    except IndexError:
+        packer = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
+    out: bytes = packer.pack(obj)
+    if len(out) <= _PACKER_KEEP_BYTES and len(_free_packers) < _PACKERS_KEPT:
+        _free_packers.append(packer)
+    return out
 
 
 def new_task_id() -> str:

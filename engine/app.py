@@ -252,9 +252,11 @@ class Engine:
             self._control = Control(self)
         return self._control
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
+    def AsyncResult(self, task_id: str, backend: Any = None, task_name: str | None = None,
+                    parent: Any = None) -> Any:
         """Return the result handle of task ``task_id``."""
-        return AsyncResult(task_id, app=self, **kwargs)
+        # Positional: made once per task sent, where keyword packing is a measurable share.
+        return AsyncResult(task_id, backend, task_name, self, parent)
 
     # --- sending -------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import builtins
 import sys
-import threading
 from typing import Any
 
 import msgpack
@@ -88,34 +87,32 @@ def _pickle_ext_hook(code: int, data: bytes) -> Any:
     return _ext_hook(code, data)
 
 
-class _Packers(threading.local):
-    """This thread's two msgpack Packers, kept between calls.
-
-    ``msgpack.packb`` builds a Packer (and its buffer) per call, which costs
-    more than packing a task's small result or report. A Packer is not
-    reentrant, and ``_default`` packs exceptions with ``msgpack.packb``, never
-    with these.
-    """
-
-    def __init__(self) -> None:
-        self.plain = msgpack.Packer(use_bin_type=True, default=_default, autoreset=True).pack
-        self.pickling = msgpack.Packer(use_bin_type=True, default=_pickle_default, autoreset=True).pack
-
-
-_packers = _Packers()
-#: A Packer keeps the largest buffer it ever needed: after packing more than this, a new one is made.
+#: Packers not in use, per pickle choice. A Packer is taken off its list while it packs (list
+#: pop and append are atomic), so threads and nested calls never share one.
+_free_packers: dict[bool, list[Any]] = {False: [], True: []}
+#: A kept Packer keeps the largest buffer it ever grew to: after packing more than this it is let go.
 PACKER_KEEP_BYTES = 1 << 20
+#: Packers kept per list (one per thread that packs at once).
+PACKERS_KEPT = 8
 
 
 def dumps(value: Any, accept_pickle: bool = False) -> bytes:
     """Pack a value; raises :class:`EncodeError` naming the type msgpack cannot pack."""
-    packers = _packers
+    # msgpack.packb builds a Packer, and its buffer, per call: that costs more than packing a
+    # task's small result or report, so Packers are kept. ``_default`` packing an exception,
+    # or a finalizer run by the collector mid-pack, takes another one.
+    free = _free_packers[accept_pickle]
     try:
-        packed: bytes = (packers.pickling if accept_pickle else packers.plain)(value)
+        packer = free.pop()
+    except IndexError:
+        packer = msgpack.Packer(use_bin_type=True, default=_pickle_default if accept_pickle else _default,
+                                autoreset=True)
+    try:
+        packed: bytes = packer.pack(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"result cannot be serialized with msgpack: {exc}") from None
-    if len(packed) > PACKER_KEEP_BYTES:
-        packers.__init__()  # type: ignore[misc]
+    if len(packed) <= PACKER_KEEP_BYTES and len(free) < PACKERS_KEPT:
+        free.append(packer)
     return packed
 
 

@@ -191,7 +191,9 @@ class Task:
     def resolve_option(self, name: str) -> Any:
         """Return the task's option ``name``, or the app's ``task_<name>`` setting when unset."""
         value = getattr(self, name)
-        return value if value is not None else self.app.conf[f"task_{name}"]
+        # An attribute read (a setting lives in the Settings' __dict__), not the checked __getitem__:
+        # the tracer asks once per task run.
+        return value if value is not None else getattr(self.app.conf, f"task_{name}")
 
     # --- handlers (override in a subclass) ---------------------------------------
 
@@ -468,7 +470,9 @@ class Task:
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
         """Return the result handle of a call of this task."""
-        return self.app.AsyncResult(task_id, task_name=self.name, **kwargs)
+        if kwargs:
+            return self.app.AsyncResult(task_id, task_name=self.name, **kwargs)
+        return self.app.AsyncResult(task_id, None, self.name)  # once per task sent: no keyword packing
 
     # --- signatures ----------------------------------------------------------------
 

@@ -971,3 +971,35 @@ def test_recorder_twins_agree(ops):
                 results.append(rec.record(tid, state, step, None, float(step)))
             results.append((len(rec), rec.pending, [rec.state_of(t) for t in "abcdef"]))
         assert results[:2] == results[2:]
+
+
+# -- packers kept between messages ------------------------------------------------------------
+
+def test_messages_encoded_by_threads_at_once_each_keep_their_own_arguments(core):
+    import threading
+    found: dict[int, list] = {}
+
+    def encode(n: int) -> None:
+        found[n] = [core.decode_message(core.encode_message(core.TaskMessage(f"id-{n}-{i}", "t.add", (n, i, "x" * n))))
+                    for i in range(2000)]
+
+    threads = [threading.Thread(target=encode, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for n in range(4):
+        assert [(m.id, m.args) for m in found[n]] == [(f"id-{n}-{i}", (n, i, "x" * n)) for i in range(2000)]
+
+
+def test_a_large_message_then_a_small_one_both_come_back_whole(core):
+    big = core.TaskMessage("big", "t.add", ("x" * (2 << 20),))
+    assert core.decode_message(core.encode_message(big)).args == ("x" * (2 << 20),)
+    small = core.TaskMessage("small", "t.add", (1, 2))
+    assert core.decode_message(core.encode_message(small)).args == (1, 2)
+
+
+def test_a_message_that_cannot_be_packed_leaves_the_next_one_whole(core):
+    with pytest.raises(TypeError):
+        core.encode_message(core.TaskMessage("bad", "t.add", (1, object())))
+    assert core.decode_message(core.encode_message(core.TaskMessage("ok", "t.add", (3, 4)))).args == (3, 4)

@@ -77,9 +77,14 @@ class _Outbox:
     def __len__(self) -> int:
         return self.count
 
-    def append(self, pending: _Pending) -> None:
-        self.by_queue.setdefault(pending.queue, collections.deque()).append(pending)
+    def append(self, pending: _Pending) -> bool:
+        """Queue ``pending``; True when its queue was empty (the I/O thread has nothing of it to send yet)."""
+        items = self.by_queue.get(pending.queue)
+        if items is None:
+            items = self.by_queue[pending.queue] = collections.deque()
+        items.append(pending)
         self.count += 1
+        return len(items) == 1
 
     def put_back(self, items: list[_Pending]) -> None:
         """Return messages to the front of their queues, in their order."""
@@ -133,7 +138,10 @@ class Producer:
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, _Pending] = {}
-        self._lock = threading.Condition()
+        # delay() takes the plain lock (a Condition's ``with`` is a Python-level call); the
+        # condition shares it, for waiting on acknowledgements and room.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -164,11 +172,11 @@ class Producer:
             raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
                               f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
         pending = _Pending(message.queue, message.id, raw)
-        with self._lock:
-            if len(self._outbox) + len(self._unacked) >= self.max_outbox:
-                self._wait_for_room()
-            first_in_queue = not self._outbox.has(pending.queue)
-            self._outbox.append(pending)
+        outbox = self._outbox
+        with self._mutex:
+            if outbox.count + len(self._unacked) >= self.max_outbox:
+                self._wait_for_room()  # waits on the condition, which releases this same lock
+            first_in_queue = outbox.append(pending)
         # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
         # others of its queue goes with them, in the dispatch already due or on the next
         # credit frame (a queue is left non-empty only when its credit ran out). Waking per
