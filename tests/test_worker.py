@@ -108,6 +108,27 @@ def test_child_killed_mid_task_fails_it_with_worker_lost_and_is_replaced(setup):
     assert workerapp.add.delay(1, 1).get(timeout=10) == 2
 
 
+def test_a_child_that_died_while_a_forked_copy_keeps_its_pipe_open_is_still_noticed(setup):
+    # No end of file on its pipe: the supervisor's periodic look for exited children finds it.
+    worker = setup("--concurrency", "2")
+    before = {p.pid for p in worker.children()}
+    pid_file = setup.tmp / "grandchild.pid"
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkerLostError):
+            workerapp.crash_leaving_a_grandchild.delay(str(pid_file), 60).get(timeout=30)
+        assert time.monotonic() - started < 20  # well before the copy's 60 s end
+        wait_until(lambda: len({p.pid for p in worker.children()} - before) >= 1, 10,
+                   message="a new child replaces the dead one")
+        assert workerapp.add.delay(1, 2).get(timeout=10) == 3
+    finally:
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_acks_late_reject_on_worker_lost_runs_the_task_again(setup):
     setup("--concurrency", "2")
     marker = setup.tmp / "crashed-once"

@@ -73,6 +73,18 @@ def crash():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@app.task
+def crash_leaving_a_grandchild(pid_file, seconds):
+    """Die, leaving a forked copy that keeps this child's pipes open (no end of file for the supervisor)."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    with open(pid_file, "w") as out:
+        out.write(str(pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @app.task(acks_late=True, reject_on_worker_lost=True)
 def crash_once(marker):
     if not os.path.exists(marker):

@@ -73,6 +73,9 @@ EXIT_COLD = 3
 
 #: Seconds between two housekeeping passes (limits, silent clients, dead children).
 HOUSEKEEPING = 0.05
+#: Seconds between two looks for a child that exited without its pipe telling (a psutil read of
+#: /proc per child: the pipe's end of file is how an exit is normally seen, at once).
+STRAY_CHECK = 1.0
 #: Bounds of the credit window (tasks a worker holds or has promised).
 WINDOW_MAX = 2048
 #: Most future (ETA) tasks held before the worker stops granting credit.
@@ -190,6 +193,7 @@ class Supervisor:
         #: Report logs of children gone, with the store count when they went (removed after the next store).
         self._dead_logs: list[tuple[int, str]] = []
         self._next_housekeeping = 0.0
+        self._next_stray_check = 0.0
         self._held_back = False
         self._next_cleanup = 0.0
         self._next_heartbeat = 0.0
@@ -985,7 +989,9 @@ class Supervisor:
         for child in children:
             if child.writer.pending and not self.limits.killing(child.pid):
                 _safe_flush(child)
-        self._reap_strays()
+        if now >= self._next_stray_check:
+            self._next_stray_check = now + STRAY_CHECK
+            self._reap_strays()
 
     def _reap_strays(self) -> None:
         # A child whose pipe we missed closing still gets reaped and replaced.
