@@ -350,6 +350,15 @@ def test_the_redis_store_remembers_which_worker_fires_a_chord_until_its_body_is_
     app.backend.chord_bodies_queued(["fc2"], "w1 /j.db")
 
 
+def test_a_chord_abandoned_by_a_lost_worker_goes_to_one_other_on_redis(app):
+    from engine.backends.redis import ALIVE_PREFIX
+    from tests.test_chord import _take_over_abandoned
+
+    client = app.backend.client
+    client.delete(*(f"engine-chords-firing:w{n} /j.db" for n in (1, 2, 3)))
+    _take_over_abandoned(app.backend, lambda firer: client.delete(ALIVE_PREFIX + firer))
+
+
 def test_forgetting_a_group_deletes_every_member_in_bulk(app):
     from engine.canvas import GroupResult
 

@@ -242,6 +242,76 @@ def _store_fire_recover(backend):
     assert backend.chords_firing("w1 /j.db") == [("fc2", ["b"], {"task": "t.sum"})]
 
 
+def _take_over_abandoned(backend, silence):
+    """On any chord store: a chord whose firing worker went silent goes to one other worker, once.
+
+    ``silence(firer)`` makes the store see ``firer`` as not alive any more.
+    """
+    def ours(rows):  # a shared store may hold other tests' chords
+        return [row for row in rows if row[0] in ("ab1", "ab2")]
+
+    backend.chord_start("ab1", ["a"], {"task": "t.sum"})
+    backend.chord_start("ab2", ["b"], {"task": "t.sum"})
+    backend.firer_alive("w1 /j.db")
+    assert len(backend.chord_parts_done([("ab1", "a")], "w1 /j.db")) == 1
+    assert len(backend.chord_parts_done([("ab2", "b")], None)) == 1  # a worker without a journal: not tracked
+    backend.firer_alive("w2 /j.db")
+    assert ours(backend.chords_abandoned("w2 /j.db")) == []  # w1 lives
+    silence("w1 /j.db")
+    assert ours(backend.chords_abandoned("w2 /j.db")) == [("ab1", ["a"], {"task": "t.sum"})]
+    assert ours(backend.chords_abandoned("w3 /j.db")) == []  # one taker only
+    assert backend.chords_firing("w1 /j.db") == []  # w1, back after all, does not send it again
+    assert [chord_id for chord_id, _, _ in backend.chords_firing("w2 /j.db")] == ["ab1"]
+    backend.chord_bodies_queued(["ab1"], "w2 /j.db")
+    assert backend.chords_firing("w2 /j.db") == [] and ours(backend.chords_abandoned("w3 /j.db")) == []
+
+
+def test_the_sqlite_store_hands_a_chord_abandoned_by_a_lost_worker_to_one_other(tmp_path):
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+    backend = app.backend
+
+    def silence(firer):
+        backend._connection().execute("UPDATE engine_chord_firers SET seen = 0 WHERE firer = ?", (firer,))
+
+    _take_over_abandoned(backend, silence)
+    app.close()
+
+
+def test_a_worker_sends_the_body_of_a_chord_whose_firing_worker_is_gone(tmp_path):
+    from engine.worker.chords import ChordCounter
+
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    backend = app.backend
+    backend.chord_start("orphan", ["o1", "o2"], dict(tsum.s().set(task_id="orphan")))
+    backend.store([StateRecord("o1", states.SUCCESS, dumps(2), None, time.time()),
+                   StateRecord("o2", states.SUCCESS, dumps(3), None, time.time())])
+    backend.firer_alive("lost /j")
+    assert len(backend.chord_parts_done([("orphan", "o1"), ("orphan", "o2")], "lost /j")) == 1
+
+    class States:  # what the counter reads of the state flusher
+        journal = None
+        stores = 0
+        pending = False
+
+    sent = []
+    counter = ChordCounter(app, backend, states_out=States(), send=sent.append, firer="other /j")  # type: ignore[arg-type]
+    counter.adopt()
+    assert sent == []  # the firer still counts as alive
+    backend._connection().execute("UPDATE engine_chord_firers SET seen = 0 WHERE firer = 'lost /j'")
+    counter.adopt()
+    assert [(m.id, m.args) for m in sent] == [("orphan", ([2, 3],))]
+    counter.adopt()
+    assert len(sent) == 1  # once
+    counter.confirm()
+    assert backend.chords_firing("other /j") == []
+    app.close()
+
+
 def test_the_sqlite_store_remembers_which_worker_fires_a_chord_until_its_body_is_queued(tmp_path):
     app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
     _store_fire_recover(app.backend)

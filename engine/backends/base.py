@@ -18,6 +18,8 @@ __all__ = ("Backend", "DisabledBackend")
 
 #: First and largest sleep between two polls of ``wait_for`` (seconds).
 POLL_FIRST = 0.0002
+#: Seconds a chord-firing worker counts as alive after it last said so (``Backend.firer_alive``).
+FIRER_TTL = 60.0
 POLL_MAX = 0.5
 #: Ids not ready yet that one read of ``wait_for_many`` asks for at most (the first ones, in order) ...
 WAIT_AHEAD = 1000
@@ -69,6 +71,21 @@ class Backend:
 
     def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
         """Chords ``firer`` completed whose bodies it never reported queued: ``(chord id, header ids, body)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+
+    def firer_alive(self, firer: str) -> None:
+        """Note that the worker ``firer`` lives: for :data:`FIRER_TTL` seconds its chords are not taken over."""
+        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+
+    def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        """Take over the chords being fired by workers not alive any more; return them as :meth:`chords_firing` does.
+
+        A worker that completed a chord and never came back (a pod replaced,
+        its disk gone) would otherwise leave the body unsent. Each abandoned
+        chord goes to one caller only, noted as fired by ``firer`` from now on.
+        A worker that did not report itself alive for :data:`FIRER_TTL` seconds
+        counts as gone.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not support chords")
 
     def get_encoded(self, task_id: str) -> StateRecord | None:

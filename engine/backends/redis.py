@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
-from engine.backends.base import Backend
+from engine.backends.base import FIRER_TTL, Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured, TimeoutError
 
@@ -164,6 +164,8 @@ return {redis.call('HGET', KEYS[1], 'header'), redis.call('HGET', KEYS[1], 'body
 """
 #: Set of the chord keys a worker (the firer) completed and has not reported queued yet.
 FIRING_PREFIX = "engine-chords-firing:"
+#: Present while a chord-firing worker is alive (it expires FIRER_TTL after the worker last said so).
+ALIVE_PREFIX = "engine-chords-firer-alive:"
 #: Task ids counted by one call of the script (Lua's unpack() has a limit of a few thousand values).
 CHORD_PARTS_PER_CALL = 1000
 
@@ -316,6 +318,30 @@ class RedisBackend(Backend):
                 self.chord_bodies_queued([chord_id], firer)
                 continue
             out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
+        return out
+
+    def firer_alive(self, firer: str) -> None:
+        self.client.set(ALIVE_PREFIX + firer, 1, px=int(FIRER_TTL * 1000))
+
+    def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        """The firing sets of firers whose alive key expired, moved member by member (SMOVE: one taker each)."""
+        import msgpack
+
+        mine = FIRING_PREFIX + firer
+        out = []
+        for key in self.client.scan_iter(match=FIRING_PREFIX + "*", count=1000):
+            other = key.decode()[len(FIRING_PREFIX):]
+            if other == firer or self.client.exists(ALIVE_PREFIX + other):
+                continue
+            for member in self.client.smembers(key):
+                if not self.client.smove(key, mine, member):
+                    continue  # another worker took it first
+                header, body = self.client.hmget(member, ("header", "body"))
+                chord_id = member.decode()[len(CHORD_PREFIX):]
+                if header is None:  # expired with the results: nothing left to send
+                    self.chord_bodies_queued([chord_id], firer)
+                    continue
+                out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
         return out
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from engine import states
-from engine.backends.base import Backend
+from engine.backends.base import FIRER_TTL, Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured
 
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS engine_chords (
     firer TEXT);
 CREATE TABLE IF NOT EXISTS engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
     PRIMARY KEY (chord_id, task_id));
+CREATE TABLE IF NOT EXISTS engine_chord_firers (firer TEXT PRIMARY KEY, seen REAL NOT NULL);
 """
 #: Seconds between two looks at the commit counter while waiting for results (first, and at most).
 CHANGE_CHECK = 0.0005
@@ -122,6 +123,9 @@ class SQLiteBackend(Backend):
         columns = {row[1] for row in connection.execute("PRAGMA table_info(engine_chords)")}
         if "firer" not in columns:  # a file made by an earlier version
             connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
+        # Chords being fired are few at any time: looking for abandoned ones reads only those.
+        connection.execute("CREATE INDEX IF NOT EXISTS engine_chords_being_fired ON engine_chords (firer) "
+                           "WHERE fired = 1")
 
     def store(self, records: Iterable[StateRecord]) -> None:
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
@@ -215,6 +219,34 @@ class SQLiteBackend(Backend):
         return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
                 for chord_id, header, body in rows]
 
+    def firer_alive(self, firer: str) -> None:
+        self._connection().execute(
+            "INSERT INTO engine_chord_firers VALUES (?, ?) ON CONFLICT (firer) DO UPDATE SET seen = excluded.seen",
+            (firer, time.time()))
+
+    def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        """One transaction: the chords of silent firers are read and given to ``firer`` together.
+
+        A firer never heard of (a worker of an earlier version) counts as alive
+        until its chord is :data:`FIRER_TTL` seconds old.
+        """
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            rows = connection.execute(
+                "SELECT c.chord_id, c.header, c.body FROM engine_chords c "
+                "LEFT JOIN engine_chord_firers f ON f.firer = c.firer "
+                "WHERE c.fired = 1 AND c.firer IS NOT NULL AND c.firer != ? AND COALESCE(f.seen, c.created) < ?",
+                (firer, time.time() - FIRER_TTL)).fetchall()
+            connection.executemany("UPDATE engine_chords SET firer = ? WHERE chord_id = ? AND fired = 1",
+                                   [(firer, chord_id) for chord_id, _, _ in rows])
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
+                for chord_id, header, body in rows]
+
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One query per :data:`READ_MANY` ids."""
         connection = self._connection()
@@ -252,6 +284,7 @@ class SQLiteBackend(Backend):
         old = "SELECT chord_id FROM engine_chords WHERE created < ?"
         connection.execute(f"DELETE FROM engine_chord_parts WHERE chord_id IN ({old})", (cutoff,))
         connection.execute("DELETE FROM engine_chords WHERE created < ?", (cutoff,))
+        connection.execute("DELETE FROM engine_chord_firers WHERE seen < ?", (cutoff,))
         return cursor.rowcount
 
     def close(self) -> None:

@@ -184,6 +184,7 @@ class ChordCounter:
         if self.firer is None:
             return
         try:
+            self.backend.firer_alive(self.firer)  # before it fires anything: its chords are not taken over
             firing = self.backend.chords_firing(self.firer)
         except Exception as exc:
             logger.error("could not look for chords left being fired by this worker: %s", exc)
@@ -193,6 +194,25 @@ class ChordCounter:
                 self._sent.append((chord_id, self.commits(), self.states.stores))
                 continue
             logger.warning("sending again the body of chord %s, completed before this worker stopped", chord_id)
+            self._fire(chord_id, header_ids, body)
+
+    def adopt(self) -> None:
+        """Say this worker is alive; send the bodies of chords whose firing worker is gone (housekeeping).
+
+        A worker that completed a chord and was then lost for good (its pod
+        replaced, its disk gone) never sends the body: after ``FIRER_TTL``
+        seconds of silence another worker takes the chord over, once.
+        """
+        if self.firer is None:
+            return
+        try:
+            self.backend.firer_alive(self.firer)
+            abandoned = self.backend.chords_abandoned(self.firer)
+        except Exception as exc:
+            logger.warning("could not look for chords abandoned by a lost worker: %s", exc)
+            return
+        for chord_id, header_ids, body in abandoned:
+            logger.warning("sending the body of chord %s: the worker that completed it is gone", chord_id)
             self._fire(chord_id, header_ids, body)
 
     def _start_body(self, chord_id: str, header_ids: list[str], body: dict) -> None:

@@ -34,7 +34,7 @@ from engine.exceptions import (
     WorkerLostError,
 )
 from engine.transport.consumer import Consumer
-from engine.utils.hostname import default_worker_name
+from engine.utils.hostname import HOSTNAME, default_worker_name
 from engine.worker import pipe, report_log
 from engine.worker.autoscale import Autoscaler
 from engine.worker.child import RETIRE_EXIT
@@ -76,6 +76,9 @@ HOUSEKEEPING = 0.05
 #: Seconds between two looks for a child that exited without its pipe telling (a psutil read of
 #: /proc per child: the pipe's end of file is how an exit is normally seen, at once).
 STRAY_CHECK = 1.0
+#: Seconds between two "this worker lives" notes to the chord store, each with a look for chords
+#: a lost worker completed and never sent the body of (well under backends.base.FIRER_TTL).
+CHORD_ADOPT_EVERY = 10.0
 #: Bounds of the credit window (tasks a worker holds or has promised).
 WINDOW_MAX = 2048
 #: Most future (ETA) tasks held before the worker stops granting credit.
@@ -194,6 +197,7 @@ class Supervisor:
         self._dead_logs: list[tuple[int, str]] = []
         self._next_housekeeping = 0.0
         self._next_stray_check = 0.0
+        self._next_chord_adopt = time.monotonic() + CHORD_ADOPT_EVERY  # start() said it lives (recover)
         self._held_back = False
         self._next_cleanup = 0.0
         self._next_heartbeat = 0.0
@@ -214,8 +218,9 @@ class Supervisor:
         if self.journal_path:
             self.journal = self.states.journal = Journal(self.journal_path)
             if self.chords is not None:
-                # The journal is the worker's durable identity (an unnamed worker's name has its pid).
-                self.chords.firer = os.path.abspath(self.journal_path)
+                # The journal on this host is the worker's durable identity (an unnamed worker's name
+                # has its pid). The host too: pods of one Deployment share the journal's path.
+                self.chords.firer = f"{HOSTNAME}:{os.path.abspath(self.journal_path)}"
             self.revoked.load(self.journal.revoked())
             saved = self.journal.runtimes()
             self.stats.load(saved)
@@ -982,6 +987,9 @@ class Supervisor:
         if self.chords is not None:
             self.chords.retry()
             self.chords.prune(now)
+            if now >= self._next_chord_adopt:
+                self._next_chord_adopt = now + CHORD_ADOPT_EVERY
+                self.chords.adopt()
         children = list(self.pool.children.values())
         if self.autoscaler is not None and not self.stopping:
             self.autoscaler.tick(now)
