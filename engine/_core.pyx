@@ -231,8 +231,9 @@ def new_task_id():
     """Return a new unique task id: a time-ordered UUID (version 7, RFC 9562) in its usual text form.
 
     The first 48 bits are the Unix time in milliseconds, the other 74 free bits
-    random: ids made later sort later, so a results table or index keyed by id
-    grows at its end instead of rewriting pages all over (see ``engine.utils.ids``).
+    random: ids made in a later millisecond sort later (within one, in any order),
+    so a results table or index keyed by id grows at its end instead of rewriting
+    pages all over (see ``engine.utils.ids``).
     The random bytes come from ``os.urandom`` in blocks of 256 ids; a forked child
     draws a fresh block (see ``_discard_id_pool``).
     """

@@ -252,11 +252,11 @@ class Engine:
             self._control = Control(self)
         return self._control
 
-    def AsyncResult(self, task_id: str, backend: Any = None, task_name: str | None = None,
+    def AsyncResult(self, id: str, backend: Any = None, task_name: str | None = None, app: Any = None,
                     parent: Any = None) -> Any:
-        """Return the result handle of task ``task_id``."""
+        """Return the result handle of task ``id`` (Celery's arguments, in Celery's order)."""
         # Positional: made once per task sent, where keyword packing is a measurable share.
-        return AsyncResult(task_id, backend, task_name, self, parent)
+        return AsyncResult(id, backend, task_name, app or self, parent)
 
     # --- sending -------------------------------------------------------------------
 

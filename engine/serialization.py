@@ -99,8 +99,8 @@ PACKERS_KEPT = 8
 def dumps(value: Any, accept_pickle: bool = False) -> bytes:
     """Pack a value; raises :class:`EncodeError` naming the type msgpack cannot pack."""
     # msgpack.packb builds a Packer, and its buffer, per call: that costs more than packing a
-    # task's small result or report, so Packers are kept. ``_default`` packing an exception,
-    # or a finalizer run by the collector mid-pack, takes another one.
+    # task's small result or report, so Packers are kept. A call made while one packs (a
+    # pickled value's __reduce__, a finalizer run by the collector) takes another one.
     free = _free_packers[accept_pickle]
     try:
         packer = free.pop()

@@ -355,7 +355,8 @@ def test_a_chord_abandoned_by_a_lost_worker_goes_to_one_other_on_redis(app):
     from tests.test_chord import _take_over_abandoned
 
     client = app.backend.client
-    client.delete(*(f"engine-chords-firing:w{n} /j.db" for n in (1, 2, 3)))
+    client.delete(*(f"engine-chords-firing:{name}" for name in ("w1 /j.db", "w2 /j.db", "w3 /j.db", "old /j.db",
+                                                                 "host:old /j.db")))
     _take_over_abandoned(app.backend, lambda firer: client.delete(ALIVE_PREFIX + firer))
 
 

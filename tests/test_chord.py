@@ -12,6 +12,7 @@ from engine import Engine, chord, group, states
 from engine.core import StateRecord
 from engine.exceptions import ChordError
 from engine.serialization import dumps
+from engine.utils.hostname import HOSTNAME
 
 
 @pytest.fixture
@@ -97,6 +98,9 @@ def test_a_chord_through_a_worker_runs_its_body_once_with_the_results_in_order(w
     with pytest.raises(ChordError, match="header broke"):
         failing.apply_async().get(timeout=60)
     assert len(marks.read_text().splitlines()) == 1  # the body did not run
+    # The worker said it lives, under its host and journal (pods of one Deployment share the path).
+    firers = [row[0] for row in workerapp.app.backend._connection().execute("SELECT firer FROM engine_chord_firers")]
+    assert len(firers) == 1 and firers[0].startswith(f"{HOSTNAME}:/")
 
 
 @pytest.mark.slow
@@ -248,13 +252,15 @@ def _take_over_abandoned(backend, silence):
     ``silence(firer)`` makes the store see ``firer`` as not alive any more.
     """
     def ours(rows):  # a shared store may hold other tests' chords
-        return [row for row in rows if row[0] in ("ab1", "ab2")]
+        return [row for row in rows if row[0] in ("ab1", "ab2", "ab3")]
 
-    backend.chord_start("ab1", ["a"], {"task": "t.sum"})
-    backend.chord_start("ab2", ["b"], {"task": "t.sum"})
+    for chord_id, part in (("ab1", "a"), ("ab2", "b"), ("ab3", "c")):
+        backend.chord_start(chord_id, [part], {"task": "t.sum"})
     backend.firer_alive("w1 /j.db")
     assert len(backend.chord_parts_done([("ab1", "a")], "w1 /j.db")) == 1
     assert len(backend.chord_parts_done([("ab2", "b")], None)) == 1  # a worker without a journal: not tracked
+    # A worker of an earlier version never says it is alive: what it fires is never taken from it.
+    assert len(backend.chord_parts_done([("ab3", "c")], "old /j.db")) == 1
     backend.firer_alive("w2 /j.db")
     assert ours(backend.chords_abandoned("w2 /j.db")) == []  # w1 lives
     silence("w1 /j.db")
@@ -264,6 +270,68 @@ def _take_over_abandoned(backend, silence):
     assert [chord_id for chord_id, _, _ in backend.chords_firing("w2 /j.db")] == ["ab1"]
     backend.chord_bodies_queued(["ab1"], "w2 /j.db")
     assert backend.chords_firing("w2 /j.db") == [] and ours(backend.chords_abandoned("w3 /j.db")) == []
+    assert [chord_id for chord_id, _, _ in backend.chords_firing("old /j.db")] == ["ab3"]
+    # ... until that worker, upgraded, starts under its new identity and takes its own chords over.
+    assert ours(backend.chords_take_over("old /j.db", "host:old /j.db")) == [("ab3", ["c"], {"task": "t.sum"})]
+    assert backend.chords_firing("old /j.db") == []
+    backend.chord_bodies_queued(["ab3"], "host:old /j.db")
+
+
+def test_a_worker_says_it_lives_well_within_the_time_after_which_its_chords_are_taken_over():
+    from engine.backends.base import FIRER_TTL
+    from engine.worker.supervisor import CHORD_ADOPT_EVERY
+
+    assert CHORD_ADOPT_EVERY * 3 <= FIRER_TTL
+
+
+def test_a_worker_does_not_retry_a_body_whose_chord_was_taken_over_meanwhile(tmp_path):
+    from engine.worker.chords import ChordCounter
+
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+    backend = app.backend
+    backend.chord_start("slow", ["s1"], {"task": "t.sum"})
+    backend.firer_alive("stalled /j")
+    backend.chord_parts_done([("slow", "s1")], "stalled /j")
+    sent = []
+
+    class States:
+        journal = None
+        stores = 0
+        pending = False
+
+    counter = ChordCounter(app, backend, states_out=States(), send=sent.append, firer="stalled /j")  # type: ignore[arg-type]
+    counter._unstarted.append(("slow", ["s1"], {"task": "t.sum"}))  # its first start failed
+    backend._connection().execute("UPDATE engine_chord_firers SET seen = 0 WHERE firer = 'stalled /j'")
+    backend.firer_alive("other /j")
+    assert [c for c, _, _ in backend.chords_abandoned("other /j")] == ["slow"]
+    counter.retry()
+    assert sent == [] and counter._unstarted == []  # the other worker sends it, not this one as well
+    app.close()
+
+
+def test_a_results_file_of_an_earlier_version_gets_what_chords_need_when_opened(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE engine_results (task_id TEXT PRIMARY KEY, state TEXT NOT NULL, ready INTEGER NOT NULL,
+            strength INTEGER NOT NULL, result BLOB, traceback TEXT, date_done REAL NOT NULL);
+        CREATE TABLE engine_chords (chord_id TEXT PRIMARY KEY, size INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0, fired INTEGER NOT NULL DEFAULT 0, header BLOB NOT NULL,
+            body BLOB NOT NULL, created REAL NOT NULL);
+        CREATE TABLE engine_chord_parts (chord_id TEXT NOT NULL, task_id TEXT NOT NULL,
+            PRIMARY KEY (chord_id, task_id));
+    """)
+    old.close()
+    app = Engine("chords", backend=f"sqlite:///{path}", set_as_current=False)
+    backend = app.backend
+    backend.chord_start("c", ["p"], {"task": "t.sum"})
+    backend.firer_alive("w /j")
+    assert len(backend.chord_parts_done([("c", "p")], "w /j")) == 1
+    assert [c for c, _, _ in backend.chords_firing("w /j")] == ["c"]
+    assert backend.chords_abandoned("x /j") == []
+    app.close()
 
 
 def test_the_sqlite_store_hands_a_chord_abandoned_by_a_lost_worker_to_one_other(tmp_path):

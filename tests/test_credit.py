@@ -416,7 +416,7 @@ def producer():
     it must be added here too.)
     """
     p = Producer.__new__(Producer)
-    p._mutex = threading.Lock()
+    p._mutex = threading.RLock()
     p._lock = threading.Condition(p._mutex)
     p._outbox = _Outbox()
     p._unacked = {}

@@ -51,3 +51,16 @@ def test_pickle_stays_off_unless_asked():
     assert loads(dumps(complex(1, 2), accept_pickle=True), accept_pickle=True) == complex(1, 2)
     with pytest.raises(EncodeError, match="pickled"):
         loads(dumps(complex(1, 2), accept_pickle=True))
+
+
+def test_a_value_packed_while_another_is_being_packed_leaves_both_whole():
+    # A pickled value's __reduce__ runs in the middle of the outer pack: it must get its own Packer.
+    class Nested:
+        def __reduce__(self):
+            inner.append(loads(dumps(["inner", list(range(50))], accept_pickle=True), accept_pickle=True))
+            return (list, ([7],))
+
+    inner: list = []
+    outer = loads(dumps(["before", Nested(), "after" * 20], accept_pickle=True), accept_pickle=True)
+    assert outer == ["before", [7], "after" * 20]
+    assert inner == [["inner", list(range(50))]]

@@ -74,8 +74,14 @@ class Backend:
         raise NotImplementedError(f"{type(self).__name__} does not support chords")
 
     def firer_alive(self, firer: str) -> None:
-        """Note that the worker ``firer`` lives: for :data:`FIRER_TTL` seconds its chords are not taken over."""
-        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+        """Note that the worker ``firer`` lives: for :data:`FIRER_TTL` seconds its chords are not taken over.
+
+        (A store without it, here: nothing is noted, and nothing is ever taken over.)
+        """
+
+    def chords_take_over(self, from_firer: str, firer: str) -> list[tuple[str, list[str], dict]]:
+        """Note the chords ``from_firer`` is firing as fired by ``firer``; return them as :meth:`chords_firing` does."""
+        return []
 
     def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
         """Take over the chords being fired by workers not alive any more; return them as :meth:`chords_firing` does.
@@ -83,10 +89,11 @@ class Backend:
         A worker that completed a chord and never came back (a pod replaced,
         its disk gone) would otherwise leave the body unsent. Each abandoned
         chord goes to one caller only, noted as fired by ``firer`` from now on.
-        A worker that did not report itself alive for :data:`FIRER_TTL` seconds
-        counts as gone.
+        A worker counts as gone when it said it was alive (:meth:`firer_alive`)
+        and then did not for :data:`FIRER_TTL` seconds; one that never said so
+        (a worker of an earlier version) is never taken over from.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not support chords")
+        return []
 
     def get_encoded(self, task_id: str) -> StateRecord | None:
         """Return the stored record of ``task_id`` with its result still encoded, or None."""

@@ -166,6 +166,18 @@ return {redis.call('HGET', KEYS[1], 'header'), redis.call('HGET', KEYS[1], 'body
 FIRING_PREFIX = "engine-chords-firing:"
 #: Present while a chord-firing worker is alive (it expires FIRER_TTL after the worker last said so).
 ALIVE_PREFIX = "engine-chords-firer-alive:"
+#: Set of the firers that ever said they are alive: the only ones whose chords can be taken over.
+FIRERS_KEY = "engine-chords-firers"
+#: Move every chord of one firing set (KEYS[1]) to another (KEYS[2]) unless KEYS[3] (the first
+#: firer's alive key, or "" for none) exists; returns the chord keys moved.
+TAKE_OVER_SCRIPT = """
+if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+local moved = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    if redis.call('SMOVE', KEYS[1], KEYS[2], member) == 1 then table.insert(moved, member) end
+end
+return moved
+"""
 #: Task ids counted by one call of the script (Lua's unpack() has a limit of a few thousand values).
 CHORD_PARTS_PER_CALL = 1000
 
@@ -321,27 +333,46 @@ class RedisBackend(Backend):
         return out
 
     def firer_alive(self, firer: str) -> None:
-        self.client.set(ALIVE_PREFIX + firer, 1, px=int(FIRER_TTL * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(ALIVE_PREFIX + firer, 1, px=int(FIRER_TTL * 1000))
+        pipe.sadd(FIRERS_KEY, firer)
+        pipe.execute()
+
+    def chords_take_over(self, from_firer: str, firer: str) -> list[tuple[str, list[str], dict]]:
+        keys = [FIRING_PREFIX + from_firer, FIRING_PREFIX + firer, ""]
+        return self._chords_of(self.client.register_script(TAKE_OVER_SCRIPT)(keys=keys), firer)
 
     def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
-        """The firing sets of firers whose alive key expired, moved member by member (SMOVE: one taker each)."""
+        """Per registered firer whose alive key expired: its firing set moved to ``firer`` by one script.
+
+        The script checks the alive key and moves the set's members in one step,
+        so a firer that comes back (alive again, then reading its set) and a
+        taker never both get a chord; SMOVE gives each member to one taker.
+        """
+        take_over = self.client.register_script(TAKE_OVER_SCRIPT)
+        out = []
+        for name in self.client.smembers(FIRERS_KEY):
+            other = name.decode()
+            if other == firer:
+                continue
+            keys = [FIRING_PREFIX + other, FIRING_PREFIX + firer, ALIVE_PREFIX + other]
+            out.extend(self._chords_of(take_over(keys=keys), firer))
+            if not self.client.exists(ALIVE_PREFIX + other, FIRING_PREFIX + other):
+                self.client.srem(FIRERS_KEY, other)  # gone, nothing left to take: forgotten
+        return out
+
+    def _chords_of(self, keys: list[bytes], firer: str) -> list[tuple[str, list[str], dict]]:
+        """``(chord id, header ids, body)`` of chord ``keys`` now fired by ``firer`` (expired ones: done)."""
         import msgpack
 
-        mine = FIRING_PREFIX + firer
         out = []
-        for key in self.client.scan_iter(match=FIRING_PREFIX + "*", count=1000):
-            other = key.decode()[len(FIRING_PREFIX):]
-            if other == firer or self.client.exists(ALIVE_PREFIX + other):
+        for key in keys:
+            header, body = self.client.hmget(key, ("header", "body"))
+            chord_id = key.decode()[len(CHORD_PREFIX):]
+            if header is None:  # expired with the results: nothing left to send
+                self.chord_bodies_queued([chord_id], firer)
                 continue
-            for member in self.client.smembers(key):
-                if not self.client.smove(key, mine, member):
-                    continue  # another worker took it first
-                header, body = self.client.hmget(member, ("header", "body"))
-                chord_id = member.decode()[len(CHORD_PREFIX):]
-                if header is None:  # expired with the results: nothing left to send
-                    self.chord_bodies_queued([chord_id], firer)
-                    continue
-                out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
+            out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
         return out
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:

@@ -106,6 +106,9 @@ class SQLiteBackend(Backend):
                         connection.close()
                         raise
                     time.sleep(0.01)
+                except BaseException:
+                    connection.close()
+                    raise
             local.connection, local.pid = connection, os.getpid()
         opened: sqlite3.Connection = local.connection
         return opened
@@ -122,7 +125,11 @@ class SQLiteBackend(Backend):
         connection.executescript(CHORD_SCHEMA)
         columns = {row[1] for row in connection.execute("PRAGMA table_info(engine_chords)")}
         if "firer" not in columns:  # a file made by an earlier version
-            connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
+            try:
+                connection.execute("ALTER TABLE engine_chords ADD COLUMN firer TEXT")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it just now
+                    raise
         # Chords being fired are few at any time: looking for abandoned ones reads only those.
         connection.execute("CREATE INDEX IF NOT EXISTS engine_chords_being_fired ON engine_chords (firer) "
                            "WHERE fired = 1")
@@ -224,20 +231,20 @@ class SQLiteBackend(Backend):
             "INSERT INTO engine_chord_firers VALUES (?, ?) ON CONFLICT (firer) DO UPDATE SET seen = excluded.seen",
             (firer, time.time()))
 
-    def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
-        """One transaction: the chords of silent firers are read and given to ``firer`` together.
+    def chords_take_over(self, from_firer: str, firer: str) -> list[tuple[str, list[str], dict]]:
+        return self._take_over("c.firer = ?", (from_firer,), firer)
 
-        A firer never heard of (a worker of an earlier version) counts as alive
-        until its chord is :data:`FIRER_TTL` seconds old.
-        """
+    def chords_abandoned(self, firer: str) -> list[tuple[str, list[str], dict]]:
+        """One transaction: the chords of silent firers are read and given to ``firer`` together."""
+        return self._take_over("c.firer IN (SELECT firer FROM engine_chord_firers WHERE seen < ? AND firer != ?)",
+                               (time.time() - FIRER_TTL, firer), firer)
+
+    def _take_over(self, which: str, params: tuple, firer: str) -> list[tuple[str, list[str], dict]]:
         connection = self._connection()
         connection.execute("BEGIN IMMEDIATE")
         try:
-            rows = connection.execute(
-                "SELECT c.chord_id, c.header, c.body FROM engine_chords c "
-                "LEFT JOIN engine_chord_firers f ON f.firer = c.firer "
-                "WHERE c.fired = 1 AND c.firer IS NOT NULL AND c.firer != ? AND COALESCE(f.seen, c.created) < ?",
-                (firer, time.time() - FIRER_TTL)).fetchall()
+            rows = connection.execute(f"SELECT c.chord_id, c.header, c.body FROM engine_chords c "
+                                      f"WHERE c.fired = 1 AND {which}", params).fetchall()
             connection.executemany("UPDATE engine_chords SET firer = ? WHERE chord_id = ? AND fired = 1",
                                    [(firer, chord_id) for chord_id, _, _ in rows])
         except BaseException:

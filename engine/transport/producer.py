@@ -138,9 +138,10 @@ class Producer:
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, _Pending] = {}
-        # delay() takes the plain lock (a Condition's ``with`` is a Python-level call); the
-        # condition shares it, for waiting on acknowledgements and room.
-        self._mutex = threading.Lock()
+        # delay() takes the lock itself (a Condition's ``with`` is a Python-level call); the
+        # condition shares it, for waiting on acknowledgements and room. Reentrant: a finalizer
+        # or a logging handler that sends a task may run while this thread holds it.
+        self._mutex = threading.RLock()
         self._lock = threading.Condition(self._mutex)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)

@@ -2,8 +2,9 @@
 
 Any code that reads a task id as a UUID (``uuid.UUID(task_id)``), as Celery's
 uuid4 ids allow, reads these too. Version 7 rather than Celery's version 4:
-its first 48 bits are the time in milliseconds, so ids made later sort later
-and the results table's primary key (SQLite's B-tree, an index elsewhere)
+its first 48 bits are the time in milliseconds, so ids made in a later
+millisecond sort later (a clock set back breaks that, nothing else) and the
+results table's primary key (SQLite's B-tree, an index elsewhere)
 takes new rows at its end. Random ids put each row of a stored batch on a
 different page, and each commit rewrote that many pages.
 

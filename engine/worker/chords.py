@@ -50,9 +50,12 @@ class ChordCounter:
         self.states = states_out
         #: How a body's message leaves: the supervisor queues it here or sends it on.
         self.send = send
-        #: This worker's durable identity (its name and journal), None without a journal: a chord
+        #: This worker's durable identity (its host and journal), None without a journal: a chord
         #: completed here is noted as fired by it until its body is queued durably (see confirm()).
         self.firer = firer
+        #: The identity an earlier version gave this worker (its journal's path): what it was
+        #: firing becomes this worker's at start (see recover()).
+        self.legacy_firer: str | None = None
         #: Chords whose body (or failure) went out and is not confirmed durable yet: (chord id, the
         #: journal's commit count and the state flusher's store count when it went out).
         self._sent: list[tuple[str, int, int]] = []
@@ -114,6 +117,15 @@ class ChordCounter:
         """Count the parts whose count failed before, start the bodies that failed to start (housekeeping)."""
         if self._unstarted:
             unstarted, self._unstarted = self._unstarted, []
+            if self.firer is not None:
+                # Failing this long, this worker may have gone silent and its chords taken over.
+                try:
+                    owned = {chord_id for chord_id, _, _ in self.backend.chords_firing(self.firer)}
+                except Exception as exc:
+                    logger.error("could not read the chords this worker fires, will retry: %s", exc)
+                    self._unstarted[:0] = unstarted
+                    return
+                unstarted = [entry for entry in unstarted if entry[0] in owned]
             for chord_id, header_ids, body in unstarted:
                 self._fire(chord_id, header_ids, body)
         if not self._parts:
@@ -185,6 +197,8 @@ class ChordCounter:
             return
         try:
             self.backend.firer_alive(self.firer)  # before it fires anything: its chords are not taken over
+            if self.legacy_firer is not None and self.legacy_firer != self.firer:
+                self.backend.chords_take_over(self.legacy_firer, self.firer)
             firing = self.backend.chords_firing(self.firer)
         except Exception as exc:
             logger.error("could not look for chords left being fired by this worker: %s", exc)

@@ -221,6 +221,7 @@ class Supervisor:
                 # The journal on this host is the worker's durable identity (an unnamed worker's name
                 # has its pid). The host too: pods of one Deployment share the journal's path.
                 self.chords.firer = f"{HOSTNAME}:{os.path.abspath(self.journal_path)}"
+                self.chords.legacy_firer = os.path.abspath(self.journal_path)  # earlier versions' identity
             self.revoked.load(self.journal.revoked())
             saved = self.journal.runtimes()
             self.stats.load(saved)
