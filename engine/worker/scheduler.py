@@ -56,7 +56,9 @@ LONG_DELAY = 0.05
 #: Expected run time (seconds) a fair child is handed at once: tasks of measured kinds, picked by
 #: the same rules, as many as fit. A task waits at most about this long behind others in its
 #: child, and a pipe write and a wake-up are shared by many tiny tasks instead of paid by each.
-FAIR_BATCH_SECONDS = 0.002
+#: On few cores the supervisor may not run for a scheduler time slice (a few ms): a child must
+#: hold more than that, or it runs dry between batches (bench/RESULTS.md, "fair budget").
+FAIR_BATCH_SECONDS = 0.005
 #: ... and at most this many tasks (the default mode's bound per child), whatever the averages
 #: say: a bad average cannot pile a backlog onto one child.
 FAIR_BATCH_MAX = MAX_DEPTH
