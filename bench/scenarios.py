@@ -181,7 +181,7 @@ def fairness(tasks: int, concurrency: int, progress: Callable[[float], None], lo
     worker stopped and started again (it loads the run times from its journal).
     """
     out = {}
-    steps = (("fifo", (), "cold"), ("fair_cold", ("--fair",), "cold"), ("fair_warm", ("--fair",), "warm"),
+    steps = (("fifo", ("--no-fair",), "cold"), ("fair_cold", ("--fair",), "cold"), ("fair_warm", ("--fair",), "warm"),
              ("fair_restarted", ("--fair",), "restarted"))
     for step, (label, flags, history) in enumerate(steps):
         with Worker(concurrency, *flags) as worker:

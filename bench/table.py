@@ -97,12 +97,12 @@ def rows(report: dict) -> Iterator[Row]:
     for level, modes in ours.get("fair", {}).items():
         # Celery's -O fair beside ours at the run's concurrency (the ratio is --fair over -O fair).
         same = celery_fair and str(report.get("concurrency")) == str(level)
-        yield (f"no-op tasks/s at concurrency {level}: default / --fair",
-               f"{_n(modes['default'])} / {_n(modes['fair'])} ({modes['fair_vs_default']:.0%})",
+        yield (f"no-op tasks/s at concurrency {level}: --no-fair / --fair",
+               f"{_n(modes['fifo'])} / {_n(modes['fair'])} ({modes['fair_vs_fifo']:.0%})",
                f"{_n(celery_fair)} (-O fair)" if same else "", _ratio(modes["fair"], celery_fair) if same else "",
                "", "")
     if "mixed" in ours:
-        for mode in ("default", "fair"):
+        for mode in ("fifo", "fair"):
             m = ours["mixed"][mode]
             yield (f"mixed (tiny + 50 ms every {m['tasks'] // max(m['slow_tasks'], 1)}): tasks/s, tiny wait "
                    f"p50/p99: {mode}", f"{_n(m['tasks_per_s'])}, {m['tiny_wait_p50_ms']}/{m['tiny_wait_p99_ms']} ms",
@@ -111,11 +111,11 @@ def rows(report: dict) -> Iterator[Row]:
         if "skipped" in modes:
             yield (f"group, results fetched, {backend}", modes["skipped"], "", "", "", "")
             continue
-        yield (f"group of {modes['default']['tasks']:,} add, results fetched, {backend}: default / --fair",
-               f"{_n(modes['default']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
-        cpu = modes["default"].get("cpu_us_per_task")
+        yield (f"group of {modes['fair']['tasks']:,} add, results fetched, {backend}: --no-fair / --fair",
+               f"{_n(modes['fifo']['tasks_per_s'])} / {_n(modes['fair']['tasks_per_s'])} tasks/s", "", "", "", "")
+        cpu = modes["fair"].get("cpu_us_per_task")
         if cpu:
-            yield (f"CPU µs per group member, {backend}, default: client / supervisor / children",
+            yield (f"CPU µs per group member, {backend}, --fair: client / supervisor / children",
                    " / ".join(str(cpu[part]) for part in ("client", "supervisor", "children")), "", "", "", "")
     if "chord" in ours:
         c = ours["chord"]

@@ -73,8 +73,10 @@ def setup_logging(level: str) -> None:
 @click.option("-A", "--app", "app_spec", required=True, help="The app: 'module' or 'module:attribute'.")
 @click.option("-c", "--concurrency", type=click.IntRange(1), default=None,
               help="Child processes (default: the CPU count).")
-@click.option("--fair", is_flag=True, help="Give a task only to an idle child, and share children fairly "
-              "between task kinds (short tasks overtake long ones).")
+@click.option("--fair/--no-fair", default=True, show_default=True,
+              help="--fair: give idle children batches of a few ms of expected work, sharing them fairly between "
+              "task kinds (short tasks overtake long ones). --no-fair: arrival order with prefetch (Celery's "
+              "default mode).")
 @click.option("--bind", "binds", multiple=True, help="Endpoint to bind (repeatable; default: the app's transport).")
 @click.option("--connect", "connects", multiple=True,
               help="Endpoint of a producer that binds, to connect to (repeatable; the ventilator pattern).")

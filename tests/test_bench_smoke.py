@@ -76,13 +76,13 @@ def test_table_puts_the_peers_beside_the_like_for_like_rows(capsys):
     assert table["no-op tasks/s (results ignored)"][3:] == ("5,000", "10.0x")
     assert table["round trip p50/p99/max: rpc"][3:] == ("", "10.0x at p50")
     assert all(len(row) == 6 for row in rows(report))
-    report["results"]["fair"] = {"2": {"default": 40_000, "fair": 38_000, "fair_vs_default": 0.95},
-                                 "16": {"default": 39_000, "fair": 37_000, "fair_vs_default": 0.949}}
+    report["results"]["fair"] = {"2": {"fifo": 40_000, "fair": 38_000, "fair_vs_fifo": 0.95},
+                                 "16": {"fifo": 39_000, "fair": 37_000, "fair_vs_fifo": 0.949}}
     report["results"]["chord"] = {"tasks": 100, "tasks_per_s": 8000, "body_delay_ms": 12.5}
     report["celery"].update(fair={"tasks_per_s": 800}, chord={"tasks_per_s": 400, "body_delay_ms": 100.0})
     table = {row[0]: row[1:] for row in rows(report)}
-    assert table["no-op tasks/s at concurrency 2: default / --fair"][1:3] == ("800 (-O fair)", "47.5x")
-    assert table["no-op tasks/s at concurrency 16: default / --fair"][1:3] == ("", "")
+    assert table["no-op tasks/s at concurrency 2: --no-fair / --fair"][1:3] == ("800 (-O fair)", "47.5x")
+    assert table["no-op tasks/s at concurrency 16: --no-fair / --fair"][1:3] == ("", "")
     chord_row = next(row for name, row in table.items() if name.startswith("chord of 100"))
     assert chord_row[:3] == ("8,000; 12.5 ms", "400; 100.0 ms", "20.0x")
     print_table(report)
@@ -186,13 +186,13 @@ def test_the_fair_mixed_and_pipeline_scenarios_complete_in_both_modes():
     from bench.table import rows
 
     fair = pipelines.fair(300, 2, lambda fraction: None)
-    assert set(fair) == {"2", "16"} and all(level["default"] > 0 and level["fair"] > 0 for level in fair.values())
+    assert set(fair) == {"2", "16"} and all(level["fifo"] > 0 and level["fair"] > 0 for level in fair.values())
     mixed = pipelines.mixed(200, 2, lambda fraction: None)
-    assert mixed["default"]["slow_tasks"] == mixed["fair"]["slow_tasks"] == 2
-    assert all(mixed[mode]["tiny_wait_p99_ms"] >= mixed[mode]["tiny_wait_p50_ms"] >= 0 for mode in ("default", "fair"))
+    assert mixed["fifo"]["slow_tasks"] == mixed["fair"]["slow_tasks"] == 2
+    assert all(mixed[mode]["tiny_wait_p99_ms"] >= mixed[mode]["tiny_wait_p50_ms"] >= 0 for mode in ("fifo", "fair"))
     pipeline = pipelines.pipeline(300, 2, lambda fraction: None)  # also checks the group's results, in order
     assert {"sqlite", "rpc"} <= set(pipeline) and pipeline["rpc"]["fair"]["tasks"] == 300
-    assert "tasks" in pipeline["redis"]["default"] or "skipped" in pipeline["redis"]
+    assert "tasks" in pipeline["redis"]["fair"] or "skipped" in pipeline["redis"]
     operating = pipelines.operating(300, 2, lambda fraction: None)
     assert operating["plain"] > 0 and operating["events+metrics_vs_plain"] > 0
     table = list(rows({"results": {"fair": fair, "mixed": mixed, "pipeline": pipeline, "operating": operating}}))

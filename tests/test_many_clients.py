@@ -62,7 +62,7 @@ def launch(tmp_path):
             process.wait(10)
 
 
-@pytest.mark.parametrize("mode", [[], ["--fair"]], ids=["default", "fair"])
+@pytest.mark.parametrize("mode", [["--no-fair"], ["--fair"]], ids=["fifo", "fair"])
 def test_a_late_client_gets_its_task_run_while_ten_clients_sit_idle(launch, tmp_path, mode):
     endpoint = free_endpoint()
     backend = f"sqlite:///{tmp_path / 'results.db'}"

@@ -97,6 +97,13 @@ def test_sigkilled_supervisor_takes_its_children_with_it(setup):
     wait_until(lambda: not pids_alive(children), 10, message="children exit after their supervisor died")
 
 
+@pytest.mark.parametrize(("flags", "mode"), [((), "fair"), (("--fair",), "fair"), (("--no-fair",), "fifo")])
+def test_the_fair_scheduler_is_the_default_and_no_fair_selects_fifo(setup, flags, mode):
+    worker = setup("--concurrency", "1", *flags)
+    assert f"mode: {mode}" in worker.wait_for_line("mode: ")
+    assert workerapp.add.delay(2, 2).get(timeout=10) == 4
+
+
 def test_child_killed_mid_task_fails_it_with_worker_lost_and_is_replaced(setup):
     worker = setup("--concurrency", "2")
     before = {p.pid for p in worker.children()}
