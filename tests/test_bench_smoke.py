@@ -206,3 +206,11 @@ def test_the_chord_scenario_times_its_body_after_the_header():
 
     figures = pipelines.chord(100, 2, lambda fraction: None)
     assert figures["tasks"] == 100 and figures["body_delay_ms"] >= 0 and figures["tasks_per_s"] > 0
+
+
+def test_the_store_command_compares_time_ordered_and_random_ids(capsys):
+    from bench.__main__ import main
+
+    assert main(["store", "--rows", "2048", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "uuid7 (engine)" in out and "uuid4 (random)" in out and "random ids cost" in out
