@@ -234,6 +234,16 @@ def test_the_worker_that_stored_the_header_results_sends_the_body_without_readin
     app.close()
 
 
+class FlusherStandIn:
+    """What a ChordCounter reads of the state flusher: no journal, a count of stores, states pending or not."""
+
+    journal = None
+
+    def __init__(self, pending: bool = False) -> None:
+        self.stores = 0
+        self.pending = pending
+
+
 def _store_fire_recover(backend):
     """The firing protocol on any chord store: noted as being fired until reported queued."""
     backend.chord_start("fc1", ["a"], {"task": "t.sum"})
@@ -294,12 +304,7 @@ def test_a_worker_does_not_retry_a_body_whose_chord_was_taken_over_meanwhile(tmp
     backend.chord_parts_done([("slow", "s1")], "stalled /j")
     sent = []
 
-    class States:
-        journal = None
-        stores = 0
-        pending = False
-
-    counter = ChordCounter(app, backend, states_out=States(), send=sent.append, firer="stalled /j")  # type: ignore[arg-type]
+    counter = ChordCounter(app, backend, states_out=FlusherStandIn(), send=sent.append, firer="stalled /j")  # type: ignore[arg-type]
     counter._unstarted.append(("slow", ["s1"], {"task": "t.sum"}))  # its first start failed
     backend._connection().execute("UPDATE engine_chord_firers SET seen = 0 WHERE firer = 'stalled /j'")
     backend.firer_alive("other /j")
@@ -361,13 +366,8 @@ def test_a_worker_sends_the_body_of_a_chord_whose_firing_worker_is_gone(tmp_path
     backend.firer_alive("lost /j")
     assert len(backend.chord_parts_done([("orphan", "o1"), ("orphan", "o2")], "lost /j")) == 1
 
-    class States:  # what the counter reads of the state flusher
-        journal = None
-        stores = 0
-        pending = False
-
     sent = []
-    counter = ChordCounter(app, backend, states_out=States(), send=sent.append, firer="other /j")  # type: ignore[arg-type]
+    counter = ChordCounter(app, backend, states_out=FlusherStandIn(), send=sent.append, firer="other /j")  # type: ignore[arg-type]
     counter.adopt()
     assert sent == []  # the firer still counts as alive
     backend._connection().execute("UPDATE engine_chord_firers SET seen = 0 WHERE firer = 'lost /j'")
@@ -402,13 +402,8 @@ def test_a_restarted_worker_sends_again_the_bodies_it_fired_but_never_queued(tmp
     # The first run counted both and crashed before their bodies were in its journal.
     assert len(backend.chord_parts_done([("lost", "l1"), ("replayed", "r1")], "w /j")) == 2
 
-    class States:  # what the counter reads of the state flusher: no journal, states not yet stored
-        journal = None
-        stores = 0
-        pending = True
-
     sent = []
-    states_out = States()
+    states_out = FlusherStandIn(pending=True)  # states not yet stored
     counter = ChordCounter(app, backend, states_out=states_out, send=sent.append, firer="w /j")  # type: ignore[arg-type]
     counter.recover(replayed_ids={"replayed"})  # the journal had the second body already
 

@@ -320,17 +320,7 @@ class RedisBackend(Backend):
             self.client.srem(FIRING_PREFIX + firer, *(CHORD_PREFIX + chord_id for chord_id in chord_ids))
 
     def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
-        import msgpack
-
-        out = []
-        for key in self.client.smembers(FIRING_PREFIX + firer):
-            header, body = self.client.hmget(key, ("header", "body"))
-            chord_id = key.decode()[len(CHORD_PREFIX):]
-            if header is None:  # expired with the results: nothing left to send
-                self.chord_bodies_queued([chord_id], firer)
-                continue
-            out.append((chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False)))
-        return out
+        return self._chords_of(list(self.client.smembers(FIRING_PREFIX + firer)), firer)
 
     def firer_alive(self, firer: str) -> None:
         pipe = self.client.pipeline(transaction=False)
