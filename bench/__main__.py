@@ -5,7 +5,8 @@ while it runs, a table prints at the end, ``--json FILE`` saves the figures.
 ``python -m bench core`` prints the compiled-vs-pure ratios of the core;
 ``python -m bench profile`` samples every process of a no-op run with py-spy;
 ``python -m bench mesh`` measures links and heartbeats as the mesh grows;
-``python -m bench store`` what storing a result costs SQLite, by kind of task id.
+``python -m bench store`` what storing a result costs SQLite, by kind of task id;
+``python -m bench instructions`` counts instructions per ``delay()`` with callgrind.
 """
 
 from __future__ import annotations
@@ -173,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("profile", help="where a no-op task's time goes, per process (py-spy)", add_help=False)
     sub.add_parser("mesh", help="links, heartbeat frames and memory per host as the mesh grows", add_help=False)
     sub.add_parser("store", help="the SQLite backend's cost per stored result, by kind of task id", add_help=False)
+    sub.add_parser("instructions", help="instructions per delay() and group member, by callgrind", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["mesh"]:  # links, heartbeats and memory per host as the mesh grows (bench/mesh.py)
         return __import__("bench.mesh", fromlist=["main"]).main(argv[1:])
     if argv[:1] == ["store"]:  # the SQLite backend's cost per stored result, by kind of task id
         return __import__("bench.store", fromlist=["main"]).main(argv[1:])
+    if argv[:1] == ["instructions"]:  # instructions per delay() and group member (callgrind)
+        return __import__("bench.instructions", fromlist=["main"]).main(argv[1:])
     if argv[:1] == ["profile"]:
         from bench.profile import main as profile_main
 

@@ -214,3 +214,25 @@ def test_the_store_command_compares_time_ordered_and_random_ids(capsys):
     assert main(["store", "--rows", "2048", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "uuid7 (engine)" in out and "uuid4 (random)" in out and "random ids cost" in out
+
+
+def test_the_instructions_command_says_when_valgrind_is_missing(monkeypatch, capsys):
+    from bench import instructions
+
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    assert instructions.main(["--tasks", "10"]) == 2
+    assert "valgrind is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_instructions_command_counts_a_delay_in_tens_of_thousands(capsys):
+    import shutil
+
+    from bench import instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    assert instructions.main(["--tasks", "500"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    counts = [int(row[-1].replace(",", "")) for row in rows]
+    assert len(counts) == 2 and all(5_000 < n < 500_000 for n in counts)
