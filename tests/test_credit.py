@@ -12,6 +12,7 @@ thread owns the sockets and loops on a poll, and the tests call the loop's steps
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from engine.core import TaskMessage, encode_batch, encode_message
 from engine.transport import protocol
 from engine.transport.consumer import ACTIVE_SECONDS, Consumer
-from engine.transport.producer import BATCH_MAX, Producer, _Outbox, _Pending
+from engine.transport.producer import BATCH_MAX, DEMAND_EVERY, Producer, _Outbox, _Pending
 from engine.transport.protocol import PEER_TIMEOUT, PeerTable
 from tests.fakes import FakeSocket
 
@@ -425,6 +426,7 @@ def producer():
     p._result_handlers = []
     p._turn = 0
     p._demand_sent = 0.0
+    p._demand_due = math.inf
     p._awake = False
     p._wake_r, p._wake_w = os.pipe()
     os.set_blocking(p._wake_r, False)
@@ -598,3 +600,21 @@ def test_the_demand_frame_reports_waiting_and_held_credit_and_the_worker_takes_i
     list(consumer.receive(router))
     assert client.credit == {"q": 2}
     assert client.waiting == {"q": 1, "other": 4}
+
+
+def test_a_demand_held_back_by_the_throttle_is_sent_when_it_is_due_not_at_the_next_heartbeat(producer):
+    # A new client: its first demand (nothing waiting yet) went out as it linked; its first
+    # burst, queued a moment later, wakes the I/O thread once. That demand must follow soon.
+    link, sock = worker_link(producer, "w")
+    producer._send_demand(1000.0, {})
+    queue_messages(producer, "q", 5)
+    producer._dispatch(1000.0 + DEMAND_EVERY / 2)
+    assert len(sock.frames(protocol.DEMAND)) == 1  # held back: asked too recently
+    assert producer._demand_due == 1000.0 + DEMAND_EVERY  # ... but the loop wakes for it
+    producer._dispatch(producer._demand_due + 1e-6)
+    demands = sock.frames(protocol.DEMAND)
+    assert len(demands) == 2 and demands[-1]["waiting"] == {"q": 5}
+    assert producer._demand_due == math.inf
+    link.credit = {"q": 5}
+    producer._dispatch(producer._demand_sent + 1.0)
+    assert sent_ids(sock) == [["m0", "m1", "m2", "m3", "m4"]] and producer._demand_due == math.inf

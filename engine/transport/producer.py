@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -148,6 +149,8 @@ class Producer:
         os.set_blocking(self._wake_w, False)
         self._awake = False
         self._demand_sent = 0.0
+        #: When a demand held back by DEMAND_EVERY is to be sent (the loop wakes for it); inf: none.
+        self._demand_due = math.inf
         self._turn = 0
         self._closing = False
         self._result_handlers: list[Any] = []
@@ -367,7 +370,7 @@ class Producer:
     def _loop(self) -> None:
         next_beat = 0.0
         while not self._closing:
-            timeout = max(0.0, next_beat - time.monotonic())
+            timeout = max(0.0, min(next_beat, self._demand_due) - time.monotonic())
             # pyzmq's Poller.poll truncates a float itself (its annotation says int).
             events = dict(self._poller.poll(timeout * 1000))  # type: ignore[arg-type]
             if self._wake_r in events:
@@ -472,6 +475,7 @@ class Producer:
         worker that restarted).
         """
         self._demand_sent = now
+        self._demand_due = math.inf
         waiting = dict(demand)
         for peer in self._peers:
             held = {queue: n for queue, n in peer.credit.items() if n > 0}
@@ -481,6 +485,7 @@ class Producer:
         """Send waiting messages to workers with credit for their queue, in frames of bounded size."""
         with self._lock:
             if not self._outbox:
+                self._demand_due = math.inf
                 return
             peers = list(self._peers)
             batches: list[tuple[Peer, list[_Pending]]] = []
@@ -502,6 +507,9 @@ class Producer:
             # Out of credit: ask now rather than at the next heartbeat, after the task frames
             # (a worker counts the tasks it receives against what was reported waiting).
             ask = bool(self._outbox) and now - self._demand_sent > DEMAND_EVERY
+            # Held back: asked a moment ago, maybe before these tasks were queued (a new client's
+            # first burst). The loop wakes for it; a later delay() into this queue would not.
+            self._demand_due = self._demand_sent + DEMAND_EVERY if self._outbox and not ask else math.inf
         # Packing and sending happen outside the lock, so delay() never waits on them.
         for peer, items in batches:
             frame = protocol.pack([p.raw for p in items])
