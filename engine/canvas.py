@@ -44,11 +44,18 @@ class Signature(dict):
 
     def __init__(self, task: str | Task, args: Any = None, kwargs: dict | None = None, options: dict | None = None,
                  *, immutable: bool = False, app: Engine | None = None) -> None:
-        name = task if isinstance(task, str) else task.name
-        if app is None and not isinstance(task, str):
-            app = task.app
-        super().__init__(task=name, args=list(args or ()), kwargs=dict(kwargs or {}),
-                         options=dict(options or {}), immutable=bool(immutable))
+        if isinstance(task, str):
+            name = task
+        else:
+            name = task.name
+            if app is None:
+                app = task.app
+        # Item by item rather than dict's keyword constructor: a batch makes one per task.
+        self["task"] = name
+        self["args"] = list(args) if args else []
+        self["kwargs"] = dict(kwargs) if kwargs else {}
+        self["options"] = dict(options) if options else {}
+        self["immutable"] = bool(immutable)
         self._app = app
 
     # dict keys read as attributes, as in Celery.

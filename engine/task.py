@@ -485,7 +485,9 @@ class Task:
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """Shortcut: ``signature(args, kwargs)``."""
-        return self.signature(args, kwargs)
+        if type(self).signature is not Task.signature:  # a subclass's own signature() is honoured
+            return self.signature(args, kwargs)
+        return Signature(self.name, args, kwargs, None, app=self.app)  # a batch makes one per task
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """Shortcut for an immutable signature: later steps' results are not prepended."""

@@ -638,3 +638,23 @@ def test_request_class_is_the_workers_request(app):
     assert job.request_class is RecordingRequest and job.request_class is RecordingRequest
     job.Request = Request
     assert job.request_class is Request
+
+
+def test_s_builds_a_signature_and_honours_a_subclass_s_own_signature(app):
+    @app.task
+    def mul(x, y):
+        return x * y
+
+    sig = mul.s(2, y=3)
+    assert dict(sig) == {"task": mul.name, "args": [2], "kwargs": {"y": 3}, "options": {}, "immutable": False}
+    assert sig.app is app and sig() == 6
+
+    class Tagged(Task):
+        def signature(self, args=None, kwargs=None, **options):
+            return super().signature(args, kwargs, queue="tagged", **options)
+
+    @app.task(base=Tagged)
+    def tagged(x):
+        return x
+
+    assert tagged.s(1)["options"] == {"queue": "tagged"}
