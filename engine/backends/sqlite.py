@@ -12,12 +12,13 @@ and backs off to ``interval``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -94,21 +95,21 @@ class SQLiteBackend(Backend):
         if getattr(local, "pid", None) != os.getpid():
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             deadline = time.monotonic() + OPEN_TIMEOUT
-            while True:
-                try:
-                    self._prepare(connection)
-                    break
-                except sqlite3.OperationalError as exc:
-                    # Setting WAL mode, or a schema change, meeting another process doing the same
-                    # on a new file fails at once ("database is locked"): sqlite's busy wait does
-                    # not cover it. Try again for a while.
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        connection.close()
-                        raise
-                    time.sleep(0.01)
-                except BaseException:
-                    connection.close()
-                    raise
+            try:
+                while True:
+                    try:
+                        self._prepare(connection)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        # Setting WAL mode, or a schema change, meeting another process doing the same
+                        # on a new file fails at once ("database is locked"): sqlite's busy wait does
+                        # not cover it. Try again for a while.
+                        if "locked" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.01)
+            except BaseException:
+                connection.close()
+                raise
             local.connection, local.pid = connection, os.getpid()
         opened: sqlite3.Connection = local.connection
         return opened
@@ -134,19 +135,25 @@ class SQLiteBackend(Backend):
         connection.execute("CREATE INDEX IF NOT EXISTS engine_chords_being_fired ON engine_chords (firer) "
                            "WHERE fired = 1")
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside ``BEGIN IMMEDIATE``: committed at the end, rolled back on an error."""
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
     def store(self, records: Iterable[StateRecord]) -> None:
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
                  r.result, r.traceback, r.timestamp or time.time()) for r in records]
         if not rows:
             return
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as connection:
             connection.executemany(UPSERT, rows)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
 
     def _change_token(self) -> int:
         # SQLite's counter of commits by other connections: reading it costs no table read.
@@ -191,10 +198,8 @@ class SQLiteBackend(Backend):
         by_chord: dict[str, list[str]] = {}
         for chord_id, task_id in parts:
             by_chord.setdefault(chord_id, []).append(task_id)
-        connection = self._connection()
         completed = []
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as connection:
             for chord_id, task_ids in by_chord.items():
                 # A header task that ran twice (at-least-once) is in the table already: not counted again.
                 inserted = connection.executemany("INSERT OR IGNORE INTO engine_chord_parts VALUES (?, ?)",
@@ -206,25 +211,17 @@ class SQLiteBackend(Backend):
                     "UPDATE engine_chords SET fired = 1, firer = ? WHERE chord_id = ? AND fired = 0 AND done >= size",
                     (firer, chord_id)).rowcount
                 if fired:
-                    header, body = connection.execute(
-                        "SELECT header, body FROM engine_chords WHERE chord_id = ?", (chord_id,)).fetchone()
-                    completed.append((chord_id, msgpack.unpackb(header, raw=False),
-                                      msgpack.unpackb(body, raw=False)))
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        return completed
+                    completed += connection.execute(
+                        "SELECT chord_id, header, body FROM engine_chords WHERE chord_id = ?", (chord_id,)).fetchall()
+        return _chords(completed)
 
     def chord_bodies_queued(self, chord_ids: list[str], firer: str) -> None:
         self._connection().executemany("UPDATE engine_chords SET fired = 2 WHERE chord_id = ? AND firer = ?",
                                        [(chord_id, firer) for chord_id in chord_ids])
 
     def chords_firing(self, firer: str) -> list[tuple[str, list[str], dict]]:
-        rows = self._connection().execute(
-            "SELECT chord_id, header, body FROM engine_chords WHERE fired = 1 AND firer = ?", (firer,)).fetchall()
-        return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
-                for chord_id, header, body in rows]
+        return _chords(self._connection().execute(
+            "SELECT chord_id, header, body FROM engine_chords WHERE fired = 1 AND firer = ?", (firer,)).fetchall())
 
     def firer_alive(self, firer: str) -> None:
         self._connection().execute(
@@ -240,19 +237,13 @@ class SQLiteBackend(Backend):
                                (time.time() - FIRER_TTL, firer), firer)
 
     def _take_over(self, which: str, params: tuple, firer: str) -> list[tuple[str, list[str], dict]]:
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        """The chords being fired that ``which`` (a condition on ``c``) picks, noted as fired by ``firer``."""
+        with self._transaction() as connection:
             rows = connection.execute(f"SELECT c.chord_id, c.header, c.body FROM engine_chords c "
                                       f"WHERE c.fired = 1 AND {which}", params).fetchall()
             connection.executemany("UPDATE engine_chords SET firer = ? WHERE chord_id = ? AND fired = 1",
                                    [(firer, chord_id) for chord_id, _, _ in rows])
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
-                for chord_id, header, body in rows]
+        return _chords(rows)
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One query per :data:`READ_MANY` ids."""
@@ -272,14 +263,8 @@ class SQLiteBackend(Backend):
 
     def forget_many(self, task_ids: Sequence[str]) -> None:
         """One transaction for all of them."""
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as connection:
             connection.executemany("DELETE FROM engine_results WHERE task_id = ?", [(i,) for i in task_ids])
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
 
     def cleanup(self, now: float | None = None) -> int:
         """Delete results older than ``result_expires``; return how many."""
@@ -299,3 +284,9 @@ class SQLiteBackend(Backend):
         if connection is not None and self._local.pid == os.getpid():
             connection.close()
         self._local = threading.local()
+
+
+def _chords(rows: list) -> list[tuple[str, list[str], dict]]:
+    """``(chord id, header ids, body)`` from rows of ``chord_id, header, body`` as stored."""
+    return [(chord_id, msgpack.unpackb(header, raw=False), msgpack.unpackb(body, raw=False))
+            for chord_id, header, body in rows]
