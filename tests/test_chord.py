@@ -244,6 +244,24 @@ class FlusherStandIn:
         self.pending = pending
 
 
+def _summing_app(tmp_path):
+    """An app on a new SQLite store, and its ``tsum`` task: the body of the chord recovery tests' chords."""
+    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    return app, tsum
+
+
+def _chord_with_results(backend, chord_id: str, body_task, results: dict[str, int]) -> None:
+    """A chord whose header tasks (id -> result) are stored as succeeded and not counted yet."""
+    backend.chord_start(chord_id, list(results), dict(body_task.s().set(task_id=chord_id)))
+    backend.store([StateRecord(task_id, states.SUCCESS, dumps(value), None, time.time())
+                   for task_id, value in results.items()])
+
+
 def _store_fire_recover(backend):
     """The firing protocol on any chord store: noted as being fired until reported queued."""
     backend.chord_start("fc1", ["a"], {"task": "t.sum"})
@@ -353,16 +371,9 @@ def test_the_sqlite_store_hands_a_chord_abandoned_by_a_lost_worker_to_one_other(
 def test_a_worker_sends_the_body_of_a_chord_whose_firing_worker_is_gone(tmp_path):
     from engine.worker.chords import ChordCounter
 
-    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
-
-    @app.task
-    def tsum(values):
-        return sum(values)
-
+    app, tsum = _summing_app(tmp_path)
     backend = app.backend
-    backend.chord_start("orphan", ["o1", "o2"], dict(tsum.s().set(task_id="orphan")))
-    backend.store([StateRecord("o1", states.SUCCESS, dumps(2), None, time.time()),
-                   StateRecord("o2", states.SUCCESS, dumps(3), None, time.time())])
+    _chord_with_results(backend, "orphan", tsum, {"o1": 2, "o2": 3})
     backend.firer_alive("lost /j")
     assert len(backend.chord_parts_done([("orphan", "o1"), ("orphan", "o2")], "lost /j")) == 1
 
@@ -389,16 +400,10 @@ def test_the_sqlite_store_remembers_which_worker_fires_a_chord_until_its_body_is
 def test_a_restarted_worker_sends_again_the_bodies_it_fired_but_never_queued(tmp_path):
     from engine.worker.chords import ChordCounter
 
-    app = Engine("chords", backend=f"sqlite:///{tmp_path / 'r.db'}", set_as_current=False)
-
-    @app.task
-    def tsum(values):
-        return sum(values)
-
+    app, tsum = _summing_app(tmp_path)
     backend = app.backend
-    for chord_id, header in (("lost", ["l1"]), ("replayed", ["r1"])):
-        backend.chord_start(chord_id, header, dict(tsum.s().set(task_id=chord_id)))
-        backend.store([StateRecord(header[0], states.SUCCESS, dumps(5), None, time.time())])
+    _chord_with_results(backend, "lost", tsum, {"l1": 5})
+    _chord_with_results(backend, "replayed", tsum, {"r1": 5})
     # The first run counted both and crashed before their bodies were in its journal.
     assert len(backend.chord_parts_done([("lost", "l1"), ("replayed", "r1")], "w /j")) == 2
 

@@ -41,6 +41,7 @@ class FakeChild:
         self.accepting = True
         self.queued_seconds = 0.0
         self.last_done: bytes | None = None
+        self.report_log: str | None = None
         self.reader = reader
         self.writer = writer
 

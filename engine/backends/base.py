@@ -18,13 +18,13 @@ __all__ = ("Backend", "DisabledBackend")
 
 #: First and largest sleep between two polls of ``wait_for`` (seconds).
 POLL_FIRST = 0.0002
-#: Seconds a chord-firing worker counts as alive after it last said so (``Backend.firer_alive``).
-FIRER_TTL = 60.0
 POLL_MAX = 0.5
 #: Ids not ready yet that one read of ``wait_for_many`` asks for at most (the first ones, in order) ...
 WAIT_AHEAD = 1000
 #: ... and at least: in between, about as many as the last read found ready, and a quarter more.
 WAIT_AHEAD_MIN = 64
+#: Seconds a chord-firing worker counts as alive after it last said so (``Backend.firer_alive``).
+FIRER_TTL = 60.0
 
 
 class Backend:

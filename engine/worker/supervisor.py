@@ -220,13 +220,13 @@ class Supervisor:
             if self.chords is not None:
                 # The journal on this host is the worker's durable identity (an unnamed worker's name
                 # has its pid). The host too: pods of one Deployment share the journal's path.
-                self.chords.firer = f"{HOSTNAME}:{os.path.abspath(self.journal_path)}"
-                self.chords.legacy_firer = os.path.abspath(self.journal_path)  # earlier versions' identity
+                journal_path = os.path.abspath(self.journal_path)
+                self.chords.firer = f"{HOSTNAME}:{journal_path}"
+                self.chords.legacy_firer = journal_path  # earlier versions' identity
             self.revoked.load(self.journal.revoked())
             saved = self.journal.runtimes()
             self.stats.load(saved)
             self.scheduler.expect_kinds(saved)
-        if self.journal_path:
             # What children reported and a killed predecessor never stored: read before new
             # children write their own logs in the same place (see engine.worker.report_log).
             report_dir = f"{self.journal_path}.reports"
@@ -735,7 +735,7 @@ class Supervisor:
         status = self.pool.forget(child)
         reason = self.limits.reason(child.pid)
         target = self.limits.terminated_task(child.pid)
-        report_file = getattr(child, "report_log", None)
+        report_file = child.report_log
         if report_file:
             # Not for a child killed on purpose (a time limit, a terminating revoke): the task
             # it was killed for is the one held first, whatever its log says since.
