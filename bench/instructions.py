@@ -1,4 +1,4 @@
-"""``python -m bench instructions``: CPU instructions per ``delay()`` and per group member, counted by callgrind.
+"""``python -m bench instructions``: CPU instructions per ``delay()``, per group member and per task a child runs, by callgrind.
 
 Timings on a shared 2-core VM move by 10-20% between runs of the same code;
 an instruction count does not. This runs a client that sends N tasks (and,
@@ -6,7 +6,9 @@ for the baseline, none) under ``valgrind --tool=callgrind`` and prints the
 difference per task: what one ``delay()`` costs the client's main thread and
 its I/O thread, and what one member of ``group(...).apply_async()`` costs,
 signature included. No worker is started: the messages wait in the outbox,
-so only the sending side is counted. Compare two commits by running it in a
+so only the sending side is counted. The child's figure runs the pool child's
+per-task step (decode, trace, report to the pipe) in one process, without a
+supervisor. Compare two commits by running it in a
 worktree of each.
 """
 
@@ -43,11 +45,37 @@ else:
 os._exit(0)  # nothing is delivered: no flush at exit
 """
 
+#: A pool child's loop step run under callgrind: N no-op task messages are made, and run
+#: (``run``) or not (``none``) through the child's path: decode, trace, report. The
+#: reports go to /dev/null through the child's own FrameWriter.
+CHILD = """
+import os, sys
+from engine import Engine
+from engine.core import TaskMessage, encode_message
+from engine.worker import child, pipe
+app = Engine("instructions", transport="tcp://127.0.0.1:9", set_as_current=True)
+@app.task(ignore_result=True)
+def noop(x, y):
+    pass
+n = int(sys.argv[2])
+raws = [encode_message(TaskMessage(id=f"{i:036d}", task=noop.name, args=(i, i), kwargs={})) for i in range(n)]
+writer = pipe.FrameWriter(os.open(os.devnull, os.O_WRONLY), blocking=True)
+recorder = child.ChildRecorder(writer, False)
+app._producer = child.ChildProducer(writer)
+if sys.argv[1] == "child":
+    for raw in raws:
+        child._run_one(raw, app.tasks, recorder, writer, "host", None, set())
+        if writer.pending > 65536:
+            writer.flush()
+os._exit(0)
+"""
+
 
 def count(mode: str, tasks: int, backend: str = "") -> int:
-    """Instructions callgrind counts for a client that sends ``tasks`` tasks the ``mode`` way."""
+    """Instructions callgrind counts for ``tasks`` tasks sent the ``mode`` way, or run by a child (``child``)."""
+    script = CLIENT if mode in ("delay", "group") else CHILD
     done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
-                           CLIENT, mode, str(tasks), backend], cwd=ROOT, capture_output=True, text=True,
+                           script, mode, str(tasks), backend], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=1800, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
@@ -67,4 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, label in (("delay", "add.delay(i, i)"), ("group", "group(add.s(i, i) ...) member")):
         per_task = (count(mode, options.tasks, options.backend) - count(mode, 0, options.backend)) / options.tasks
         print(f"  {label:32s} {per_task:10,.0f}")
+    # The child's figure: the same messages made, run minus not run.
+    per_task = (count("child", options.tasks) - count("none", options.tasks)) / options.tasks
+    print(f"  {'a pool child runs a no-op task':32s} {per_task:10,.0f}")
     return 0

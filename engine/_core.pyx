@@ -274,6 +274,10 @@ def new_task_id():
     return PyUnicode_DecodeASCII(text, 36, NULL)
 
 
+# Not tracked by the cyclic collector: a message's fields are its own decoded values or a
+# caller's arguments, which cannot refer back to the message made from them, and thousands
+# of messages in flight would otherwise make every collection walk them all.
+@cython.no_gc
 @cython.freelist(32)
 cdef class TaskMessage:
     """One task invocation: what the producer sends and the worker executes.

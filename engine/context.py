@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from engine.task import Task
     from engine.tracer import Recorder
 
-__all__ = ("Context", "current", "current_task", "pop", "push")
+__all__ = ("Context", "current", "current_task", "pop", "push", "running")
 
 
 class Context:
@@ -107,6 +107,11 @@ def push(task: Task, request: Context) -> None:
 def pop() -> None:
     """End the innermost running task of this thread."""
     _stack.items.pop()
+
+
+def running() -> list[tuple[Task, Context]]:
+    """This thread's stack of running ``(task, request)`` pairs, innermost last (the tracer's push and pop)."""
+    return _stack.items
 
 
 def current() -> tuple[Task, Context] | None:

@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 import traceback as traceback_module
-from collections.abc import Callable
 from time import monotonic
 from typing import Any, NamedTuple, Protocol
 
@@ -119,12 +118,6 @@ def _handlers(task: Task) -> frozenset[str]:
     return found
 
 
-def _runner(task: Task) -> Callable[..., Any]:
-    # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
-    # calling run() directly saves a frame per task.
-    return task if type(task).__call__ is not Task.__call__ else task.run
-
-
 def trace_task(task: Task, request: context.Context, recorder: Recorder | None = None, *,
                eager: bool = False, propagate: bool = False) -> TraceOutcome:
     """Run ``task`` for ``request`` and record its outcome in ``recorder``.
@@ -135,11 +128,12 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
     task_id: str = request.id  # type: ignore[assignment]  # built from a message (Request.context): never None
     args, kwargs = request.args, request.kwargs
     store = None if recorder is None or resolve_ignore_result(task, request) else recorder
-    request.recorder = recorder if store is not None else None
+    request.recorder = store
     retval: Any = None
     einfo: ExceptionInfo | None = None
     started = monotonic()
-    context.push(task, request)
+    running = context.running()  # this thread's stack, read once: push and pop are a list's own
+    running.append((task, request))
     state = states.FAILURE
     # Task's own handlers do nothing: skip their calls (a no-op task pays for every call here).
     handlers = _handlers(task)
@@ -151,7 +145,9 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
         try:
             if "before_start" in handlers:
                 task.before_start(task_id, args, kwargs)
-            retval = _runner(task)(*args, **kwargs)
+            # A custom __call__ on a Task subclass must run (Celery honours it); otherwise
+            # calling run() directly saves a frame per task.
+            retval = (task if type(task).__call__ is not Task.__call__ else task.run)(*args, **kwargs)
             state = states.SUCCESS
         except Reject as exc:
             state, retval, einfo = states.REJECTED, exc, ExceptionInfo(internal=True)
@@ -171,7 +167,8 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
             state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
         else:
             try:
-                _send_followers(task, request, retval)
+                if request.callbacks or request.chain:
+                    _send_followers(task, request, retval)
                 if store is not None:
                     store.record(task_id, states.SUCCESS, retval)
             except EncodeError as exc:
@@ -189,7 +186,7 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
         if state not in NO_AFTER_RETURN and "after_return" in handlers:
             _call_handler(eager, task, "after_return", state, retval, task_id, args, kwargs, einfo)
     finally:
-        context.pop()
+        running.pop()
         if signals.task_postrun.receivers:
             signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs,
                                       retval=retval, state=state)

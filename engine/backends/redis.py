@@ -41,7 +41,7 @@ Processes
     Workers fork their children after the app (and so this backend) may
     already exist. A socket shared across a fork interleaves two processes'
     replies, so the client is created lazily and re-created whenever
-    ``os.getpid()`` changes; the parent's client is dropped in the child
+    process id changes; the parent's client is dropped in the child
     without being closed, which would disturb the parent's connections.
 
 Limits: multi-key scripts need every key on one node, so Redis Cluster is not
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -62,6 +61,7 @@ from engine import states
 from engine.backends.base import FIRER_TTL, Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured, TimeoutError
+from engine.utils import process
 
 if TYPE_CHECKING:
     from redis.client import PubSub
@@ -223,7 +223,7 @@ class RedisBackend(Backend):
     @property
     def client(self) -> Any:
         """This process's ``redis.Redis`` client (created on first use and after a fork)."""
-        pid = os.getpid()
+        pid = process.pid()
         if self._pid != pid:
             with self._lock:
                 if self._pid != pid:
@@ -533,9 +533,9 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         """Disconnect this process's connections (a client inherited through fork is left alone)."""
-        if self._local.__dict__.get("client") is self._redis and self._pid == os.getpid():
+        if self._local.__dict__.get("client") is self._redis and self._pid == process.pid():
             self._drop_pubsub()  # this thread's; other threads' close with the pool below
         with self._lock:
-            if self._redis is not None and self._pid == os.getpid():
+            if self._redis is not None and self._pid == process.pid():
                 self._redis.connection_pool.disconnect()
             self._redis = self._script = self._pid = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import sqlite3
 import threading
 import time
@@ -27,6 +26,7 @@ from engine import states
 from engine.backends.base import FIRER_TTL, Backend
 from engine.core import StateRecord
 from engine.exceptions import ImproperlyConfigured
+from engine.utils import process
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -92,7 +92,7 @@ class SQLiteBackend(Backend):
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "pid", None) != process.pid():
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             deadline = time.monotonic() + OPEN_TIMEOUT
             try:
@@ -110,7 +110,7 @@ class SQLiteBackend(Backend):
             except BaseException:
                 connection.close()
                 raise
-            local.connection, local.pid = connection, os.getpid()
+            local.connection, local.pid = connection, process.pid()
         opened: sqlite3.Connection = local.connection
         return opened
 
@@ -281,7 +281,7 @@ class SQLiteBackend(Backend):
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
-        if connection is not None and self._local.pid == os.getpid():
+        if connection is not None and self._local.pid == process.pid():
             connection.close()
         self._local = threading.local()
 

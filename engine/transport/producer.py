@@ -33,6 +33,7 @@ from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
 from engine.transport.discovery import EndpointSet
 from engine.transport.protocol import PEER_TIMEOUT, Peer, PeerTable
+from engine.utils import process
 from engine.utils.hostname import HOSTNAME
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class Producer:
 
     def __init__(self, app: Engine) -> None:
         self.app = app
-        self.pid = os.getpid()
+        self.pid = process.pid()
         self.client_id = f"client-{HOSTNAME}-{self.pid}-{uuid.uuid4().hex[:8]}"
         endpoints = app.conf.transport
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -167,7 +168,7 @@ class Producer:
 
     def usable(self) -> bool:
         """False after a fork (a child must make its own) or after close."""
-        return self.pid == os.getpid() and not self._closing
+        return self.pid == process.pid() and not self._closing
 
     def send(self, message: TaskMessage) -> None:
         """Queue one task message for sending; returns at once."""
@@ -253,7 +254,7 @@ class Producer:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded by ``producer_flush_timeout``), then stop the I/O thread."""
-        if self._closing or self.pid != os.getpid():
+        if self._closing or self.pid != process.pid():
             return
         if timeout is None:
             timeout = self.app.conf.producer_flush_timeout

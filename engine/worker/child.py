@@ -11,6 +11,7 @@ supervisor dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -59,6 +60,9 @@ _last_run_times: dict[str, float] = {}
 _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: Packs the DONE report of each task: only the child's loop calls it, one report at a time, so
+#: one kept Packer serves (strings, a float, a bool and an int: nothing msgpack cannot pack).
+_pack_done = msgpack.Packer(autoreset=True).pack
 
 
 class ChildRecorder:
@@ -160,6 +164,9 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
         each._producer = producer
     app.set_current()  # tasks' app-less calls (shared tasks, AsyncResult(id)) use the worker's app
     signals.worker_process_init.send(sender=None)  # e.g. open a database pool per child, after fork
+    # What the child inherited and set up lives as long as it does: the collector stops walking it
+    # (and writing to its pages, which fork shares with the supervisor until written).
+    gc.freeze()
     registry = app.tasks
     max_tasks = options.get("max_tasks_per_child") or 0
     max_memory_kib = options.get("max_memory_per_child") or 0
@@ -202,7 +209,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                         frames.extend(_take_revokes(reader.read(), revoked))
                 # Busy with tiny tasks: report in batches. Otherwise report each task as it
                 # ends, so the supervisor's view (time limits, results) stays current.
-                if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or writer.pending > REPORT_BYTES:
+                if runtime > REPORT_SLOWER_THAN or now - last_flush > REPORT_EVERY or len(writer.buffer) > REPORT_BYTES:
                     writer.flush()
                     last_flush = last_checkpoint = now
                 elif now - last_checkpoint > LOG_EVERY:
@@ -269,12 +276,12 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, serialization.dumps([task_id, states.REVOKED, 0.0, False, retries]))
+            writer.add(pipe.DONE, _pack_done((task_id, states.REVOKED, 0.0, False, retries)))
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
         request = task.request_class(message, task, recorder=recorder, hostname=hostname)
-        if writer.pending and _last_run_times.get(name, REPORT_SLOWER_THAN) >= REPORT_SLOWER_THAN:
+        if writer.buffer and _last_run_times.get(name, REPORT_SLOWER_THAN) >= REPORT_SLOWER_THAN:
             # This one may run long: report what finished before it first. Until the supervisor
             # reads those DONEs it takes a finished task for the running one (time limits,
             # blame if the child dies) and holds back its result.
@@ -306,7 +313,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _last_run_times[name] = runtime
     # The attempt number too: a retry keeps the task id, and a report log must not take one
     # attempt's end for another's (engine.worker.report_log).
-    writer.add(pipe.DONE, serialization.dumps([task_id, state, runtime, requeue, retries]))
+    writer.add(pipe.DONE, _pack_done((task_id, state, runtime, requeue, retries)))
     return runtime
 
 

@@ -14,6 +14,7 @@ never stalls the others.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -385,6 +386,10 @@ class Supervisor:
         consumer = self.consumer
         assert consumer is not None, "start() first"
         signals.worker_ready.send(sender=self)
+        # What exists now (modules, the app, the pool, replayed state) lives as long as the
+        # worker: the collector stops walking it at every full collection, and children
+        # forked from now on inherit it frozen (see child_main).
+        gc.freeze()
         poller = zmq.Poller()
         polled = set(consumer.sockets)  # the transport's sockets in the poller
         polled_generation = consumer.generation
