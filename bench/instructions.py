@@ -1,4 +1,4 @@
-"""``python -m bench instructions``: CPU instructions per ``delay()``, per group member and per task a child runs, by callgrind.
+"""``python -m bench instructions``: CPU instructions per task on the client, a child and the supervisor, by callgrind.
 
 Timings on a shared 2-core VM move by 10-20% between runs of the same code;
 an instruction count does not. This runs a client that sends N tasks (and,
@@ -70,10 +70,53 @@ if sys.argv[1] == "child":
 os._exit(0)
 """
 
+#: The supervisor's per-task step run under callgrind, without sockets, pipes or processes: N
+#: no-op task messages are accepted, handed to two stand-in children (FrameWriters to
+#: /dev/null) by the ``--fair`` scheduler, and reported done (``supervisor``), or only made
+#: (``none``), 200 at a time as a receive-dispatch-done cycle of the loop would see them.
+SUPERVISOR = """
+import collections, os, sys, time
+import msgpack
+from engine import Engine
+from engine.core import TaskMessage, decode_message, encode_message
+from engine.worker import pipe
+from engine.worker.supervisor import Supervisor
+app = Engine("instructions", transport="tcp://127.0.0.1:9")
+@app.task(ignore_result=True)
+def noop(x, y):
+    pass
+class Child:
+    def __init__(self, pid):
+        self.pid, self.outstanding, self.accepting, self.queued_seconds = pid, collections.deque(), True, 0.0
+        self.last_done = self.report_log = self.reader = None
+        self.writer = pipe.FrameWriter(os.open(os.devnull, os.O_WRONLY), blocking=True)
+class Pool:
+    concurrency, by_fd, generation = 2, {}, 0
+    def __init__(self):
+        self.children = {1: Child(1), 2: Child(2)}
+supervisor = Supervisor(app, concurrency=2, use_journal=False, hostname="w@instructions", fair=True)
+supervisor.pool = supervisor.limits.pool = Pool()
+n = int(sys.argv[2])
+ids = [f"{i:036d}" for i in range(n)]
+raws = [encode_message(TaskMessage(id=ids[i], task=noop.name, args=(i, i), kwargs={})) for i in range(n)]
+dones = {i: msgpack.packb((i, "SUCCESS", 1e-05, False, 0)) for i in ids}
+if sys.argv[1] == "supervisor":
+    for start in range(0, n, 200):
+        for raw in raws[start:start + 200]:
+            supervisor.accept(decode_message(raw), raw, None, journal_ref=1)
+        while len(supervisor.scheduler):
+            supervisor._dispatch()
+            for child in supervisor.pool.children.values():
+                while child.outstanding:
+                    supervisor._task_done(child, dones[child.outstanding[0].message.id])
+            supervisor.states.flush(time.monotonic())
+os._exit(0)
+"""
+
 
 def count(mode: str, tasks: int, backend: str = "") -> int:
     """Instructions callgrind counts for ``tasks`` tasks sent the ``mode`` way, or run by a child (``child``)."""
-    script = CLIENT if mode in ("delay", "group") else CHILD
+    script = CLIENT if mode in ("delay", "group") else SUPERVISOR if mode.startswith("supervisor") else CHILD
     done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
                            script, mode, str(tasks), backend], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=1800, check=False)
@@ -98,4 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # The child's figure: the same messages made, run minus not run.
     per_task = (count("child", options.tasks) - count("none", options.tasks)) / options.tasks
     print(f"  {'a pool child runs a no-op task':32s} {per_task:10,.0f}")
+    per_task = (count("supervisor", options.tasks) - count("supervisor-none", options.tasks)) / options.tasks
+    print(f"  {'the supervisor queues, hands out':32s} {per_task:10,.0f}")
+    print(f"  {'  and sees done a no-op task':32s}")
     return 0

@@ -83,6 +83,17 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[TaskMessage]:
 def split_batch(data: bytes | bytearray | memoryview) -> list[bytes]:
     """The encoded items of a batch, not decoded."""
 
+PIPE_HEADER_SIZE: Final[int]
+"""Bytes before a pipe frame's payload: ``<u32 length, little-endian><u8 kind>``."""
+MAX_PIPE_FRAME: Final[int]
+"""The longest pipe frame payload; a longer one declared means a corrupt stream."""
+
+def pack_frame(buffer: bytearray, kind: int, payload: bytes | bytearray | memoryview) -> None:
+    """Append one pipe frame of ``kind`` carrying ``payload`` to ``buffer``."""
+
+def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete ``(kind, payload)`` pipe frames at the start of ``buffer``, and the bytes they take."""
+
 class TaskRegistry(Mapping[str, Task]):
     """Task name -> task object."""
 

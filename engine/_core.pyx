@@ -32,6 +32,7 @@ and produces exactly the bytes ``msgpack.packb`` would (the tests check it).
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -59,6 +60,8 @@ __all__ = (
     "ENVELOPE_SIZE",
     "IMPLEMENTATION",
     "MAX_OPTIONS_DEPTH",
+    "MAX_PIPE_FRAME",
+    "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "StateRecord",
     "StateRecorder",
@@ -70,8 +73,10 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_frame",
     "request_fields",
     "split_batch",
+    "split_frames",
 )
 
 #: Which twin this is: ``"cython"`` here, ``"python"`` in ``engine._core_py``.
@@ -1355,6 +1360,63 @@ def split_batch(data):
 def decode_batch(data):
     """Decode a batch; a malformed item makes the whole batch raise MessageDecodeError."""
     return _batch(data, True)
+
+
+# -- pipe frames ----------------------------------------------------------------------------
+
+#: A pipe frame (supervisor <-> child) is ``<u32 length, little-endian><u8 kind><payload>``.
+PIPE_HEADER_SIZE = 5
+#: A frame declaring a longer payload means a corrupt stream.
+MAX_PIPE_FRAME = 512 * 1024 * 1024
+
+
+def pack_frame(bytearray buffer, unsigned char kind, payload):
+    """Append one pipe frame of ``kind`` carrying ``payload`` (bytes-like) to ``buffer``."""
+    cdef Py_buffer view
+    cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
+    cdef unsigned char* p
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        if view.len > MAX_PIPE_FRAME:
+            raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {view.len}")
+        PyByteArray_Resize(buffer, start + 5 + view.len)  # BufferError while a view of it exists
+        p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
+        p[0] = view.len & 0xff
+        p[1] = (view.len >> 8) & 0xff
+        p[2] = (view.len >> 16) & 0xff
+        p[3] = (view.len >> 24) & 0xff
+        p[4] = kind
+        memcpy(p + 5, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def split_frames(buffer):
+    """The complete ``(kind, payload)`` frames at the start of ``buffer``, and the bytes they take.
+
+    Raises ValueError for a frame longer than :data:`MAX_PIPE_FRAME` (a corrupt stream).
+    """
+    cdef Py_buffer view
+    cdef list out = []
+    cdef Py_ssize_t offset = 0, end
+    cdef uint32_t length
+    cdef const unsigned char* p
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        while view.len - offset >= 5:
+            length = (<uint32_t>p[offset] | (<uint32_t>p[offset + 1] << 8) | (<uint32_t>p[offset + 2] << 16)
+                      | (<uint32_t>p[offset + 3] << 24))
+            if length > MAX_PIPE_FRAME:
+                raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
+            end = offset + 5 + length
+            if end > view.len:
+                break
+            out.append((p[offset + 4], PyBytes_FromStringAndSize(<const char*>p + offset + 5, length)))
+            offset = end
+    finally:
+        PyBuffer_Release(&view)
+    return out, offset
 
 
 # -- registry -------------------------------------------------------------------------------

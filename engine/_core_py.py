@@ -29,6 +29,7 @@ from __future__ import annotations
 import operator
 import os
 import random
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
@@ -44,6 +45,8 @@ __all__ = (
     "ENVELOPE_SIZE",
     "IMPLEMENTATION",
     "MAX_OPTIONS_DEPTH",
+    "MAX_PIPE_FRAME",
+    "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "StateRecord",
     "StateRecorder",
@@ -55,8 +58,10 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_frame",
     "request_fields",
     "split_batch",
+    "split_frames",
 )
 
 #: Which twin this is: ``"python"`` here, ``"cython"`` in ``engine._core``.
@@ -634,6 +639,45 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[TaskMessage]:
         except MessageDecodeError as exc:
             raise MessageDecodeError(f"task batch item {index}: {exc}") from exc
     return messages
+
+
+#: A pipe frame (supervisor <-> child) is ``<u32 length, little-endian><u8 kind><payload>``.
+PIPE_HEADER_SIZE = 5
+#: A frame declaring a longer payload means a corrupt stream.
+MAX_PIPE_FRAME = 512 * 1024 * 1024
+_PIPE_HEADER = struct.Struct("<IB")
+
+
+def pack_frame(buffer: bytearray, kind: int, payload: bytes | bytearray | memoryview) -> None:
+    """Append one pipe frame of ``kind`` carrying ``payload`` (bytes-like) to ``buffer``."""
+    if not isinstance(buffer, bytearray):
+        raise TypeError(f"pack_frame appends to a bytearray, not {type(buffer).__name__}")
+    size = memoryview(payload).nbytes
+    if size > MAX_PIPE_FRAME:
+        raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {size}")
+    buffer += _PIPE_HEADER.pack(size, kind)
+    buffer += payload
+
+
+def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete ``(kind, payload)`` frames at the start of ``buffer``, and the bytes they take.
+
+    Raises ValueError for a frame longer than :data:`MAX_PIPE_FRAME` (a corrupt stream).
+    """
+    out = []
+    offset = 0
+    with memoryview(buffer) as view:
+        size = view.nbytes
+        while size - offset >= PIPE_HEADER_SIZE:
+            length, kind = _PIPE_HEADER.unpack_from(view, offset)
+            if length > MAX_PIPE_FRAME:
+                raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
+            end = offset + PIPE_HEADER_SIZE + length
+            if end > size:
+                break
+            out.append((kind, bytes(view[offset + PIPE_HEADER_SIZE:end])))
+            offset = end
+    return out, offset
 
 
 class TaskRegistry:

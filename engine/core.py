@@ -23,6 +23,8 @@ __all__ = (
     "HAS_EXTENSION",
     "IMPLEMENTATION",
     "MAX_OPTIONS_DEPTH",
+    "MAX_PIPE_FRAME",
+    "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "StateRecord",
     "StateRecorder",
@@ -34,8 +36,10 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_frame",
     "request_fields",
     "split_batch",
+    "split_frames",
 )
 
 
@@ -66,12 +70,16 @@ IMPLEMENTATION: str = _impl.IMPLEMENTATION
 WIRE_VERSION = _impl.WIRE_VERSION
 ENVELOPE_SIZE = _impl.ENVELOPE_SIZE
 MAX_OPTIONS_DEPTH = _impl.MAX_OPTIONS_DEPTH
+PIPE_HEADER_SIZE = _impl.PIPE_HEADER_SIZE
+MAX_PIPE_FRAME = _impl.MAX_PIPE_FRAME
 TaskMessage = _impl.TaskMessage
 encode_message = _impl.encode_message
 decode_message = _impl.decode_message
 encode_batch = _impl.encode_batch
 decode_batch = _impl.decode_batch
 split_batch = _impl.split_batch
+pack_frame = _impl.pack_frame
+split_frames = _impl.split_frames
 new_task_id = _impl.new_task_id
 request_fields = _impl.request_fields
 TaskRegistry = _impl.TaskRegistry

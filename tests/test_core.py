@@ -1003,3 +1003,50 @@ def test_a_message_that_cannot_be_packed_leaves_the_next_one_whole(core):
     with pytest.raises(TypeError):
         core.encode_message(core.TaskMessage("bad", "t.add", (1, object())))
     assert core.decode_message(core.encode_message(core.TaskMessage("ok", "t.add", (3, 4)))).args == (3, 4)
+
+
+# -- pipe frames ------------------------------------------------------------------------------
+
+def test_pipe_frames_are_a_little_endian_length_a_kind_and_the_payload(core):
+    buffer = bytearray(b"kept")
+    core.pack_frame(buffer, 10, b"abc")
+    core.pack_frame(buffer, 1, memoryview(b""))
+    core.pack_frame(buffer, 255, bytearray(b"\x00" * 300))
+    assert bytes(buffer) == (b"kept" + b"\x03\x00\x00\x00\x0aabc" + b"\x00\x00\x00\x00\x01"
+                             + b"\x2c\x01\x00\x00\xff" + b"\x00" * 300)
+    assert core.PIPE_HEADER_SIZE == 5
+
+
+def test_split_frames_returns_whole_frames_and_leaves_a_partial_one(core):
+    buffer = bytearray()
+    for kind, payload in ((1, b"one"), (12, b""), (3, b"x" * 70000)):
+        core.pack_frame(buffer, kind, payload)
+    whole = len(buffer)
+    core.pack_frame(buffer, 10, b"cut short")
+    for data in (bytes(buffer[:-2]), buffer[:-2], memoryview(bytes(buffer[:-2]))):
+        frames, used = core.split_frames(data)
+        assert frames == [(1, b"one"), (12, b""), (3, b"x" * 70000)]
+        assert all(type(payload) is bytes for _, payload in frames)
+        assert used == whole
+    assert core.split_frames(buffer[:whole + 3]) == (frames, whole)  # a header cut short too
+    assert core.split_frames(b"") == ([], 0)
+
+
+def test_split_frames_rejects_an_impossible_length_as_a_corrupt_stream(core):
+    header = (core.MAX_PIPE_FRAME + 1).to_bytes(4, "little") + b"\x0a"
+    with pytest.raises(ValueError, match="corrupt pipe stream"):
+        core.split_frames(header + b"junk")
+
+
+@needs_both
+def test_both_twins_frame_and_split_alike():
+    rng = random.Random(7)
+    payloads = [(rng.randrange(256), rng.randbytes(rng.randrange(0, 600))) for _ in range(200)]
+    c_buffer, py_buffer = bytearray(), bytearray()
+    for kind, payload in payloads:
+        c_core.pack_frame(c_buffer, kind, payload)
+        py_core.pack_frame(py_buffer, kind, payload)
+    assert c_buffer == py_buffer
+    for cut in (len(c_buffer), len(c_buffer) - 1, 7, 0):
+        assert c_core.split_frames(c_buffer[:cut]) == py_core.split_frames(py_buffer[:cut])
+    assert c_core.split_frames(c_buffer)[0] == payloads

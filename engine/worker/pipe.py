@@ -14,6 +14,8 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from engine.core import MAX_PIPE_FRAME, pack_frame, split_frames
+
 if TYPE_CHECKING:
     from engine.worker.report_log import ReportLog
 
@@ -30,6 +32,7 @@ __all__ = (
     "split_frames",
 )
 
+#: A frame's header: payload length and kind (engine.core's pack_frame and split_frames, compiled).
 HEADER = struct.Struct("<IB")
 
 # supervisor -> child
@@ -46,7 +49,7 @@ SEND = 12
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 #: A frame larger than this means a corrupt stream.
-MAX_FRAME = 512 * 1024 * 1024
+MAX_FRAME = MAX_PIPE_FRAME
 
 
 def open_pipe() -> tuple[int, int]:
@@ -86,8 +89,7 @@ class FrameWriter:
 
     def add(self, kind: int, payload: bytes) -> None:
         """Queue one frame."""
-        self.buffer += HEADER.pack(len(payload), kind)
-        self.buffer += payload
+        pack_frame(self.buffer, kind, payload)
 
     def flush(self) -> bool:
         """Write what is buffered; True when all of it went out.
@@ -146,19 +148,3 @@ class FrameReader:
             del self.buffer[:offset]
         return out
 
-
-def split_frames(buffer: bytes | bytearray) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete ``(kind, payload)`` frames at the start of ``buffer``, and the bytes they take."""
-    out = []
-    offset = 0
-    size = HEADER.size
-    while len(buffer) - offset >= size:
-        length, kind = HEADER.unpack_from(buffer, offset)
-        if length > MAX_FRAME:
-            raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
-        end = offset + size + length
-        if end > len(buffer):
-            break
-        out.append((kind, bytes(buffer[offset + size:end])))
-        offset = end
-    return out, offset

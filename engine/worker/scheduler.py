@@ -251,9 +251,13 @@ class FairScheduler(FifoScheduler):
         return [entry for queue in self.by_name.values() for entry in queue]
 
     def push(self, entry: QueuedTask) -> None:
-        self.by_name.setdefault(entry.name, collections.deque()).append(entry)
+        name = entry.message.task
+        queue = self.by_name.get(name)
+        if queue is None:  # not setdefault: that would build a deque per task to throw away
+            queue = self.by_name[name] = collections.deque()
+        queue.append(entry)
         self.count += 1
-        self.seen[entry.name] = entry.received
+        self.seen[name] = entry.received
 
     def _short_arrived_within(self, now: float, horizon: float, long_name: str) -> bool:
         limit = self.stats.estimate(long_name) / LONG_RATIO

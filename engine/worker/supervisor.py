@@ -695,31 +695,32 @@ class Supervisor:
     def _task_done(self, child: Child, payload: bytes) -> None:
         child.last_done = payload  # where this child's report log is read from should it die
         task_id, state, runtime, requeue, _ = msgpack.unpackb(payload, raw=False)
-        if not child.outstanding:
+        outstanding = child.outstanding
+        if not outstanding:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
             return
-        entry = child.outstanding.popleft()
+        entry = outstanding.popleft()
         self.in_children -= 1
-        child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if child.outstanding else 0.0
+        child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if outstanding else 0.0
         self.counters["done"] += 1
         name = entry.message.task
         self.task_stats.finished(name, state, runtime, max(0.0, entry.started - entry.received))
         if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
             self.stats.add(name, runtime)
-        if state == states.REJECTED and requeue:
+        if requeue and state == states.REJECTED:
             self.counters["requeued"] += 1
             self.scheduler.push(entry)
-        else:
-            if entry.journal_ref is not None:
-                self.states.finished(entry.journal_ref)
-        if self.events is not None:
-            self.events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
-                             self._failure_info.pop(task_id, None))
-        if child.outstanding:
-            head = child.outstanding[0]
+        elif entry.journal_ref is not None:
+            self.states.finished(entry.journal_ref)
+        events = self.events
+        if events is not None:
+            events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
+                        self._failure_info.pop(task_id, None))
+        if outstanding:
+            head = outstanding[0]
             head.started = time.monotonic()
-            if self.events is not None:
-                self.events.task("started", head.message.id, head.message.task)
+            if events is not None:
+                events.task("started", head.message.id, head.message.task)
 
     def _accept_from_child(self, raw: bytes) -> None:
         try:
