@@ -40,6 +40,18 @@ def test_a_final_state_is_never_overwritten_by_a_late_one(app):
     assert app.AsyncResult("u").get(timeout=1) == 2
 
 
+def test_stored_rows_keep_their_bytes_and_a_missing_traceback_or_result_reads_back_none(app):
+    backend = app.backend
+    backend.store([StateRecord("a", states.SUCCESS, b"\x93\x01\x02\x03", None, 1.5),
+                   StateRecord("b", states.FAILURE, b"\xc0", "Traceback: boom", 2.5),
+                   StateRecord("c", states.STARTED, None, None, 3.5)])
+    a, b, c = (backend.get_encoded(task_id) for task_id in "abc")
+    assert (a.state, a.result, a.traceback, a.timestamp) == (states.SUCCESS, b"\x93\x01\x02\x03", None, 1.5)
+    assert type(a.result) is bytes  # stored as a BLOB, read as bytes
+    assert (b.result, b.traceback) == (b"\xc0", "Traceback: boom")
+    assert (c.state, c.result, c.traceback) == (states.STARTED, None, None)
+
+
 def test_custom_exceptions_round_trip_or_become_a_clear_stand_in(app):
     class LocalError(Exception):
         pass

@@ -65,7 +65,7 @@ READ_MANY = 900
 INDEX = "CREATE INDEX IF NOT EXISTS engine_results_date_done ON engine_results (date_done)"
 UPSERT = """
 INSERT INTO engine_results (task_id, state, ready, strength, result, traceback, date_done)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, NULLIF(?, ''), ?)
 ON CONFLICT (task_id) DO UPDATE SET
     state = excluded.state, ready = excluded.ready, strength = excluded.strength,
     result = excluded.result, traceback = excluded.traceback, date_done = excluded.date_done
@@ -148,8 +148,12 @@ class SQLiteBackend(Backend):
         connection.execute("COMMIT")
 
     def store(self, records: Iterable[StateRecord]) -> None:
+        # Python's sqlite3 binds str, int, float and bytearray as they are, but looks every bytes
+        # and None value up in its adapter registry first, which costs more than the rest of the
+        # row: the result goes as a bytearray (a BLOB all the same) and no traceback as '' (NULLIF).
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
-                 r.result, r.traceback, r.timestamp or time.time()) for r in records]
+                 None if r.result is None else bytearray(r.result), r.traceback or "", r.timestamp or time.time())
+                for r in records]
         if not rows:
             return
         with self._transaction() as connection:

@@ -60,9 +60,10 @@ _last_run_times: dict[str, float] = {}
 _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-#: Packs the DONE report of each task: only the child's loop calls it, one report at a time, so
-#: one kept Packer serves (strings, a float, a bool and an int: nothing msgpack cannot pack).
-_pack_done = msgpack.Packer(autoreset=True).pack
+#: Packs the child's reports of plain values (DONE, a RECORD's envelope around its packed result):
+#: one kept Packer serves. Without a ``default`` hook a pack never runs Python code, so it holds
+#: the GIL from start to end and a task's own thread cannot pack in the middle of another pack.
+_pack_report = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 class ChildRecorder:
@@ -78,7 +79,7 @@ class ChildRecorder:
                timestamp: float | None = None) -> bool:
         """Serialize one state for the supervisor; raises EncodeError for a result msgpack cannot pack."""
         body = serialization.dumps(result, self.accept_pickle)
-        self.writer.add(pipe.RECORD, serialization.dumps([task_id, state, body, traceback, timestamp or time.time()]))
+        self.writer.add(pipe.RECORD, _pack_report((task_id, state, body, traceback, timestamp or time.time())))
         if state not in states.READY_STATES:
             # STARTED and custom states matter while the task still runs: send them now
             # (final states ride with the next batch).
@@ -276,7 +277,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, _pack_done((task_id, states.REVOKED, 0.0, False, retries)))
+            writer.add(pipe.DONE, _pack_report((task_id, states.REVOKED, 0.0, False, retries)))
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
@@ -313,7 +314,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _last_run_times[name] = runtime
     # The attempt number too: a retry keeps the task id, and a report log must not take one
     # attempt's end for another's (engine.worker.report_log).
-    writer.add(pipe.DONE, _pack_done((task_id, state, runtime, requeue, retries)))
+    writer.add(pipe.DONE, _pack_report((task_id, state, runtime, requeue, retries)))
     return runtime
 
 
