@@ -279,9 +279,11 @@ def new_task_id():
     return PyUnicode_DecodeASCII(text, 36, NULL)
 
 
-# Not tracked by the cyclic collector: a message's fields are its own decoded values or a
-# caller's arguments, which cannot refer back to the message made from them, and thousands
-# of messages in flight would otherwise make every collection walk them all.
+# Not tracked by the cyclic collector: thousands of messages in flight would otherwise make
+# every collection walk them all. A message's fields are decoded values or a caller's
+# arguments, which do not refer back to the message made from them; a cycle through one
+# (arguments that keep the traceback of a frame holding the message, in an eager call)
+# would never be collected.
 @cython.no_gc
 @cython.freelist(32)
 cdef class TaskMessage:
