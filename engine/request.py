@@ -26,10 +26,15 @@ if TYPE_CHECKING:
     from engine.task import Task
     from engine.tracer import Recorder
 
-__all__ = ("Request",)
+__all__ = ("Request", "request_context")
 
 logger = logging.getLogger("engine.request")
 
+
+
+def request_context(message: TaskMessage, hostname: str, eager: bool = False, retry_dispatcher: Any = None) -> Context:
+    """``task.request`` for running ``message`` (what :meth:`Request.context` returns)."""
+    return Context.of(request_fields(message, eager, hostname, retry_dispatcher))
 
 
 class Request:
@@ -76,7 +81,7 @@ class Request:
 
     def context(self) -> Context:
         """Build ``task.request`` for this call."""
-        return Context.of(request_fields(self.message, self.eager, self.hostname, self.retry_dispatcher))
+        return request_context(self.message, self.hostname, self.eager, self.retry_dispatcher)
 
     def execute(self, propagate: bool = False) -> TraceOutcome:
         """Run the task and return its outcome, calling this request's hooks.

@@ -25,13 +25,14 @@ import msgpack
 from engine import serialization, signals, states
 from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
+from engine.request import Request, request_context
+from engine.tracer import trace_task
 from engine.worker import pipe
 from engine.worker.report_log import ReportLog
 
 if TYPE_CHECKING:
     from engine.app import Engine
     from engine.core import TaskMessage, TaskRegistry
-    from engine.request import Request
 
 __all__ = ("ChildProducer", "ChildRecorder", "child_main")
 
@@ -281,21 +282,27 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
-        request = task.request_class(message, task, recorder=recorder, hostname=hostname)
+        request_class = task.request_class
         if writer.buffer and _last_run_times.get(name, REPORT_SLOWER_THAN) >= REPORT_SLOWER_THAN:
             # This one may run long: report what finished before it first. Until the supervisor
             # reads those DONEs it takes a finished task for the running one (time limits,
             # blame if the child dies) and holds back its result.
             writer.flush()
-        if soft:
-            _soft_limited = (request, float(soft))
-            signal.setitimer(signal.ITIMER_REAL, float(soft))
-        try:
-            outcome = request.execute()
-        finally:
+        if request_class is Request and not soft and message.expires is None:
+            # The default request only wraps the tracer: its hooks do nothing, and without a soft
+            # limit or an expiry nothing else refers to it. Most tasks run here, unwrapped.
+            outcome = trace_task(task, request_context(message, hostname), recorder)
+        else:
+            request = request_class(message, task, recorder=recorder, hostname=hostname)
             if soft:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                _soft_limited = None
+                _soft_limited = (request, float(soft))
+                signal.setitimer(signal.ITIMER_REAL, float(soft))
+            try:
+                outcome = request.execute()
+            finally:
+                if soft:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    _soft_limited = None
         state = outcome.state
         if state == states.REJECTED:
             requeue = bool(getattr(outcome.retval, "requeue", False))
