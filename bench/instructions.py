@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:32s} {per_task:10,.0f}")
     # The child's figure: the same messages made, run minus not run.
     per_task = (count("child", options.tasks) - count("none", options.tasks)) / options.tasks
-    print(f"  {'a pool child runs a no-op task':32s} {per_task:10,.0f}")
+    print(f"  {'child: a no-op task run':32s} {per_task:10,.0f}")
     per_task = (count("supervisor", options.tasks) - count("supervisor-none", options.tasks)) / options.tasks
-    print(f"  {'the supervisor queues, hands out':32s} {per_task:10,.0f}")
-    print(f"  {'  and sees done a no-op task':32s}")
+    print(f"  {'supervisor: queued, handed, done':32s} {per_task:10,.0f}")
     return 0

@@ -225,7 +225,7 @@ def test_the_instructions_command_says_when_valgrind_is_missing(monkeypatch, cap
 
 
 @pytest.mark.slow
-def test_the_instructions_command_counts_a_delay_in_tens_of_thousands(capsys):
+def test_the_instructions_command_counts_each_side_in_tens_of_thousands(capsys):
     import shutil
 
     from bench import instructions
@@ -235,4 +235,5 @@ def test_the_instructions_command_counts_a_delay_in_tens_of_thousands(capsys):
     assert instructions.main(["--tasks", "500"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     counts = [int(row[-1].replace(",", "")) for row in rows]
-    assert len(counts) == 2 and all(5_000 < n < 500_000 for n in counts)
+    assert len(counts) == 4 and all(5_000 < n < 500_000 for n in counts)
+    assert [row[0] for row in rows] == ["add.delay(i,", "group(add.s(i,", "child:", "supervisor:"]
