@@ -1366,29 +1366,33 @@ def decode_batch(data):
 
 # -- pipe frames ----------------------------------------------------------------------------
 
+cdef enum:
+    _PIPE_HEADER_SIZE = 5
+    _MAX_PIPE_FRAME = 512 * 1024 * 1024
+
 #: A pipe frame (supervisor <-> child) is ``<u32 length, little-endian><u8 kind><payload>``.
-PIPE_HEADER_SIZE = 5
+PIPE_HEADER_SIZE = _PIPE_HEADER_SIZE
 #: A frame declaring a longer payload means a corrupt stream.
-MAX_PIPE_FRAME = 512 * 1024 * 1024
+MAX_PIPE_FRAME = _MAX_PIPE_FRAME
 
 
-def pack_frame(bytearray buffer, unsigned char kind, payload):
+def pack_frame(bytearray buffer not None, unsigned char kind, payload):
     """Append one pipe frame of ``kind`` carrying ``payload`` (bytes-like) to ``buffer``."""
     cdef Py_buffer view
     cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
     cdef unsigned char* p
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
-        if view.len > MAX_PIPE_FRAME:
+        if view.len > _MAX_PIPE_FRAME:
             raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {view.len}")
-        PyByteArray_Resize(buffer, start + 5 + view.len)  # BufferError while a view of it exists
+        PyByteArray_Resize(buffer, start + _PIPE_HEADER_SIZE + view.len)  # BufferError while viewed
         p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
         p[0] = view.len & 0xff
         p[1] = (view.len >> 8) & 0xff
         p[2] = (view.len >> 16) & 0xff
         p[3] = (view.len >> 24) & 0xff
         p[4] = kind
-        memcpy(p + 5, view.buf, view.len)
+        memcpy(p + _PIPE_HEADER_SIZE, view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
@@ -1406,15 +1410,16 @@ def split_frames(buffer):
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
     try:
         p = <const unsigned char*>view.buf
-        while view.len - offset >= 5:
+        while view.len - offset >= _PIPE_HEADER_SIZE:
             length = (<uint32_t>p[offset] | (<uint32_t>p[offset + 1] << 8) | (<uint32_t>p[offset + 2] << 16)
                       | (<uint32_t>p[offset + 3] << 24))
-            if length > MAX_PIPE_FRAME:
+            if length > _MAX_PIPE_FRAME:
                 raise ValueError(f"corrupt pipe stream: frame of {length} bytes")
-            end = offset + 5 + length
+            end = offset + _PIPE_HEADER_SIZE + length
             if end > view.len:
                 break
-            out.append((p[offset + 4], PyBytes_FromStringAndSize(<const char*>p + offset + 5, length)))
+            out.append((p[offset + 4],
+                        PyBytes_FromStringAndSize(<const char*>p + offset + _PIPE_HEADER_SIZE, length)))
             offset = end
     finally:
         PyBuffer_Release(&view)

@@ -650,13 +650,18 @@ _PIPE_HEADER = struct.Struct("<IB")
 
 def pack_frame(buffer: bytearray, kind: int, payload: bytes | bytearray | memoryview) -> None:
     """Append one pipe frame of ``kind`` carrying ``payload`` (bytes-like) to ``buffer``."""
-    if not isinstance(buffer, bytearray):
+    if type(buffer) is not bytearray:
         raise TypeError(f"pack_frame appends to a bytearray, not {type(buffer).__name__}")
-    size = memoryview(payload).nbytes
-    if size > MAX_PIPE_FRAME:
-        raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {size}")
-    buffer += _PIPE_HEADER.pack(size, kind)
-    buffer += payload
+    if not 0 <= kind <= 255:
+        raise OverflowError(f"a pipe frame's kind is one byte, not {kind}")
+    with memoryview(payload) as view:
+        if not view.c_contiguous:
+            raise BufferError("a pipe frame's payload must be contiguous")
+        size = view.nbytes
+        if size > MAX_PIPE_FRAME:
+            raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {size}")
+        # Header and payload in one append: nothing is added when the payload cannot be.
+        buffer += _PIPE_HEADER.pack(size, kind) + view.cast("B")
 
 
 def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int, bytes]], int]:
@@ -666,7 +671,7 @@ def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int
     """
     out = []
     offset = 0
-    with memoryview(buffer) as view:
+    with memoryview(buffer) as raw, raw.cast("B") as view:  # offsets count bytes, whatever the format
         size = view.nbytes
         while size - offset >= PIPE_HEADER_SIZE:
             length, kind = _PIPE_HEADER.unpack_from(view, offset)

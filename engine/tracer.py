@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 import traceback as traceback_module
 from time import monotonic
@@ -35,6 +34,7 @@ from engine import context, signals, states
 from engine.canvas import maybe_signature
 from engine.exceptions import EncodeError, Ignore, Reject, Retry
 from engine.task import Task
+from engine.utils import process
 from engine.utils.hostname import HOSTNAME
 
 __all__ = ("ExceptionInfo", "Recorder", "TraceOutcome", "resolve_ignore_result", "trace_task")
@@ -141,7 +141,7 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
         if signals.task_prerun.receivers:
             signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
         if store is not None and not eager and task.resolve_option("track_started"):
-            store.record(task_id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname or HOSTNAME})
+            store.record(task_id, states.STARTED, {"pid": process.pid(), "hostname": request.hostname or HOSTNAME})
         try:
             if "before_start" in handlers:
                 task.before_start(task_id, args, kwargs)

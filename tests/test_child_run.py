@@ -14,7 +14,7 @@ import time
 import msgpack
 import pytest
 
-from engine import Engine, serialization, states
+from engine import Engine, serialization, signals, states
 from engine.core import TaskMessage, encode_message
 from engine.request import Request
 from engine.worker import child, pipe
@@ -54,6 +54,16 @@ def hooked(self, x, y=0):
 @app.task
 def fails():
     raise ValueError("bad input")
+
+
+@app.task(ignore_result=True)
+def quiet(x):
+    return x
+
+
+@app.task(track_started=True)
+def tracked(x):
+    return x
 
 
 @pytest.fixture
@@ -115,3 +125,35 @@ def test_an_expired_message_of_the_default_request_class_is_revoked_not_run(run)
     done, records = run(TaskMessage("id-5", plain.name, (1,), expires=time.time() - 1))
     assert done[1] == states.REVOKED
     assert [record[1] for record in records] == [states.REVOKED]
+
+
+def test_the_task_signals_fire_on_the_direct_path(run):
+    seen = []
+
+    def prerun(sender=None, task_id=None, **kwargs):
+        seen.append(("prerun", task_id))
+
+    def success(sender=None, result=None, **kwargs):
+        seen.append(("success", result["id"]))
+
+    def postrun(sender=None, task_id=None, state=None, **kwargs):
+        seen.append(("postrun", task_id, state))
+
+    for signal, receiver in ((signals.task_prerun, prerun), (signals.task_success, success),
+                             (signals.task_postrun, postrun)):
+        signal.connect(receiver)
+    try:
+        run(TaskMessage("id-6", plain.name, (1,)))
+    finally:
+        for signal, receiver in ((signals.task_prerun, prerun), (signals.task_success, success),
+                                 (signals.task_postrun, postrun)):
+            signal.disconnect(receiver)
+    assert seen == [("prerun", "id-6"), ("success", "id-6"), ("postrun", "id-6", states.SUCCESS)]
+
+
+def test_an_ignored_result_is_not_reported_and_a_tracked_task_reports_started_first(run):
+    done, records = run(TaskMessage("id-7", quiet.name, (1,)))
+    assert done[1] == states.SUCCESS and records == []
+    done, records = run(TaskMessage("id-8", tracked.name, (5,)))
+    assert [(record[0], record[1]) for record in records] == [("id-8", states.STARTED), ("id-8", states.SUCCESS)]
+    assert serialization.loads(records[0][2])["pid"] == os.getpid()

@@ -1032,6 +1032,22 @@ def test_split_frames_returns_whole_frames_and_leaves_a_partial_one(core):
     assert core.split_frames(b"") == ([], 0)
 
 
+def test_pack_frame_refuses_what_it_cannot_frame_and_leaves_the_buffer_as_it_was(core):
+    buffer = bytearray(b"kept")
+    with pytest.raises(TypeError):
+        core.pack_frame(None, 1, b"x")
+    with pytest.raises(TypeError):
+        core.pack_frame(b"bytes", 1, b"x")
+    for kind in (256, -1):
+        with pytest.raises(OverflowError):
+            core.pack_frame(buffer, kind, b"x")
+    with pytest.raises(BufferError):
+        core.pack_frame(buffer, 1, memoryview(b"abcdef")[::2])  # not contiguous
+    with pytest.raises(TypeError):
+        core.pack_frame(buffer, 1, "text")
+    assert buffer == b"kept"
+
+
 def test_split_frames_rejects_an_impossible_length_as_a_corrupt_stream(core):
     header = (core.MAX_PIPE_FRAME + 1).to_bytes(4, "little") + b"\x0a"
     with pytest.raises(ValueError, match="corrupt pipe stream"):

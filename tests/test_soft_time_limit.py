@@ -69,6 +69,15 @@ def with_a_broken_handler():
     return "finished"
 
 
+@app.task(soft_time_limit=0.2)
+def default_request_cleans_up():
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
+
+
 @pytest.fixture
 def run():
     """``run(message)`` runs one task message as a child does; returns (runtime, {kind: [payload, ...]})."""
@@ -137,3 +146,11 @@ def test_a_failing_on_timeout_handler_still_lets_the_task_see_the_limit(run):
     runtime, frames = run(message)
     assert runtime < 5
     assert final_state(frames)[:2] == (states.SUCCESS, "cleaned up")
+
+
+def test_a_task_of_the_default_request_class_gets_its_soft_limit_too(run):
+    # A soft limit takes a task of the default Request off the child's direct path: the timer is set.
+    runtime, frames = run(default_request_cleans_up.build_message())
+    assert runtime < 5
+    assert final_state(frames)[:2] == (states.SUCCESS, "cleaned up")
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

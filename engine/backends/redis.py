@@ -41,7 +41,7 @@ Processes
     Workers fork their children after the app (and so this backend) may
     already exist. A socket shared across a fork interleaves two processes'
     replies, so the client is created lazily and re-created whenever
-    process id changes; the parent's client is dropped in the child
+    the process id changes; the parent's client is dropped in the child
     without being closed, which would disturb the parent's connections.
 
 Limits: multi-key scripts need every key on one node, so Redis Cluster is not

@@ -150,10 +150,11 @@ class SQLiteBackend(Backend):
     def store(self, records: Iterable[StateRecord]) -> None:
         # Python's sqlite3 binds str, int, float and bytearray as they are, but looks every bytes
         # and None value up in its adapter registry first, which costs more than the rest of the
-        # row: the result goes as a bytearray (a BLOB all the same) and no traceback as '' (NULLIF).
+        # row: the result goes as a bytearray (a BLOB all the same) and no traceback as '' (NULLIF,
+        # so an empty traceback reads back as None, as no traceback).
         rows = [(r.task_id, r.state, int(r.state in states.READY_STATES), states.precedence(r.state),
-                 None if r.result is None else bytearray(r.result), r.traceback or "", r.timestamp or time.time())
-                for r in records]
+                 bytearray(r.result) if type(r.result) is bytes else r.result, r.traceback or "",
+                 r.timestamp or time.time()) for r in records]
         if not rows:
             return
         with self._transaction() as connection:

@@ -1,8 +1,9 @@
 """The loop a pool child runs: read task messages, trace them, report back.
 
 A child reads framed task messages from its pipe, looks the task up in the
-registry it inherited at fork, runs it through the task's request class and
-writes back, batched: the states to record, a DONE per task, and messages the
+registry it inherited at fork, runs it through the task's request class (a task
+of the default ``Request`` class, with no soft limit or expiry, straight through
+the tracer: that class only wraps it) and writes back, batched: the states to record, a DONE per task, and messages the
 task sent (retries, chain steps, callbacks), which the supervisor queues
 itself. A child never outlives its supervisor: the kernel kills it when the
 supervisor dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
@@ -27,6 +28,7 @@ from engine.core import decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.request import Request, request_context
 from engine.tracer import trace_task
+from engine.utils import process
 from engine.worker import pipe
 from engine.worker.report_log import ReportLog
 
@@ -62,8 +64,9 @@ _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: Packs the child's reports of plain values (DONE, a RECORD's envelope around its packed result):
-#: one kept Packer serves. Without a ``default`` hook a pack never runs Python code, so it holds
-#: the GIL from start to end and a task's own thread cannot pack in the middle of another pack.
+#: one kept Packer serves. Without a ``default`` hook a pack never runs Python code, so under the
+#: GIL a task's own thread cannot pack in the middle of another pack. A Packer keeps the largest
+#: buffer it grew to: an envelope around a large result is packed by a Packer of its own.
 _pack_report = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
@@ -80,7 +83,9 @@ class ChildRecorder:
                timestamp: float | None = None) -> bool:
         """Serialize one state for the supervisor; raises EncodeError for a result msgpack cannot pack."""
         body = serialization.dumps(result, self.accept_pickle)
-        self.writer.add(pipe.RECORD, _pack_report((task_id, state, body, traceback, timestamp or time.time())))
+        envelope = (task_id, state, body, traceback, timestamp or time.time())
+        small = len(body) + len(traceback or "") <= serialization.PACKER_KEEP_BYTES
+        self.writer.add(pipe.RECORD, _pack_report(envelope) if small else msgpack.packb(envelope, use_bin_type=True))
         if state not in states.READY_STATES:
             # STARTED and custom states matter while the task still runs: send them now
             # (final states ride with the next batch).
@@ -93,13 +98,13 @@ class ChildProducer:
 
     def __init__(self, writer: pipe.FrameWriter) -> None:
         self.writer = writer
-        self.pid = os.getpid()
+        self.pid = process.pid()
 
     #: Results never come back to a child: an rpc:// task sent from a task replies to its own caller.
     client_id = None
 
     def usable(self) -> bool:
-        return self.pid == os.getpid()
+        return self.pid == process.pid()
 
     def add_result_handler(self, handler: Any) -> None:
         """Nothing to register: see ``client_id``."""
@@ -168,6 +173,7 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     signals.worker_process_init.send(sender=None)  # e.g. open a database pool per child, after fork
     # What the child inherited and set up lives as long as it does: the collector stops walking it
     # (and writing to its pages, which fork shares with the supervisor until written).
+    gc.collect()
     gc.freeze()
     registry = app.tasks
     max_tasks = options.get("max_tasks_per_child") or 0
@@ -290,7 +296,8 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
             writer.flush()
         if request_class is Request and not soft and message.expires is None:
             # The default request only wraps the tracer: its hooks do nothing, and without a soft
-            # limit or an expiry nothing else refers to it. Most tasks run here, unwrapped.
+            # limit or an expiry nothing else refers to it. Most tasks run here, unwrapped (hooks
+            # patched into Request itself are not called here: subclass it, as Celery's docs say).
             outcome = trace_task(task, request_context(message, hostname), recorder)
         else:
             request = request_class(message, task, recorder=recorder, hostname=hostname)

@@ -289,7 +289,11 @@ class FairScheduler(FifoScheduler):
             self.seen.setdefault(name, now)
 
     def push_front(self, entry: QueuedTask) -> None:
-        self.by_name.setdefault(entry.name, collections.deque()).appendleft(entry)
+        name = entry.message.task
+        queue = self.by_name.get(name)
+        if queue is None:
+            queue = self.by_name[name] = collections.deque()
+        queue.appendleft(entry)
         self.count += 1
 
     def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:

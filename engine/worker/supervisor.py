@@ -386,9 +386,11 @@ class Supervisor:
         consumer = self.consumer
         assert consumer is not None, "start() first"
         signals.worker_ready.send(sender=self)
-        # What exists now (modules, the app, the pool, replayed state) lives as long as the
-        # worker: the collector stops walking it at every full collection, and children
-        # forked from now on inherit it frozen (see child_main).
+        # What exists now, the garbage collected first, is mostly what lives as long as the worker
+        # (modules, the app, the pool): the collector stops walking it at every full collection.
+        # Children forked from now on inherit it frozen; those forked already froze their own
+        # (see child_main). A frozen object that later becomes cyclic garbage is not freed.
+        gc.collect()
         gc.freeze()
         poller = zmq.Poller()
         polled = set(consumer.sockets)  # the transport's sockets in the poller
@@ -1060,6 +1062,7 @@ class Supervisor:
                 "waits": self.task_stats.mean_waits()}
 
     def _close(self) -> None:
+        gc.unfreeze()  # run() froze the heap: a process that embeds the worker goes on with it whole
         signals.worker_shutdown.send(sender=self)
         if self.events is not None:
             self.events.worker("offline", self._worker_figures())
