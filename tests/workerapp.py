@@ -64,7 +64,8 @@ def short_task(path, label, seconds):
 
 
 @app.task
-def whoami():
+def whoami(seconds=0.0):
+    time.sleep(seconds)
     return os.getpid()
 
 
