@@ -171,9 +171,8 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
         each._producer = producer
     app.set_current()  # tasks' app-less calls (shared tasks, AsyncResult(id)) use the worker's app
     signals.worker_process_init.send(sender=None)  # e.g. open a database pool per child, after fork
-    # What the child inherited and set up lives as long as it does: the collector stops walking it
-    # (and writing to its pages, which fork shares with the supervisor until written).
-    gc.collect()
+    # What the child set up lives as long as it does: the collector stops walking it, as it does
+    # what the child inherited frozen (Supervisor.start). Freezing moves lists, it visits nothing.
     gc.freeze()
     registry = app.tasks
     max_tasks = options.get("max_tasks_per_child") or 0

@@ -238,6 +238,13 @@ class Supervisor:
             except OSError as exc:
                 logger.warning("children keep no report logs in %s (tasks may run twice after a crash): %s",
                                report_dir, exc)
+        # What exists now, the garbage collected first, is mostly what lives as long as the worker
+        # (modules, the app, the journal's state): frozen, the collector stops walking it, in the
+        # supervisor and in the children forked from it, which so never write to the pages they
+        # share with it by collecting (as Python's gc.freeze() documentation advises before a
+        # fork). A frozen object that later becomes cyclic garbage is not freed.
+        gc.collect()
+        gc.freeze()
         self.pool.start()
         self.context = zmq.Context()
         conf = self.app.conf
@@ -386,12 +393,6 @@ class Supervisor:
         consumer = self.consumer
         assert consumer is not None, "start() first"
         signals.worker_ready.send(sender=self)
-        # What exists now, the garbage collected first, is mostly what lives as long as the worker
-        # (modules, the app, the pool): the collector stops walking it at every full collection.
-        # Children forked from now on inherit it frozen; those forked already froze their own
-        # (see child_main). A frozen object that later becomes cyclic garbage is not freed.
-        gc.collect()
-        gc.freeze()
         poller = zmq.Poller()
         polled = set(consumer.sockets)  # the transport's sockets in the poller
         polled_generation = consumer.generation
@@ -1062,7 +1063,7 @@ class Supervisor:
                 "waits": self.task_stats.mean_waits()}
 
     def _close(self) -> None:
-        gc.unfreeze()  # run() froze the heap: a process that embeds the worker goes on with it whole
+        gc.unfreeze()  # start() froze the heap: a process that embeds the worker goes on with it whole
         signals.worker_shutdown.send(sender=self)
         if self.events is not None:
             self.events.worker("offline", self._worker_figures())
