@@ -3,9 +3,9 @@
 A child reads framed task messages from its pipe, looks the task up in the
 registry it inherited at fork, runs it through the task's request class (a task
 of the default ``Request`` class, with no soft limit or expiry, straight through
-the tracer: that class only wraps it) and writes back, batched: the states to record, a DONE per task, and messages the
-task sent (retries, chain steps, callbacks), which the supervisor queues
-itself. A child never outlives its supervisor: the kernel kills it when the
+the tracer: that class only wraps it) and writes back, batched: the states to
+record, a DONE per task, and messages the task sent (retries, chain steps,
+callbacks), which the supervisor queues itself. A child never outlives its supervisor: the kernel kills it when the
 supervisor dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
 """
 
@@ -296,7 +296,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         if request_class is Request and not soft and message.expires is None:
             # The default request only wraps the tracer: its hooks do nothing, and without a soft
             # limit or an expiry nothing else refers to it. Most tasks run here, unwrapped (hooks
-            # patched into Request itself are not called here: subclass it, as Celery's docs say).
+            # patched into Request itself are not called here: subclass it, as Celery's docs show).
             outcome = trace_task(task, request_context(message, hostname), recorder)
         else:
             request = request_class(message, task, recorder=recorder, hostname=hostname)
