@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
 
 from engine import Task
 from engine.request import Request
@@ -66,3 +72,31 @@ def decorator2(fun):
         return fun(*args, **kwargs) * 2
 
     return wrapper
+
+
+@contextlib.contextmanager
+def child_pipe() -> Iterator[tuple[Any, Any, Any]]:
+    """A real pipe to run ``engine.worker.child._run_one`` into, in this process.
+
+    Yields ``(writer, recorder, read)``: the child's FrameWriter and ChildRecorder on
+    the pipe, and ``read()``, which flushes the writer and returns the frames that came
+    through as ``{kind: [unpacked payload, ...]}``. Both ends are closed afterwards.
+    """
+    from engine.worker import child, pipe
+
+    read_fd, write_fd = os.pipe()
+    writer = pipe.FrameWriter(write_fd, blocking=True)
+    reader = pipe.FrameReader(read_fd)
+
+    def read() -> dict[int, list]:
+        writer.flush()
+        frames: dict[int, list] = {}
+        for kind, payload in reader.read():
+            frames.setdefault(kind, []).append(msgpack.unpackb(payload, raw=False))
+        return frames
+
+    try:
+        yield writer, child.ChildRecorder(writer, accept_pickle=False), read
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

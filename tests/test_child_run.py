@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import time
 
-import msgpack
 import pytest
 
 from engine import Engine, serialization, signals, states
 from engine.core import TaskMessage, encode_message
 from engine.request import Request
 from engine.worker import child, pipe
+from tests.support import child_pipe
 
 hooks: list[tuple] = []
 
@@ -70,26 +70,16 @@ def tracked(x):
 def run():
     """``run(message)`` runs one message as a child does; returns the DONE report and the RECORDs."""
     hooks.clear()
-    read_fd, write_fd = os.pipe()
-    writer = pipe.FrameWriter(write_fd, blocking=True)
-    reader = pipe.FrameReader(read_fd)
-    recorder = child.ChildRecorder(writer, accept_pickle=False)
+    with child_pipe() as (writer, recorder, read):
 
-    def run_one(message):
-        child._run_one(encode_message(message), app.tasks, recorder, writer, "w1@test", None)
-        writer.flush()
-        frames: dict[int, list] = {}
-        for kind, payload in reader.read():
-            frames.setdefault(kind, []).append(msgpack.unpackb(payload, raw=False))
-        done = frames[pipe.DONE]
-        assert len(done) == 1
-        return done[0], frames.get(pipe.RECORD, [])
+        def run_one(message):
+            child._run_one(encode_message(message), app.tasks, recorder, writer, "w1@test", None)
+            frames = read()
+            done = frames[pipe.DONE]
+            assert len(done) == 1
+            return done[0], frames.get(pipe.RECORD, [])
 
-    try:
         yield run_one
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 @pytest.mark.parametrize("task", [plain, hooked], ids=["default request", "custom request"])

@@ -8,11 +8,9 @@ covered by the worker tests.)
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
-import msgpack
 import pytest
 
 from engine import Engine, serialization, states
@@ -20,6 +18,7 @@ from engine.core import encode_message
 from engine.exceptions import SoftTimeLimitExceeded
 from engine.request import Request
 from engine.worker import child, pipe
+from tests.support import child_pipe
 
 # pytest-timeout's default method uses SIGALRM, which these tests need for the soft limit.
 pytestmark = pytest.mark.timeout(30, method="thread")
@@ -82,27 +81,19 @@ def default_request_cleans_up():
 def run():
     """``run(message)`` runs one task message as a child does; returns (runtime, {kind: [payload, ...]})."""
     timeouts.clear()
-    read_fd, write_fd = os.pipe()
-    writer = pipe.FrameWriter(write_fd, blocking=True)
-    reader = pipe.FrameReader(read_fd)
-    recorder = child.ChildRecorder(writer, accept_pickle=False)
     previous = signal.signal(signal.SIGALRM, child._soft_limit_handler)
-
-    def run_one(message, default_soft=None):
-        runtime = child._run_one(encode_message(message), app.tasks, recorder, writer, "test-host", default_soft)
-        writer.flush()
-        frames: dict[int, list] = {}
-        for kind, payload in reader.read():
-            frames.setdefault(kind, []).append(msgpack.unpackb(payload, raw=False))
-        return runtime, frames
-
     try:
-        yield run_one
+        with child_pipe() as (writer, recorder, read):
+
+            def run_one(message, default_soft=None):
+                runtime = child._run_one(encode_message(message), app.tasks, recorder, writer, "test-host",
+                                         default_soft)
+                return runtime, read()
+
+            yield run_one
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 def final_state(frames):
