@@ -5,8 +5,9 @@ registry it inherited at fork, runs it through the task's request class (a task
 of the default ``Request`` class, with no soft limit or expiry, straight through
 the tracer: that class only wraps it) and writes back, batched: the states to
 record, a DONE per task, and messages the task sent (retries, chain steps,
-callbacks), which the supervisor queues itself. A child never outlives its supervisor: the kernel kills it when the
-supervisor dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
+callbacks), which the supervisor queues itself. A child never outlives its
+supervisor: the kernel kills it when the supervisor dies (PR_SET_PDEATHSIG),
+and it exits on EOF of its pipe.
 """
 
 from __future__ import annotations
@@ -63,11 +64,10 @@ _last_run_times: dict[str, float] = {}
 _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-#: Packs the child's reports of plain values (DONE, a RECORD's envelope around its packed result):
-#: one kept Packer serves. Without a ``default`` hook a pack never runs Python code, so under the
-#: GIL a task's own thread cannot pack in the middle of another pack. A Packer keeps the largest
-#: buffer it grew to: an envelope around a large result is packed by a Packer of its own.
-_pack_report = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+#: Packs each task's DONE report (two strings, a float, a bool and an int: always small): one kept
+#: Packer serves. Without a ``default`` hook a pack never runs Python code, so under the GIL no
+#: other thread can pack in the middle of one.
+_pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 class ChildRecorder:
@@ -83,9 +83,7 @@ class ChildRecorder:
                timestamp: float | None = None) -> bool:
         """Serialize one state for the supervisor; raises EncodeError for a result msgpack cannot pack."""
         body = serialization.dumps(result, self.accept_pickle)
-        envelope = (task_id, state, body, traceback, timestamp or time.time())
-        small = len(body) + len(traceback or "") <= serialization.PACKER_KEEP_BYTES
-        self.writer.add(pipe.RECORD, _pack_report(envelope) if small else msgpack.packb(envelope, use_bin_type=True))
+        self.writer.add(pipe.RECORD, serialization.dumps((task_id, state, body, traceback, timestamp or time.time())))
         if state not in states.READY_STATES:
             # STARTED and custom states matter while the task still runs: send them now
             # (final states ride with the next batch).
@@ -283,7 +281,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, _pack_report((task_id, states.REVOKED, 0.0, False, retries)))
+            writer.add(pipe.DONE, _pack_done((task_id, states.REVOKED, 0.0, False, retries)))
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
@@ -327,7 +325,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _last_run_times[name] = runtime
     # The attempt number too: a retry keeps the task id, and a report log must not take one
     # attempt's end for another's (engine.worker.report_log).
-    writer.add(pipe.DONE, _pack_report((task_id, state, runtime, requeue, retries)))
+    writer.add(pipe.DONE, _pack_done((task_id, state, runtime, requeue, retries)))
     return runtime
 
 

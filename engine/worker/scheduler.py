@@ -289,11 +289,7 @@ class FairScheduler(FifoScheduler):
             self.seen.setdefault(name, now)
 
     def push_front(self, entry: QueuedTask) -> None:
-        name = entry.message.task
-        queue = self.by_name.get(name)
-        if queue is None:
-            queue = self.by_name[name] = collections.deque()
-        queue.appendleft(entry)
+        self.by_name.setdefault(entry.name, collections.deque()).appendleft(entry)
         self.count += 1
 
     def assign(self, children: Iterable[Any]) -> list[tuple[Any, QueuedTask]]:
