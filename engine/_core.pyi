@@ -94,6 +94,17 @@ def pack_frame(buffer: bytearray, kind: int, payload: bytes | bytearray | memory
 def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int, bytes]], int]:
     """The complete ``(kind, payload)`` pipe frames at the start of ``buffer``, and the bytes they take."""
 
+class PlainRunner:
+    """A pool child's whole step for a plain task message: decode, run as the tracer would, report DONE."""
+
+    def __init__(self, registry: TaskRegistry, hostname: str, writer: Any, store: Any,
+                 running: list[tuple[Any, Any]], context_class: type, is_plain: Any, raised: Any, info_enabled: Any,
+                 outside_error: Any, last_run_times: dict[str, float], revoked: set[str],
+                 receivers: tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]], report_slower_than: float,
+                 done_kind: int) -> None: ...
+    def run(self, payload: bytes) -> float | None:
+        """Run one task message if it is plain and return its run time; else None, nothing done."""
+
 class TaskRegistry(Mapping[str, Task]):
     """Task name -> task object."""
 

@@ -39,7 +39,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport ldexp
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import operator
 import os
@@ -49,7 +49,7 @@ from collections.abc import Mapping
 
 import msgpack
 
-from engine.exceptions import MessageDecodeError, NotRegistered
+from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered
 from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 cdef extern from "Python.h":
@@ -63,6 +63,7 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "PlainRunner",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -727,6 +728,10 @@ def request_fields(TaskMessage msg, bint eager, hostname, retry_dispatcher):
     Built here, once per task run: reading the message's fields directly and
     filling one dict is most of what making a task's context costs.
     """
+    return _request_fields(msg, eager, hostname, retry_dispatcher)
+
+
+cdef dict _request_fields(TaskMessage msg, bint eager, hostname, retry_dispatcher):
     msg._decode()
     cdef dict options = msg._options
     cdef object queue = msg._queue
@@ -1424,6 +1429,169 @@ def split_frames(buffer):
     finally:
         PyBuffer_Release(&view)
     return out, offset
+
+
+# -- a pool child's run of a plain task -----------------------------------------------------
+
+cdef inline double _monotonic() noexcept nogil:
+    # The clock of Python's time.monotonic(), which the child's loop compares run times with.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class PlainRunner:
+    """A pool child's whole step for a *plain* task message in one call: decode, run, report DONE.
+
+    Most tasks a child runs are plain: their task is of the default request class,
+    without a soft time limit, ``track_started``, its own ``__call__`` or overridden
+    ``before_start``/``on_success``/``after_return`` (``is_plain(task)`` says so,
+    asked once per task name), and the message carries no expiry, soft limit, link
+    or chain. :meth:`run` runs one as the tracer would (``engine.tracer.trace_task``):
+    the task's request is pushed on ``running`` while its body runs, SUCCESS goes to
+    ``store`` unless the result is ignored, an exception goes to ``raised`` (the
+    tracer's own handling: Retry, Reject, Ignore, failure), and the DONE report is
+    written to ``writer``'s buffer. Any other message, or any state in which the
+    tracer would do more (a connected task_prerun/task_postrun/task_success
+    receiver, INFO logging of each success, a revoked id), makes :meth:`run`
+    return None having done nothing: the child runs it the general way.
+    """
+
+    cdef TaskRegistry registry
+    cdef object hostname, writer, store, context_class, is_plain, raised, info_enabled, outside_error
+    cdef list running
+    cdef dict plain, last_run_times, prerun, postrun, success
+    cdef set revoked
+    cdef double report_slower_than
+    cdef unsigned char done_kind
+
+    def __init__(self, TaskRegistry registry not None, hostname, writer, store, list running not None,
+                 context_class, is_plain, raised, info_enabled, outside_error, dict last_run_times not None,
+                 set revoked not None, tuple receivers not None, double report_slower_than,
+                 unsigned char done_kind):
+        self.registry = registry
+        self.hostname = hostname
+        self.writer = writer
+        self.store = store
+        self.running = running
+        self.context_class = context_class
+        self.is_plain = is_plain
+        self.raised = raised
+        self.info_enabled = info_enabled
+        self.outside_error = outside_error
+        self.last_run_times = last_run_times
+        self.revoked = revoked
+        self.prerun, self.postrun, self.success = receivers
+        self.report_slower_than = report_slower_than
+        self.done_kind = done_kind
+        self.plain = {}
+
+    def run(self, payload):
+        """Run one task message if it is plain and return its run time (seconds); else None, nothing done."""
+        cdef TaskMessage msg
+        cdef dict options, fields
+        cdef bytearray buffer
+        cdef double started, runtime
+        cdef bint requeue = False
+        if self.prerun or self.postrun or self.success:
+            return None
+        started = _monotonic()
+        try:
+            if type(payload) is bytes:
+                msg = _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+            else:
+                msg = decode_message(payload)
+            msg._decode()
+        except MessageDecodeError:
+            return None
+        name = msg._task
+        if msg._expires is not None or (self.revoked and msg._id in self.revoked):
+            return None
+        task = self.registry._tasks.get(name)
+        if task is None:
+            return None
+        plain = self.plain.get(name)
+        if plain is None:
+            plain = self.plain[name] = bool(self.is_plain(task))
+        options = msg._options
+        if plain is not True or (options and (options.get("soft_time_limit") or options.get("link")
+                                               or options.get("chain"))) or self.info_enabled():
+            return None
+        # Whether the result is stored: the call's choice, the task's, the sender's settings or ours.
+        ignore = options.get("ignore_result") if options else None
+        if ignore is None:
+            ignore = task.ignore_result
+            if ignore is None:
+                ignore = msg._ignore_result or task.app.conf.task_ignore_result
+        store = None if ignore else self.store
+        buffer = self.writer.buffer
+        if PyByteArray_GET_SIZE(buffer) and self.last_run_times.get(name, self.report_slower_than) \
+                >= self.report_slower_than:
+            self.writer.flush()  # it may run long: what finished before it is reported first
+        task_id = msg._id
+        fields = _request_fields(msg, False, self.hostname, None)
+        fields["recorder"] = store
+        request = self.context_class.__new__(self.context_class)
+        request.__dict__ = fields
+        state = _SUCCESS
+        try:
+            self.running.append((task, request))
+            try:
+                try:
+                    retval = task.run(*msg._args, **msg._kwargs)
+                except Exception as exc:
+                    state, retval, _ = self.raised(task, request, store, exc)
+                    if state == _REJECTED:
+                        requeue = bool(getattr(retval, "requeue", False))
+                else:
+                    if store is not None:
+                        try:
+                            store.record(task_id, _SUCCESS, retval)
+                        except EncodeError as exc:  # the result cannot travel: the task fails
+                            state, retval, _ = self.raised(task, request, store, exc)
+            finally:
+                self.running.pop()
+        except (SystemExit, Exception) as exc:  # sys.exit() in the task, or a handler's own failure
+            state = _FAILURE
+            self.outside_error(task_id, exc)
+        runtime = _monotonic() - started
+        self.last_run_times[name] = runtime
+        _pack_done(self.writer.buffer, self.done_kind, task_id, state, runtime, requeue, msg._retries)
+        return runtime
+
+
+cdef object _SUCCESS = "SUCCESS"
+cdef object _FAILURE = "FAILURE"
+cdef object _REJECTED = "REJECTED"
+
+
+cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double runtime, bint requeue,
+                    retries) except -1:
+    """Append a DONE frame: ``msgpack.packb((task_id, state, runtime, requeue, retries))``, byte for byte."""
+    cdef Py_ssize_t n_id, n_state
+    cdef const char* s_id = PyUnicode_AsUTF8AndSize(task_id, &n_id)
+    cdef const char* s_state = PyUnicode_AsUTF8AndSize(state, &n_state)
+    cdef uint64_t count = PyLong_AsUnsignedLongLong(retries)
+    cdef uint64_t bits
+    cdef Py_ssize_t size = 1 + _str_size(n_id) + _str_size(n_state) + 9 + 1 + _uint_size(count)
+    cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
+    PyByteArray_Resize(buffer, start + _PIPE_HEADER_SIZE + size)
+    cdef unsigned char* p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
+    p[0] = size & 0xff
+    p[1] = (size >> 8) & 0xff
+    p[2] = (size >> 16) & 0xff
+    p[3] = (size >> 24) & 0xff
+    p[4] = kind
+    p += _PIPE_HEADER_SIZE
+    p[0] = 0x95
+    p = _put_str(p + 1, s_id, n_id)
+    p = _put_str(p, s_state, n_state)
+    memcpy(&bits, &runtime, 8)
+    p[0] = 0xcb
+    p = _put64(p + 1, bits)
+    p[0] = 0xc3 if requeue else 0xc2
+    _put_uint(p + 1, count)
+    return 0
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 from msgpack import ExtraData
 
-from engine.exceptions import MessageDecodeError, NotRegistered
+from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered
 from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 __all__ = (
@@ -48,6 +48,7 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "PlainRunner",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -683,6 +684,125 @@ def split_frames(buffer: bytes | bytearray | memoryview) -> tuple[list[tuple[int
             out.append((kind, bytes(view[offset + PIPE_HEADER_SIZE:end])))
             offset = end
     return out, offset
+
+
+class PlainRunner:
+    """A pool child's whole step for a *plain* task message in one call: decode, run, report DONE.
+
+    Most tasks a child runs are plain: their task is of the default request class,
+    without a soft time limit, ``track_started``, its own ``__call__`` or overridden
+    ``before_start``/``on_success``/``after_return`` (``is_plain(task)`` says so,
+    asked once per task name), and the message carries no expiry, soft limit, link
+    or chain. :meth:`run` runs one as the tracer would (``engine.tracer.trace_task``):
+    the task's request is pushed on ``running`` while its body runs, SUCCESS goes to
+    ``store`` unless the result is ignored, an exception goes to ``raised`` (the
+    tracer's own handling: Retry, Reject, Ignore, failure), and the DONE report is
+    written to ``writer``'s buffer. Any other message, or any state in which the
+    tracer would do more (a connected task_prerun/task_postrun/task_success
+    receiver, INFO logging of each success, a revoked id), makes :meth:`run`
+    return None having done nothing: the child runs it the general way.
+    (This twin is not compiled: it only keeps the two cores' behaviour the same.)
+    """
+
+    __slots__ = ("context_class", "done_kind", "hostname", "info_enabled", "is_plain", "last_run_times",
+                 "outside_error", "plain", "postrun", "prerun", "raised", "registry", "report_slower_than",
+                 "revoked", "running", "store", "success", "writer")
+
+    def __init__(self, registry: TaskRegistry, hostname: str, writer: Any, store: Any, running: list,
+                 context_class: Any, is_plain: Any, raised: Any, info_enabled: Any, outside_error: Any,
+                 last_run_times: dict, revoked: set, receivers: tuple, report_slower_than: float,
+                 done_kind: int) -> None:
+        for value, kind, what in ((running, list, "running"),
+                                  (last_run_times, dict, "last_run_times"), (revoked, set, "revoked"),
+                                  (receivers, tuple, "receivers")):
+            if not isinstance(value, kind):
+                raise TypeError(f"PlainRunner's {what} must be a {kind.__name__}, not {type(value).__name__}")
+        if not 0 <= done_kind <= 255:
+            raise OverflowError(f"a pipe frame's kind is one byte, not {done_kind}")
+        self.registry = registry
+        self.hostname = hostname
+        self.writer = writer
+        self.store = store
+        self.running = running
+        self.context_class = context_class
+        self.is_plain = is_plain
+        self.raised = raised
+        self.info_enabled = info_enabled
+        self.outside_error = outside_error
+        self.last_run_times = last_run_times
+        self.revoked = revoked
+        self.prerun, self.postrun, self.success = receivers
+        self.report_slower_than = float(report_slower_than)
+        self.done_kind = done_kind
+        self.plain: dict[str, bool] = {}
+
+    def run(self, payload: bytes) -> float | None:
+        """Run one task message if it is plain and return its run time (seconds); else None, nothing done."""
+        if self.prerun or self.postrun or self.success:
+            return None
+        started = time.monotonic()
+        try:
+            msg = decode_message(payload)
+            options = msg.options
+            args, kwargs = msg.args, msg.kwargs
+        except MessageDecodeError:
+            return None
+        name = msg.task
+        if msg.expires is not None or (self.revoked and msg.id in self.revoked):
+            return None
+        task = self.registry.get(name)
+        if task is None:
+            return None
+        plain = self.plain.get(name)
+        if plain is None:
+            plain = self.plain[name] = bool(self.is_plain(task))
+        if plain is not True or (options and (options.get("soft_time_limit") or options.get("link")
+                                               or options.get("chain"))) or self.info_enabled():
+            return None
+        # Whether the result is stored: the call's choice, the task's, the sender's settings or ours.
+        ignore = options.get("ignore_result") if options else None
+        if ignore is None:
+            ignore = task.ignore_result
+            if ignore is None:
+                ignore = msg.ignore_result or task.app.conf.task_ignore_result
+        store = None if ignore else self.store
+        if self.writer.buffer and self.last_run_times.get(name, self.report_slower_than) >= self.report_slower_than:
+            self.writer.flush()  # it may run long: what finished before it is reported first
+        task_id = msg.id
+        fields = request_fields(msg, False, self.hostname, None)
+        fields["recorder"] = store
+        request = self.context_class.__new__(self.context_class)
+        request.__dict__ = fields
+        state = "SUCCESS"
+        requeue = False
+        try:
+            self.running.append((task, request))
+            try:
+                try:
+                    retval = task.run(*args, **kwargs)
+                except Exception as exc:
+                    state, retval, _ = self.raised(task, request, store, exc)
+                    if state == "REJECTED":
+                        requeue = bool(getattr(retval, "requeue", False))
+                else:
+                    if store is not None:
+                        try:
+                            store.record(task_id, "SUCCESS", retval)
+                        except EncodeError as exc:  # the result cannot travel: the task fails
+                            state, retval, _ = self.raised(task, request, store, exc)
+            finally:
+                self.running.pop()
+        except (SystemExit, Exception) as exc:  # sys.exit() in the task, or a handler's own failure
+            state = "FAILURE"
+            self.outside_error(task_id, exc)
+        runtime = time.monotonic() - started
+        self.last_run_times[name] = runtime
+        pack_frame(self.writer.buffer, self.done_kind, _pack_done((task_id, state, runtime, requeue, msg.retries)))
+        return runtime
+
+
+#: DONE reports are two strings, a float, a bool and an int: one kept Packer serves them all.
+_pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 class TaskRegistry:

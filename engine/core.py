@@ -26,6 +26,7 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "PlainRunner",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -82,6 +83,7 @@ pack_frame = _impl.pack_frame
 split_frames = _impl.split_frames
 new_task_id = _impl.new_task_id
 request_fields = _impl.request_fields
+PlainRunner = _impl.PlainRunner
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord

@@ -37,7 +37,7 @@ from engine.task import Task
 from engine.utils import process
 from engine.utils.hostname import HOSTNAME
 
-__all__ = ("ExceptionInfo", "Recorder", "TraceOutcome", "resolve_ignore_result", "trace_task")
+__all__ = ("ExceptionInfo", "Recorder", "TraceOutcome", "raised", "resolve_ignore_result", "runs_bare", "trace_task")
 
 logger = logging.getLogger("engine.tracer")
 
@@ -118,6 +118,15 @@ def _handlers(task: Task) -> frozenset[str]:
     return found
 
 
+def runs_bare(task: Task) -> bool:
+    """True when tracing ``task`` adds nothing around its ``run``: no handler, ``__call__`` or ``track_started``.
+
+    Such a task's successful call records SUCCESS (unless its result is ignored) and
+    nothing else, when no task signal is connected and success is not logged.
+    """
+    return not _handlers(task) and type(task).__call__ is Task.__call__ and not task.resolve_option("track_started")
+
+
 def trace_task(task: Task, request: context.Context, recorder: Recorder | None = None, *,
                eager: bool = False, propagate: bool = False) -> TraceOutcome:
     """Run ``task`` for ``request`` and record its outcome in ``recorder``.
@@ -149,22 +158,8 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
             # calling run() directly saves a frame per task.
             retval = (task if type(task).__call__ is not Task.__call__ else task.run)(*args, **kwargs)
             state = states.SUCCESS
-        except Reject as exc:
-            state, retval, einfo = states.REJECTED, exc, ExceptionInfo(internal=True)
-            logger.info("Task %s[%s] rejected (requeue=%s): %r", task.name, task_id, exc.requeue, exc.reason)
-        except Ignore as exc:
-            state, retval = states.IGNORED, exc
-            logger.info("Task %s[%s] ignored", task.name, task_id)
-        except Retry as exc:
-            state, retval, einfo = states.RETRY, exc, ExceptionInfo()
-            if store is not None:
-                store.record(task_id, states.RETRY, exc.exc if exc.exc is not None else exc, einfo.traceback)
-            task.on_retry(exc.exc, task_id, args, kwargs, einfo)
-            if signals.task_retry.receivers:
-                signals.task_retry.send(sender=task, request=request, reason=exc, einfo=einfo)
-            logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
         except Exception as exc:
-            state, retval, einfo = _fail(task, task_id, request, store, exc, propagate)
+            state, retval, einfo = raised(task, request, store, exc, propagate)
         else:
             try:
                 if request.callbacks or request.chain:
@@ -191,6 +186,35 @@ def trace_task(task: Task, request: context.Context, recorder: Recorder | None =
             signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs,
                                       retval=retval, state=state)
     return TraceOutcome(state, retval, einfo, monotonic() - started)
+
+
+def raised(task: Task, request: context.Context, store: Recorder | None, exc: Exception,
+           propagate: bool = False) -> tuple[str, Any, ExceptionInfo | None]:
+    """The outcome of a call that raised ``exc``: ``(state, retval, einfo)``, its state recorded in ``store``.
+
+    ``Reject`` and ``Ignore`` record nothing, ``Retry`` records RETRY and calls
+    ``on_retry``, any other exception fails the task (see :func:`_fail`).
+    Called inside the ``except`` block, so ``ExceptionInfo()`` sees ``exc``;
+    :func:`trace_task` and the child's compiled run of plain tasks
+    (``engine.core.PlainRunner``) both end here.
+    """
+    task_id: str = request.id  # type: ignore[assignment]
+    if isinstance(exc, Reject):
+        logger.info("Task %s[%s] rejected (requeue=%s): %r", task.name, task_id, exc.requeue, exc.reason)
+        return states.REJECTED, exc, ExceptionInfo(internal=True)
+    if isinstance(exc, Ignore):
+        logger.info("Task %s[%s] ignored", task.name, task_id)
+        return states.IGNORED, exc, None
+    if isinstance(exc, Retry):
+        einfo = ExceptionInfo()
+        if store is not None:
+            store.record(task_id, states.RETRY, exc.exc if exc.exc is not None else exc, einfo.traceback)
+        task.on_retry(exc.exc, task_id, request.args, request.kwargs, einfo)
+        if signals.task_retry.receivers:
+            signals.task_retry.send(sender=task, request=request, reason=exc, einfo=einfo)
+        logger.info("Task %s[%s] retry: %s", task.name, task_id, exc)
+        return states.RETRY, exc, einfo
+    return _fail(task, task_id, request, store, exc, propagate)
 
 
 def _fail(task: Task, task_id: str, request: context.Context, store: Recorder | None, exc: Exception,

@@ -3,7 +3,9 @@
 A child reads framed task messages from its pipe, looks the task up in the
 registry it inherited at fork, runs it through the task's request class (a task
 of the default ``Request`` class, with no soft limit or expiry, straight through
-the tracer: that class only wraps it) and writes back, batched: the states to
+the tracer: that class only wraps it; a plain one, with nothing of its own
+around the call, in one compiled step, ``engine.core.PlainRunner``) and writes
+back, batched: the states to
 record, a DONE per task, and messages the task sent (retries, chain steps,
 callbacks), which the supervisor queues itself. A child never outlives its
 supervisor: the kernel kills it when the supervisor dies (PR_SET_PDEATHSIG),
@@ -13,6 +15,7 @@ and it exits on EOF of its pipe.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -24,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from engine import serialization, signals, states
-from engine.core import decode_message, encode_message
+from engine import context, serialization, signals, states, tracer
+from engine.context import Context
+from engine.core import PlainRunner, decode_message, encode_message
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.request import Request, request_context
 from engine.tracer import trace_task
@@ -36,8 +40,9 @@ from engine.worker.report_log import ReportLog
 if TYPE_CHECKING:
     from engine.app import Engine
     from engine.core import TaskMessage, TaskRegistry
+    from engine.task import Task
 
-__all__ = ("ChildProducer", "ChildRecorder", "child_main")
+__all__ = ("ChildProducer", "ChildRecorder", "child_main", "plain_runner")
 
 logger = logging.getLogger("engine.worker.child")
 
@@ -180,6 +185,8 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     poller.register(task_fd, select.POLLIN)
     #: Ids of tasks this child holds that were revoked (the supervisor's REVOKE frames).
     revoked: set[str] = set()
+    # A default soft limit applies to every task: then none is plain.
+    run_plain = None if default_soft else plain_runner(registry, recorder, writer, hostname, revoked).run
     done = 0
     exit_code = 0
     last_flush = last_checkpoint = time.monotonic()
@@ -202,7 +209,9 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                     break
                 if kind != pipe.TASK:
                     continue
-                runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft, revoked)
+                runtime = run_plain(payload) if run_plain is not None else None
+                if runtime is None:  # not a plain task: the general way
+                    runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft, revoked)
                 done += 1
                 now = time.monotonic()
                 if now - read_at > REVOKE_LOOKAHEAD:
@@ -314,12 +323,8 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _record_error(recorder, task_id, exc)
     except SoftTimeLimitExceeded as exc:  # raised outside the task body (in a handler)
         _record_error(recorder, task_id, exc)
-    except SystemExit as exc:  # sys.exit() in a task must not end the child unnoticed
-        logger.error("task %s called sys.exit(%r)", task_id, exc.code)
-        _record_error(recorder, task_id, exc)
-    except Exception as exc:  # the engine's own failure: record it, keep serving
-        logger.exception("internal error running task %s", task_id)
-        _record_error(recorder, task_id, exc)
+    except (SystemExit, Exception) as exc:
+        _failed_outside(recorder, task_id, exc)
     runtime = time.monotonic() - started
     if name is not None:
         _last_run_times[name] = runtime
@@ -327,6 +332,36 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
     # attempt's end for another's (engine.worker.report_log).
     writer.add(pipe.DONE, _pack_done((task_id, state, runtime, requeue, retries)))
     return runtime
+
+
+def _failed_outside(recorder: ChildRecorder, task_id: str, exc: BaseException) -> None:
+    """Log and record ``exc`` raised outside the tracer's handling: a task's ``sys.exit()``, or the engine's failure.
+
+    Called inside the ``except`` block (``logger.exception`` shows its traceback).
+    """
+    if isinstance(exc, SystemExit):  # sys.exit() in a task must not end the child unnoticed
+        logger.error("task %s called sys.exit(%r)", task_id, exc.code)
+    else:  # the engine's own failure: record it, keep serving
+        logger.exception("internal error running task %s", task_id)
+    _record_error(recorder, task_id, exc)
+
+
+def plain_runner(registry: TaskRegistry, recorder: ChildRecorder, writer: pipe.FrameWriter, hostname: str,
+                 revoked: set[str]) -> PlainRunner:
+    """The compiled step that runs this child's plain task messages (see :class:`engine.core.PlainRunner`).
+
+    ``revoked`` is the child's own set, updated in place as REVOKE frames come.
+    """
+    return PlainRunner(registry, hostname, writer, recorder, context.running(), Context, _is_plain, tracer.raised,
+                       functools.partial(tracer.logger.isEnabledFor, logging.INFO),
+                       functools.partial(_failed_outside, recorder), _last_run_times, revoked,
+                       (signals.task_prerun.receivers, signals.task_postrun.receivers, signals.task_success.receivers),
+                       REPORT_SLOWER_THAN, pipe.DONE)
+
+
+def _is_plain(task: Task) -> bool:
+    # The default request class only wraps the tracer, and a soft limit needs the request's timer.
+    return task.request_class is Request and not task.soft_time_limit and tracer.runs_bare(task)
 
 
 def _record_error(recorder: ChildRecorder, task_id: str, exc: BaseException) -> None:

@@ -1,0 +1,272 @@
+"""The child's compiled step for plain tasks (``engine.core.PlainRunner``), on both twins, in this process.
+
+A child hands each task message to its PlainRunner first and runs the message
+through ``child._run_one`` (the general path) only when the runner declines it.
+These check that the runner takes plain tasks and reports exactly what the
+general path reports for them, in every outcome, and that it declines, having
+written nothing, every message the general path must run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import msgpack
+import pytest
+
+import engine._core_py as py_core
+import engine.core
+from engine import Engine, context, serialization, signals, states
+from engine.core import TaskMessage, encode_message
+from engine.exceptions import Ignore, Reject
+from engine.request import Request
+from engine.task import Task
+from engine.worker import child, pipe
+from tests.support import child_pipe
+
+try:
+    import engine._core as c_core
+except ImportError:
+    c_core = None
+
+# The compiled runner takes the compiled registry only: not the one an app has under ENGINE_NO_EXTENSIONS.
+TWINS = [pytest.param(py_core, id="python"),
+         pytest.param(c_core, id="cython", marks=pytest.mark.skipif(
+             engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]
+
+app = Engine("plainrunner", backend="memory://")
+seen: list = []
+
+
+@app.task(bind=True)
+def echo(self, x, y=0):
+    current = context.current()
+    seen.append(current is not None and current[0] is self)  # the running task, while it runs
+    return {"id": self.request.id, "hostname": self.request.hostname, "retries": self.request.retries,
+            "queue": self.request.delivery_info["queue"], "args": list(self.request.args),
+            "kwargs": self.request.kwargs, "called_directly": self.request.called_directly}
+
+
+@app.task
+def fails():
+    raise ValueError("bad input")
+
+
+@app.task(bind=True, max_retries=3)
+def retried(self):
+    raise self.retry(countdown=60)
+
+
+@app.task
+def rejected(requeue):
+    raise Reject("no", requeue=requeue)
+
+
+@app.task
+def ignored():
+    raise Ignore()
+
+
+@app.task
+def unserializable():
+    return object()
+
+
+@app.task
+def exits():
+    sys.exit(3)
+
+
+@app.task(ignore_result=True)
+def quiet(x):
+    return x
+
+
+class HookedRequest(Request):
+    """A request class of its own: its hooks must run, so the general path runs it."""
+
+
+@app.task(Request=HookedRequest)
+def hooked():
+    return 1
+
+
+@app.task(soft_time_limit=5)
+def soft():
+    return 1
+
+
+@app.task(track_started=True)
+def tracked():
+    return 1
+
+
+class Handled(Task):
+    def on_success(self, retval, task_id, args, kwargs):
+        pass
+
+
+@app.task(base=Handled)
+def handled():
+    return 1
+
+
+class Called(Task):
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs)
+
+
+@app.task(base=Called)
+def called():
+    return 1
+
+
+@pytest.fixture(params=TWINS)
+def runner(request, monkeypatch):
+    """``(run, read, writer)``: ``run(message)`` as the child's loop does first; ``read()`` the frames since."""
+    monkeypatch.setattr(child, "PlainRunner", request.param.PlainRunner)
+    seen.clear()
+    with child_pipe() as (writer, recorder, read):
+        monkeypatch.setattr(app, "_producer", child.ChildProducer(writer))  # what tasks send goes to the pipe
+        revoked: set[str] = set()
+        plain = child.plain_runner(app.tasks, recorder, writer, "w1@test", revoked)
+
+        def run(message):
+            return plain.run(message if isinstance(message, bytes) else encode_message(message))
+
+        run.revoked = revoked
+        yield run, read, writer
+
+
+def general(message):
+    """What the general path (``child._run_one``) reports for ``message``: ``{kind: [payload, ...]}``."""
+    producer = app._producer
+    with child_pipe() as (writer, recorder, read):
+        app._producer = child.ChildProducer(writer)
+        try:
+            child._run_one(encode_message(message), app.tasks, recorder, writer, "w1@test", None)
+        finally:
+            app._producer = producer
+        return read()
+
+
+def comparable(result):
+    """A result as compared here: an exception by its type and message (two instances are never equal)."""
+    return (type(result).__name__, str(result)) if isinstance(result, BaseException) else result
+
+
+def without_times(frames):
+    """The frames with run times and timestamps taken out (they differ between two runs)."""
+    out = {}
+    for kind, payloads in frames.items():
+        if kind == pipe.DONE:
+            payloads = [(task_id, state, requeue, retries) for task_id, state, _, requeue, retries in payloads]
+        elif kind == pipe.RECORD:
+            payloads = [(task_id, state, comparable(serialization.loads(body)), (traceback or "").splitlines()[-1:])
+                        for task_id, state, body, traceback, _ in payloads]
+        out[kind] = payloads
+    return out
+
+
+@pytest.mark.parametrize("message", [
+    TaskMessage("id-1", echo.name, (2,), {"y": 3}, retries=1, queue="q1"),
+    TaskMessage("id-2", fails.name),
+    TaskMessage("id-3", rejected.name, (True,)),
+    TaskMessage("id-4", rejected.name, (False,)),
+    TaskMessage("id-5", ignored.name),
+    TaskMessage("id-6", unserializable.name),
+    TaskMessage("id-7", quiet.name, (1,)),
+    TaskMessage("id-8", echo.name, (1,), options={"ignore_result": True}),
+    TaskMessage("id-9", exits.name),
+], ids=["success", "failure", "reject-requeue", "reject", "ignore", "unserializable", "ignored-result",
+        "ignored-by-call", "sys.exit"])
+def test_a_plain_task_is_run_and_reported_as_the_general_path_reports_it(runner, message):
+    run, read, _ = runner
+    runtime = run(message)
+    assert isinstance(runtime, float) and runtime >= 0
+    assert without_times(read()) == without_times(general(message))
+
+
+def test_the_task_sees_its_request_and_is_the_running_task_while_it_runs(runner):
+    run, read, _ = runner
+    run(TaskMessage("id-10", echo.name, (2,), {"y": 3}, retries=2, queue="q1"))
+    [(task_id, state, body, traceback, _)] = read()[pipe.RECORD]
+    assert (task_id, state, traceback) == ("id-10", states.SUCCESS, None)
+    assert serialization.loads(body) == {"id": "id-10", "hostname": "w1@test", "retries": 2, "queue": "q1",
+                                         "args": [2], "kwargs": {"y": 3}, "called_directly": False}
+    assert seen == [True] and context.current() is None
+
+
+def test_a_retry_records_retry_and_sends_the_next_attempt(runner):
+    run, read, _ = runner
+    run(TaskMessage("id-11", retried.name))
+    frames = read()
+    assert [done[:2] for done in frames[pipe.DONE]] == [["id-11", states.RETRY]]
+    assert [record[:2] for record in frames[pipe.RECORD]] == [["id-11", states.RETRY]]
+    assert len(frames[pipe.SEND]) == 1
+
+
+def test_the_done_report_is_the_bytes_msgpack_packs(runner):
+    run, _, writer = runner
+    for message in (TaskMessage("i" * 40, quiet.name, (1,), retries=70000),
+                    TaskMessage("id-12", rejected.name, (True,), retries=200)):
+        writer.buffer.clear()
+        run(message)
+        [(kind, payload)] = [frame for frame in py_core.split_frames(writer.buffer)[0] if frame[0] == pipe.DONE]
+        assert payload == msgpack.packb(tuple(msgpack.unpackb(payload)), use_bin_type=True)
+    assert msgpack.unpackb(payload)[3:] == [True, 200]
+
+
+@pytest.mark.parametrize("message", [
+    TaskMessage("id-20", hooked.name),
+    TaskMessage("id-21", soft.name),
+    TaskMessage("id-22", tracked.name),
+    TaskMessage("id-23", handled.name),
+    TaskMessage("id-24", called.name),
+    TaskMessage("id-25", quiet.name, (1,), expires=4102444800.0),
+    TaskMessage("id-26", quiet.name, (1,), options={"soft_time_limit": 1.0}),
+    TaskMessage("id-27", quiet.name, (1,), options={"link": [{"task": quiet.name}]}),
+    TaskMessage("id-28", quiet.name, (1,), options={"chain": [{"task": quiet.name}]}),
+    TaskMessage("id-29", "no.such.task"),
+], ids=["request-class", "soft-limit", "track-started", "handler", "call", "expires", "soft-limit-option", "link",
+        "chain", "unknown"])
+def test_other_messages_are_declined_with_nothing_done(runner, message):
+    run, read, writer = runner
+    assert run(message) is None
+    assert not writer.buffer and read() == {} and context.current() is None
+
+
+def test_a_malformed_message_or_a_revoked_one_is_declined(runner):
+    run, _, writer = runner
+    assert run(b"\x93not a message") is None
+    run.revoked.add("id-30")
+    assert run(TaskMessage("id-30", quiet.name, (1,))) is None
+    assert not writer.buffer
+
+
+@pytest.mark.parametrize("signal", [signals.task_prerun, signals.task_postrun, signals.task_success],
+                         ids=["prerun", "postrun", "success"])
+def test_a_connected_task_signal_sends_tasks_the_general_way(runner, signal):
+    run, _, writer = runner
+
+    def receiver(**kwargs):
+        pass
+
+    signal.connect(receiver)
+    try:
+        assert run(TaskMessage("id-31", quiet.name, (1,))) is None
+    finally:
+        signal.disconnect(receiver)
+    assert run(TaskMessage("id-32", quiet.name, (1,))) is not None
+
+
+def test_success_logged_at_info_sends_tasks_the_general_way(runner):
+    run, _, _ = runner
+    tracer_logger = logging.getLogger("engine.tracer")
+    level = tracer_logger.level
+    tracer_logger.setLevel(logging.INFO)
+    try:
+        assert run(TaskMessage("id-33", quiet.name, (1,))) is None
+    finally:
+        tracer_logger.setLevel(level)
