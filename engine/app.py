@@ -57,6 +57,8 @@ class Engine:
         self.tasks = TaskRegistry()
         self._backend: Backend | None = None
         self._producer: Any = None
+        #: The rpc:// reply address and what it holds for: (URL, backend, producer, address).
+        self._reply_to: tuple[Any, Any, Any, str | None] | None = None
         self._control: Any = None
         #: Modules to import before a worker starts (``include=``, ``autodiscover_tasks``).
         self._pending_imports: list[Any] = list(include or ())
@@ -281,8 +283,16 @@ class Engine:
         url = self.conf.result_backend
         if not url or not str(url).startswith("rpc"):
             return None
+        # Asked on every send: the answer holds while the URL, the backend and the producer do.
+        known = self._reply_to
+        if known is not None and known[0] == url and known[1] is self._backend and known[2] is self._producer \
+                and known[2].usable():
+            address: str | None = known[3]
+            return address
         producer = self.backend.listen()  # type: ignore[attr-defined]  # an rpc:// URL: an RPCBackend
-        return getattr(producer, "client_id", None)
+        address = getattr(producer, "client_id", None)
+        self._reply_to = (url, self._backend, producer, address)
+        return address
 
     def send_message(self, message: TaskMessage) -> None:
         """Hand an encoded task message to the transport (see engine.transport)."""

@@ -250,8 +250,14 @@ class Task:
     def _send(self, args: tuple, kwargs: dict, options: dict) -> Any:
         """Check the arguments, build the message, queue it; return its AsyncResult (options checked by the caller)."""
         if self.typing:
-            self.check_arguments(args, kwargs)
-        message = self.build_message(args, kwargs, **options)
+            # The common call, positional arguments of a count the body takes, is checked here.
+            checker = type(self).__dict__.get("_arguments_checker")
+            if checker is None or kwargs or not checker.least <= len(args) <= checker.most:
+                self.check_arguments(args, kwargs)
+        if len(options) == 1 and "reply_to" in options:  # a plain call: no keyword packing
+            message = self.build_message(args, kwargs, reply_to=options["reply_to"])
+        else:
+            message = self.build_message(args, kwargs, **options)
         if signals.before_task_publish.receivers:
             _before_publish(self.name, message)
         self.app.send_message(message)
@@ -278,9 +284,11 @@ class Task:
             else:
                 expires_ts = _timestamp(expires, "expires")
         kwargs = kwargs or {}
+        conf = self.app.conf
         if queue is None:
-            queue = self.queue or route_queue(self.app.conf.task_routes, self.name, args, kwargs) \
-                or self.app.conf.task_default_queue
+            routes = conf.task_routes
+            queue = self.queue or (routes and route_queue(routes, self.name, args, kwargs)) \
+                or conf.task_default_queue
         options: dict[str, Any] = {}
         if link is not None and (links := _as_signature_list(link)):
             options["link"] = links
@@ -303,16 +311,12 @@ class Task:
         return TaskMessage(
             task_id or new_task_id(), self.name, args, kwargs, retries=retries, eta=eta_ts, expires=expires_ts,
             queue=queue, reply_to=reply_to, parent_id=parent_id, root_id=root_id,
-            ignore_result=bool(ignore_result) if ignore_result is not None else self._ignored_by_default(),
+            # The message carries the resolved choice so the worker need not know the
+            # caller's settings; the per-call value, when given, overrides the task's.
+            ignore_result=bool(ignore_result if ignore_result is not None else self.ignore_result
+                               if self.ignore_result is not None else conf.task_ignore_result),
             options=options,
         )
-
-    def _ignored_by_default(self) -> bool:
-        # The message carries the resolved choice so the worker need not know the
-        # caller's settings; the per-call value, when given, overrides it.
-        if self.ignore_result is not None:
-            return bool(self.ignore_result)
-        return bool(self.app.conf.task_ignore_result)
 
     def check_arguments(self, args: tuple, kwargs: dict) -> None:
         """Raise TypeError now if the task body cannot take these arguments."""

@@ -244,3 +244,21 @@ def test_register_task_accepts_a_task_class():
     task = app.register_task(Multiply)
     assert app.tasks.lookup("proj.multiply") is task
     assert task.apply((3, 4)).get() == 12
+
+
+def test_the_rpc_reply_address_follows_the_producer_and_the_backend_setting():
+    app = Engine("reply", transport="tcp://127.0.0.1:9", backend="rpc://", producer_flush_timeout=0.1,
+                 set_as_current=False)
+    try:
+        first = app.reply_address()
+        assert first is not None and first == app.producer.client_id
+        assert app.reply_address() == first  # asked again: the same producer
+        app.close()  # a new producer (as after a fork): a new address
+        second = app.reply_address()
+        assert second == app.producer.client_id and second != first
+        app.conf.result_backend = "sqlite:///unused.db"
+        assert app.reply_address() is None
+        app.conf.result_backend = "rpc://"
+        assert app.reply_address() == app.producer.client_id
+    finally:
+        app.close()
