@@ -569,6 +569,11 @@ def test_wrong_arguments_fail_at_call_time(app):
     with pytest.raises(TypeError, match="unknown options"):
         add.apply_async((1, 2), routing_key="x")
     assert app.sent == []
+    add.delay(1, 2)  # the checker is known now: counts are checked without it, and still refused
+    for args in ((1,), (1, 2, 3)):
+        with pytest.raises(TypeError, match="add"):
+            add.delay(*args)
+    assert len(app.sent) == 1
 
 
 def test_always_eager_runs_delay_in_process(eager_app):
