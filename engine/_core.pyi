@@ -105,6 +105,26 @@ class PlainRunner:
     def run(self, payload: bytes) -> float | None:
         """Run one task message if it is plain and return its run time; else None, nothing done."""
 
+class QueuedTask:
+    """A received task message waiting for (or assigned to) a child."""
+
+    message: Any
+    raw: Any
+    task: Any
+    peer: Any
+    journal_ref: Any
+    received: float
+    started: float
+    expected: float
+    rate_slot: bool
+    def __init__(self, message: Any, raw: Any, task: Any, peer: Any = None, journal_ref: Any = None) -> None: ...
+    @property
+    def name(self) -> str:
+        """The task name."""
+
+def read_done(payload: bytes) -> tuple[Any, ...]:
+    """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``."""
+
 class TaskRegistry(Mapping[str, Task]):
     """Task name -> task object."""
 

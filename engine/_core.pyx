@@ -64,6 +64,7 @@ __all__ = (
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "PlainRunner",
+    "QueuedTask",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -75,6 +76,7 @@ __all__ = (
     "encode_message",
     "new_task_id",
     "pack_frame",
+    "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -1592,6 +1594,89 @@ cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double
     p[0] = 0xc3 if requeue else 0xc2
     _put_uint(p + 1, count)
     return 0
+
+
+# -- the supervisor's side of a task ---------------------------------------------------------
+
+cdef class QueuedTask:
+    """A received task message waiting for (or assigned to) a child."""
+
+    #: The task message (a TaskMessage).
+    cdef public object message
+    #: The message as it came, what a child is handed.
+    cdef public object raw
+    #: The registered task it names.
+    cdef public object task
+    #: The client link it came on (None: from this worker's children, or replayed).
+    cdef public object peer
+    #: How the journal knows this task (released when its final state is out); None without a journal.
+    cdef public object journal_ref
+    #: When it was received and when it started (``time.monotonic()`` seconds; 0.0: not started).
+    cdef public double received, started
+    #: ``--fair``: the run time expected when it was handed to a child (counted in ``queued_seconds``).
+    cdef public double expected
+    #: True while it waits in the timer heap for its kind's rate-limit slot (taken already).
+    cdef public bint rate_slot
+
+    def __init__(self, message, raw, task, peer=None, journal_ref=None):
+        self.message = message
+        self.raw = raw
+        self.task = task
+        self.peer = peer
+        self.journal_ref = journal_ref
+        self.received = _monotonic()
+        self.started = 0.0
+        self.expected = 0.0
+        self.rate_slot = False
+
+    @property
+    def name(self):
+        """The task name."""
+        return self.message.task
+
+    def __repr__(self):
+        return f"<QueuedTask {self.message.task}[{self.message.id}]>"
+
+
+def read_done(payload):
+    """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``: what ``msgpack.unpackb`` reads.
+
+    The report a child packs (two strings, a float64, a bool, an int) is read here
+    directly; anything else, valid or not, goes to ``msgpack.unpackb`` (which
+    raises for a malformed one).
+    """
+    cdef Py_buffer view
+    cdef _Reader r
+    cdef const unsigned char* p
+    cdef uint64_t bits
+    cdef double runtime
+    if type(payload) is not bytes:
+        return tuple(_unpackb(payload, raw=False))
+    r.buf = <const unsigned char*>PyBytes_AS_STRING(payload)
+    r.pos = 0
+    r.end = PyBytes_GET_SIZE(payload)
+    # Fixed layout: 0x95, str, str, 0xcb + 8 bytes, 0xc2/0xc3, positive fixint or uint.
+    if r.end < 14 or r.buf[0] != 0x95:
+        return tuple(_unpackb(payload, raw=False))
+    r.pos = 1
+    try:
+        task_id = _read_str(&r, "task_id", False)
+        state = _read_str(&r, "state", False)
+    except MessageDecodeError:
+        return tuple(_unpackb(payload, raw=False))
+    if r.end - r.pos < 11 or r.buf[r.pos] != 0xcb:
+        return tuple(_unpackb(payload, raw=False))
+    p = r.buf + r.pos + 1
+    bits = _be64(p)
+    memcpy(&runtime, &bits, 8)
+    r.pos += 9
+    if r.buf[r.pos] != 0xc2 and r.buf[r.pos] != 0xc3:
+        return tuple(_unpackb(payload, raw=False))
+    requeue = r.buf[r.pos] == 0xc3
+    r.pos += 1
+    if r.end - r.pos != 1 or r.buf[r.pos] > 0x7f:  # retries beyond a fixint: the general reader
+        return tuple(_unpackb(payload, raw=False))
+    return (task_id, state, runtime, requeue, <long>r.buf[r.pos])
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ __all__ = (
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "PlainRunner",
+    "QueuedTask",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -60,6 +61,7 @@ __all__ = (
     "encode_message",
     "new_task_id",
     "pack_frame",
+    "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -803,6 +805,50 @@ class PlainRunner:
 
 #: DONE reports are two strings, a float, a bool and an int: one kept Packer serves them all.
 _pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+class QueuedTask:
+    """A received task message waiting for (or assigned to) a child."""
+
+    __slots__ = ("expected", "journal_ref", "message", "peer", "rate_slot", "raw", "received", "started", "task")
+
+    def __init__(self, message: Any, raw: Any, task: Any, peer: Any = None, journal_ref: Any = None) -> None:
+        #: The task message (a TaskMessage).
+        self.message = message
+        #: The message as it came, what a child is handed.
+        self.raw = raw
+        #: The registered task it names.
+        self.task = task
+        #: The client link it came on (None: from this worker's children, or replayed).
+        self.peer = peer
+        #: How the journal knows this task (released when its final state is out); None without a journal.
+        self.journal_ref = journal_ref
+        #: When it was received and when it started (``time.monotonic()`` seconds; 0.0: not started).
+        self.received = time.monotonic()
+        self.started = 0.0
+        #: ``--fair``: the run time expected when it was handed to a child (counted in ``queued_seconds``).
+        self.expected = 0.0
+        #: True while it waits in the timer heap for its kind's rate-limit slot (taken already).
+        self.rate_slot = False
+
+    @property
+    def name(self) -> str:
+        """The task name."""
+        name: str = self.message.task
+        return name
+
+    def __repr__(self) -> str:
+        return f"<QueuedTask {self.message.task}[{self.message.id}]>"
+
+
+def read_done(payload: bytes) -> tuple:
+    """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``: what ``msgpack.unpackb`` reads.
+
+    The report a child packs (two strings, a float64, a bool, an int) is read here
+    directly; anything else, valid or not, goes to ``msgpack.unpackb`` (which
+    raises for a malformed one).
+    """
+    return tuple(msgpack.unpackb(payload, raw=False))
 
 
 class TaskRegistry:

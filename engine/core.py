@@ -27,6 +27,7 @@ __all__ = (
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
     "PlainRunner",
+    "QueuedTask",
     "StateRecord",
     "StateRecorder",
     "TaskMessage",
@@ -38,6 +39,7 @@ __all__ = (
     "encode_message",
     "new_task_id",
     "pack_frame",
+    "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -84,6 +86,8 @@ split_frames = _impl.split_frames
 new_task_id = _impl.new_task_id
 request_fields = _impl.request_fields
 PlainRunner = _impl.PlainRunner
+QueuedTask = _impl.QueuedTask
+read_done = _impl.read_done
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord

@@ -1066,3 +1066,41 @@ def test_both_twins_frame_and_split_alike():
     for cut in (len(c_buffer), len(c_buffer) - 1, 7, 0):
         assert c_core.split_frames(c_buffer[:cut]) == py_core.split_frames(py_buffer[:cut])
     assert c_core.split_frames(c_buffer)[0] == payloads
+
+
+@pytest.mark.parametrize("report", [
+    ("0193-id", "SUCCESS", 1.5e-05, False, 0),
+    ("i" * 40, "REJECTED", 0.25, True, 3),
+    ("é" * 20, "FAILURE", 0.0, False, 127),
+    ("x", "RETRY", 2.0, False, 128),  # retries past a fixint: msgpack's own reader
+    ("x", "SUCCESS", 1, False, 0),  # an int run time: msgpack's own reader
+    ("", "", 0.5, True, 0),
+], ids=["success", "long-id", "utf-8", "uint8", "int-runtime", "empty"])
+def test_read_done_reads_what_msgpack_reads(core, report):
+    payload = msgpack.packb(report, use_bin_type=True)
+    assert list(core.read_done(payload)) == msgpack.unpackb(payload, raw=False) == list(report)
+    assert isinstance(core.read_done(payload), tuple)
+    assert core.read_done(bytearray(payload)) == tuple(report)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x95", b"\x95\xa1x\xa7SUCCESS\xcb\x00", b"\xc1" * 20],
+                         ids=["empty", "header-only", "cut-float", "never-used-byte"])
+def test_read_done_refuses_a_malformed_report_as_msgpack_does(core, payload):
+    with pytest.raises(Exception) as raised:
+        core.read_done(payload)
+    with pytest.raises(type(raised.value)):
+        msgpack.unpackb(payload, raw=False)
+
+
+def test_a_queued_task_keeps_its_message_and_times(core):
+    message = core.TaskMessage("id-1", "proj.add")
+    before = time.monotonic()
+    entry = core.QueuedTask(message, b"raw", "task", journal_ref=7)
+    assert before <= entry.received <= time.monotonic()
+    assert (entry.message, entry.raw, entry.task, entry.peer, entry.journal_ref) == (message, b"raw", "task", None, 7)
+    assert (entry.started, entry.expected, entry.rate_slot, entry.name) == (0.0, 0.0, False, "proj.add")
+    entry.started, entry.expected, entry.rate_slot = 1.5, 0.25, True
+    assert (entry.started, entry.expected, entry.rate_slot) == (1.5, 0.25, True)
+    assert repr(entry) == "<QueuedTask proj.add[id-1]>"
+    with pytest.raises(AttributeError):
+        entry.other = 1

@@ -24,12 +24,10 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from engine.core import TaskMessage
-    from engine.task import Task
-    from engine.transport.protocol import Peer
+#: A received task waiting for a child, in the compiled core (``engine.core.QueuedTask``).
+from engine.core import QueuedTask
 
 __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make_scheduler")
 
@@ -62,35 +60,6 @@ FAIR_BATCH_SECONDS = 0.005
 #: ... and at most this many tasks (the default mode's bound per child), whatever the averages
 #: say: a bad average cannot pile a backlog onto one child.
 FAIR_BATCH_MAX = MAX_DEPTH
-
-
-class QueuedTask:
-    """A received task message waiting for (or assigned to) a child."""
-
-    __slots__ = ("expected", "journal_ref", "message", "peer", "rate_slot", "raw", "received", "started", "task")
-
-    def __init__(self, message: TaskMessage, raw: bytes, task: Task, peer: Peer | None = None,
-                 journal_ref: Any = None) -> None:
-        self.message = message
-        self.raw = raw
-        self.task = task
-        self.peer = peer
-        #: How the journal knows this task (released when its final state is out); None without a journal.
-        self.journal_ref = journal_ref
-        self.received = time.monotonic()
-        self.started = 0.0
-        #: ``--fair``: the run time expected when it was handed to a child (counted in ``queued_seconds``).
-        self.expected = 0.0
-        #: True while it waits in the timer heap for its kind's rate-limit slot (taken already).
-        self.rate_slot = False
-
-    @property
-    def name(self) -> str:
-        """The task name."""
-        return self.message.task
-
-    def __repr__(self) -> str:
-        return f"<QueuedTask {self.message.task}[{self.message.id}]>"
 
 
 class RuntimeStats:

@@ -25,7 +25,7 @@ import msgpack
 import zmq
 
 from engine import signals, states
-from engine.core import decode_message, encode_message
+from engine.core import decode_message, encode_message, read_done
 from engine.exceptions import (
     ImproperlyConfigured,
     MessageDecodeError,
@@ -697,7 +697,7 @@ class Supervisor:
 
     def _task_done(self, child: Child, payload: bytes) -> None:
         child.last_done = payload  # where this child's report log is read from should it die
-        task_id, state, runtime, requeue, _ = msgpack.unpackb(payload, raw=False)
+        task_id, state, runtime, requeue, _ = read_done(payload)
         outstanding = child.outstanding
         if not outstanding:
             logger.error("child %d reported %s it was not given", child.pid, task_id)
