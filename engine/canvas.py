@@ -622,11 +622,22 @@ class chunks:
 def _ids_by_backend(results: Iterable[AsyncResult]) -> list[tuple[Any, list[str]]]:
     """The ids of ``results`` grouped by the backend they are read from (EagerResults are known: skipped)."""
     groups: dict[int, tuple[Any, list[str]]] = {}
+    # A group's members share their app, so its backend is asked once per app, not once per member.
+    by_app: dict[int, Any] = {}
     for result in results:
         if isinstance(result, EagerResult):
             continue
-        backend = result.backend
-        groups.setdefault(id(backend), (backend, []))[1].append(result.id)
+        backend = result._backend
+        if backend is None:
+            app = result.app
+            backend = by_app.get(id(app)) if app is not None else None
+            if backend is None:
+                backend = result.backend
+                by_app[id(result.app)] = backend
+        group = groups.get(id(backend))
+        if group is None:
+            group = groups[id(backend)] = (backend, [])
+        group[1].append(result.id)
     return list(groups.values())
 
 
@@ -706,8 +717,16 @@ class GroupResult:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 records.update(backend.wait_for_many(ids, timeout=remaining, interval=interval,
                                                      on_ready=shown.advance if progress else None))
-        return [r.get(propagate=propagate) if isinstance(r, EagerResult)
-                else AsyncResult._outcome(records[r.id].state, records[r.id].result, propagate) for r in self.results]
+        values = []
+        for r in self.results:
+            if isinstance(r, EagerResult):
+                values.append(r.get(propagate=propagate))
+                continue
+            record = records[r.id]
+            # SUCCESS never propagates: only other states need AsyncResult's rule.
+            values.append(record.result if record.state == states.SUCCESS
+                          else AsyncResult._outcome(record.state, record.result, propagate))
+        return values
 
     join = get
 

@@ -13,14 +13,15 @@ code, and the wire is not trusted.
 from __future__ import annotations
 
 import builtins
+import functools
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 from engine.exceptions import EncodeError, RemoteTaskError
 
-__all__ = ("dumps", "exception_from_wire", "exception_to_wire", "loads")
+__all__ = ("dumps", "exception_from_wire", "exception_to_wire", "loader", "loads")
 
 #: msgpack extension type code of an encoded exception.
 EXC_EXT = 1
@@ -120,3 +121,9 @@ def loads(data: bytes, accept_pickle: bool = False) -> Any:
     """Unpack what :func:`dumps` packed."""
     return msgpack.unpackb(data, raw=False, strict_map_key=False,
                            ext_hook=_pickle_ext_hook if accept_pickle else _ext_hook)
+
+
+def loader(accept_pickle: bool = False) -> Callable[[bytes], Any]:
+    """:func:`loads` with ``accept_pickle`` bound, as one call into msgpack (for loops over many results)."""
+    return functools.partial(msgpack.unpackb, raw=False, strict_map_key=False,
+                             ext_hook=_pickle_ext_hook if accept_pickle else _ext_hook)

@@ -225,3 +225,38 @@ def test_forgetting_a_group_forgets_every_member_at_once(app):
     group.forget()
     assert app.backend.get_many_encoded(ids + ["kept"]).keys() == {"kept"}
     assert group.completed_count() == 0
+
+
+def test_a_group_reads_each_member_from_its_own_backend_and_decodes_as_each_decodes(app, tmp_path):
+    other = Engine("other", backend="memory://", set_as_current=False)
+    seen = []
+
+    class Marking(type(other.backend)):
+        def decode(self, record):  # a backend's own decoding is kept by bulk reads
+            seen.append(record.task_id)
+            return super().decode(record)
+
+    other._backend = Marking("memory://", other)
+    try:
+        store(app, "mine", states.SUCCESS, {"n": 1})
+        store(other, "theirs", states.SUCCESS, [2])
+        store(app, "blob", states.SUCCESS, b"\x00raw")
+        group = GroupResult([app.AsyncResult("mine"), other.AsyncResult("theirs"), app.AsyncResult("blob")])
+        assert group.get(timeout=5) == [{"n": 1}, [2], b"\x00raw"]
+        assert seen == ["theirs"]
+    finally:
+        other.close()
+
+
+def test_decoding_many_records_is_decoding_each(app):
+    records = {f"r{i}": StateRecord(f"r{i}", state, raw, None, 1.5) for i, (state, raw) in enumerate([
+        (states.SUCCESS, dumps(1)), (states.FAILURE, dumps(ValueError("x"))), (states.SUCCESS, bytearray(dumps("s"))),
+        (states.SUCCESS, memoryview(dumps([1]))), (states.PENDING, None)])}
+    many = app.backend.decode_many(records)
+    one = {task_id: app.backend.decode(record) for task_id, record in records.items()}
+    assert list(many) == list(one)
+    for task_id in records:
+        a, b = many[task_id], one[task_id]
+        assert (a.task_id, a.state, a.traceback, a.timestamp) == (b.task_id, b.state, b.traceback, b.timestamp)
+        assert (repr(a.result) if isinstance(a.result, Exception) else a.result) == \
+            (repr(b.result) if isinstance(b.result, Exception) else b.result)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from engine import states
 from engine.core import StateRecord
 from engine.exceptions import ResultsDisabledError, TimeoutError
-from engine.serialization import dumps, loads
+from engine.serialization import dumps, loader, loads
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -136,6 +136,19 @@ class Backend:
             result = loads(bytes(result), self.accept_pickle)
         return StateRecord(record.task_id, record.state, result, record.traceback, record.timestamp)
 
+    def decode_many(self, records: dict[str, StateRecord]) -> dict[str, StateRecord]:
+        """:meth:`decode` of each record, by id (a group's results: one loop, no call per record)."""
+        if type(self).decode is not Backend.decode:  # a backend's own decoding is kept
+            return {task_id: self.decode(record) for task_id, record in records.items()}
+        load = loader(self.accept_pickle)
+        decoded = {}
+        for task_id, record in records.items():
+            result = record.result
+            if isinstance(result, (bytes, bytearray, memoryview)):
+                result = load(bytes(result))
+            decoded[task_id] = StateRecord(record.task_id, record.state, result, record.traceback, record.timestamp)
+        return decoded
+
     def store_state(self, task_id: str, state: str, result: Any = None, traceback: str | None = None) -> None:
         """Store one state now (``update_state`` outside a worker-run call)."""
         self.store([StateRecord(task_id, state, dumps(result, self.accept_pickle), traceback, time.time())])
@@ -168,7 +181,7 @@ class Backend:
             while head < len(pending) and pending[head] in ready:
                 head += 1
             if head == len(pending):
-                return {task_id: self.decode(record) for task_id, record in ready.items()}
+                return self.decode_many(ready)
             ahead = [task_id for task_id in pending[head:head + window] if task_id not in ready]
             token = self._change_token()  # before the read: a change during it is not missed
             found = self.get_many_encoded(ahead)

@@ -72,7 +72,7 @@ class MemoryBackend(Backend):
                 if on_ready is not None and head > start:
                     on_ready(head - start)
                 if head == len(pending):
-                    return {task_id: self.decode(record) for task_id, record in ready.items()}
+                    return self.decode_many(ready)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     missing = sum(1 for task_id in pending[head:] if (record := table.get(task_id)) is None
