@@ -109,9 +109,9 @@ if sys.argv[1] == "supervisor":
             supervisor.accept(decode_message(raw), raw, None, journal_ref=1)
         while len(supervisor.scheduler):
             supervisor._dispatch()
-            for child in supervisor.pool.children.values():
-                while child.outstanding:
-                    supervisor._task_done(child, dones[child.outstanding[0].message.id])
+            for child in supervisor.pool.children.values():  # each child's reports, read at once
+                supervisor._handle_child_frames(child, [(pipe.DONE, dones[entry.message.id])
+                                                        for entry in child.outstanding])
             supervisor.states.flush(time.monotonic())
 os._exit(0)
 """

@@ -681,10 +681,15 @@ class Supervisor:
             _safe_flush(child)
 
     def _handle_child_frames(self, child: Child, frames: list[tuple[int, bytes]]) -> None:
+        done: list[bytes] = []  # DONE reports come by the hundred: a run of them is seen in one pass
         for kind, payload in frames:
             if kind == pipe.DONE:
-                self._task_done(child, payload)
-            elif kind == pipe.RECORD:
+                done.append(payload)
+                continue
+            if done:  # before what follows them: a RECORD is of the task the child runs after these
+                self._tasks_done(child, done)
+                done = []
+            if kind == pipe.RECORD:
                 task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
                 if self.replies is not None and child.outstanding:
                     self.replies.follow(task_id, child.outstanding[0].message.id)
@@ -694,36 +699,50 @@ class Supervisor:
                 self.states.record_encoded(task_id, state, body, traceback, timestamp)
             elif kind == pipe.SEND:
                 self._accept_from_child(payload)
+        if done:
+            self._tasks_done(child, done)
 
     def _task_done(self, child: Child, payload: bytes) -> None:
-        child.last_done = payload  # where this child's report log is read from should it die
-        task_id, state, runtime, requeue, _ = read_done(payload)
+        """One DONE report of ``child`` (see :meth:`_tasks_done`)."""
+        self._tasks_done(child, [payload])
+
+    def _tasks_done(self, child: Child, payloads: list[bytes]) -> None:
+        """DONE reports of ``child``, in the order it sent them: each ends the task it holds first."""
         outstanding = child.outstanding
-        if not outstanding:
-            logger.error("child %d reported %s it was not given", child.pid, task_id)
-            return
-        entry = outstanding.popleft()
-        self.in_children -= 1
-        child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if outstanding else 0.0
-        self.counters["done"] += 1
-        name = entry.message.task
-        self.task_stats.finished(name, state, runtime, max(0.0, entry.started - entry.received))
-        if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
-            self.stats.add(name, runtime)
-        if requeue and state == states.REJECTED:
-            self.counters["requeued"] += 1
-            self.scheduler.push(entry)
-        elif entry.journal_ref is not None:
-            self.states.finished(entry.journal_ref)
+        finished, add_runtime, release = self.task_stats.finished, self.stats.add, self.states.finished
         events = self.events
-        if events is not None:
-            events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
-                        self._failure_info.pop(task_id, None))
-        if outstanding:
-            head = outstanding[0]
-            head.started = time.monotonic()
-            if events is not None:
-                events.task("started", head.message.id, head.message.task)
+        now = time.monotonic()  # when the next task in the child started, as far as the supervisor knows
+        done = 0
+        try:
+            for payload in payloads:
+                child.last_done = payload  # where this child's report log is read from should it die
+                task_id, state, runtime, requeue, _ = read_done(payload)
+                if not outstanding:
+                    logger.error("child %d reported %s it was not given", child.pid, task_id)
+                    continue
+                entry = outstanding.popleft()
+                done += 1
+                child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if outstanding else 0.0
+                name = entry.message.task
+                finished(name, state, runtime, max(0.0, entry.started - entry.received))
+                if state not in NOT_RUN:  # an expired or rejected task says nothing of its kind's run time
+                    add_runtime(name, runtime)
+                if requeue and state == states.REJECTED:
+                    self.counters["requeued"] += 1
+                    self.scheduler.push(entry)
+                elif entry.journal_ref is not None:
+                    release(entry.journal_ref)
+                if events is not None:
+                    events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
+                                self._failure_info.pop(task_id, None))
+                if outstanding:
+                    head = outstanding[0]
+                    head.started = now
+                    if events is not None:
+                        events.task("started", head.message.id, head.message.task)
+        finally:
+            self.in_children -= done
+            self.counters["done"] += done
 
     def _accept_from_child(self, raw: bytes) -> None:
         try:
