@@ -282,6 +282,32 @@ def test_done_frees_the_task_starts_the_clock_of_the_next_and_learns_the_run_tim
     assert supervisor.journal.removed == [_journal_key(first.message)]
 
 
+def test_a_run_of_done_reports_ends_tasks_in_order_before_the_record_that_follows_them(app, supervisor):
+    first, second, third = queued(app, started=time.monotonic()), queued(app), queued(app)
+    child = child_holding(supervisor, first, second, third)
+    record = msgpack.packb((third.message.id, states.SUCCESS, msgpack.packb(3), None, time.time()))
+    later = queued(app)
+    child.outstanding.append(later)
+
+    # The third task's state comes after the first two DONEs: it is recorded while it is the one running.
+    followed: list = []
+
+    class Replies:
+        def follow(self, task_id, running_id):
+            followed.append((task_id, running_id))
+
+    supervisor.replies = Replies()
+    supervisor._handle_child_frames(child, [(pipe.DONE, done(first, runtime=0.1)), (pipe.DONE, done(second)),
+                                            (pipe.RECORD, record), (pipe.DONE, done(third))])
+
+    assert followed == [(third.message.id, third.message.id)]
+    assert list(child.outstanding) == [later] and later.started > 0
+    assert supervisor.counters["done"] == 3 and supervisor.in_children == -3  # none was handed out here
+    assert child.last_done == done(third)
+    assert supervisor.task_stats.snapshot()["tasks"]["t.work"]["count"] == 3
+    assert stored(supervisor, third.message.id).result == 3
+
+
 def test_a_task_rejected_with_requeue_waits_again_and_stays_in_the_journal(app, supervisor):
     entry = queued(app, started=time.monotonic())
     child = child_holding(supervisor, entry)
