@@ -46,6 +46,7 @@ import os
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
+from time import monotonic as _py_monotonic
 
 import msgpack
 
@@ -1512,12 +1513,15 @@ cdef class PlainRunner:
         task = self.registry._tasks.get(name)
         if task is None:
             return None
-        plain = self.plain.get(name)
-        if plain is None:
-            plain = self.plain[name] = bool(self.is_plain(task))
+        known = self.plain.get(name)
+        if known is None or known[0] is not task:  # asked once per task object (re-registered: asked again)
+            try:
+                known = self.plain[name] = (task, bool(self.is_plain(task)))
+            except Exception:  # the general path tells what is wrong with it
+                return None
         options = msg._options
-        if plain is not True or (options and (options.get("soft_time_limit") or options.get("link")
-                                               or options.get("chain"))) or self.info_enabled():
+        if known[1] is not True or (options and (options.get("soft_time_limit") or options.get("link")
+                                                 or options.get("chain"))) or self.info_enabled():
             return None
         # Whether the result is stored: the call's choice, the task's, the sender's settings or ours.
         ignore = options.get("ignore_result") if options else None
@@ -1526,17 +1530,19 @@ cdef class PlainRunner:
             if ignore is None:
                 ignore = msg._ignore_result or task.app.conf.task_ignore_result
         store = None if ignore else self.store
-        buffer = self.writer.buffer
-        if PyByteArray_GET_SIZE(buffer) and self.last_run_times.get(name, self.report_slower_than) \
-                >= self.report_slower_than:
-            self.writer.flush()  # it may run long: what finished before it is reported first
         task_id = msg._id
-        fields = _request_fields(msg, False, self.hostname, None)
-        fields["recorder"] = store
-        request = self.context_class.__new__(self.context_class)
-        request.__dict__ = fields
         state = _SUCCESS
         try:
+            buffer = self.writer.buffer
+            if buffer is None:
+                raise TypeError("PlainRunner's writer has no buffer")
+            if PyByteArray_GET_SIZE(buffer) and self.last_run_times.get(name, self.report_slower_than) \
+                    >= self.report_slower_than:
+                self.writer.flush()  # it may run long: what finished before it is reported first
+            fields = _request_fields(msg, False, self.hostname, None)
+            fields["recorder"] = store
+            request = self.context_class.__new__(self.context_class)
+            request.__dict__ = fields
             self.running.append((task, request))
             try:
                 try:
@@ -1553,12 +1559,15 @@ cdef class PlainRunner:
                             state, retval, _ = self.raised(task, request, store, exc)
             finally:
                 self.running.pop()
-        except (SystemExit, Exception) as exc:  # sys.exit() in the task, or a handler's own failure
+        except (SystemExit, Exception) as exc:  # sys.exit() in the task, a handler's or the engine's own failure
             state = _FAILURE
             self.outside_error(task_id, exc)
         runtime = _monotonic() - started
         self.last_run_times[name] = runtime
-        _pack_done(self.writer.buffer, self.done_kind, task_id, state, runtime, requeue, msg._retries)
+        buffer = self.writer.buffer
+        if buffer is None:
+            raise TypeError("PlainRunner's writer has no buffer")
+        _pack_done(buffer, self.done_kind, task_id, state, runtime, requeue, msg._retries)
         return runtime
 
 
@@ -1624,7 +1633,7 @@ cdef class QueuedTask:
         self.task = task
         self.peer = peer
         self.journal_ref = journal_ref
-        self.received = _monotonic()
+        self.received = _py_monotonic()  # Python's clock: what it is compared with (not CLOCK_MONOTONIC everywhere)
         self.started = 0.0
         self.expected = 0.0
         self.rate_slot = False

@@ -736,7 +736,8 @@ class PlainRunner:
         self.prerun, self.postrun, self.success = receivers
         self.report_slower_than = float(report_slower_than)
         self.done_kind = done_kind
-        self.plain: dict[str, bool] = {}
+        #: Task name -> (the task object, whether it is plain).
+        self.plain: dict[str, tuple[Any, bool]] = {}
 
     def run(self, payload: bytes) -> float | None:
         """Run one task message if it is plain and return its run time (seconds); else None, nothing done."""
@@ -755,11 +756,14 @@ class PlainRunner:
         task = self.registry.get(name)
         if task is None:
             return None
-        plain = self.plain.get(name)
-        if plain is None:
-            plain = self.plain[name] = bool(self.is_plain(task))
-        if plain is not True or (options and (options.get("soft_time_limit") or options.get("link")
-                                               or options.get("chain"))) or self.info_enabled():
+        known = self.plain.get(name)
+        if known is None or known[0] is not task:  # asked once per task object (re-registered: asked again)
+            try:
+                known = self.plain[name] = (task, bool(self.is_plain(task)))
+            except Exception:  # the general path tells what is wrong with it
+                return None
+        if known[1] is not True or (options and (options.get("soft_time_limit") or options.get("link")
+                                                 or options.get("chain"))) or self.info_enabled():
             return None
         # Whether the result is stored: the call's choice, the task's, the sender's settings or ours.
         ignore = options.get("ignore_result") if options else None
@@ -768,16 +772,17 @@ class PlainRunner:
             if ignore is None:
                 ignore = msg.ignore_result or task.app.conf.task_ignore_result
         store = None if ignore else self.store
-        if self.writer.buffer and self.last_run_times.get(name, self.report_slower_than) >= self.report_slower_than:
-            self.writer.flush()  # it may run long: what finished before it is reported first
         task_id = msg.id
-        fields = request_fields(msg, False, self.hostname, None)
-        fields["recorder"] = store
-        request = self.context_class.__new__(self.context_class)
-        request.__dict__ = fields
         state = "SUCCESS"
         requeue = False
         try:
+            if self.writer.buffer and self.last_run_times.get(name, self.report_slower_than) \
+                    >= self.report_slower_than:
+                self.writer.flush()  # it may run long: what finished before it is reported first
+            fields = request_fields(msg, False, self.hostname, None)
+            fields["recorder"] = store
+            request = self.context_class.__new__(self.context_class)
+            request.__dict__ = fields
             self.running.append((task, request))
             try:
                 try:
@@ -794,7 +799,7 @@ class PlainRunner:
                             state, retval, _ = self.raised(task, request, store, exc)
             finally:
                 self.running.pop()
-        except (SystemExit, Exception) as exc:  # sys.exit() in the task, or a handler's own failure
+        except (SystemExit, Exception) as exc:  # sys.exit() in the task, a handler's or the engine's own failure
             state = "FAILURE"
             self.outside_error(task_id, exc)
         runtime = time.monotonic() - started

@@ -627,8 +627,10 @@ def _ids_by_backend(results: Iterable[AsyncResult]) -> list[tuple[Any, list[str]
     for result in results:
         if isinstance(result, EagerResult):
             continue
-        backend = result._backend
-        if backend is None:
+        backend: Any
+        if type(result) is not AsyncResult:  # a subclass may read its backend its own way
+            backend = result.backend
+        elif (backend := result._backend) is None:
             app = result.app
             backend = by_app.get(id(app)) if app is not None else None
             if backend is None:

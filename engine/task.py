@@ -251,8 +251,10 @@ class Task:
         """Check the arguments, build the message, queue it; return its AsyncResult (options checked by the caller)."""
         if self.typing:
             # The common call, positional arguments of a count the body takes, is checked here.
-            checker = type(self).__dict__.get("_arguments_checker")
-            if checker is None or kwargs or not checker.least <= len(args) <= checker.most:
+            cls = type(self)
+            checker = cls.__dict__.get("_arguments_checker")
+            if checker is None or kwargs or not checker.least <= len(args) <= checker.most \
+                    or cls.check_arguments is not Task.check_arguments:
                 self.check_arguments(args, kwargs)
         if len(options) == 1 and "reply_to" in options:  # a plain call: no keyword packing
             message = self.build_message(args, kwargs, reply_to=options["reply_to"])

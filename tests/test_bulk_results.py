@@ -260,3 +260,22 @@ def test_decoding_many_records_is_decoding_each(app):
         assert (a.task_id, a.state, a.traceback, a.timestamp) == (b.task_id, b.state, b.traceback, b.timestamp)
         assert (repr(a.result) if isinstance(a.result, Exception) else a.result) == \
             (repr(b.result) if isinstance(b.result, Exception) else b.result)
+
+
+def test_a_result_class_that_reads_its_backend_its_own_way_is_read_from_it(app):
+    from engine.result import AsyncResult
+
+    other = Engine("elsewhere", backend="memory://", set_as_current=False)
+
+    class Elsewhere(AsyncResult):
+        @property
+        def backend(self):
+            return other.backend
+
+    try:
+        store(other, "there", states.SUCCESS, "from elsewhere")
+        store(app, "here", states.SUCCESS, "from here")
+        group = GroupResult([app.AsyncResult("here"), Elsewhere("there", None, None, app)])
+        assert group.get(timeout=5) == ["from here", "from elsewhere"]
+    finally:
+        other.close()

@@ -10,6 +10,7 @@ written nothing, every message the general path must run.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import msgpack
@@ -270,3 +271,56 @@ def test_success_logged_at_info_sends_tasks_the_general_way(runner):
         assert run(TaskMessage("id-33", quiet.name, (1,))) is None
     finally:
         tracer_logger.setLevel(level)
+
+
+class BrokenPipe(pipe.FrameWriter):
+    """A child's writer whose pipe is broken (the supervisor gone): every flush fails."""
+
+    __slots__ = ()
+
+    def flush(self):
+        raise BrokenPipeError("the supervisor is gone")
+
+
+def test_a_failure_of_the_engine_around_a_plain_task_is_recorded_and_reported(runner, monkeypatch):
+    """A flush that fails before the task starts fails that task, as the general path does."""
+    monkeypatch.setattr(child, "_last_run_times", {})  # a kind not run yet: what finished before it is flushed
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = BrokenPipe(write_fd, blocking=True)
+        writer.buffer += b"reports of earlier tasks"
+        recorder = child.ChildRecorder(writer, accept_pickle=False)
+        plain = child.plain_runner(app.tasks, recorder, writer, "w1@test", set())
+        assert plain.run(encode_message(TaskMessage("id-40", echo.name, (1,)))) is not None
+        frames = dict(py_core.split_frames(writer.buffer[len(b"reports of earlier tasks"):])[0])
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    record, done = msgpack.unpackb(frames[pipe.RECORD]), msgpack.unpackb(frames[pipe.DONE])
+    assert record[:2] == ["id-40", states.FAILURE] and "BrokenPipeError" in record[3]
+    assert done[:2] == ["id-40", states.FAILURE] and seen == []  # the body never ran
+
+
+def test_a_task_registered_again_under_its_name_is_asked_again(runner):
+    run, _, _ = runner
+    assert run(TaskMessage("id-41", quiet.name, (1,))) is not None
+    original = app.tasks[quiet.name]
+    app.tasks.register(quiet.name, hooked)  # another task object under the same name: not plain
+    try:
+        assert run(TaskMessage("id-42", quiet.name, (1,))) is None
+    finally:
+        app.tasks.register(quiet.name, original)
+    assert run(TaskMessage("id-43", quiet.name, (1,))) is not None
+
+
+def test_a_plain_check_that_fails_sends_the_task_the_general_way(runner, monkeypatch):
+    run, _, writer = runner
+
+    def broken(task):
+        raise RuntimeError("cannot tell")
+
+    monkeypatch.setattr(child, "_is_plain", broken)
+    with child_pipe() as (writer2, recorder2, _):
+        plain = child.plain_runner(app.tasks, recorder2, writer2, "w1@test", set())
+        assert plain.run(encode_message(TaskMessage("id-44", quiet.name, (1,)))) is None
+        assert not writer2.buffer

@@ -308,6 +308,16 @@ def test_a_run_of_done_reports_ends_tasks_in_order_before_the_record_that_follow
     assert stored(supervisor, third.message.id).result == 3
 
 
+def test_a_malformed_done_report_in_a_run_stops_it_with_the_tasks_before_it_counted(app, supervisor):
+    first, second = queued(app, started=time.monotonic()), queued(app)
+    child = child_holding(supervisor, first, second)
+    with pytest.raises(ValueError):
+        supervisor._handle_child_frames(child, [(pipe.DONE, done(first)), (pipe.DONE, b"\xc1 not msgpack"),
+                                                (pipe.DONE, done(second))])
+    assert list(child.outstanding) == [second] and supervisor.counters["done"] == 1
+    assert supervisor.in_children == -1 and child.last_done == b"\xc1 not msgpack"
+
+
 def test_a_task_rejected_with_requeue_waits_again_and_stays_in_the_journal(app, supervisor):
     entry = queued(app, started=time.monotonic())
     child = child_holding(supervisor, entry)

@@ -663,3 +663,19 @@ def test_s_builds_a_signature_and_honours_a_subclass_s_own_signature(app):
         return x
 
     assert tagged.s(1)["options"] == {"queue": "tagged"}
+
+
+def test_a_task_class_that_checks_arguments_its_own_way_is_asked_at_every_call(app):
+    checked = []
+
+    class Checked(app.Task):
+        def check_arguments(self, args, kwargs):
+            checked.append(args)
+
+    @app.task(base=Checked)
+    def add(x, y):
+        return x + y
+
+    add.delay(1, 2)
+    add.delay(3, 4)
+    assert checked == [(1, 2), (3, 4)] and len(app.sent) == 2
