@@ -66,6 +66,7 @@ def test_group_get_waits_for_late_members_and_times_out_naming_how_many(app):
         assert group.get(timeout=10) == ["e", "l"]
     finally:
         timer.cancel()
+        timer.join(10)  # a store still under way when the result was seen ends before the app closes
     never = GroupResult([app.AsyncResult("early"), app.AsyncResult("never-1"), app.AsyncResult("never-2")])
     with pytest.raises(TimeoutError, match="2 of 3 results were not ready"):
         never.get(timeout=0.2)
@@ -83,6 +84,7 @@ def test_as_completed_yields_results_in_the_order_they_finished(app):
         order = [r.id for r in as_completed(results, timeout=10)]
     finally:
         timer.cancel()
+        timer.join(10)
     assert order == ["first", "second", "late"]  # by completion time; a failure counts as finished
     group = GroupResult([app.AsyncResult("second"), app.AsyncResult("never")])
     seen = []
@@ -107,6 +109,7 @@ def test_group_get_reports_progress_to_a_callback_as_members_finish(app):
         assert group.get(timeout=10, progress=lambda done, total: calls.append((done, total))) == [0, 1, 2, 3, 1]
     finally:
         timer.cancel()
+        timer.join(10)
     assert calls[0] == (1, 4) and calls[-1] == (4, 4)  # the eager member first, then as they finish
     assert [done for done, _ in calls] == sorted({done for done, _ in calls})  # only forward, no repeats
     assert (3, 4) in calls  # a and b were seen before c was stored
@@ -168,6 +171,7 @@ def test_waiting_on_many_reads_only_the_next_ids_not_ready_and_finishes_out_of_o
         assert GroupResult([app.AsyncResult(i) for i in ids]).get(timeout=10) == ids
     finally:
         timer.cancel()
+        timer.join(10)
     assert max(sizes, default=0) <= 10  # a window, never all 35 ids (memory/rpc read their table directly)
 
 
@@ -210,6 +214,7 @@ def test_a_wait_on_many_reads_when_a_result_is_stored_not_at_every_poll(app, mon
         assert GroupResult([app.AsyncResult("soon")]).get(timeout=20, interval=30) == [1]
     finally:
         timer.cancel()
+        timer.join(10)
         if writer is not app:
             writer.close()
     assert time.monotonic() - started < 10  # woken by the store, not after the 30 s interval
