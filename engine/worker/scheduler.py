@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-#: A received task waiting for a child, in the compiled core (``engine.core.QueuedTask``).
+# A received task waiting for a child is a class of the compiled core (engine.core.QueuedTask).
 from engine.core import QueuedTask
 
 __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make_scheduler")
