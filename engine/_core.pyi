@@ -122,6 +122,10 @@ class QueuedTask:
     def name(self) -> str:
         """The task name."""
 
+def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: float, requeue: bool,
+              retries: int) -> None:
+    """Append a child's DONE report to ``buffer`` as a pipe frame of ``kind``."""
+
 def read_done(payload: bytes) -> tuple[Any, ...]:
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``."""
 

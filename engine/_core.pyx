@@ -76,6 +76,7 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_done",
     "pack_frame",
     "read_done",
     "request_fields",
@@ -1384,23 +1385,27 @@ PIPE_HEADER_SIZE = _PIPE_HEADER_SIZE
 MAX_PIPE_FRAME = _MAX_PIPE_FRAME
 
 
+cdef unsigned char* _append_frame(bytearray buffer, unsigned char kind, Py_ssize_t size) except NULL:
+    """Grow ``buffer`` by a frame of ``size`` payload bytes, write its header; return where the payload goes."""
+    if size > _MAX_PIPE_FRAME:
+        raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {size}")
+    cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
+    PyByteArray_Resize(buffer, start + _PIPE_HEADER_SIZE + size)  # BufferError while viewed
+    cdef unsigned char* p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
+    p[0] = size & 0xff
+    p[1] = (size >> 8) & 0xff
+    p[2] = (size >> 16) & 0xff
+    p[3] = (size >> 24) & 0xff
+    p[4] = kind
+    return p + _PIPE_HEADER_SIZE
+
+
 def pack_frame(bytearray buffer not None, unsigned char kind, payload):
     """Append one pipe frame of ``kind`` carrying ``payload`` (bytes-like) to ``buffer``."""
     cdef Py_buffer view
-    cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
-    cdef unsigned char* p
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
-        if view.len > _MAX_PIPE_FRAME:
-            raise ValueError(f"a pipe frame holds at most {MAX_PIPE_FRAME} bytes, not {view.len}")
-        PyByteArray_Resize(buffer, start + _PIPE_HEADER_SIZE + view.len)  # BufferError while viewed
-        p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
-        p[0] = view.len & 0xff
-        p[1] = (view.len >> 8) & 0xff
-        p[2] = (view.len >> 16) & 0xff
-        p[3] = (view.len >> 24) & 0xff
-        p[4] = kind
-        memcpy(p + _PIPE_HEADER_SIZE, view.buf, view.len)
+        memcpy(_append_frame(buffer, kind, view.len), view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
@@ -1449,7 +1454,7 @@ cdef class PlainRunner:
     Most tasks a child runs are plain: their task is of the default request class,
     without a soft time limit, ``track_started``, its own ``__call__`` or overridden
     ``before_start``/``on_success``/``after_return`` (``is_plain(task)`` says so,
-    asked once per task name), and the message carries no expiry, soft limit, link
+    asked once per task object), and the message carries no expiry, soft limit, link
     or chain. :meth:`run` runs one as the tracer would (``engine.tracer.trace_task``):
     the task's request is pushed on ``running`` while its body runs, SUCCESS goes to
     ``store`` unless the result is ignored, an exception goes to ``raised`` (the
@@ -1493,7 +1498,6 @@ cdef class PlainRunner:
         """Run one task message if it is plain and return its run time (seconds); else None, nothing done."""
         cdef TaskMessage msg
         cdef dict options, fields
-        cdef bytearray buffer
         cdef double started, runtime
         cdef bint requeue = False
         if self.prerun or self.postrun or self.success:
@@ -1533,10 +1537,7 @@ cdef class PlainRunner:
         task_id = msg._id
         state = _SUCCESS
         try:
-            buffer = self.writer.buffer
-            if buffer is None:
-                raise TypeError("PlainRunner's writer has no buffer")
-            if PyByteArray_GET_SIZE(buffer) and self.last_run_times.get(name, self.report_slower_than) \
+            if PyByteArray_GET_SIZE(self._buffer()) and self.last_run_times.get(name, self.report_slower_than) \
                     >= self.report_slower_than:
                 self.writer.flush()  # it may run long: what finished before it is reported first
             fields = _request_fields(msg, False, self.hostname, None)
@@ -1564,11 +1565,15 @@ cdef class PlainRunner:
             self.outside_error(task_id, exc)
         runtime = _monotonic() - started
         self.last_run_times[name] = runtime
-        buffer = self.writer.buffer
+        _pack_done(self._buffer(), self.done_kind, task_id, state, runtime, requeue, msg._retries)
+        return runtime
+
+    cdef bytearray _buffer(self):
+        # Read each time: the writer owns it. Typed bytearray lets None through, which C cannot take.
+        cdef bytearray buffer = self.writer.buffer
         if buffer is None:
             raise TypeError("PlainRunner's writer has no buffer")
-        _pack_done(buffer, self.done_kind, task_id, state, runtime, requeue, msg._retries)
-        return runtime
+        return buffer
 
 
 cdef object _SUCCESS = "SUCCESS"
@@ -1576,24 +1581,25 @@ cdef object _FAILURE = "FAILURE"
 cdef object _REJECTED = "REJECTED"
 
 
+def pack_done(bytearray buffer not None, unsigned char kind, task_id, state, double runtime, bint requeue,
+              retries):
+    """Append a child's DONE report to ``buffer`` as a pipe frame of ``kind`` (:func:`read_done` reads it).
+
+    The payload is what ``msgpack.packb((task_id, state, runtime, requeue, retries))``
+    packs, byte for byte: two strings, a float64, a bool and an int.
+    """
+    _pack_done(buffer, kind, task_id, state, runtime, requeue, retries)
+
+
 cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double runtime, bint requeue,
                     retries) except -1:
-    """Append a DONE frame: ``msgpack.packb((task_id, state, runtime, requeue, retries))``, byte for byte."""
     cdef Py_ssize_t n_id, n_state
     cdef const char* s_id = PyUnicode_AsUTF8AndSize(task_id, &n_id)
     cdef const char* s_state = PyUnicode_AsUTF8AndSize(state, &n_state)
     cdef uint64_t count = PyLong_AsUnsignedLongLong(retries)
     cdef uint64_t bits
-    cdef Py_ssize_t size = 1 + _str_size(n_id) + _str_size(n_state) + 9 + 1 + _uint_size(count)
-    cdef Py_ssize_t start = PyByteArray_GET_SIZE(buffer)
-    PyByteArray_Resize(buffer, start + _PIPE_HEADER_SIZE + size)
-    cdef unsigned char* p = <unsigned char*>PyByteArray_AS_STRING(buffer) + start
-    p[0] = size & 0xff
-    p[1] = (size >> 8) & 0xff
-    p[2] = (size >> 16) & 0xff
-    p[3] = (size >> 24) & 0xff
-    p[4] = kind
-    p += _PIPE_HEADER_SIZE
+    cdef unsigned char* p = _append_frame(
+        buffer, kind, 1 + _str_size(n_id) + _str_size(n_state) + 9 + 1 + _uint_size(count))
     p[0] = 0x95
     p = _put_str(p + 1, s_id, n_id)
     p = _put_str(p, s_state, n_state)
@@ -1650,42 +1656,36 @@ cdef class QueuedTask:
 def read_done(payload):
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``: what ``msgpack.unpackb`` reads.
 
-    The report a child packs (two strings, a float64, a bool, an int) is read here
-    directly; anything else, valid or not, goes to ``msgpack.unpackb`` (which
-    raises for a malformed one).
+    The report :func:`pack_done` packs (two strings, a float64, a bool, a small int)
+    is read here directly; anything else, valid or not, goes to ``msgpack.unpackb``
+    (which raises for a malformed one).
     """
-    cdef Py_buffer view
+    if type(payload) is bytes:
+        found = _read_done(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        if found is not None:
+            return found
+    return tuple(_unpackb(payload, raw=False))
+
+
+cdef tuple _read_done(const unsigned char* buf, Py_ssize_t size):
+    # The fixed layout: 0x95, str, str, 0xcb + 8 bytes, 0xc2/0xc3, a positive fixint. None: another.
     cdef _Reader r
-    cdef const unsigned char* p
     cdef uint64_t bits
     cdef double runtime
-    if type(payload) is not bytes:
-        return tuple(_unpackb(payload, raw=False))
-    r.buf = <const unsigned char*>PyBytes_AS_STRING(payload)
-    r.pos = 0
-    r.end = PyBytes_GET_SIZE(payload)
-    # Fixed layout: 0x95, str, str, 0xcb + 8 bytes, 0xc2/0xc3, positive fixint or uint.
-    if r.end < 14 or r.buf[0] != 0x95:
-        return tuple(_unpackb(payload, raw=False))
-    r.pos = 1
+    if size < 14 or buf[0] != 0x95:
+        return None
+    r.buf, r.pos, r.end = buf, 1, size
     try:
         task_id = _read_str(&r, "task_id", False)
         state = _read_str(&r, "state", False)
     except MessageDecodeError:
-        return tuple(_unpackb(payload, raw=False))
-    if r.end - r.pos < 11 or r.buf[r.pos] != 0xcb:
-        return tuple(_unpackb(payload, raw=False))
-    p = r.buf + r.pos + 1
-    bits = _be64(p)
+        return None
+    if r.end - r.pos != 11 or r.buf[r.pos] != 0xcb or (r.buf[r.pos + 9] != 0xc2 and r.buf[r.pos + 9] != 0xc3) \
+            or r.buf[r.pos + 10] > 0x7f:
+        return None
+    bits = _be64(r.buf + r.pos + 1)
     memcpy(&runtime, &bits, 8)
-    r.pos += 9
-    if r.buf[r.pos] != 0xc2 and r.buf[r.pos] != 0xc3:
-        return tuple(_unpackb(payload, raw=False))
-    requeue = r.buf[r.pos] == 0xc3
-    r.pos += 1
-    if r.end - r.pos != 1 or r.buf[r.pos] > 0x7f:  # retries beyond a fixint: the general reader
-        return tuple(_unpackb(payload, raw=False))
-    return (task_id, state, runtime, requeue, <long>r.buf[r.pos])
+    return (task_id, state, runtime, r.buf[r.pos + 9] == 0xc3, <long>r.buf[r.pos + 10])
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_done",
     "pack_frame",
     "read_done",
     "request_fields",
@@ -694,7 +695,7 @@ class PlainRunner:
     Most tasks a child runs are plain: their task is of the default request class,
     without a soft time limit, ``track_started``, its own ``__call__`` or overridden
     ``before_start``/``on_success``/``after_return`` (``is_plain(task)`` says so,
-    asked once per task name), and the message carries no expiry, soft limit, link
+    asked once per task object), and the message carries no expiry, soft limit, link
     or chain. :meth:`run` runs one as the tracer would (``engine.tracer.trace_task``):
     the task's request is pushed on ``running`` while its body runs, SUCCESS goes to
     ``store`` unless the result is ignored, an exception goes to ``raised`` (the
@@ -804,11 +805,25 @@ class PlainRunner:
             self.outside_error(task_id, exc)
         runtime = time.monotonic() - started
         self.last_run_times[name] = runtime
-        pack_frame(self.writer.buffer, self.done_kind, _pack_done((task_id, state, runtime, requeue, msg.retries)))
+        pack_done(self.writer.buffer, self.done_kind, task_id, state, runtime, requeue, msg.retries)
         return runtime
 
 
-#: DONE reports are two strings, a float, a bool and an int: one kept Packer serves them all.
+def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: float, requeue: bool,
+              retries: int) -> None:
+    """Append a child's DONE report to ``buffer`` as a pipe frame of ``kind`` (:func:`read_done` reads it).
+
+    The payload is what ``msgpack.packb((task_id, state, runtime, requeue, retries))``
+    packs, byte for byte: two strings, a float64, a bool and an int.
+    """
+    for value, what in ((task_id, "task_id"), (state, "state")):
+        if not isinstance(value, str):
+            raise TypeError(f"a DONE report's {what} must be str, not {type(value).__name__}")
+    pack_frame(buffer, kind, _pack_done((task_id, state, float(runtime), bool(requeue), retries)))
+
+
+#: DONE reports are small and take no ``default`` hook: one kept Packer serves them all (a pack
+#: runs no Python code, so no other thread can pack in the middle of one).
 _pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
@@ -849,9 +864,9 @@ class QueuedTask:
 def read_done(payload: bytes) -> tuple:
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``: what ``msgpack.unpackb`` reads.
 
-    The report a child packs (two strings, a float64, a bool, an int) is read here
-    directly; anything else, valid or not, goes to ``msgpack.unpackb`` (which
-    raises for a malformed one).
+    The report :func:`pack_done` packs (two strings, a float64, a bool, a small int)
+    is read here directly; anything else, valid or not, goes to ``msgpack.unpackb``
+    (which raises for a malformed one).
     """
     return tuple(msgpack.unpackb(payload, raw=False))
 

@@ -38,6 +38,7 @@ __all__ = (
     "encode_batch",
     "encode_message",
     "new_task_id",
+    "pack_done",
     "pack_frame",
     "read_done",
     "request_fields",
@@ -87,6 +88,7 @@ new_task_id = _impl.new_task_id
 request_fields = _impl.request_fields
 PlainRunner = _impl.PlainRunner
 QueuedTask = _impl.QueuedTask
+pack_done = _impl.pack_done
 read_done = _impl.read_done
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff

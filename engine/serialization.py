@@ -117,13 +117,18 @@ def dumps(value: Any, accept_pickle: bool = False) -> bytes:
     return packed
 
 
+#: How results are unpacked, by ``accept_pickle``: one call into msgpack each.
+_loaders: dict[bool, Callable[[bytes], Any]] = {
+    accept: functools.partial(msgpack.unpackb, raw=False, strict_map_key=False,
+                              ext_hook=_pickle_ext_hook if accept else _ext_hook)
+    for accept in (False, True)}
+
+
 def loads(data: bytes, accept_pickle: bool = False) -> Any:
     """Unpack what :func:`dumps` packed."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False,
-                           ext_hook=_pickle_ext_hook if accept_pickle else _ext_hook)
+    return _loaders[bool(accept_pickle)](data)
 
 
 def loader(accept_pickle: bool = False) -> Callable[[bytes], Any]:
-    """:func:`loads` with ``accept_pickle`` bound, as one call into msgpack (for loops over many results)."""
-    return functools.partial(msgpack.unpackb, raw=False, strict_map_key=False,
-                             ext_hook=_pickle_ext_hook if accept_pickle else _ext_hook)
+    """:func:`loads` with ``accept_pickle`` bound (for loops over many results)."""
+    return _loaders[bool(accept_pickle)]

@@ -1104,3 +1104,26 @@ def test_a_queued_task_keeps_its_message_and_times(core):
     assert repr(entry) == "<QueuedTask proj.add[id-1]>"
     with pytest.raises(AttributeError):
         entry.other = 1
+
+
+@pytest.mark.parametrize("report", [
+    ("0193-id", "SUCCESS", 1.5e-05, False, 0),
+    ("i" * 40, "REJECTED", 0.25, True, 3),
+    ("é" * 20, "FAILURE", 0.0, False, 70000),
+    ("x", "RETRY", 2, False, 128),  # an int run time is packed as the float it is
+], ids=["success", "long-id", "utf-8-uint32", "int-runtime"])
+def test_pack_done_frames_what_msgpack_packs_and_read_done_reads_it_back(core, report):
+    buffer = bytearray(b"before")
+    core.pack_done(buffer, 10, *report)
+    [(kind, payload)], used = core.split_frames(buffer[len(b"before"):])
+    expected = (report[0], report[1], float(report[2]), report[3], report[4])
+    assert (kind, used) == (10, len(buffer) - len(b"before"))
+    assert payload == msgpack.packb(expected, use_bin_type=True)
+    assert core.read_done(payload) == expected
+
+
+def test_pack_done_refuses_a_non_string_id_and_leaves_the_buffer_as_it_was(core):
+    buffer = bytearray(b"kept")
+    with pytest.raises(TypeError):
+        core.pack_done(buffer, 10, 7, "SUCCESS", 0.1, False, 0)
+    assert buffer == b"kept"

@@ -176,19 +176,12 @@ class Producer:
         if len(raw) > self.max_batch_bytes:
             raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
                               f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
-        queue = message.queue
-        pending = _Pending(queue, message.id, raw)
+        pending = _Pending(message.queue, message.id, raw)
         outbox = self._outbox
         with self._mutex:
             if outbox.count + len(self._unacked) >= self.max_outbox:
                 self._wait_for_room()  # waits on the condition, which releases this same lock
-            # _Outbox.append, inlined: this runs once per task sent.
-            items = outbox.by_queue.get(queue)
-            if items is None:
-                items = outbox.by_queue[queue] = collections.deque()
-            items.append(pending)
-            outbox.count += 1
-            first_in_queue = len(items) == 1
+            first_in_queue = outbox.append(pending)
         # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
         # others of its queue goes with them, in the dispatch already due or on the next
         # credit frame (a queue is left non-empty only when its credit ran out). Waking per

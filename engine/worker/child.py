@@ -5,11 +5,10 @@ registry it inherited at fork, runs it through the task's request class (a task
 of the default ``Request`` class, with no soft limit or expiry, straight through
 the tracer: that class only wraps it; a plain one, with nothing of its own
 around the call, in one compiled step, ``engine.core.PlainRunner``) and writes
-back, batched: the states to
-record, a DONE per task, and messages the task sent (retries, chain steps,
-callbacks), which the supervisor queues itself. A child never outlives its
-supervisor: the kernel kills it when the supervisor dies (PR_SET_PDEATHSIG),
-and it exits on EOF of its pipe.
+back, batched: the states to record, a DONE per task, and messages the task
+sent (retries, chain steps, callbacks), which the supervisor queues itself. A
+child never outlives its supervisor: the kernel kills it when the supervisor
+dies (PR_SET_PDEATHSIG), and it exits on EOF of its pipe.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import msgpack
 
 from engine import context, serialization, signals, states, tracer
 from engine.context import Context
-from engine.core import PlainRunner, decode_message, encode_message
+from engine.core import PlainRunner, decode_message, encode_message, pack_done
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from engine.request import Request, request_context
 from engine.tracer import trace_task
@@ -69,10 +68,6 @@ _last_run_times: dict[str, float] = {}
 _PR_SET_PDEATHSIG = 1
 #: Signals a child ignores: its supervisor decides when it stops (see child_main).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-#: Packs each task's DONE report (two strings, a float, a bool and an int: always small): one kept
-#: Packer serves. Without a ``default`` hook a pack never runs Python code, so under the GIL no
-#: other thread can pack in the middle of one.
-_pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 class ChildRecorder:
@@ -290,7 +285,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
                 task = registry.get(name)
                 signals.task_revoked.send(sender=task, request=task.request_class(message, task) if task else None,
                                           terminated=False, signum=None, expired=False)
-            writer.add(pipe.DONE, _pack_done((task_id, states.REVOKED, 0.0, False, retries)))
+            pack_done(writer.buffer, pipe.DONE, task_id, states.REVOKED, 0.0, False, retries)
             return 0.0
         task = registry.lookup(name)
         soft = message.options.get("soft_time_limit") or task.soft_time_limit or default_soft
@@ -330,7 +325,7 @@ def _run_one(payload: bytes, registry: TaskRegistry, recorder: ChildRecorder, wr
         _last_run_times[name] = runtime
     # The attempt number too: a retry keeps the task id, and a report log must not take one
     # attempt's end for another's (engine.worker.report_log).
-    writer.add(pipe.DONE, _pack_done((task_id, state, runtime, requeue, retries)))
+    pack_done(writer.buffer, pipe.DONE, task_id, state, runtime, requeue, retries)
     return runtime
 
 

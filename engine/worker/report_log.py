@@ -36,7 +36,7 @@ from pathlib import Path
 import msgpack
 
 from engine import states
-from engine.core import decode_message
+from engine.core import decode_message, read_done
 from engine.exceptions import MessageDecodeError
 from engine.worker import pipe
 
@@ -148,7 +148,7 @@ def frames_of(path: str | Path) -> list[tuple[int, bytes]]:
 
 def _done(payload: bytes) -> tuple[str, str, bool, str]:
     """A DONE frame's task id, state, requeue flag and attempt key; ValueError or TypeError when malformed."""
-    task_id, state, _, requeue, attempt = msgpack.unpackb(payload, raw=False)
+    task_id, state, _, requeue, attempt = read_done(payload)
     return task_id, state, requeue, attempt_key(task_id, attempt)
 
 
