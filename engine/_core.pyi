@@ -105,6 +105,38 @@ class PlainRunner:
     def run(self, payload: bytes) -> float | None:
         """Run one task message if it is plain and return its run time; else None, nothing done."""
 
+class Pending:
+    """A task message in a client's outbox, or sent and not yet acknowledged."""
+
+    queue: str
+    id: str
+    raw: bytes
+    peer: Any
+    sent_at: float
+    def __init__(self, queue: str, task_id: str, raw: bytes) -> None: ...
+
+class Outbox:
+    """A client's messages waiting for credit, one FIFO per queue."""
+
+    by_queue: dict[str, Any]
+    count: int
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def append(self, pending: Pending) -> bool: ...
+    def put_back(self, items: Iterable[Pending]) -> None: ...
+    def queues(self) -> list[str]: ...
+    def has(self, queue: str) -> bool: ...
+    def take(self, queue: str, most: int, most_bytes: int) -> list[Pending]: ...
+    def demand(self) -> dict[str, int]: ...
+
+class PlainSender:
+    """A client's whole send of a plain call: build, encode, queue, return its AsyncResult."""
+
+    def __init__(self, task_methods: dict[str, Any], app_is_plain: Any, result_class: Any, before_publish: Any,
+                 after_publish: Any, load_producer_class: Any) -> None: ...
+    def send(self, task: Any, args: tuple[Any, ...], reply_to: Any = ...) -> Any:
+        """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent."""
+
 class QueuedTask:
     """A received task message waiting for (or assigned to) a child."""
 

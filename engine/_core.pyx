@@ -44,7 +44,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 import operator
 import os
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque as _deque
 from collections.abc import Mapping
 from time import monotonic as _py_monotonic
 
@@ -64,7 +64,10 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "Outbox",
+    "Pending",
     "PlainRunner",
+    "PlainSender",
     "QueuedTask",
     "StateRecord",
     "StateRecorder",
@@ -1609,6 +1612,223 @@ cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double
     p[0] = 0xc3 if requeue else 0xc2
     _put_uint(p + 1, count)
     return 0
+
+
+# -- a client's plain call ---------------------------------------------------------------------
+
+
+
+# Not tracked by the cyclic collector, as TaskMessage: a client holds thousands; a message's
+# fields (queue, id, bytes, the Peer it went to) never refer back to it.
+@cython.no_gc
+@cython.freelist(64)
+cdef class Pending:
+    """A task message in a client's outbox, or sent and not yet acknowledged: its queue, id and bytes.
+
+    ``peer`` is the link it was sent on (None while it waits) and ``sent_at`` when
+    (``time.monotonic()`` seconds).
+    """
+
+    cdef public object queue, id, raw, peer
+    cdef public double sent_at
+
+    def __init__(self, queue, task_id, raw):
+        self.queue = queue
+        self.id = task_id
+        self.raw = raw
+        self.peer = None
+        self.sent_at = 0.0
+
+
+cdef class Outbox:
+    """A client's messages waiting for credit, one FIFO per queue (so a queue without credit costs nothing).
+
+    Not locked: the producer's lock guards it.
+    """
+
+    #: Queue name -> its waiting Pending messages, oldest first.
+    cdef public dict by_queue
+    #: Messages waiting in all queues.
+    cdef public Py_ssize_t count
+
+    def __init__(self):
+        self.by_queue = {}
+        self.count = 0
+
+    def __len__(self):
+        return self.count
+
+    cpdef bint append(self, Pending pending) except -1:
+        """Queue ``pending``; True when its queue was empty (the I/O thread has nothing of it to send yet)."""
+        items = self.by_queue.get(pending.queue)
+        if items is None:
+            items = self.by_queue[pending.queue] = _deque()
+        items.append(pending)
+        self.count += 1
+        return len(items) == 1
+
+    def put_back(self, items):
+        """Return messages to the front of their queues, in their order."""
+        cdef Pending pending
+        items = list(items)
+        for pending in reversed(items):
+            queue = self.by_queue.get(pending.queue)
+            if queue is None:
+                queue = self.by_queue[pending.queue] = _deque()
+            queue.appendleft(pending)
+        self.count += len(items)
+
+    def queues(self):
+        """The queues with messages waiting, in the order they first had some."""
+        return [queue for queue, items in self.by_queue.items() if items]
+
+    def has(self, queue):
+        """True when messages of ``queue`` wait."""
+        return bool(self.by_queue.get(queue))
+
+    def take(self, queue, Py_ssize_t most, Py_ssize_t most_bytes):
+        """Pop up to ``most`` messages of ``queue`` whose sizes add up to at most ``most_bytes`` (at least one)."""
+        cdef list out = []
+        cdef Py_ssize_t size = 0
+        cdef Pending head
+        items = self.by_queue[queue]
+        while items and len(out) < most:
+            head = items[0]
+            size += len(head.raw) + 8
+            if out and size > most_bytes:
+                break
+            out.append(items.popleft())
+        self.count -= len(out)
+        return out
+
+    def demand(self):
+        """Waiting messages per queue."""
+        return {queue: len(items) for queue, items in self.by_queue.items() if items}
+
+
+cdef class PlainSender:
+    """A client's whole send of a *plain* call in one step: build, encode, queue, return its result.
+
+    Most calls a batch pipeline makes are plain: ``task.delay(*args)`` with
+    positional arguments only, or a group member without options of its own. For
+    such a call :meth:`send` does what ``Task._send`` and ``Producer.send`` do:
+    it builds the same message ``Task.build_message`` would, queues its bytes in
+    the producer's outbox (waking the producer's I/O thread when its queue was
+    empty) and returns ``result_class(id, None, name, app, None)``, as
+    ``Task.AsyncResult`` does. A plain call needs:
+
+    * no before/after_task_publish receiver, eager mode and ``task_routes`` off;
+    * a task class that keeps ``Task``'s own sending methods (``task_methods``,
+      compared at every call, so a patched ``apply_async`` is called) and an
+      app whose class keeps ``Engine``'s (``app_is_plain(type(app))``, asked
+      once per app class);
+    * an argument count the task body takes, as ``Task._send`` checks it;
+    * a usable producer of exactly ``load_producer_class()`` (a child's own producer
+      or a test's stand-in is called as such) whose reply address, with an
+      rpc:// backend, the app already knows (``Engine.reply_address``).
+
+    Any other call makes :meth:`send` return None having sent nothing: the caller
+    goes the general way, which also makes the producer and the reply address.
+    """
+
+    cdef dict task_methods, app_types
+    cdef object app_is_plain, result_class, before_publish, after_publish, load_producer_class, producer_class
+
+    def __init__(self, dict task_methods not None, app_is_plain, result_class, before_publish, after_publish,
+                 load_producer_class):
+        self.task_methods = task_methods
+        self.app_is_plain = app_is_plain
+        self.result_class = result_class
+        self.before_publish = before_publish
+        self.after_publish = after_publish
+        self.load_producer_class = load_producer_class  # called once a producer exists
+        self.producer_class = None
+        self.app_types = {}
+
+    def send(self, task, tuple args not None, reply_to=_MISSING):
+        """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent.
+
+        ``reply_to`` is the reply address when the caller has it (a group's members
+        share one); without it the app's known address is used.
+        """
+        cdef TaskMessage msg
+        cdef dict options
+        cdef Py_ssize_t count = len(args)
+        if self.before_publish.receivers or self.after_publish.receivers:
+            return None
+        cls = type(task)
+        for name, method in self.task_methods.items():
+            if getattr(cls, name) is not method:
+                return None
+        instance = getattr(task, "__dict__", None)
+        if instance:
+            for name in self.task_methods:
+                if name in instance:  # patched on the task itself
+                    return None
+        app = task.app
+        plain_app = self.app_types.get(type(app))
+        if plain_app is None:
+            plain_app = self.app_types[type(app)] = bool(self.app_is_plain(type(app)))
+        if plain_app is not True:
+            return None
+        conf = app.conf
+        if conf.task_always_eager or conf.task_routes:
+            return None
+        if task.typing:  # the count Task._send checks; anything else is left to check_arguments
+            checker = cls.__dict__.get("_arguments_checker")
+            if checker is None or not checker.least <= count <= checker.most:
+                return None
+        producer = app._producer
+        if producer is None:
+            return None
+        if self.producer_class is None:
+            self.producer_class = self.load_producer_class()
+        if type(producer) is not self.producer_class or not producer.usable():
+            return None
+        if reply_to is _MISSING:
+            url = conf.result_backend
+            reply_to = None
+            if url and str(url).startswith("rpc"):  # Engine.reply_address's answer, when it holds
+                known = app._reply_to
+                if known is None or known[0] != url or known[1] is not app._backend or known[2] is not producer:
+                    return None
+                reply_to = known[3]
+        # The message Task.build_message builds for a call without options.
+        options = {}
+        time_limit = task.time_limit
+        if time_limit is not None:
+            options["time_limit"] = time_limit
+        soft_time_limit = task.soft_time_limit
+        if soft_time_limit is not None:
+            options["soft_time_limit"] = soft_time_limit
+        ignore = task.ignore_result
+        if ignore is None:
+            ignore = conf.task_ignore_result
+        msg = TaskMessage.__new__(TaskMessage)
+        msg._id = new_task_id()
+        msg._task = _check_str(task.name, "task")
+        msg._args = args
+        msg._kwargs = {}
+        msg._payload = None
+        msg._retries = 0
+        msg._eta = msg._expires = msg._parent_id = msg._root_id = None
+        msg._queue = _check_str(task.queue or conf.task_default_queue, "queue")
+        msg._reply_to = _check_opt_str(reply_to, "reply_to")
+        msg._ignore_result = bool(ignore)
+        msg._options = options
+        raw = _encode(msg)
+        if PyBytes_GET_SIZE(raw) > producer.max_batch_bytes:
+            return None  # the general path refuses it, saying why
+        # What Producer.send does with the bytes.
+        pending = Pending(msg._queue, msg._id, raw)
+        outbox = <Outbox?>producer._outbox
+        with producer._mutex:
+            if outbox.count + len(producer._unacked) >= producer.max_outbox:
+                producer._wait_for_room()  # waits on the condition, which releases this same lock
+            first_in_queue = outbox.append(pending)
+        if first_in_queue:
+            producer._wake()
+        return self.result_class(msg._id, None, msg._task, app, None)
 
 
 # -- the supervisor's side of a task ---------------------------------------------------------

@@ -26,6 +26,7 @@ and every problem is reported as ``engine.exceptions.MessageDecodeError``.
 
 from __future__ import annotations
 
+import collections
 import operator
 import os
 import random
@@ -48,7 +49,10 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "Outbox",
+    "Pending",
     "PlainRunner",
+    "PlainSender",
     "QueuedTask",
     "StateRecord",
     "StateRecorder",
@@ -825,6 +829,198 @@ def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: f
 #: DONE reports are small and take no ``default`` hook: one kept Packer serves them all (a pack
 #: runs no Python code, so no other thread can pack in the middle of one).
 _pack_done = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+class Pending:
+    """A task message in a client's outbox, or sent and not yet acknowledged: its queue, id and bytes.
+
+    ``peer`` is the link it was sent on (None while it waits) and ``sent_at`` when
+    (``time.monotonic()`` seconds).
+    """
+
+    __slots__ = ("id", "peer", "queue", "raw", "sent_at")
+
+    def __init__(self, queue: str, task_id: str, raw: bytes) -> None:
+        self.queue = queue
+        self.id = task_id
+        self.raw = raw
+        self.peer: Any = None
+        self.sent_at = 0.0
+
+
+class Outbox:
+    """A client's messages waiting for credit, one FIFO per queue (so a queue without credit costs nothing).
+
+    Not locked: the producer's lock guards it.
+    """
+
+    def __init__(self) -> None:
+        #: Queue name -> its waiting Pending messages, oldest first.
+        self.by_queue: dict[str, collections.deque[Pending]] = {}
+        #: Messages waiting in all queues.
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, pending: Pending) -> bool:
+        """Queue ``pending``; True when its queue was empty (the I/O thread has nothing of it to send yet)."""
+        if not isinstance(pending, Pending):
+            raise TypeError(f"Argument 'pending' has incorrect type (expected Pending, got {type(pending).__name__})")
+        items = self.by_queue.get(pending.queue)
+        if items is None:
+            items = self.by_queue[pending.queue] = collections.deque()
+        items.append(pending)
+        self.count += 1
+        return len(items) == 1
+
+    def put_back(self, items: Iterable[Pending]) -> None:
+        """Return messages to the front of their queues, in their order."""
+        items = list(items)
+        for pending in reversed(items):
+            self.by_queue.setdefault(pending.queue, collections.deque()).appendleft(pending)
+        self.count += len(items)
+
+    def queues(self) -> list[str]:
+        """The queues with messages waiting, in the order they first had some."""
+        return [queue for queue, items in self.by_queue.items() if items]
+
+    def has(self, queue: str) -> bool:
+        """True when messages of ``queue`` wait."""
+        return bool(self.by_queue.get(queue))
+
+    def take(self, queue: str, most: int, most_bytes: int) -> list[Pending]:
+        """Pop up to ``most`` messages of ``queue`` whose sizes add up to at most ``most_bytes`` (at least one)."""
+        items = self.by_queue[queue]
+        out: list[Pending] = []
+        size = 0
+        while items and len(out) < most:
+            size += len(items[0].raw) + 8
+            if out and size > most_bytes:
+                break
+            out.append(items.popleft())
+        self.count -= len(out)
+        return out
+
+    def demand(self) -> dict[str, int]:
+        """Waiting messages per queue."""
+        return {queue: len(items) for queue, items in self.by_queue.items() if items}
+
+
+_NO_REPLY_TO: Any = object()
+
+
+class PlainSender:
+    """A client's whole send of a *plain* call in one step: build, encode, queue, return its result.
+
+    Most calls a batch pipeline makes are plain: ``task.delay(*args)`` with
+    positional arguments only, or a group member without options of its own. For
+    such a call :meth:`send` does what ``Task._send`` and ``Producer.send`` do:
+    it builds the same message ``Task.build_message`` would, queues its bytes in
+    the producer's outbox (waking the producer's I/O thread when its queue was
+    empty) and returns ``result_class(id, None, name, app, None)``, as
+    ``Task.AsyncResult`` does. A plain call needs:
+
+    * no before/after_task_publish receiver, eager mode and ``task_routes`` off;
+    * a task class that keeps ``Task``'s own sending methods (``task_methods``,
+      compared at every call, so a patched ``apply_async`` is called) and an
+      app whose class keeps ``Engine``'s (``app_is_plain(type(app))``, asked
+      once per app class);
+    * an argument count the task body takes, as ``Task._send`` checks it;
+    * a usable producer of exactly ``load_producer_class()`` (a child's own producer
+      or a test's stand-in is called as such) whose reply address, with an
+      rpc:// backend, the app already knows (``Engine.reply_address``).
+
+    Any other call makes :meth:`send` return None having sent nothing: the caller
+    goes the general way, which also makes the producer and the reply address.
+    (This twin is not compiled: it only keeps the two cores' behaviour the same.)
+    """
+
+    __slots__ = ("after_publish", "app_is_plain", "app_types", "before_publish", "load_producer_class",
+                 "producer_class", "result_class", "task_methods")
+
+    def __init__(self, task_methods: dict[str, Any], app_is_plain: Any, result_class: Any, before_publish: Any,
+                 after_publish: Any, load_producer_class: Any) -> None:
+        self.task_methods = task_methods
+        self.app_is_plain = app_is_plain
+        self.result_class = result_class
+        self.before_publish = before_publish
+        self.after_publish = after_publish
+        self.load_producer_class = load_producer_class  # called once a producer exists
+        self.producer_class: type | None = None
+        self.app_types: dict[type, bool] = {}
+
+    def send(self, task: Any, args: tuple, reply_to: Any = _NO_REPLY_TO) -> Any:
+        """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent.
+
+        ``reply_to`` is the reply address when the caller has it (a group's members
+        share one); without it the app's known address is used.
+        """
+        if type(args) is not tuple:
+            raise TypeError(f"args must be a tuple, not {type(args).__name__}")
+        if self.before_publish.receivers or self.after_publish.receivers:
+            return None
+        cls = type(task)
+        for name, method in self.task_methods.items():
+            if getattr(cls, name) is not method:
+                return None
+        instance = getattr(task, "__dict__", None)
+        if instance and any(name in instance for name in self.task_methods):  # patched on the task itself
+            return None
+        app = task.app
+        plain_app = self.app_types.get(type(app))
+        if plain_app is None:
+            plain_app = self.app_types[type(app)] = bool(self.app_is_plain(type(app)))
+        if plain_app is not True:
+            return None
+        conf = app.conf
+        if conf.task_always_eager or conf.task_routes:
+            return None
+        if task.typing:  # the count Task._send checks; anything else is left to check_arguments
+            checker = cls.__dict__.get("_arguments_checker")
+            if checker is None or not checker.least <= len(args) <= checker.most:
+                return None
+        producer = app._producer
+        if producer is None:
+            return None
+        if self.producer_class is None:
+            self.producer_class = self.load_producer_class()
+        if type(producer) is not self.producer_class or not producer.usable():
+            return None
+        if reply_to is _NO_REPLY_TO:
+            url = conf.result_backend
+            reply_to = None
+            if url and str(url).startswith("rpc"):  # Engine.reply_address's answer, when it holds
+                known = app._reply_to
+                if known is None or known[0] != url or known[1] is not app._backend or known[2] is not producer:
+                    return None
+                reply_to = known[3]
+        # The message Task.build_message builds for a call without options.
+        options = {}
+        if task.time_limit is not None:
+            options["time_limit"] = task.time_limit
+        if task.soft_time_limit is not None:
+            options["soft_time_limit"] = task.soft_time_limit
+        ignore = task.ignore_result
+        if ignore is None:
+            ignore = conf.task_ignore_result
+        message = TaskMessage(new_task_id(), task.name, args, {}, queue=task.queue or conf.task_default_queue,
+                              reply_to=reply_to, ignore_result=bool(ignore), options=options)
+        raw = encode_message(message)
+        if len(raw) > producer.max_batch_bytes:
+            return None  # the general path refuses it, saying why
+        # What Producer.send does with the bytes.
+        pending = Pending(message.queue, message.id, raw)
+        outbox = producer._outbox
+        if not isinstance(outbox, Outbox):
+            raise TypeError(f"Cannot convert {type(outbox).__name__} to engine._core.Outbox")
+        with producer._mutex:
+            if outbox.count + len(producer._unacked) >= producer.max_outbox:
+                producer._wait_for_room()  # waits on the condition, which releases this same lock
+            first_in_queue = outbox.append(pending)
+        if first_in_queue:
+            producer._wake()
+        return self.result_class(message.id, None, message.task, app, None)
 
 
 class QueuedTask:

@@ -26,7 +26,10 @@ __all__ = (
     "MAX_PIPE_FRAME",
     "PIPE_HEADER_SIZE",
     "WIRE_VERSION",
+    "Outbox",
+    "Pending",
     "PlainRunner",
+    "PlainSender",
     "QueuedTask",
     "StateRecord",
     "StateRecorder",
@@ -86,7 +89,10 @@ pack_frame = _impl.pack_frame
 split_frames = _impl.split_frames
 new_task_id = _impl.new_task_id
 request_fields = _impl.request_fields
+Outbox = _impl.Outbox
+Pending = _impl.Pending
 PlainRunner = _impl.PlainRunner
+PlainSender = _impl.PlainSender
 QueuedTask = _impl.QueuedTask
 pack_done = _impl.pack_done
 read_done = _impl.read_done

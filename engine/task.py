@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from engine import context, signals, states
 from engine.canvas import Signature, chunks, xmap, xstarmap
-from engine.core import StateRecorder, TaskMessage, compute_backoff
+from engine.core import PlainSender, StateRecorder, TaskMessage, compute_backoff
 from engine.exceptions import (
     Ignore,
     ImproperlyConfigured,
@@ -23,7 +23,7 @@ from engine.exceptions import (
     Reject,
     Retry,
 )
-from engine.result import EagerResult
+from engine.result import AsyncResult, EagerResult
 from engine.routing import route_queue
 from engine.utils.ids import new_task_id
 from engine.utils.imports import symbol_by_name
@@ -216,6 +216,10 @@ class Task:
 
     def delay(self, *args: Any, **kwargs: Any) -> Any:
         """Send the task with these arguments; shortcut of :meth:`apply_async`."""
+        if not kwargs:  # most calls of a batch: sent in one step when nothing customises them
+            sent = _plain_sender.send(self, args)
+            if sent is not None:
+                return sent
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Any = (), kwargs: dict | None = None, *, task_id: str | None = None,
@@ -249,6 +253,10 @@ class Task:
 
     def _send(self, args: tuple, kwargs: dict, options: dict) -> Any:
         """Check the arguments, build the message, queue it; return its AsyncResult (options checked by the caller)."""
+        if not kwargs and len(options) == 1 and "reply_to" in options:  # a group's plain member, or apply_async(args)
+            sent = _plain_sender.send(self, args, options["reply_to"])
+            if sent is not None:
+                return sent
         if self.typing:
             # The common call, positional arguments of a count the body takes, is checked here.
             cls = type(self)
@@ -580,6 +588,30 @@ def add_autoretry(task: Task) -> None:
 
     run.__wrapped__ = orig_run  # type: ignore[attr-defined]
     task._orig_run, task.run = orig_run, run  # type: ignore[method-assign]
+
+
+#: The sending methods a plain call skips: a task class that overrides one sends the general way.
+_SENDING_METHODS = ("apply_async", "_send", "build_message", "AsyncResult", "check_arguments")
+
+
+def _app_is_plain(app_class: type) -> bool:
+    """True when ``app_class`` keeps Engine's own sending methods (a plain call may skip them)."""
+    from engine.app import Engine
+
+    return all(getattr(app_class, name, None) is getattr(Engine, name)
+               for name in ("send_message", "AsyncResult", "producer", "reply_address"))
+
+
+def _producer_class() -> type:
+    """The producer class whose outbox a plain call queues into directly."""
+    from engine.transport.producer import Producer
+
+    return Producer
+
+
+#: Sends plain calls (see engine.core.PlainSender): ``delay(*args)`` and a group's plain members.
+_plain_sender = PlainSender({name: getattr(Task, name) for name in _SENDING_METHODS}, _app_is_plain, AsyncResult,
+                            signals.before_task_publish, signals.after_task_publish, _producer_class)
 
 
 def validate_options(base: type, options: dict[str, Any]) -> None:

@@ -23,10 +23,10 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.core import TaskMessage, encode_batch, encode_message
+from engine.core import Outbox, Pending, TaskMessage, encode_batch, encode_message
 from engine.transport import protocol
 from engine.transport.consumer import ACTIVE_SECONDS, Consumer
-from engine.transport.producer import BATCH_MAX, DEMAND_EVERY, Producer, _Outbox, _Pending
+from engine.transport.producer import BATCH_MAX, DEMAND_EVERY, Producer
 from engine.transport.protocol import PEER_TIMEOUT, PeerTable
 from tests.fakes import FakeSocket
 
@@ -419,7 +419,7 @@ def producer():
     p = Producer.__new__(Producer)
     p._mutex = threading.RLock()
     p._lock = threading.Condition(p._mutex)
-    p._outbox = _Outbox()
+    p._outbox = Outbox()
     p._unacked = {}
     p._peers = PeerTable()
     p._router = None
@@ -450,7 +450,7 @@ def worker_link(producer, name: str, credit: dict | None = None, last_seen: floa
 def queue_messages(producer, queue: str, count: int, size: int = 10, prefix: str = "m") -> list[str]:
     ids = [f"{prefix}{i}" for i in range(count)]
     for task_id in ids:
-        producer._outbox.append(_Pending(queue, task_id, task_id.encode().ljust(size, b".")))
+        producer._outbox.append(Pending(queue, task_id, task_id.encode().ljust(size, b".")))
     return ids
 
 

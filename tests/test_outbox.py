@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from engine.transport.producer import _Outbox, _Pending
+from engine.core import Outbox, Pending
 
 
-def pending(queue: str, task_id: str, size: int = 10) -> _Pending:
-    return _Pending(queue, task_id, b"x" * size)
+def pending(queue: str, task_id: str, size: int = 10) -> Pending:
+    return Pending(queue, task_id, b"x" * size)
 
 
-def ids(items: list[_Pending]) -> list[str]:
+def ids(items: list[Pending]) -> list[str]:
     return [p.id for p in items]
 
 
 def test_each_queue_is_first_in_first_out_and_counted():
-    outbox = _Outbox()
+    outbox = Outbox()
     for task_id in ("a1", "a2", "a3"):
         outbox.append(pending("a", task_id))
     outbox.append(pending("b", "b1"))
@@ -30,7 +30,7 @@ def test_each_queue_is_first_in_first_out_and_counted():
 
 
 def test_put_back_returns_messages_to_the_front_in_their_order():
-    outbox = _Outbox()
+    outbox = Outbox()
     for task_id in ("1", "2", "3", "4"):
         outbox.append(pending("q", task_id))
     taken = outbox.take("q", 2, 1 << 20)
@@ -43,7 +43,7 @@ def test_put_back_returns_messages_to_the_front_in_their_order():
 
 
 def test_put_back_sorts_mixed_queues_into_their_own_fifos():
-    outbox = _Outbox()
+    outbox = Outbox()
     outbox.append(pending("a", "a3"))
     outbox.put_back([pending("a", "a1"), pending("b", "b1"), pending("a", "a2")])
     assert ids(outbox.take("a", 10, 1 << 20)) == ["a1", "a2", "a3"]
@@ -52,7 +52,7 @@ def test_put_back_sorts_mixed_queues_into_their_own_fifos():
 
 
 def test_take_stops_at_the_count():
-    outbox = _Outbox()
+    outbox = Outbox()
     for i in range(10):
         outbox.append(pending("q", str(i)))
     assert ids(outbox.take("q", 3, 1 << 20)) == ["0", "1", "2"]
@@ -60,7 +60,7 @@ def test_take_stops_at_the_count():
 
 
 def test_take_stops_before_the_byte_bound():
-    outbox = _Outbox()
+    outbox = Outbox()
     for i in range(10):
         outbox.append(pending("q", str(i), size=92))  # 100 bytes each with the 8 counted per item
     assert ids(outbox.take("q", 100, 250)) == ["0", "1"]
@@ -69,7 +69,7 @@ def test_take_stops_before_the_byte_bound():
 
 
 def test_take_always_takes_at_least_one_even_when_it_is_over_the_byte_bound():
-    outbox = _Outbox()
+    outbox = Outbox()
     outbox.append(pending("q", "huge", size=10_000))
     outbox.append(pending("q", "small"))
     assert ids(outbox.take("q", 100, 50)) == ["huge"]
@@ -77,7 +77,7 @@ def test_take_always_takes_at_least_one_even_when_it_is_over_the_byte_bound():
 
 
 def test_demand_counts_waiting_messages_per_non_empty_queue():
-    outbox = _Outbox()
+    outbox = Outbox()
     assert outbox.demand() == {}
     for i in range(3):
         outbox.append(pending("a", f"a{i}"))

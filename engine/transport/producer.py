@@ -16,7 +16,6 @@ one starts. ``producer_flush_timeout`` bounds that wait.
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from engine.core import decode_message, encode_message, split_batch
+from engine.core import Outbox, Pending, decode_message, encode_message, split_batch
 from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
 from engine.transport.discovery import EndpointSet
@@ -58,66 +57,6 @@ FLUSH_WARN_FIRST = 0.25
 _producers: weakref.WeakSet[Producer] = weakref.WeakSet()
 
 
-class _Pending:
-    __slots__ = ("id", "peer", "queue", "raw", "sent_at")
-
-    def __init__(self, queue: str, task_id: str, raw: bytes) -> None:
-        self.queue = queue
-        self.id = task_id
-        self.raw = raw
-        self.peer: Peer | None = None
-        self.sent_at = 0.0
-
-
-class _Outbox:
-    """Messages waiting for credit, one FIFO per queue (so a queue without credit costs nothing)."""
-
-    def __init__(self) -> None:
-        self.by_queue: dict[str, collections.deque[_Pending]] = {}
-        self.count = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def append(self, pending: _Pending) -> bool:
-        """Queue ``pending``; True when its queue was empty (the I/O thread has nothing of it to send yet)."""
-        items = self.by_queue.get(pending.queue)
-        if items is None:
-            items = self.by_queue[pending.queue] = collections.deque()
-        items.append(pending)
-        self.count += 1
-        return len(items) == 1
-
-    def put_back(self, items: list[_Pending]) -> None:
-        """Return messages to the front of their queues, in their order."""
-        for pending in reversed(items):
-            self.by_queue.setdefault(pending.queue, collections.deque()).appendleft(pending)
-        self.count += len(items)
-
-    def queues(self) -> list[str]:
-        return [queue for queue, items in self.by_queue.items() if items]
-
-    def has(self, queue: str) -> bool:
-        return bool(self.by_queue.get(queue))
-
-    def take(self, queue: str, most: int, most_bytes: int) -> list[_Pending]:
-        """Pop up to ``most`` messages of ``queue`` whose sizes add up to at most ``most_bytes`` (at least one)."""
-        items = self.by_queue[queue]
-        out: list[_Pending] = []
-        size = 0
-        while items and len(out) < most:
-            size += len(items[0].raw) + 8
-            if out and size > most_bytes:
-                break
-            out.append(items.popleft())
-        self.count -= len(out)
-        return out
-
-    def demand(self) -> dict[str, int]:
-        """Waiting messages per queue."""
-        return {queue: len(items) for queue, items in self.by_queue.items() if items}
-
-
 class Producer:
     """One process's connection to the workers of an app."""
 
@@ -133,13 +72,13 @@ class Producer:
                                          float(app.conf.transport_dns_refresh))
         if self.bind and self._endpoint_set.dynamic:
             raise ImproperlyConfigured("dns+tcp:// entries name workers to connect to: not with transport_bind=True")
-        self._outbox = _Outbox()
+        self._outbox = Outbox()
         self.max_message_size = int(app.conf.max_message_size)
         self.ack_timeout = float(app.conf.transport_ack_timeout)
         self.max_outbox = int(app.conf.producer_max_outbox)
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
-        self._unacked: dict[str, _Pending] = {}
+        self._unacked: dict[str, Pending] = {}
         # delay() takes the lock itself (a Condition's ``with`` is a Python-level call); the
         # condition shares it, for waiting on acknowledgements and room. Reentrant: a finalizer
         # or a logging handler that sends a task may run while this thread holds it.
@@ -176,7 +115,7 @@ class Producer:
         if len(raw) > self.max_batch_bytes:
             raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
                               f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
-        pending = _Pending(message.queue, message.id, raw)
+        pending = Pending(message.queue, message.id, raw)
         outbox = self._outbox
         with self._mutex:
             if outbox.count + len(self._unacked) >= self.max_outbox:
@@ -422,7 +361,7 @@ class Producer:
 
     def _take_back(self, peer: Peer, body: bytes) -> None:
         """A draining worker handed back tasks it will not start: send them to another worker."""
-        taken: list[_Pending] = []
+        taken: list[Pending] = []
         with self._lock:
             for raw in split_batch(body):
                 message = decode_message(raw)
@@ -431,7 +370,7 @@ class Producer:
                     taken.append(pending)  # already sent again to another worker: only say we have it
                     continue
                 self._unacked.pop(message.id, None)
-                pending = pending or _Pending(message.queue, message.id, raw)
+                pending = pending or Pending(message.queue, message.id, raw)
                 pending.peer = None
                 taken.append(pending)
             self._outbox.put_back([pending for pending in taken if pending.peer is None])
@@ -489,7 +428,7 @@ class Producer:
                 self._demand_due = math.inf
                 return
             peers = list(self._peers)
-            batches: list[tuple[Peer, list[_Pending]]] = []
+            batches: list[tuple[Peer, list[Pending]]] = []
             for queue in self._outbox.queues():
                 # Round-robin over the workers with credit for this queue, a chunk each,
                 # so one burst is spread over all of them rather than filling the first.
