@@ -339,7 +339,7 @@ cdef class TaskMessage:
     cdef bytes _get_payload(self):
         if self._payload is None:
             self._decode()
-            self._payload = _pack([list(self._args), self._kwargs])
+            self._payload = _pack_payload(self._args, self._kwargs)
         return self._payload
 
     @property
@@ -677,6 +677,160 @@ cdef inline const char* _utf8(object value, Py_ssize_t* n, Py_ssize_t* size) exc
     cdef const char* s = PyUnicode_AsUTF8AndSize(value, n)
     size[0] += _str_size(n[0])
     return s
+
+
+# The arguments of most task calls are a few numbers and strings: packed here, byte for byte
+# as msgpack would, without msgpack's per-call overhead. Anything else goes to msgpack.
+cdef enum:
+    _SIMPLE_DEPTH = 8  # deeper containers go to msgpack
+
+
+cdef bytes _pack_payload(tuple args, dict kwargs):
+    """``_pack([list(args), kwargs])``'s bytes, packed directly when every value is plain."""
+    cdef Py_ssize_t size = _simple_size(args, 0)
+    cdef Py_ssize_t kwargs_size = _simple_size(kwargs, 0) if size >= 0 else -1
+    cdef bytes out
+    cdef unsigned char* p
+    if kwargs_size < 0:
+        return _pack([list(args), kwargs])
+    out = PyBytes_FromStringAndSize(NULL, 1 + size + kwargs_size)
+    p = <unsigned char*>PyBytes_AS_STRING(out)
+    p[0] = 0x92
+    p = _put_simple(p + 1, args)
+    _put_simple(p, kwargs)
+    return out
+
+
+cdef Py_ssize_t _simple_size(object value, int depth) except -2:
+    """Bytes msgpack packs ``value`` into; -1 when it is not plain (not an exact None, bool,
+    int64, float, str, bytes, or a list, tuple or dict of those nested at most _SIMPLE_DEPTH)."""
+    cdef Py_ssize_t n, size, item
+    cdef int overflow
+    cdef long long number
+    if value is None or value is True or value is False:
+        return 1
+    kind = type(value)
+    if kind is int:
+        number = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            return -1
+        if -32 <= number < 128:
+            return 1
+        if -128 <= number < 256:
+            return 2
+        if -32768 <= number < 65536:
+            return 3
+        if -2147483648 <= number < 4294967296:
+            return 5
+        return 9
+    if kind is float:
+        return 9
+    if kind is str:
+        try:
+            PyUnicode_AsUTF8AndSize(value, &n)
+        except UnicodeError:  # msgpack says what is wrong with it
+            return -1
+        return _str_size(n) if (<uint64_t>n >> 32) == 0 else -1
+    if kind is bytes:
+        n = PyBytes_GET_SIZE(value)
+        return _bin_size(n) if (<uint64_t>n >> 32) == 0 else -1
+    if depth >= _SIMPLE_DEPTH:
+        return -1
+    if kind is tuple or kind is list:
+        n = len(value)
+        size = 1 if n < 16 else 3 if n < 65536 else 5
+        for element in value:
+            item = _simple_size(element, depth + 1)
+            if item < 0:
+                return -1
+            size += item
+        return size
+    if kind is dict:
+        n = len(value)
+        size = 1 if n < 16 else 3 if n < 65536 else 5
+        for key, element in (<dict>value).items():
+            item = _simple_size(key, depth + 1)
+            if item < 0:
+                return -1
+            size += item
+            item = _simple_size(element, depth + 1)
+            if item < 0:
+                return -1
+            size += item
+        return size
+    return -1
+
+
+cdef unsigned char* _put_simple(unsigned char* p, object value) except NULL:
+    """Pack ``value``, which :func:`_simple_size` measured, at ``p``; the end of what it wrote."""
+    cdef Py_ssize_t n
+    cdef int overflow
+    cdef long long number
+    cdef double d
+    cdef uint64_t bits
+    cdef const char* text
+    if value is None:
+        p[0] = 0xc0
+        return p + 1
+    if value is True:
+        p[0] = 0xc3
+        return p + 1
+    if value is False:
+        p[0] = 0xc2
+        return p + 1
+    kind = type(value)
+    if kind is int:
+        number = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if number >= 0:
+            return _put_uint(p, <uint64_t>number)
+        if number >= -32:
+            p[0] = <unsigned char>(<int8_t>number)
+            return p + 1
+        if number >= -128:
+            p[0] = 0xd0
+            p[1] = <unsigned char>(<int8_t>number)
+            return p + 2
+        if number >= -32768:
+            p[0] = 0xd1
+            return _put16(p + 1, <uint16_t>(<int16_t>number))
+        if number >= -2147483648:
+            p[0] = 0xd2
+            return _put32(p + 1, <uint32_t>(<int32_t>number))
+        p[0] = 0xd3
+        return _put64(p + 1, <uint64_t>number)
+    if kind is float:
+        d = value
+        memcpy(&bits, &d, 8)
+        p[0] = 0xcb
+        return _put64(p + 1, bits)
+    if kind is str:
+        text = PyUnicode_AsUTF8AndSize(value, &n)
+        return _put_str(p, text, n)
+    if kind is bytes:
+        return _put_bin(p, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+    if kind is tuple or kind is list:
+        p = _put_container(p, len(value), 0x90, 0xdc)
+        for element in value:
+            p = _put_simple(p, element)
+        return p
+    p = _put_container(p, len(value), 0x80, 0xde)  # a dict: the only other kind measured
+    for key, element in (<dict>value).items():
+        p = _put_simple(p, key)
+        p = _put_simple(p, element)
+    return p
+
+
+cdef inline unsigned char* _put_container(unsigned char* p, Py_ssize_t n, unsigned char fix,
+                                          unsigned char wide) noexcept nogil:
+    # fixarray/fixmap below 16 items, else array16/map16 (wide) or array32/map32 (wide + 1).
+    if n < 16:
+        p[0] = <unsigned char>(fix | n)
+        return p + 1
+    if n < 65536:
+        p[0] = wide
+        return _put16(p + 1, <uint16_t>n)
+    p[0] = wide + 1
+    return _put32(p + 1, <uint32_t>n)
 
 
 cdef bytes _encode(TaskMessage msg):

@@ -1127,3 +1127,44 @@ def test_pack_done_refuses_a_non_string_id_and_leaves_the_buffer_as_it_was(core)
     with pytest.raises(TypeError):
         core.pack_done(buffer, 10, 7, "SUCCESS", 0.1, False, 0)
     assert buffer == b"kept"
+
+
+class _IntKind(int):
+    """An int subclass: msgpack packs it as an int."""
+
+
+#: Values a task's arguments are made of: every width of int msgpack has (and beyond), floats,
+#: strings and bytes of every header size, nested lists, tuples and dicts, and kinds msgpack
+#: packs as their base (bool, an int subclass) or refuses (a lone surrogate, an int past 64 bits).
+ARGUMENT_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**64, max_value=2**64) | st.floats()
+    | st.sampled_from([0, 127, 128, -32, -33, 255, 256, -128, -129, 65535, 65536, -32768, -32769, 2**32 - 1,
+                       2**32, -2**31, -2**31 - 1, 2**63 - 1, 2**63, -2**63, -2**63 - 1, True, False])
+    | st.text(max_size=40) | st.sampled_from(["x" * 31, "x" * 32, "é" * 200, "\ud800"])
+    | st.binary(max_size=300) | st.builds(_IntKind, st.integers(0, 9)),
+    lambda children: st.lists(children, max_size=20) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=5) | st.integers(-3, 3), children, max_size=18),
+    max_leaves=12)
+
+
+@needs_both  # the pure twin packs with msgpack itself
+@FAST
+@given(args=st.lists(ARGUMENT_VALUES, max_size=4), kwargs=st.dictionaries(st.text(max_size=8), ARGUMENT_VALUES,
+                                                                         max_size=3))
+def test_compiled_payload_bytes_are_msgpacks(args, kwargs):
+    def packed(make):
+        try:
+            return make()
+        except Exception as exc:  # the same refusal, whichever packs it
+            return type(exc)
+
+    expected = packed(lambda: msgpack.packb([list(args), kwargs], use_bin_type=True))
+    assert packed(lambda: c_core.TaskMessage("id", "t", tuple(args), kwargs).payload) == expected
+    assert packed(lambda: c_core.TaskMessage("id", "t", list(args), kwargs).payload) == expected
+
+
+@pytest.mark.parametrize("value", ["y" * 65535, "y" * 65536, b"z" * 255, b"z" * 256, b"z" * 65536, list(range(16)),
+                                   list(range(65536)), {str(i): i for i in range(16)}, [[[[[[[[[[1]]]]]]]]]]])
+def test_payload_bytes_of_large_and_deep_values_are_msgpacks(core, value):
+    message = core.TaskMessage("id", "t", (value,), {"k": value})
+    assert message.payload == msgpack.packb([[value], {"k": value}], use_bin_type=True)

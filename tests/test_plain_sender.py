@@ -1,0 +1,275 @@
+"""The client's one-step send of plain calls (``engine.core.PlainSender``), on both twins, in this process.
+
+``Task.delay(*args)`` and a group's plain members go to the PlainSender first,
+which builds the message, queues its bytes in the producer's outbox and returns
+the AsyncResult, or declines (None, nothing queued) when anything customises the
+call: then the general path (``apply_async``) sends it. No worker runs here: the
+messages stay in the outbox, where these tests read them.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import msgpack
+import pytest
+
+import engine._core_py as py_core
+import engine.core
+import engine.task
+import engine.transport.producer
+from engine import Engine, group, signals
+from engine.core import decode_message
+from engine.exceptions import OutboxFull
+from engine.result import AsyncResult
+from engine.task import Task
+
+try:
+    import engine._core as c_core
+except ImportError:
+    c_core = None
+
+TWINS = [pytest.param(py_core, id="python"),
+         pytest.param(c_core, id="cython", marks=pytest.mark.skipif(
+             engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]
+
+
+@pytest.fixture(params=TWINS)
+def twin(request, monkeypatch):
+    """The twin under test: its PlainSender sends for engine.task, into producers' outboxes of its own classes."""
+    core = request.param
+    monkeypatch.setattr(engine.transport.producer, "Outbox", core.Outbox)
+    monkeypatch.setattr(engine.transport.producer, "Pending", core.Pending)
+    sender = core.PlainSender({name: getattr(Task, name) for name in engine.task._SENDING_METHODS},
+                              engine.task._app_is_plain, AsyncResult, signals.before_task_publish,
+                              signals.after_task_publish, engine.task._producer_class)
+    monkeypatch.setattr(engine.task, "_plain_sender", sender)
+    return core
+
+
+@pytest.fixture
+def app(twin):
+    """An app whose producer points at a port no worker listens on: what is sent stays in the outbox."""
+    app = Engine("plainsender", transport="tcp://127.0.0.1:9", backend="rpc://", producer_flush_timeout=0.1,
+                 set_as_current=False)
+    app.reply_address()  # known before the first call, as after any first send
+    yield app
+    app._producer.close(timeout=0)  # nothing is delivered: no flush wait
+    app._producer = None
+
+
+def queued(app) -> list:
+    """The messages waiting in the app's outbox, oldest first, decoded."""
+    return [decode_message(p.raw) for items in app.producer._outbox.by_queue.values() for p in items]
+
+
+def fields(message) -> dict:
+    """What a message says, but its id."""
+    return {key: value for key, value in message.to_dict().items() if key != "id"}
+
+
+def sent_plainly(app, call) -> bool:
+    """True when ``call()`` was sent by the PlainSender (the general path's ``Producer.send`` was not called)."""
+    with mock.patch.object(app.producer, "send", wraps=app.producer.send) as general:
+        call()
+    return not general.called
+
+
+def test_a_plain_delay_queues_the_message_the_general_path_builds(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    result = add.delay(2, 3)
+
+    (message,) = queued(app)
+    expected = add.build_message((2, 3), {}, reply_to=app.reply_address())
+    assert fields(message) == fields(expected)
+    assert message.id == result.id and len(result.id) == 36
+    assert type(result) is AsyncResult and result.task_name == add.name and result.app is app
+    assert result._backend is None and result.parent is None
+    assert msgpack.unpackb(message.payload) == [[2, 3], {}]
+
+
+def test_task_options_travel_as_the_general_path_sends_them(app):
+    @app.task(queue="slow", time_limit=30, soft_time_limit=20, ignore_result=True)
+    def limited(x):
+        return x
+
+    limited.delay("é" * 40)
+    app.conf.task_ignore_result = True
+
+    @app.task
+    def plain(x):
+        return x
+
+    plain.delay([1, 2.5, None, {"k": b"v"}])
+
+    first, second = queued(app)
+    assert first.queue == "slow" and first.options == {"time_limit": 30, "soft_time_limit": 20}
+    assert first.ignore_result is True and first.args == ("é" * 40,)
+    assert fields(first) == fields(limited.build_message(("é" * 40,), {}, reply_to=app.reply_address()))
+    assert second.ignore_result is True  # the app's setting, resolved at sending
+    assert second.args == ([1, 2.5, None, {"k": b"v"}],)
+
+
+def test_a_plain_call_is_sent_in_one_step_and_each_customisation_goes_the_general_way(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    assert not sent_plainly(app, lambda: add.delay(1, 2))  # the first call checks the arguments the general way
+    assert sent_plainly(app, lambda: add.delay(1, 2))
+    assert not sent_plainly(app, lambda: add.delay(1, y=2))  # keyword arguments
+
+    def receiver(**kwargs):
+        pass
+
+    for signal in (signals.before_task_publish, signals.after_task_publish):
+        signal.connect(receiver)
+        try:
+            assert not sent_plainly(app, lambda: add.delay(1, 2))
+        finally:
+            signal.disconnect(receiver)
+    app.conf.task_routes = {"*": {"queue": "routed"}}
+    assert not sent_plainly(app, lambda: add.delay(1, 2))
+    assert queued(app)[-1].queue == "routed"
+    app.conf.task_routes = None
+    assert sent_plainly(app, lambda: add.delay(1, 2))
+    assert len(queued(app)) == 7
+
+
+def test_a_wrong_argument_count_is_refused_as_before(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    with pytest.raises(TypeError, match="add"):
+        add.delay(1)
+    with pytest.raises(TypeError, match="add"):
+        add.delay(1, 2, 3)
+    assert queued(app) == []
+
+
+def test_a_patched_apply_async_is_called_by_delay(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(1, 2)  # a first plain call: nothing is remembered that a patch would miss
+    with mock.patch.object(add, "apply_async") as on_task:
+        add.delay(3, 4)
+    on_task.assert_called_once_with((3, 4), {})
+    with mock.patch.object(Task, "apply_async") as on_class:
+        add.delay(5, 6)
+    on_class.assert_called_once_with((5, 6), {})
+    assert len(queued(app)) == 1
+
+
+def test_a_task_class_or_app_class_with_its_own_sending_is_called(twin):
+    sent = []
+
+    class Audited(Task):
+        def build_message(self, *args, **kwargs):
+            message = super().build_message(*args, **kwargs)
+            sent.append(message.id)
+            return message
+
+    class AuditedApp(Engine):
+        def send_message(self, message):
+            sent.append(message.task)
+            super().send_message(message)
+
+    app = AuditedApp("plainsender", transport="tcp://127.0.0.1:9", producer_flush_timeout=0.1, set_as_current=False)
+    try:
+        @app.task(base=Audited)
+        def audited(x):
+            return x
+
+        @app.task
+        def plain(x):
+            return x
+
+        result = audited.delay(1)
+        plain.delay(2)
+        assert sent == [result.id, audited.name, plain.name]
+        assert [m.task for m in queued(app)] == [audited.name, plain.name]
+    finally:
+        app._producer.close(timeout=0)
+        app._producer = None
+
+
+def test_eager_mode_runs_the_task_here(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    app.conf.task_always_eager = True
+    assert add.delay(2, 3).get() == 5
+    assert queued(app) == []
+
+
+def test_the_first_call_makes_the_producer_and_the_reply_address_the_general_way(twin):
+    app = Engine("plainsender", transport="tcp://127.0.0.1:9", backend="rpc://", producer_flush_timeout=0.1,
+                 set_as_current=False)
+    try:
+        @app.task
+        def add(x, y):
+            return x + y
+
+        assert app._producer is None
+        add.delay(1, 2)  # the general path: made the producer and the reply address
+        assert app._producer is not None and app._reply_to is not None
+        app.producer._outbox.by_queue.clear()
+        app.producer._outbox.count = 0
+        assert sent_plainly(app, lambda: add.delay(1, 2))
+        assert queued(app)[0].reply_to == app.producer.client_id
+        old = app._producer
+        old._closing = True  # closed (or inherited through a fork): not used again
+        add.delay(1, 2)
+        assert app._producer is not old and len(queued(app)) == 1
+        assert queued(app)[0].reply_to == app.producer.client_id != old.client_id
+        old.close(timeout=0)
+    finally:
+        if app._producer is not None:
+            app._producer.close(timeout=0)
+
+
+def test_a_group_of_plain_members_goes_out_in_one_step_each(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(0, 0)  # the first call checks the arguments the general way
+    with mock.patch.object(app.producer, "send", wraps=app.producer.send) as general:
+        result = group(add.s(i, i) for i in range(5)).apply_async()
+    general.assert_not_called()
+    messages = queued(app)[1:]
+    assert [m.id for m in messages] == [r.id for r in result.results]
+    assert [m.args for m in messages] == [(i, i) for i in range(5)]
+    assert {m.reply_to for m in messages} == {app.reply_address()}
+
+
+def test_a_full_outbox_is_refused_when_so_configured(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    app.conf.producer_outbox_full = "raise"
+    app.producer.max_outbox = 2
+    add.delay(1, 2)
+    add.delay(3, 4)
+    with pytest.raises(OutboxFull):
+        add.delay(5, 6)
+    assert len(queued(app)) == 2
+
+
+def test_a_message_too_large_is_refused_by_the_general_path(app):
+    @app.task
+    def echo(x):
+        return x
+
+    app.producer.max_batch_bytes = 1000
+    with pytest.raises(Exception, match="bytes; max_message_size"):
+        echo.delay("x" * 2000)
+    assert queued(app) == []
