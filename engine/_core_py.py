@@ -945,7 +945,7 @@ class PlainSender:
         self.before_publish = before_publish
         self.after_publish = after_publish
         self.load_producer_class = load_producer_class  # called once a producer exists
-        self.producer_class: type | None = None
+        self.producer_class: Any = None
         self.app_types: dict[type, bool] = {}
 
     def send(self, task: Any, args: tuple, reply_to: Any = _NO_REPLY_TO) -> Any:
