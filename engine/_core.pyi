@@ -158,6 +158,10 @@ def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: f
               retries: int) -> None:
     """Append a child's DONE report to ``buffer`` as a pipe frame of ``kind``."""
 
+def finish_done(child: Any, payloads: list[bytes], start: int, now: float,
+                runs: dict[str, list[list[Any]]], released: list[Any]) -> tuple[int, int]:
+    """Apply a child's plain DONE reports from ``start`` in order; where it stopped and how many it applied."""
+
 def read_done(payload: bytes) -> tuple[Any, ...]:
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``."""
 

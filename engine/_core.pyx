@@ -78,6 +78,7 @@ __all__ = (
     "decode_message",
     "encode_batch",
     "encode_message",
+    "finish_done",
     "new_task_id",
     "pack_done",
     "pack_frame",
@@ -2039,6 +2040,64 @@ def read_done(payload):
         if found is not None:
             return found
     return tuple(_unpackb(payload, raw=False))
+
+
+def finish_done(child, list payloads not None, Py_ssize_t start, double now, dict runs not None,
+                list released not None):
+    """Apply ``child``'s DONE reports ``payloads[start:]`` in order while each is a plain one.
+
+    Each report ends the task ``child.outstanding`` holds first: the task is taken
+    off, its expected run time leaves ``child.queued_seconds``, its state, run time
+    and wait (received to started) are appended to ``runs[name]`` (three lists, made
+    when missing), its journal reference to ``released``, the task held next is
+    marked started at ``now``, and ``child.last_done`` is the report. It stops at
+    the first report that needs the supervisor's own handling: one that does not
+    read as a DONE report, one of a task the child was not given, or a REJECTED
+    task to requeue. Returns ``(index, applied)``: where it stopped
+    (``len(payloads)`` when it applied all) and how many it applied.
+    """
+    cdef Py_ssize_t index = start, count = len(payloads), applied = 0
+    cdef QueuedTask entry, head
+    cdef double queued, wait
+    cdef list run
+    outstanding = child.outstanding
+    queued = child.queued_seconds
+    try:
+        while index < count:
+            payload = payloads[index]
+            try:
+                done = None
+                if type(payload) is bytes:
+                    done = _read_done(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+                if done is None:
+                    done = tuple(_unpackb(payload, raw=False))
+                task_id, state, runtime, requeue, _ = done
+            except Exception:  # the supervisor's own handling says what is wrong with it
+                break
+            if not outstanding or (requeue and state == _REJECTED):
+                break
+            child.last_done = payload  # where this child's report log is read from should it die
+            entry = outstanding.popleft()
+            applied += 1
+            index += 1
+            queued = max(0.0, queued - entry.expected) if outstanding else 0.0
+            message = entry.message
+            name = (<TaskMessage>message)._task if type(message) is TaskMessage else message.task
+            run = runs.get(name)
+            if run is None:
+                run = runs[name] = [[], [], []]
+            run[0].append(state)
+            run[1].append(runtime)
+            wait = entry.started - entry.received
+            run[2].append(wait if wait > 0.0 else 0.0)
+            if entry.journal_ref is not None:
+                released.append(entry.journal_ref)
+            if outstanding:
+                head = outstanding[0]
+                head.started = now
+    finally:
+        child.queued_seconds = queued
+    return index, applied
 
 
 cdef tuple _read_done(const unsigned char* buf, Py_ssize_t size):

@@ -63,6 +63,7 @@ __all__ = (
     "decode_message",
     "encode_batch",
     "encode_message",
+    "finish_done",
     "new_task_id",
     "pack_done",
     "pack_frame",
@@ -1051,6 +1052,52 @@ class QueuedTask:
 
     def __repr__(self) -> str:
         return f"<QueuedTask {self.message.task}[{self.message.id}]>"
+
+
+def finish_done(child: Any, payloads: list, start: int, now: float, runs: dict, released: list) -> tuple[int, int]:
+    """Apply ``child``'s DONE reports ``payloads[start:]`` in order while each is a plain one.
+
+    Each report ends the task ``child.outstanding`` holds first: the task is taken
+    off, its expected run time leaves ``child.queued_seconds``, its state, run time
+    and wait (received to started) are appended to ``runs[name]`` (three lists, made
+    when missing), its journal reference to ``released``, the task held next is
+    marked started at ``now``, and ``child.last_done`` is the report. It stops at
+    the first report that needs the supervisor's own handling: one that does not
+    read as a DONE report, one of a task the child was not given, or a REJECTED
+    task to requeue. Returns ``(index, applied)``: where it stopped
+    (``len(payloads)`` when it applied all) and how many it applied.
+    """
+    index, count, applied = start, len(payloads), 0
+    outstanding = child.outstanding
+    queued = child.queued_seconds
+    try:
+        while index < count:
+            payload = payloads[index]
+            try:
+                task_id, state, runtime, requeue, _ = read_done(payload)
+            except Exception:  # the supervisor's own handling says what is wrong with it
+                break
+            if not outstanding or (requeue and state == "REJECTED"):
+                break
+            child.last_done = payload  # where this child's report log is read from should it die
+            entry = outstanding.popleft()
+            applied += 1
+            index += 1
+            queued = max(0.0, queued - entry.expected) if outstanding else 0.0
+            name = entry.message.task
+            run = runs.get(name)
+            if run is None:
+                run = runs[name] = [[], [], []]
+            run[0].append(state)
+            run[1].append(runtime)
+            run[2].append(max(0.0, entry.started - entry.received))
+            if entry.journal_ref is not None:
+                released.append(entry.journal_ref)
+            if outstanding:
+                outstanding[0].started = now
+    finally:
+        child.queued_seconds = queued
+    return index, applied
 
 
 def read_done(payload: bytes) -> tuple:

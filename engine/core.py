@@ -40,6 +40,7 @@ __all__ = (
     "decode_message",
     "encode_batch",
     "encode_message",
+    "finish_done",
     "new_task_id",
     "pack_done",
     "pack_frame",
@@ -92,6 +93,7 @@ request_fields = _impl.request_fields
 Outbox = _impl.Outbox
 Pending = _impl.Pending
 PlainRunner = _impl.PlainRunner
+finish_done = _impl.finish_done
 PlainSender = _impl.PlainSender
 QueuedTask = _impl.QueuedTask
 pack_done = _impl.pack_done

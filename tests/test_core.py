@@ -7,6 +7,7 @@ can make a decoder fail with anything but MessageDecodeError.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -1168,3 +1169,45 @@ def test_compiled_payload_bytes_are_msgpacks(args, kwargs):
 def test_payload_bytes_of_large_and_deep_values_are_msgpacks(core, value):
     message = core.TaskMessage("id", "t", (value,), {"k": value})
     assert message.payload == msgpack.packb([[value], {"k": value}], use_bin_type=True)
+
+
+class _Child:
+    """What finish_done reads and writes of a pool child."""
+
+    def __init__(self, entries):
+        self.outstanding = collections.deque(entries)
+        self.queued_seconds = sum(entry.expected for entry in entries)
+        self.last_done = None
+
+
+def test_finish_done_applies_plain_reports_in_order_and_stops_at_one_needing_the_supervisor(core):
+    def entry(n, received=10.0, started=0.0):
+        task = core.QueuedTask(core.TaskMessage(f"id{n}", "t.work" if n % 2 else "t.other"), b"raw", None,
+                               journal_ref=f"ref{n}" if n != 2 else None)
+        task.received, task.started, task.expected = received, started, 0.5
+        return task
+
+    entries = [entry(1, started=10.25), entry(2, received=11.5), entry(3), entry(4), entry(5)]
+    child = _Child(entries)
+    buffer = bytearray()
+    for n, state, requeue in ((1, "SUCCESS", False), (2, "FAILURE", False), (3, "REJECTED", True)):
+        core.pack_done(buffer, 1, f"id{n}", state, 0.125 * n, requeue, 0)
+    payloads = [payload for _, payload in core.split_frames(bytes(buffer))[0]]
+    runs: dict = {}
+    released: list = []
+
+    assert core.finish_done(child, payloads, 0, 11.0, runs, released) == (2, 2)  # a requeue: the supervisor's
+    assert list(child.outstanding) == entries[2:] and entries[2].started == 11.0
+    assert child.queued_seconds == 1.5 and child.last_done == payloads[1]
+    assert runs == {"t.work": [["SUCCESS"], [0.125], [0.25]], "t.other": [["FAILURE"], [0.25], [0.0]]}
+    assert released == ["ref1"]  # the second task has no journal row; its wait (started before received) is 0
+
+    assert core.finish_done(child, payloads, 3, 12.0, runs, released) == (3, 0)  # nothing left: (len, 0)
+    assert core.finish_done(child, [b"\xc1 not msgpack"], 0, 12.0, runs, released) == (0, 0)
+    assert core.finish_done(child, [msgpack.packb(("id9", "SUCCESS"))], 0, 12.0, runs, released) == (0, 0)
+    empty = _Child([])
+    assert core.finish_done(empty, payloads, 0, 12.0, {}, []) == (0, 0)  # a task it was not given
+    assert list(child.outstanding) == entries[2:] and child.last_done == payloads[1]
+    # A report msgpack packs otherwise (a bin id would not be a DONE report, an int run time is) is read too.
+    assert core.finish_done(child, [msgpack.packb(("id3", "SUCCESS", 1, False, 0))], 0, 13.0, runs, released) == (1, 1)
+    assert runs["t.work"][1] == [0.125, 1] and child.queued_seconds == 1.0

@@ -209,3 +209,30 @@ def test_a_backlog_of_slow_tasks_does_not_fill_the_credit_window_while_short_tas
     # A short kind flows: up to a window's worth of the slow backlog does not count.
     assert scheduler.held_for_credit(window=100) == 30 + 50
     assert scheduler.held_for_credit(window=1000) == 30
+
+
+def test_run_times_added_as_a_run_are_folded_in_as_one_by_one():
+    one_by_one, as_runs = RuntimeStats(), RuntimeStats()
+    samples = [("a", 0.5), ("a", 0.25), ("b", 2.0), ("a", 0.125), ("b", 1.0)]
+    for name, runtime in samples:
+        one_by_one.add(name, runtime)
+    as_runs.add_runs("a", [0.5, 0.25])
+    as_runs.add_runs("b", [])
+    as_runs.add_runs("b", [2.0])
+    as_runs.add_runs("a", [0.125])
+    as_runs.add_runs("b", [1.0])
+    assert as_runs.by_name == one_by_one.by_name and as_runs.changed
+    assert as_runs.overall == one_by_one.overall
+
+
+def test_task_figures_added_as_a_run_are_those_of_one_by_one():
+    from engine.worker.task_stats import TaskStats
+
+    one_by_one, as_runs = TaskStats(), TaskStats()
+    runs = [("SUCCESS", 0.0002, 0.5), ("FAILURE", 0.03, 0.0), ("SUCCESS", 3.0, 1.5)]
+    for state, runtime, wait in runs:
+        one_by_one.finished("t", state, runtime, wait)
+    as_runs.finished_runs("t", *map(list, zip(*runs)))
+    assert as_runs.snapshot() == one_by_one.snapshot()
+    assert as_runs.by_name["t"].histogram == one_by_one.by_name["t"].histogram
+    assert as_runs.by_name["t"].runtime_sum == one_by_one.by_name["t"].runtime_sum

@@ -25,7 +25,7 @@ from engine.core import TaskMessage, encode_message
 from engine.exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
 from engine.worker import pipe
 from engine.worker.child import RETIRE_EXIT, ChildRecorder
-from engine.worker.scheduler import QueuedTask
+from engine.worker.scheduler import EWMA_ALPHA, QueuedTask
 from engine.worker.shutdown import WARM
 from engine.worker.supervisor import Supervisor, _journal_key
 
@@ -328,6 +328,21 @@ def test_a_task_rejected_with_requeue_waits_again_and_stays_in_the_journal(app, 
     assert supervisor.counters["requeued"] == 1
     supervisor.states.flush(time.monotonic(), force=True)
     assert supervisor.journal.removed == []
+
+
+def test_a_requeued_task_in_a_run_of_reports_waits_again_and_the_others_end(app, supervisor):
+    first, second, third = queued(app, started=time.monotonic()), queued(app), queued(app)
+    child = child_holding(supervisor, first, second, third)
+
+    supervisor._tasks_done(child, [done(first, runtime=0.5), done(second, states.REJECTED, requeue=True),
+                                   done(third, runtime=0.25)])
+
+    assert not child.outstanding and waiting_ids(supervisor) == [second.message.id]
+    assert supervisor.counters["done"] == 3 and supervisor.counters["requeued"] == 1
+    assert supervisor.task_stats.snapshot()["tasks"]["t.work"]["by_state"] == {"SUCCESS": 2, "REJECTED": 1}
+    assert supervisor.stats.estimate("t.work") == pytest.approx(0.5 + EWMA_ALPHA * (0.25 - 0.5))
+    supervisor.states.flush(time.monotonic(), force=True)
+    assert supervisor.journal.removed == [_journal_key(first.message), _journal_key(third.message)]
 
 
 def test_done_for_a_task_the_child_was_not_given_is_logged_and_ignored(app, supervisor, caplog):

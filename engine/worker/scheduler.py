@@ -85,6 +85,20 @@ class RuntimeStats:
         self.overall += (runtime - self.overall) / (self._runs if self._runs < OVERALL_RUNS else OVERALL_RUNS)
         self.changed = True
 
+    def add_runs(self, name: str, runtimes: list[float]) -> None:
+        """Fold measured run times of ``name`` in, oldest first (as :meth:`add` of each, in one call)."""
+        if not runtimes:
+            return
+        average = self.by_name.get(name, runtimes[0])
+        overall, count = self.overall, self._runs
+        for runtime in runtimes:
+            average += EWMA_ALPHA * (runtime - average)
+            count += 1
+            overall += (runtime - overall) / (count if count < OVERALL_RUNS else OVERALL_RUNS)
+        self.by_name[name] = average
+        self.overall, self._runs = overall, count
+        self.changed = True
+
     def load(self, by_name: dict[str, float]) -> None:
         """Start from averages saved by an earlier run (a kind measured since keeps its newer figure)."""
         for name, seconds in by_name.items():

@@ -74,6 +74,10 @@ class StateFlusher:
         """A task ran (or failed for good): the journal forgets it once its states are out."""
         self._finished.append(journal_ref)
 
+    def finished_many(self, journal_refs: list[JournalRef]) -> None:
+        """Tasks ran (see :meth:`finished`)."""
+        self._finished += journal_refs
+
     def flush(self, now: float, force: bool = False) -> None:
         """Write pending states when the batch is full, old enough, or ``force``; then release tasks."""
         recorder = self.recorder

@@ -74,6 +74,20 @@ class TaskStats:
         kind.histogram[bisect.bisect_left(BUCKETS, runtime)] += 1
         kind.runtime_sum += runtime
 
+    def finished_runs(self, name: str, run_states: list[str], runtimes: list[float], waits: list[float]) -> None:
+        """Tasks of ``name`` ran (see :meth:`finished`): their states, run times and waits, in order."""
+        kind = self.by_name.get(name) or self._kind(name)
+        by_state = kind.by_state
+        for state in run_states:
+            by_state[state] = by_state.get(state, 0) + 1
+        kind.runs += len(runtimes)
+        kind.runtimes.extend(runtimes)
+        kind.waits.extend(waits)
+        histogram = kind.histogram
+        for runtime in runtimes:
+            histogram[bisect.bisect_left(BUCKETS, runtime)] += 1
+        kind.runtime_sum += sum(runtimes)
+
     def decided(self, name: str, state: str) -> None:
         """A task ended in ``state`` without running (revoked before it started)."""
         by_state = self._kind(name).by_state
