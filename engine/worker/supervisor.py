@@ -531,6 +531,12 @@ class Supervisor:
         consumer = self.consumer
         assert consumer is not None
         journal = self.journal
+        # What accept() does for a task due now, of a known kind without a rate limit, while no
+        # event, revocation or task_received receiver asks for more, is done here in the loop.
+        plain = self.events is None and not self.revoked.entries and not signals.task_received.receivers
+        registered, push = self.registry.get, self.scheduler.push
+        remember = self.replies.remember if self.replies is not None else None
+        watch = self.chords.watch if self.chords is not None else None
         for peer, frame, raws in consumer.receive(sock):
             # The frame as it came is the journal's row for all its tasks (one write per frame).
             ref = journal.add_frame(frame, len(raws), peer.route) if journal is not None else None
@@ -552,7 +558,16 @@ class Supervisor:
                 queue = message.queue
                 per_queue[queue] = per_queue.get(queue, 0) + 1
                 ids.append(message.id)
-                self.accept(message, raw, peer, journal_ref=ref)
+                task = registered(message.task) if plain else None
+                if task is not None and task.rate_limit is None and message.eta is None:
+                    self.counters["received"] += 1
+                    if remember is not None:
+                        remember(message, peer)
+                    if watch is not None:
+                        watch(message)
+                    push(QueuedTask(message, raw, task, peer, ref))
+                else:
+                    self.accept(message, raw, peer, journal_ref=ref)
             for queue, count in per_queue.items():
                 consumer.consumed(peer, queue, count)
             if ids:
