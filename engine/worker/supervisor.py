@@ -697,25 +697,32 @@ class Supervisor:
 
     def _handle_child_frames(self, child: Child, frames: list[tuple[int, bytes]]) -> None:
         done: list[bytes] = []  # DONE reports come by the hundred: a run of them is seen in one pass
-        for kind, payload in frames:
-            if kind == pipe.DONE:
-                done.append(payload)
-                continue
-            if done:  # before what follows them: a RECORD is of the task the child runs after these
-                self._tasks_done(child, done)
-                done = []
-            if kind == pipe.RECORD:
-                task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
-                if self.replies is not None and child.outstanding:
-                    self.replies.follow(task_id, child.outstanding[0].message.id)
-                if self.events is not None and state == states.FAILURE and traceback and child.outstanding \
-                        and child.outstanding[0].message.id == task_id:  # not the later steps of its chain
-                    self._failure_info[task_id] = traceback.strip().splitlines()[-1][:500]
-                self.states.record_encoded(task_id, state, body, traceback, timestamp)
-            elif kind == pipe.SEND:
-                self._accept_from_child(payload)
-        if done:
-            self._tasks_done(child, done)
+        # The figures of the tasks these frames end reach the stats and the journal once, at the end
+        # (with results, a child's frames alternate RECORD and DONE: runs of one report each).
+        runs: dict[str, list[list]] = {}
+        released: list[JournalRef] = []
+        try:
+            for kind, payload in frames:
+                if kind == pipe.DONE:
+                    done.append(payload)
+                    continue
+                if done:  # before what follows them: a RECORD is of the task the child runs after these
+                    self._end_tasks(child, done, runs, released)
+                    done = []
+                if kind == pipe.RECORD:
+                    task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
+                    if self.replies is not None and child.outstanding:
+                        self.replies.follow(task_id, child.outstanding[0].message.id)
+                    if self.events is not None and state == states.FAILURE and traceback and child.outstanding \
+                            and child.outstanding[0].message.id == task_id:  # not the later steps of its chain
+                        self._failure_info[task_id] = traceback.strip().splitlines()[-1][:500]
+                    self.states.record_encoded(task_id, state, body, traceback, timestamp)
+                elif kind == pipe.SEND:
+                    self._accept_from_child(payload)
+            if done:
+                self._end_tasks(child, done, runs, released)
+        finally:
+            self._count_runs(runs, released)
 
     def _task_done(self, child: Child, payload: bytes) -> None:
         """One DONE report of ``child`` (see :meth:`_tasks_done`)."""
@@ -723,12 +730,19 @@ class Supervisor:
 
     def _tasks_done(self, child: Child, payloads: list[bytes]) -> None:
         """DONE reports of ``child``, in the order it sent them: each ends the task it holds first."""
+        runs: dict[str, list[list]] = {}
+        released: list[JournalRef] = []
+        try:
+            self._end_tasks(child, payloads, runs, released)
+        finally:
+            self._count_runs(runs, released)
+
+    def _end_tasks(self, child: Child, payloads: list[bytes], runs: dict[str, list[list]],
+                   released: list[JournalRef]) -> None:
+        """End the tasks ``child`` reported done; their figures go to ``runs`` and ``released`` (see _count_runs)."""
         outstanding = child.outstanding
         events = self.events
         now = time.monotonic()  # when the next task in the child started, as far as the supervisor knows
-        # The figures of a run of reports go to the stats once per task name, not once per task.
-        runs: dict[str, list[list]] = {}
-        released: list[JournalRef] = []
         done = 0
         index, count = 0, len(payloads)
         try:
@@ -771,13 +785,16 @@ class Supervisor:
         finally:
             self.in_children -= done
             self.counters["done"] += done
-            for name, (run_states, runtimes, waits) in runs.items():
-                self.task_stats.finished_runs(name, run_states, runtimes, waits)
-                # An expired or rejected task says nothing of its kind's run time.
-                self.stats.add_runs(name, [runtime for state, runtime in zip(run_states, runtimes)
-                                           if state not in NOT_RUN])
-            if released:
-                self.states.finished_many(released)
+
+    def _count_runs(self, runs: dict[str, list[list]], released: list[JournalRef]) -> None:
+        """Ended tasks' figures, per task name: to the task and run-time stats; their journal rows to release."""
+        for name, (run_states, runtimes, waits) in runs.items():
+            self.task_stats.finished_runs(name, run_states, runtimes, waits)
+            # An expired or rejected task says nothing of its kind's run time.
+            self.stats.add_runs(name, [runtime for state, runtime in zip(run_states, runtimes)
+                                       if state not in NOT_RUN])
+        if released:
+            self.states.finished_many(released)
 
     def _accept_from_child(self, raw: bytes) -> None:
         try:
