@@ -1,6 +1,6 @@
 # cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
 # cython: initializedcheck=False, cdivision=True
-"""Compiled core of the engine: task messages, the registry, backoff, the state recorder, pipe frames, plain task runs.
+"""Compiled core of the engine: task messages, the registry, backoff, the state recorder, plain sends, pipe frames, plain task runs.
 
 ``engine._core_py`` is the pure-Python twin with the same names and behaviour; import
 from ``engine.core``, which picks one of them.
