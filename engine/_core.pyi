@@ -132,8 +132,8 @@ class Outbox:
 class PlainSender:
     """A client's whole send of a plain call: build, encode, queue, return its AsyncResult."""
 
-    def __init__(self, task_methods: dict[str, Any], app_is_plain: Any, result_class: Any, before_publish: Any,
-                 after_publish: Any, load_producer_class: Any) -> None: ...
+    def __init__(self, task_methods: dict[str, Any], result_class: Any, before_publish: Any, after_publish: Any,
+                 load_transport: Any) -> None: ...
     def send(self, task: Any, args: tuple[Any, ...], reply_to: Any = ...) -> Any:
         """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent."""
 

@@ -698,7 +698,9 @@ cdef bytes _pack_payload(tuple args, dict kwargs):
     p = <unsigned char*>PyBytes_AS_STRING(out)
     p[0] = 0x92
     p = _put_simple(p + 1, args)
-    _put_simple(p, kwargs)
+    # Measured and written with the GIL held and no Python code run between: the sizes agree.
+    if _put_simple(p, kwargs) != <unsigned char*>PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(out):
+        raise SystemError("task arguments changed while they were packed")
     return out
 
 
@@ -739,6 +741,8 @@ cdef Py_ssize_t _simple_size(object value, int depth) except -2:
         return -1
     if kind is tuple or kind is list:
         n = len(value)
+        if (<uint64_t>n >> 32) != 0:
+            return -1
         size = 1 if n < 16 else 3 if n < 65536 else 5
         for element in value:
             item = _simple_size(element, depth + 1)
@@ -748,6 +752,8 @@ cdef Py_ssize_t _simple_size(object value, int depth) except -2:
         return size
     if kind is dict:
         n = len(value)
+        if (<uint64_t>n >> 32) != 0:
+            return -1
         size = 1 if n < 16 else 3 if n < 65536 else 5
         for key, element in (<dict>value).items():
             item = _simple_size(key, depth + 1)
@@ -1773,6 +1779,20 @@ cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double
 
 
 
+cdef bint _keeps(obj, dict methods) except -1:
+    """True when ``obj``'s class has each of ``methods`` (name -> the original) and ``obj`` shadows none."""
+    cls = type(obj)
+    for name, method in methods.items():
+        if getattr(cls, name, None) is not method:
+            return False
+    instance = getattr(obj, "__dict__", None)
+    if instance:
+        for name in methods:
+            if name in instance:  # patched on the object itself
+                return False
+    return True
+
+
 # Not tracked by the cyclic collector, as TaskMessage: a client holds thousands; a message's
 # fields (queue, id, bytes, the Peer it went to) never refer back to it.
 @cython.no_gc
@@ -1873,12 +1893,12 @@ cdef class PlainSender:
     ``Task.AsyncResult`` does. A plain call needs:
 
     * no before/after_task_publish receiver, eager mode and ``task_routes`` off;
-    * a task class that keeps ``Task``'s own sending methods (``task_methods``,
-      compared at every call, so a patched ``apply_async`` is called) and an
-      app whose class keeps ``Engine``'s (``app_is_plain(type(app))``, asked
-      once per app class);
+    * a task, an app and a producer that keep the sending methods of ``Task``
+      (``task_methods``), ``Engine`` and ``Producer`` (what ``load_transport()``
+      returns, once a producer exists): compared at every call, on their classes
+      and on the objects themselves, so a patched or overridden method is called;
     * an argument count the task body takes, as ``Task._send`` checks it;
-    * a usable producer of exactly ``load_producer_class()`` (a child's own producer
+    * a usable producer of exactly the ``Producer`` class (a child's own producer
       or a test's stand-in is called as such) whose reply address, with an
       rpc:// backend, the app already knows (``Engine.reply_address``).
 
@@ -1886,19 +1906,19 @@ cdef class PlainSender:
     goes the general way, which also makes the producer and the reply address.
     """
 
-    cdef dict task_methods, app_types
-    cdef object app_is_plain, result_class, before_publish, after_publish, load_producer_class, producer_class
+    cdef dict task_methods, app_methods, producer_methods
+    cdef object result_class, before_publish, after_publish, load_transport, producer_class
 
-    def __init__(self, dict task_methods not None, app_is_plain, result_class, before_publish, after_publish,
-                 load_producer_class):
+    def __init__(self, dict task_methods not None, result_class, before_publish, after_publish, load_transport):
         self.task_methods = task_methods
-        self.app_is_plain = app_is_plain
         self.result_class = result_class
         self.before_publish = before_publish
         self.after_publish = after_publish
-        self.load_producer_class = load_producer_class  # called once a producer exists
+        # Called once a producer exists: (Engine's sending methods by name, the Producer class,
+        # Producer's sending methods by name), each as its module defined it.
+        self.load_transport = load_transport
+        self.app_methods = self.producer_methods = None
         self.producer_class = None
-        self.app_types = {}
 
     def send(self, task, tuple args not None, reply_to=_MISSING):
         """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent.
@@ -1911,35 +1931,24 @@ cdef class PlainSender:
         cdef Py_ssize_t count = len(args)
         if self.before_publish.receivers or self.after_publish.receivers:
             return None
-        cls = type(task)
-        for name, method in self.task_methods.items():
-            if getattr(cls, name) is not method:
-                return None
-        instance = getattr(task, "__dict__", None)
-        if instance:
-            for name in self.task_methods:
-                if name in instance:  # patched on the task itself
-                    return None
+        if not _keeps(task, self.task_methods):
+            return None
         app = task.app
-        plain_app = self.app_types.get(type(app))
-        if plain_app is None:
-            plain_app = self.app_types[type(app)] = bool(self.app_is_plain(type(app)))
-        if plain_app is not True:
+        producer = getattr(app, "_producer", None)
+        if producer is None:
+            return None
+        if self.app_methods is None:
+            self.app_methods, self.producer_class, self.producer_methods = self.load_transport()
+        if type(producer) is not self.producer_class or not _keeps(app, self.app_methods) \
+                or not _keeps(producer, self.producer_methods) or not producer.usable():
             return None
         conf = app.conf
         if conf.task_always_eager or conf.task_routes:
             return None
         if task.typing:  # the count Task._send checks; anything else is left to check_arguments
-            checker = cls.__dict__.get("_arguments_checker")
+            checker = type(task).__dict__.get("_arguments_checker")
             if checker is None or not checker.least <= count <= checker.most:
                 return None
-        producer = app._producer
-        if producer is None:
-            return None
-        if self.producer_class is None:
-            self.producer_class = self.load_producer_class()
-        if type(producer) is not self.producer_class or not producer.usable():
-            return None
         if reply_to is _MISSING:
             url = conf.result_backend
             reply_to = None
@@ -2052,9 +2061,10 @@ def finish_done(child, list payloads not None, Py_ssize_t start, double now, dic
     when missing), its journal reference to ``released``, the task held next is
     marked started at ``now``, and ``child.last_done`` is the report. It stops at
     the first report that needs the supervisor's own handling: one that does not
-    read as a DONE report, one of a task the child was not given, or a REJECTED
-    task to requeue. Returns ``(index, applied)``: where it stopped
-    (``len(payloads)`` when it applied all) and how many it applied.
+    read as a DONE report, one of a task the child was not given, a REJECTED
+    task to requeue, or one of a task held as anything but a QueuedTask.
+    Returns ``(index, applied)``: where it stopped (``len(payloads)`` when it
+    applied all) and how many it applied.
     """
     cdef Py_ssize_t index = start, count = len(payloads), applied = 0
     cdef QueuedTask entry, head
@@ -2074,7 +2084,7 @@ def finish_done(child, list payloads not None, Py_ssize_t start, double now, dic
                 task_id, state, runtime, requeue, _ = done
             except Exception:  # the supervisor's own handling says what is wrong with it
                 break
-            if not outstanding or (requeue and state == _REJECTED):
+            if not outstanding or (requeue and state == _REJECTED) or type(outstanding[0]) is not QueuedTask:
                 break
             child.last_done = payload  # where this child's report log is read from should it die
             entry = outstanding.popleft()

@@ -909,6 +909,15 @@ class Outbox:
 _NO_REPLY_TO: Any = object()
 
 
+def _keeps(obj: Any, methods: dict[str, Any]) -> bool:
+    """True when ``obj``'s class has each of ``methods`` (name -> the original) and ``obj`` shadows none."""
+    cls = type(obj)
+    if any(getattr(cls, name, None) is not method for name, method in methods.items()):
+        return False
+    instance = getattr(obj, "__dict__", None)
+    return not (instance and any(name in instance for name in methods))  # patched on the object itself
+
+
 class PlainSender:
     """A client's whole send of a *plain* call in one step: build, encode, queue, return its result.
 
@@ -921,12 +930,12 @@ class PlainSender:
     ``Task.AsyncResult`` does. A plain call needs:
 
     * no before/after_task_publish receiver, eager mode and ``task_routes`` off;
-    * a task class that keeps ``Task``'s own sending methods (``task_methods``,
-      compared at every call, so a patched ``apply_async`` is called) and an
-      app whose class keeps ``Engine``'s (``app_is_plain(type(app))``, asked
-      once per app class);
+    * a task, an app and a producer that keep the sending methods of ``Task``
+      (``task_methods``), ``Engine`` and ``Producer`` (what ``load_transport()``
+      returns, once a producer exists): compared at every call, on their classes
+      and on the objects themselves, so a patched or overridden method is called;
     * an argument count the task body takes, as ``Task._send`` checks it;
-    * a usable producer of exactly ``load_producer_class()`` (a child's own producer
+    * a usable producer of exactly the ``Producer`` class (a child's own producer
       or a test's stand-in is called as such) whose reply address, with an
       rpc:// backend, the app already knows (``Engine.reply_address``).
 
@@ -935,19 +944,21 @@ class PlainSender:
     (This twin is not compiled: it only keeps the two cores' behaviour the same.)
     """
 
-    __slots__ = ("after_publish", "app_is_plain", "app_types", "before_publish", "load_producer_class",
-                 "producer_class", "result_class", "task_methods")
+    __slots__ = ("after_publish", "app_methods", "before_publish", "load_transport", "producer_class",
+                 "producer_methods", "result_class", "task_methods")
 
-    def __init__(self, task_methods: dict[str, Any], app_is_plain: Any, result_class: Any, before_publish: Any,
-                 after_publish: Any, load_producer_class: Any) -> None:
+    def __init__(self, task_methods: dict[str, Any], result_class: Any, before_publish: Any, after_publish: Any,
+                 load_transport: Any) -> None:
         self.task_methods = task_methods
-        self.app_is_plain = app_is_plain
         self.result_class = result_class
         self.before_publish = before_publish
         self.after_publish = after_publish
-        self.load_producer_class = load_producer_class  # called once a producer exists
+        # Called once a producer exists: (Engine's sending methods by name, the Producer class,
+        # Producer's sending methods by name), each as its module defined it.
+        self.load_transport = load_transport
+        self.app_methods: Any = None
+        self.producer_methods: Any = None
         self.producer_class: Any = None
-        self.app_types: dict[type, bool] = {}
 
     def send(self, task: Any, args: tuple, reply_to: Any = _NO_REPLY_TO) -> Any:
         """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent.
@@ -959,33 +970,24 @@ class PlainSender:
             raise TypeError(f"args must be a tuple, not {type(args).__name__}")
         if self.before_publish.receivers or self.after_publish.receivers:
             return None
-        cls = type(task)
-        for name, method in self.task_methods.items():
-            if getattr(cls, name) is not method:
-                return None
-        instance = getattr(task, "__dict__", None)
-        if instance and any(name in instance for name in self.task_methods):  # patched on the task itself
+        if not _keeps(task, self.task_methods):
             return None
         app = task.app
-        plain_app = self.app_types.get(type(app))
-        if plain_app is None:
-            plain_app = self.app_types[type(app)] = bool(self.app_is_plain(type(app)))
-        if plain_app is not True:
+        producer: Any = getattr(app, "_producer", None)
+        if producer is None:
+            return None
+        if self.app_methods is None:
+            self.app_methods, self.producer_class, self.producer_methods = self.load_transport()
+        if type(producer) is not self.producer_class or not _keeps(app, self.app_methods) \
+                or not _keeps(producer, self.producer_methods) or not producer.usable():
             return None
         conf = app.conf
         if conf.task_always_eager or conf.task_routes:
             return None
         if task.typing:  # the count Task._send checks; anything else is left to check_arguments
-            checker = cls.__dict__.get("_arguments_checker")
+            checker = type(task).__dict__.get("_arguments_checker")
             if checker is None or not checker.least <= len(args) <= checker.most:
                 return None
-        producer: Any = app._producer
-        if producer is None:
-            return None
-        if self.producer_class is None:
-            self.producer_class = self.load_producer_class()
-        if type(producer) is not self.producer_class or not producer.usable():
-            return None
         if reply_to is _NO_REPLY_TO:
             url = conf.result_backend
             reply_to = None
@@ -1063,9 +1065,10 @@ def finish_done(child: Any, payloads: list, start: int, now: float, runs: dict, 
     when missing), its journal reference to ``released``, the task held next is
     marked started at ``now``, and ``child.last_done`` is the report. It stops at
     the first report that needs the supervisor's own handling: one that does not
-    read as a DONE report, one of a task the child was not given, or a REJECTED
-    task to requeue. Returns ``(index, applied)``: where it stopped
-    (``len(payloads)`` when it applied all) and how many it applied.
+    read as a DONE report, one of a task the child was not given, a REJECTED
+    task to requeue, or one of a task held as anything but a QueuedTask.
+    Returns ``(index, applied)``: where it stopped (``len(payloads)`` when it
+    applied all) and how many it applied.
     """
     index, count, applied = start, len(payloads), 0
     outstanding = child.outstanding
@@ -1077,7 +1080,7 @@ def finish_done(child: Any, payloads: list, start: int, now: float, runs: dict, 
                 task_id, state, runtime, requeue, _ = read_done(payload)
             except Exception:  # the supervisor's own handling says what is wrong with it
                 break
-            if not outstanding or (requeue and state == "REJECTED"):
+            if not outstanding or (requeue and state == "REJECTED") or type(outstanding[0]) is not QueuedTask:
                 break
             child.last_done = payload  # where this child's report log is read from should it die
             entry = outstanding.popleft()

@@ -324,6 +324,11 @@ class Engine:
         self.close()
 
 
+#: Engine's methods a task's send goes through, as defined here: an app whose class or self
+#: replaces one of them sends the general way (engine.core.PlainSender skips them otherwise).
+SENDING_METHODS = {name: Engine.__dict__[name] for name in ("send_message", "AsyncResult", "producer", "reply_address")}
+
+
 def _import_related(package: str, related_name: str) -> None:
     """Import ``package.related_name``; a package that has no such module is skipped."""
     name = f"{package}.{related_name}" if related_name else package

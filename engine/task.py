@@ -594,24 +594,17 @@ def add_autoretry(task: Task) -> None:
 _SENDING_METHODS = ("apply_async", "_send", "build_message", "AsyncResult", "check_arguments")
 
 
-def _app_is_plain(app_class: type) -> bool:
-    """True when ``app_class`` keeps Engine's own sending methods (a plain call may skip them)."""
-    from engine.app import Engine
+def _load_transport() -> tuple[dict[str, Any], type, dict[str, Any]]:
+    """What a plain call needs of the app and the producer: their sending methods as their modules define them."""
+    from engine import app
+    from engine.transport import producer
 
-    return all(getattr(app_class, name, None) is getattr(Engine, name)
-               for name in ("send_message", "AsyncResult", "producer", "reply_address"))
-
-
-def _producer_class() -> type:
-    """The producer class whose outbox a plain call queues into directly."""
-    from engine.transport.producer import Producer
-
-    return Producer
+    return app.SENDING_METHODS, producer.Producer, producer.SENDING_METHODS
 
 
 #: Sends plain calls (see engine.core.PlainSender): ``delay(*args)`` and a group's plain members.
-_plain_sender = PlainSender({name: getattr(Task, name) for name in _SENDING_METHODS}, _app_is_plain, AsyncResult,
-                            signals.before_task_publish, signals.after_task_publish, _producer_class)
+_plain_sender = PlainSender({name: getattr(Task, name) for name in _SENDING_METHODS}, AsyncResult,
+                            signals.before_task_publish, signals.after_task_publish, _load_transport)
 
 
 def validate_options(base: type, options: dict[str, Any]) -> None:

@@ -1176,7 +1176,7 @@ class _Child:
 
     def __init__(self, entries):
         self.outstanding = collections.deque(entries)
-        self.queued_seconds = sum(entry.expected for entry in entries)
+        self.queued_seconds = sum(getattr(entry, "expected", 0.0) for entry in entries)
         self.last_done = None
 
 
@@ -1207,6 +1207,7 @@ def test_finish_done_applies_plain_reports_in_order_and_stops_at_one_needing_the
     assert core.finish_done(child, [msgpack.packb(("id9", "SUCCESS"))], 0, 12.0, runs, released) == (0, 0)
     empty = _Child([])
     assert core.finish_done(empty, payloads, 0, 12.0, {}, []) == (0, 0)  # a task it was not given
+    assert core.finish_done(_Child([object()]), payloads, 2, 12.0, {}, []) == (2, 0)  # held as something else
     assert list(child.outstanding) == entries[2:] and child.last_done == payloads[1]
     # A report msgpack packs otherwise (a bin id would not be a DONE report, an int run time is) is read too.
     assert core.finish_done(child, [msgpack.packb(("id3", "SUCCESS", 1, False, 0))], 0, 13.0, runs, released) == (1, 1)

@@ -34,16 +34,28 @@ TWINS = [pytest.param(py_core, id="python"),
              engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]
 
 
+class Spy:
+    """The twin's PlainSender, counting the calls it sent."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+        self.sent = 0
+
+    def send(self, *args):
+        result = self.sender.send(*args)
+        self.sent += result is not None
+        return result
+
+
 @pytest.fixture(params=TWINS)
 def twin(request, monkeypatch):
     """The twin under test: its PlainSender sends for engine.task, into producers' outboxes of its own classes."""
     core = request.param
     monkeypatch.setattr(engine.transport.producer, "Outbox", core.Outbox)
     monkeypatch.setattr(engine.transport.producer, "Pending", core.Pending)
-    sender = core.PlainSender({name: getattr(Task, name) for name in engine.task._SENDING_METHODS},
-                              engine.task._app_is_plain, AsyncResult, signals.before_task_publish,
-                              signals.after_task_publish, engine.task._producer_class)
-    monkeypatch.setattr(engine.task, "_plain_sender", sender)
+    sender = core.PlainSender({name: getattr(Task, name) for name in engine.task._SENDING_METHODS}, AsyncResult,
+                              signals.before_task_publish, signals.after_task_publish, engine.task._load_transport)
+    monkeypatch.setattr(engine.task, "_plain_sender", Spy(sender))
     return core
 
 
@@ -69,10 +81,10 @@ def fields(message) -> dict:
 
 
 def sent_plainly(app, call) -> bool:
-    """True when ``call()`` was sent by the PlainSender (the general path's ``Producer.send`` was not called)."""
-    with mock.patch.object(app.producer, "send", wraps=app.producer.send) as general:
-        call()
-    return not general.called
+    """True when ``call()`` was sent by the PlainSender (not the general way)."""
+    before = engine.task._plain_sender.sent
+    call()
+    return engine.task._plain_sender.sent == before + 1
 
 
 def test_a_plain_delay_queues_the_message_the_general_path_builds(app):
@@ -241,9 +253,9 @@ def test_a_group_of_plain_members_goes_out_in_one_step_each(app):
         return x + y
 
     add.delay(0, 0)  # the first call checks the arguments the general way
-    with mock.patch.object(app.producer, "send", wraps=app.producer.send) as general:
-        result = group(add.s(i, i) for i in range(5)).apply_async()
-    general.assert_not_called()
+    before = engine.task._plain_sender.sent
+    result = group(add.s(i, i) for i in range(5)).apply_async()
+    assert engine.task._plain_sender.sent == before + 5
     messages = queued(app)[1:]
     assert [m.id for m in messages] == [r.id for r in result.results]
     assert [m.args for m in messages] == [(i, i) for i in range(5)]
@@ -273,3 +285,29 @@ def test_a_message_too_large_is_refused_by_the_general_path(app):
     with pytest.raises(Exception, match="bytes; max_message_size"):
         echo.delay("x" * 2000)
     assert queued(app) == []
+
+
+def test_a_send_replaced_on_the_app_or_the_producer_or_their_classes_is_called(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(0, 0)  # the first call checks the arguments the general way
+    captured = []
+    app.send_message = captured.append  # as the worker's chord counter sends a chord's body
+    try:
+        assert not sent_plainly(app, lambda: add.delay(1, 2))
+    finally:
+        del app.send_message
+    assert [m.args for m in captured] == [(1, 2)]
+    with mock.patch.object(Engine, "send_message") as on_class:
+        assert not sent_plainly(app, lambda: add.delay(3, 4))
+    on_class.assert_called_once()
+    with mock.patch.object(app.producer, "send") as on_producer:
+        assert not sent_plainly(app, lambda: add.delay(5, 6))
+    on_producer.assert_called_once()
+    with mock.patch.object(engine.transport.producer.Producer, "send") as on_producer_class:
+        assert not sent_plainly(app, lambda: add.delay(7, 8))
+    on_producer_class.assert_called_once()
+    assert sent_plainly(app, lambda: add.delay(9, 10))
+    assert [m.args for m in queued(app)] == [(0, 0), (9, 10)]

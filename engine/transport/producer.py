@@ -1,7 +1,8 @@
 """The client side of the transport: sends task messages to workers that have credit.
 
 ``app.send_message()`` hands an encoded message to the :class:`Producer` of
-its process and returns at once. A background I/O thread owns the ZeroMQ
+its process and returns at once (a plain ``delay()`` queues it in the
+producer's outbox itself: ``engine.core.PlainSender``). A background I/O thread owns the ZeroMQ
 sockets (they are not thread-safe); it packs waiting messages into one frame
 per worker and queue, sends only as much as each worker granted, and keeps
 every message until the worker acknowledged it. When a worker goes silent
@@ -110,7 +111,11 @@ class Producer:
         return self.pid == process.pid() and not self._closing
 
     def send(self, message: TaskMessage) -> None:
-        """Queue one task message for sending; returns at once."""
+        """Queue one task message for sending; returns at once.
+
+        A plain ``delay()`` does the same in one compiled step (``engine.core.PlainSender``):
+        a change here belongs there too.
+        """
         raw = encode_message(message)
         if len(raw) > self.max_batch_bytes:
             raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
@@ -469,6 +474,11 @@ class Producer:
             with self._lock:
                 demand = self._outbox.demand()
             self._send_demand(now, demand)
+
+
+#: Producer's methods a task's send goes through, as defined here: a producer whose class or self
+#: replaces one sends the general way (engine.core.PlainSender queues into the outbox otherwise).
+SENDING_METHODS = {"send": Producer.__dict__["send"]}
 
 
 @atexit.register

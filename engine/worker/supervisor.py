@@ -748,8 +748,11 @@ class Supervisor:
         try:
             while index < count:
                 if events is None:  # the plain reports, as below, in one compiled call
-                    index, applied = finish_done(child, payloads, index, now, runs, released)
-                    done += applied
+                    held = len(outstanding)
+                    try:
+                        index, _ = finish_done(child, payloads, index, now, runs, released)
+                    finally:
+                        done += held - len(outstanding)  # what it ended, even should it raise
                     if index == count:
                         break
                 payload = payloads[index]
@@ -788,13 +791,13 @@ class Supervisor:
 
     def _count_runs(self, runs: dict[str, list[list]], released: list[JournalRef]) -> None:
         """Ended tasks' figures, per task name: to the task and run-time stats; their journal rows to release."""
+        if released:  # first: a figure the stats refuse must not keep tasks in the journal
+            self.states.finished_many(released)
         for name, (run_states, runtimes, waits) in runs.items():
             self.task_stats.finished_runs(name, run_states, runtimes, waits)
             # An expired or rejected task says nothing of its kind's run time.
             self.stats.add_runs(name, [runtime for state, runtime in zip(run_states, runtimes)
                                        if state not in NOT_RUN])
-        if released:
-            self.states.finished_many(released)
 
     def _accept_from_child(self, raw: bytes) -> None:
         try:
