@@ -899,40 +899,52 @@ def request_fields(TaskMessage msg, bint eager, hostname, retry_dispatcher):
     return _request_fields(msg, eager, hostname, retry_dispatcher)
 
 
+#: The keys of a request's fields, in their order; a message's fields start as a copy of this
+#: (a dict copy is one block copy; building 25 entries one by one costs several times more).
+cdef dict _REQUEST_TEMPLATE = dict.fromkeys((
+    "id", "task", "args", "kwargs", "retries", "eta", "expires", "is_eager", "hostname", "delivery_info",
+    "reply_to", "parent_id", "root_id", "correlation_id", "ignore_result", "sender_ignore_result",
+    "called_directly", "callbacks", "errbacks", "chain", "timelimit", "options", "retry_dispatcher", "headers"))
+_REQUEST_TEMPLATE["called_directly"] = False
+cdef tuple _NO_TIME_LIMITS = (None, None)
+
+
 cdef dict _request_fields(TaskMessage msg, bint eager, hostname, retry_dispatcher):
     msg._decode()
     cdef dict options = msg._options
     cdef object queue = msg._queue
     cdef object task_id = msg._id
-    return {
-        "id": task_id,
-        "task": msg._task,
-        "args": msg._args,
-        "kwargs": msg._kwargs,
-        "retries": msg._retries,
-        "eta": msg._eta,
-        "expires": msg._expires,
-        "is_eager": eager,
-        "hostname": hostname,
-        "delivery_info": {"queue": queue, "routing_key": queue},
-        "reply_to": msg._reply_to,
-        "parent_id": msg._parent_id,
-        "root_id": msg._root_id or task_id,
-        "correlation_id": task_id,
+    cdef dict fields = _REQUEST_TEMPLATE.copy()
+    fields["id"] = task_id
+    fields["task"] = msg._task
+    fields["args"] = msg._args
+    fields["kwargs"] = msg._kwargs
+    fields["retries"] = msg._retries
+    fields["eta"] = msg._eta
+    fields["expires"] = msg._expires
+    fields["is_eager"] = eager
+    fields["hostname"] = hostname
+    fields["delivery_info"] = {"queue": queue, "routing_key": queue}
+    fields["reply_to"] = msg._reply_to
+    fields["parent_id"] = msg._parent_id
+    fields["root_id"] = msg._root_id or task_id
+    fields["correlation_id"] = task_id
+    # What the sender resolved from its own settings, for tasks that set nothing.
+    fields["sender_ignore_result"] = msg._ignore_result
+    fields["options"] = options
+    fields["retry_dispatcher"] = retry_dispatcher
+    if options:
         # The call's own choice (None when it made none): call > task option > setting.
-        "ignore_result": options.get("ignore_result"),
-        # What the sender resolved from its own settings, for tasks that set nothing.
-        "sender_ignore_result": msg._ignore_result,
-        "called_directly": False,
-        "callbacks": options.get("link"),
-        "errbacks": options.get("link_error"),
-        "chain": options.get("chain"),
-        "timelimit": (options.get("time_limit"), options.get("soft_time_limit")),
-        "options": options,
-        "retry_dispatcher": retry_dispatcher,
+        fields["ignore_result"] = options.get("ignore_result")
+        fields["callbacks"] = options.get("link")
+        fields["errbacks"] = options.get("link_error")
+        fields["chain"] = options.get("chain")
+        fields["timelimit"] = (options.get("time_limit"), options.get("soft_time_limit"))
         # Headers a before_task_publish receiver added (tracing context, ...).
-        "headers": options.get("headers"),
-    }
+        fields["headers"] = options.get("headers")
+    else:
+        fields["timelimit"] = _NO_TIME_LIMITS
+    return fields
 
 
 def encode_message(msg):

@@ -236,3 +236,25 @@ def test_task_figures_added_as_a_run_are_those_of_one_by_one():
     assert as_runs.snapshot() == one_by_one.snapshot()
     assert as_runs.by_name["t"].histogram == one_by_one.by_name["t"].histogram
     assert as_runs.by_name["t"].runtime_sum == one_by_one.by_name["t"].runtime_sum
+
+
+def test_tasks_pushed_together_wait_as_if_pushed_one_by_one():
+    from engine.worker.scheduler import make_scheduler
+
+    for fair in (False, True):
+        one_by_one, together = make_scheduler(fair, 4), make_scheduler(fair, 4)
+        entries = [queued(name) for name in ("a", "b", "a", "c", "a")]
+        for entry in entries[:2]:
+            one_by_one.push(entry)
+            together.push(entry)
+        for entry in entries[2:]:
+            one_by_one.push(entry)
+        together.push_many(entries[2:])
+        together.push_many([])
+        assert len(together) == len(one_by_one) == 5
+        if fair:
+            assert {n: list(q) for n, q in together.by_name.items()} == \
+                {n: list(q) for n, q in one_by_one.by_name.items()}
+            assert together.seen == one_by_one.seen
+        else:
+            assert list(together.waiting) == list(one_by_one.waiting) == entries

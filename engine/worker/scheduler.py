@@ -141,6 +141,10 @@ class FifoScheduler:
         """Queue a task behind the others."""
         self.waiting.append(entry)
 
+    def push_many(self, entries: list[QueuedTask]) -> None:
+        """Queue tasks behind the others, in their order (as :meth:`push` of each)."""
+        self.waiting.extend(entries)
+
     def held_for_credit(self, window: int) -> int:
         """Waiting tasks that count against a credit window of ``window`` tasks: all of them here."""
         return len(self.waiting)
@@ -241,6 +245,18 @@ class FairScheduler(FifoScheduler):
         queue.append(entry)
         self.count += 1
         self.seen[name] = entry.received
+
+    def push_many(self, entries: list[QueuedTask]) -> None:
+        """Queue tasks behind the others, in their order (as :meth:`push` of each, in one call)."""
+        by_name, seen = self.by_name, self.seen
+        for entry in entries:
+            name = entry.message.task
+            queue = by_name.get(name)
+            if queue is None:
+                queue = by_name[name] = collections.deque()
+            queue.append(entry)
+            seen[name] = entry.received
+        self.count += len(entries)
 
     def _short_arrived_within(self, now: float, horizon: float, long_name: str) -> bool:
         limit = self.stats.estimate(long_name) / LONG_RATIO

@@ -534,7 +534,7 @@ class Supervisor:
         # What accept() does for a task due now, of a known kind without a rate limit, while no
         # event, revocation or task_received receiver asks for more, is done here in the loop.
         plain = self.events is None and not self.revoked.entries and not signals.task_received.receivers
-        registered, push = self.registry.get, self.scheduler.push
+        registered = self.registry.get
         remember = self.replies.remember if self.replies is not None else None
         watch = self.chords.watch if self.chords is not None else None
         for peer, frame, raws in consumer.receive(sock):
@@ -543,31 +543,41 @@ class Supervisor:
             # Counted against credit and acknowledged once per frame and queue, not per task.
             per_queue: dict[str, int] = {}
             ids = []
-            for raw in raws:
-                try:
-                    message = decode_message(raw)
-                except MessageDecodeError as exc:
-                    self.counters["malformed"] += 1
-                    consumer.consumed_any(peer)  # it was sent against some credit: take it back
-                    logger.warning("dropped a malformed task message from %s: %s", peer.name, exc)
-                    if signals.task_rejected.receivers:
-                        signals.task_rejected.send(sender=self, message=raw, exc=exc)
-                    if journal is not None:
-                        journal.remove([ref])
-                    continue
-                queue = message.queue
-                per_queue[queue] = per_queue.get(queue, 0) + 1
-                ids.append(message.id)
-                task = registered(message.task) if plain else None
-                if task is not None and task.rate_limit is None and message.eta is None:
-                    self.counters["received"] += 1
-                    if remember is not None:
-                        remember(message, peer)
-                    if watch is not None:
-                        watch(message)
-                    push(QueuedTask(message, raw, task, peer, ref))
-                else:
-                    self.accept(message, raw, peer, journal_ref=ref)
+            queued: list[QueuedTask] = []  # to the scheduler in one call, in their order
+            received = 0
+            try:
+                for raw in raws:
+                    try:
+                        message = decode_message(raw)
+                    except MessageDecodeError as exc:
+                        self.counters["malformed"] += 1
+                        consumer.consumed_any(peer)  # it was sent against some credit: take it back
+                        logger.warning("dropped a malformed task message from %s: %s", peer.name, exc)
+                        if signals.task_rejected.receivers:
+                            signals.task_rejected.send(sender=self, message=raw, exc=exc)
+                        if journal is not None:
+                            journal.remove([ref])
+                        continue
+                    queue = message.queue
+                    per_queue[queue] = per_queue.get(queue, 0) + 1
+                    ids.append(message.id)
+                    task = registered(message.task) if plain else None
+                    if task is not None and task.rate_limit is None and message.eta is None:
+                        received += 1
+                        if remember is not None:
+                            remember(message, peer)
+                        if watch is not None:
+                            watch(message)
+                        queued.append(QueuedTask(message, raw, task, peer, ref))
+                    else:
+                        if queued:  # the tasks before it go first
+                            self.scheduler.push_many(queued)
+                            queued = []
+                        self.accept(message, raw, peer, journal_ref=ref)
+            finally:
+                self.counters["received"] += received
+                if queued:
+                    self.scheduler.push_many(queued)
             for queue, count in per_queue.items():
                 consumer.consumed(peer, queue, count)
             if ids:
