@@ -31,6 +31,7 @@ and produces exactly the bytes ``msgpack.packb`` would (the tests check it).
 """
 
 cimport cython
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -1791,11 +1792,18 @@ cdef int _pack_done(bytearray buffer, unsigned char kind, task_id, state, double
 
 
 
+cdef extern from "Python.h":
+    # What ``type.__dict__[name]`` along the MRO holds (a borrowed reference, NULL when none), read
+    # through the type's attribute cache without calling a descriptor: CPython's own lookup, which
+    # costs a small part of ``getattr(cls, name)``. It sets no exception.
+    PyObject* _PyType_Lookup(PyTypeObject* type, PyObject* name)
+
+
 cdef bint _keeps(obj, dict methods) except -1:
     """True when ``obj``'s class has each of ``methods`` (name -> the original) and ``obj`` shadows none."""
-    cls = type(obj)
+    cdef PyTypeObject* cls = Py_TYPE(obj)
     for name, method in methods.items():
-        if getattr(cls, name, None) is not method:
+        if _PyType_Lookup(cls, <PyObject*>name) is not <PyObject*>method:
             return False
     instance = getattr(obj, "__dict__", None)
     if instance:
