@@ -2,11 +2,12 @@
 
 ``app.send_message()`` hands an encoded message to the :class:`Producer` of
 its process and returns at once (a plain ``delay()`` queues it in the
-producer's outbox itself: ``engine.core.PlainSender``). A background I/O thread owns the ZeroMQ
-sockets (they are not thread-safe); it packs waiting messages into one frame
-per worker and queue, sends only as much as each worker granted, and keeps
-every message until the worker acknowledged it. When a worker goes silent
-its unacknowledged messages go back to the outbox for another worker.
+producer's outbox itself: ``engine.core.PlainSender``). A background I/O
+thread owns the ZeroMQ sockets (they are not thread-safe); it packs waiting
+messages into one frame per worker and queue, sends only as much as each
+worker granted, and keeps every message until the worker acknowledged it.
+When a worker goes silent its unacknowledged messages go back to the outbox
+for another worker.
 
 At exit (``atexit``, or ``app.close()``), :meth:`Producer.flush` waits until
 every message was acknowledged, so a script that sends N tasks and exits at
