@@ -158,9 +158,12 @@ def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: f
               retries: int) -> None:
     """Append a child's DONE report to ``buffer`` as a pipe frame of ``kind``."""
 
-def finish_done(child: Any, payloads: list[bytes], start: int, now: float,
-                runs: dict[str, list[list[Any]]], released: list[Any]) -> tuple[int, int]:
-    """Apply a child's plain DONE reports from ``start`` in order; where it stopped and how many it applied."""
+def finish_done(child: Any, payloads: list[bytes], start: int, end: int, now: float,
+                runs: dict[str, list[list[Any]]], released: list[Any], requeued: list[Any]) -> tuple[int, int]:
+    """Apply a child's DONE reports from ``start`` to ``end`` in order; where it stopped and how many it applied."""
+
+def queue_pending(producer: Any, pending: Pending) -> None:
+    """Queue ``pending`` in ``producer``'s outbox under its lock, waiting for room; wake its I/O thread."""
 
 def read_done(payload: bytes) -> tuple[Any, ...]:
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``."""

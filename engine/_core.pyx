@@ -83,6 +83,7 @@ __all__ = (
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
@@ -2003,16 +2004,34 @@ cdef class PlainSender:
         raw = _encode(msg)
         if PyBytes_GET_SIZE(raw) > producer.max_batch_bytes:
             return None  # the general path refuses it, saying why
-        # What Producer.send does with the bytes.
-        pending = Pending(msg._queue, msg._id, raw)
-        outbox = <Outbox?>producer._outbox
-        with producer._mutex:
-            if outbox.count + len(producer._unacked) >= producer.max_outbox:
-                producer._wait_for_room()  # waits on the condition, which releases this same lock
-            first_in_queue = outbox.append(pending)
-        if first_in_queue:
-            producer._wake()
+        _queue_pending(producer, Pending(msg._queue, msg._id, raw))
         return self.result_class(msg._id, None, msg._task, app, None)
+
+
+def queue_pending(producer, Pending pending not None):
+    """Queue ``pending`` in ``producer``'s outbox: ``Producer.send``'s step after packing, and a plain call's.
+
+    Under the producer's lock, waiting for room first when the outbox and the
+    messages not yet acknowledged fill ``producer.max_outbox``; the producer's
+    I/O thread is woken when the message went into an empty queue.
+    """
+    _queue_pending(producer, pending)
+
+
+cdef int _queue_pending(producer, Pending pending) except -1:
+    cdef Outbox outbox = <Outbox?>producer._outbox
+    with producer._mutex:
+        if outbox.count + len(producer._unacked) >= producer.max_outbox:
+            producer._wait_for_room()  # waits on the condition, which releases this same lock
+        first_in_queue = outbox.append(pending)
+    # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
+    # others of its queue goes with them, in the dispatch already due or on the next
+    # credit frame (a queue is left non-empty only when its credit ran out). Waking per
+    # message costs a pipe write and a GIL hand-over each: a large share of the client's
+    # CPU in a send loop (bench/RESULTS.md).
+    if first_in_queue:
+        producer._wake()
+    return 0
 
 
 # -- the supervisor's side of a task ---------------------------------------------------------
@@ -2071,29 +2090,30 @@ def read_done(payload):
     return tuple(_unpackb(payload, raw=False))
 
 
-def finish_done(child, list payloads not None, Py_ssize_t start, double now, dict runs not None,
-                list released not None):
-    """Apply ``child``'s DONE reports ``payloads[start:]`` in order while each is a plain one.
+def finish_done(child, list payloads not None, Py_ssize_t start, Py_ssize_t end, double now,
+                dict runs not None, list released not None, list requeued not None):
+    """Apply ``child``'s DONE reports ``payloads[start:end]`` in order: each ends the task it holds first.
 
-    Each report ends the task ``child.outstanding`` holds first: the task is taken
-    off, its expected run time leaves ``child.queued_seconds``, its state, run time
-    and wait (received to started) are appended to ``runs[name]`` (three lists, made
-    when missing), its journal reference to ``released``, the task held next is
-    marked started at ``now``, and ``child.last_done`` is the report. It stops at
-    the first report that needs the supervisor's own handling: one that does not
-    read as a DONE report, one of a task the child was not given, a REJECTED
-    task to requeue, or one of a task held as anything but a QueuedTask.
-    Returns ``(index, applied)``: where it stopped (``len(payloads)`` when it
-    applied all) and how many it applied.
+    For each report the task ``child.outstanding`` holds first is taken off, its
+    expected run time leaves ``child.queued_seconds``, its state, run time and wait
+    (received to started) are appended to ``runs[name]`` (three lists, made when
+    missing), the task held next is marked started at ``now``, and
+    ``child.last_done`` is the report. The task then goes to ``requeued`` when it
+    was REJECTED with requeue, else its journal reference (if any) to ``released``.
+    It stops at a report it cannot apply: one that does not read as a DONE report
+    (the supervisor reads it again, and says what is wrong), or one of a task the
+    child was not given. Returns ``(index, applied)``: where it stopped (``end``
+    when it applied all) and how many it applied.
     """
-    cdef Py_ssize_t index = start, count = len(payloads), applied = 0
-    cdef QueuedTask entry, head
-    cdef double queued, wait
+    cdef Py_ssize_t index = start, applied = 0
+    cdef QueuedTask entry
+    cdef double queued, wait, expected, started, received
     cdef list run
     outstanding = child.outstanding
     queued = child.queued_seconds
+    end = min(end, len(payloads))
     try:
-        while index < count:
+        while index < end:
             payload = payloads[index]
             try:
                 done = None
@@ -2102,29 +2122,40 @@ def finish_done(child, list payloads not None, Py_ssize_t start, double now, dic
                 if done is None:
                     done = tuple(_unpackb(payload, raw=False))
                 task_id, state, runtime, requeue, _ = done
-            except Exception:  # the supervisor's own handling says what is wrong with it
+            except Exception:  # the supervisor's own reading says what is wrong with it
                 break
-            if not outstanding or (requeue and state == _REJECTED) or type(outstanding[0]) is not QueuedTask:
+            if not outstanding:
                 break
             child.last_done = payload  # where this child's report log is read from should it die
-            entry = outstanding.popleft()
+            task = outstanding.popleft()
             applied += 1
             index += 1
-            queued = max(0.0, queued - entry.expected) if outstanding else 0.0
-            message = entry.message
+            if type(task) is QueuedTask:  # always, in a worker: its fields are read directly
+                entry = task
+                expected, started, received = entry.expected, entry.started, entry.received
+                message, journal_ref = entry.message, entry.journal_ref
+            else:
+                expected, started, received = task.expected, task.started, task.received
+                message, journal_ref = task.message, task.journal_ref
+            queued = max(0.0, queued - expected) if outstanding else 0.0
             name = (<TaskMessage>message)._task if type(message) is TaskMessage else message.task
             run = runs.get(name)
             if run is None:
                 run = runs[name] = [[], [], []]
             run[0].append(state)
             run[1].append(runtime)
-            wait = entry.started - entry.received
+            wait = started - received
             run[2].append(wait if wait > 0.0 else 0.0)
-            if entry.journal_ref is not None:
-                released.append(entry.journal_ref)
+            if requeue and state == _REJECTED:
+                requeued.append(task)
+            elif journal_ref is not None:
+                released.append(journal_ref)
             if outstanding:
                 head = outstanding[0]
-                head.started = now
+                if type(head) is QueuedTask:
+                    (<QueuedTask>head).started = now
+                else:
+                    head.started = now
     finally:
         child.queued_seconds = queued
     return index, applied

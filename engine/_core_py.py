@@ -67,6 +67,7 @@ __all__ = (
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
@@ -1010,16 +1011,29 @@ class PlainSender:
         raw = encode_message(message)
         if len(raw) > producer.max_batch_bytes:
             return None  # the general path refuses it, saying why
-        # What Producer.send does with the bytes.
-        pending = Pending(message.queue, message.id, raw)
-        outbox = producer._outbox
-        with producer._mutex:
-            if outbox.count + len(producer._unacked) >= producer.max_outbox:
-                producer._wait_for_room()  # waits on the condition, which releases this same lock
-            first_in_queue = outbox.append(pending)
-        if first_in_queue:
-            producer._wake()
+        queue_pending(producer, Pending(message.queue, message.id, raw))
         return self.result_class(message.id, None, message.task, app, None)
+
+
+def queue_pending(producer: Any, pending: Pending) -> None:
+    """Queue ``pending`` in ``producer``'s outbox: ``Producer.send``'s step after packing, and a plain call's.
+
+    Under the producer's lock, waiting for room first when the outbox and the
+    messages not yet acknowledged fill ``producer.max_outbox``; the producer's
+    I/O thread is woken when the message went into an empty queue.
+    """
+    outbox = producer._outbox
+    with producer._mutex:
+        if outbox.count + len(producer._unacked) >= producer.max_outbox:
+            producer._wait_for_room()  # waits on the condition, which releases this same lock
+        first_in_queue = outbox.append(pending)
+    # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
+    # others of its queue goes with them, in the dispatch already due or on the next
+    # credit frame (a queue is left non-empty only when its credit ran out). Waking per
+    # message costs a pipe write and a GIL hand-over each: a large share of the client's
+    # CPU in a send loop (bench/RESULTS.md).
+    if first_in_queue:
+        producer._wake()
 
 
 class QueuedTask:
@@ -1056,31 +1070,33 @@ class QueuedTask:
         return f"<QueuedTask {self.message.task}[{self.message.id}]>"
 
 
-def finish_done(child: Any, payloads: list, start: int, now: float, runs: dict, released: list) -> tuple[int, int]:
-    """Apply ``child``'s DONE reports ``payloads[start:]`` in order while each is a plain one.
+def finish_done(child: Any, payloads: list, start: int, end: int, now: float, runs: dict, released: list,
+                requeued: list) -> tuple[int, int]:
+    """Apply ``child``'s DONE reports ``payloads[start:end]`` in order: each ends the task it holds first.
 
-    Each report ends the task ``child.outstanding`` holds first: the task is taken
-    off, its expected run time leaves ``child.queued_seconds``, its state, run time
-    and wait (received to started) are appended to ``runs[name]`` (three lists, made
-    when missing), its journal reference to ``released``, the task held next is
-    marked started at ``now``, and ``child.last_done`` is the report. It stops at
-    the first report that needs the supervisor's own handling: one that does not
-    read as a DONE report, one of a task the child was not given, a REJECTED
-    task to requeue, or one of a task held as anything but a QueuedTask.
-    Returns ``(index, applied)``: where it stopped (``len(payloads)`` when it
-    applied all) and how many it applied.
+    For each report the task ``child.outstanding`` holds first is taken off, its
+    expected run time leaves ``child.queued_seconds``, its state, run time and wait
+    (received to started) are appended to ``runs[name]`` (three lists, made when
+    missing), the task held next is marked started at ``now``, and
+    ``child.last_done`` is the report. The task then goes to ``requeued`` when it
+    was REJECTED with requeue, else its journal reference (if any) to ``released``.
+    It stops at a report it cannot apply: one that does not read as a DONE report
+    (the supervisor reads it again, and says what is wrong), or one of a task the
+    child was not given. Returns ``(index, applied)``: where it stopped (``end``
+    when it applied all) and how many it applied.
     """
-    index, count, applied = start, len(payloads), 0
+    index, applied = start, 0
     outstanding = child.outstanding
     queued = child.queued_seconds
+    end = min(end, len(payloads))
     try:
-        while index < count:
+        while index < end:
             payload = payloads[index]
             try:
                 task_id, state, runtime, requeue, _ = read_done(payload)
-            except Exception:  # the supervisor's own handling says what is wrong with it
+            except Exception:  # the supervisor's own reading says what is wrong with it
                 break
-            if not outstanding or (requeue and state == "REJECTED") or type(outstanding[0]) is not QueuedTask:
+            if not outstanding:
                 break
             child.last_done = payload  # where this child's report log is read from should it die
             entry = outstanding.popleft()
@@ -1094,7 +1110,9 @@ def finish_done(child: Any, payloads: list, start: int, now: float, runs: dict, 
             run[0].append(state)
             run[1].append(runtime)
             run[2].append(max(0.0, entry.started - entry.received))
-            if entry.journal_ref is not None:
+            if requeue and state == "REJECTED":
+                requeued.append(entry)
+            elif entry.journal_ref is not None:
                 released.append(entry.journal_ref)
             if outstanding:
                 outstanding[0].started = now

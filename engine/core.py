@@ -44,6 +44,7 @@ __all__ = (
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
@@ -94,6 +95,7 @@ Outbox = _impl.Outbox
 Pending = _impl.Pending
 PlainRunner = _impl.PlainRunner
 finish_done = _impl.finish_done
+queue_pending = _impl.queue_pending
 PlainSender = _impl.PlainSender
 QueuedTask = _impl.QueuedTask
 pack_done = _impl.pack_done

@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import pytest
 
+import engine._core_py as py_core
+import engine.core
 from engine import Task
 from engine.request import Request
 
@@ -100,3 +103,15 @@ def child_pipe() -> Iterator[tuple[Any, Any, Any]]:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+try:
+    import engine._core as c_core
+except ImportError:
+    c_core = None
+
+#: Both cores as test parameters: the pure twin, and the compiled core when it is the one in use
+#: (under ENGINE_NO_EXTENSIONS the app's objects, such as its registry, are the twin's).
+CORE_TWINS = [pytest.param(py_core, id="python"),
+              pytest.param(c_core, id="cython", marks=pytest.mark.skipif(
+                  engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]

@@ -1180,7 +1180,7 @@ class _Child:
         self.last_done = None
 
 
-def test_finish_done_applies_plain_reports_in_order_and_stops_at_one_needing_the_supervisor(core):
+def test_finish_done_applies_reports_in_order_and_stops_at_one_it_cannot_apply(core):
     def entry(n, received=10.0, started=0.0):
         task = core.QueuedTask(core.TaskMessage(f"id{n}", "t.work" if n % 2 else "t.other"), b"raw", None,
                                journal_ref=f"ref{n}" if n != 2 else None)
@@ -1195,20 +1195,33 @@ def test_finish_done_applies_plain_reports_in_order_and_stops_at_one_needing_the
     payloads = [payload for _, payload in core.split_frames(bytes(buffer))[0]]
     runs: dict = {}
     released: list = []
+    requeued: list = []
 
-    assert core.finish_done(child, payloads, 0, 11.0, runs, released) == (2, 2)  # a requeue: the supervisor's
+    assert core.finish_done(child, payloads, 0, 2, 11.0, runs, released, requeued) == (2, 2)  # up to ``end``
     assert list(child.outstanding) == entries[2:] and entries[2].started == 11.0
     assert child.queued_seconds == 1.5 and child.last_done == payloads[1]
     assert runs == {"t.work": [["SUCCESS"], [0.125], [0.25]], "t.other": [["FAILURE"], [0.25], [0.0]]}
     assert released == ["ref1"]  # the second task has no journal row; its wait (started before received) is 0
 
-    assert core.finish_done(child, payloads, 3, 12.0, runs, released) == (3, 0)  # nothing left: (len, 0)
-    assert core.finish_done(child, [b"\xc1 not msgpack"], 0, 12.0, runs, released) == (0, 0)
-    assert core.finish_done(child, [msgpack.packb(("id9", "SUCCESS"))], 0, 12.0, runs, released) == (0, 0)
+    # A task rejected with requeue is ended too, and goes to ``requeued``, its journal row kept.
+    assert core.finish_done(child, payloads, 2, 99, 12.0, runs, released, requeued) == (3, 1)
+    assert requeued == [entries[2]] and released == ["ref1"] and entries[3].started == 12.0
+    assert runs["t.work"][0] == ["SUCCESS", "REJECTED"] and child.queued_seconds == 1.0
+
+    assert core.finish_done(child, payloads, 3, 3, 12.0, runs, released, requeued) == (3, 0)  # nothing left
+    assert core.finish_done(child, [b"\xc1 not msgpack"], 0, 1, 12.0, runs, released, requeued) == (0, 0)
+    assert core.finish_done(child, [msgpack.packb(("id9", "SUCCESS"))], 0, 1, 12.0, runs, released, requeued) \
+        == (0, 0)
     empty = _Child([])
-    assert core.finish_done(empty, payloads, 0, 12.0, {}, []) == (0, 0)  # a task it was not given
-    assert core.finish_done(_Child([object()]), payloads, 2, 12.0, {}, []) == (2, 0)  # held as something else
-    assert list(child.outstanding) == entries[2:] and child.last_done == payloads[1]
+    assert core.finish_done(empty, payloads, 0, 3, 12.0, {}, [], []) == (0, 0)  # a task it was not given
+    assert list(child.outstanding) == entries[3:] and child.last_done == payloads[2]
     # A report msgpack packs otherwise (a bin id would not be a DONE report, an int run time is) is read too.
-    assert core.finish_done(child, [msgpack.packb(("id3", "SUCCESS", 1, False, 0))], 0, 13.0, runs, released) == (1, 1)
-    assert runs["t.work"][1] == [0.125, 1] and child.queued_seconds == 1.0
+    report = msgpack.packb(("id4", "SUCCESS", 1, False, 0))
+    assert core.finish_done(child, [report], 0, 1, 13.0, runs, released, requeued) == (1, 1)
+    assert runs["t.other"][1] == [0.25, 1] and child.queued_seconds == 0.5 and released == ["ref1", "ref4"]
+    # A task held as another kind of object is read by its attributes.
+    other = type("Held", (), {"message": core.TaskMessage("id6", "t.work"), "expected": 0.5, "started": 1.0,
+                              "received": 0.5, "journal_ref": "ref6"})()
+    held = _Child([other, entry(7)])
+    assert core.finish_done(held, payloads[:1], 0, 1, 14.0, runs, released, requeued) == (1, 1)
+    assert runs["t.work"][2][-1] == 0.5 and released[-1] == "ref6" and held.outstanding[0].started == 14.0

@@ -17,24 +17,13 @@ import msgpack
 import pytest
 
 import engine._core_py as py_core
-import engine.core
 from engine import Engine, context, serialization, signals, states
 from engine.core import TaskMessage, encode_message
 from engine.exceptions import Ignore, Reject
 from engine.request import Request
 from engine.task import Task
 from engine.worker import child, pipe
-from tests.support import child_pipe
-
-try:
-    import engine._core as c_core
-except ImportError:
-    c_core = None
-
-# The compiled runner takes the compiled registry only: not the one an app has under ENGINE_NO_EXTENSIONS.
-TWINS = [pytest.param(py_core, id="python"),
-         pytest.param(c_core, id="cython", marks=pytest.mark.skipif(
-             engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]
+from tests.support import CORE_TWINS, child_pipe
 
 app = Engine("plainrunner", backend="memory://")
 seen: list = []
@@ -123,7 +112,7 @@ def called():
     return 1
 
 
-@pytest.fixture(params=TWINS)
+@pytest.fixture(params=CORE_TWINS)
 def runner(request, monkeypatch):
     """``(run, read, writer)``: ``run(message)`` as the child's loop does first; ``read()`` the frames since."""
     monkeypatch.setattr(child, "PlainRunner", request.param.PlainRunner)

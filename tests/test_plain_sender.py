@@ -14,7 +14,6 @@ from unittest import mock
 import msgpack
 import pytest
 
-import engine._core_py as py_core
 import engine.core
 import engine.task
 import engine.transport.producer
@@ -23,15 +22,7 @@ from engine.core import decode_message
 from engine.exceptions import OutboxFull
 from engine.result import AsyncResult
 from engine.task import Task
-
-try:
-    import engine._core as c_core
-except ImportError:
-    c_core = None
-
-TWINS = [pytest.param(py_core, id="python"),
-         pytest.param(c_core, id="cython", marks=pytest.mark.skipif(
-             engine.core.IMPLEMENTATION != "cython", reason="the compiled core is not in use"))]
+from tests.support import CORE_TWINS
 
 
 class Spy:
@@ -47,12 +38,13 @@ class Spy:
         return result
 
 
-@pytest.fixture(params=TWINS)
+@pytest.fixture(params=CORE_TWINS)
 def twin(request, monkeypatch):
     """The twin under test: its PlainSender sends for engine.task, into producers' outboxes of its own classes."""
     core = request.param
     monkeypatch.setattr(engine.transport.producer, "Outbox", core.Outbox)
     monkeypatch.setattr(engine.transport.producer, "Pending", core.Pending)
+    monkeypatch.setattr(engine.transport.producer, "queue_pending", core.queue_pending)
     sender = core.PlainSender({name: getattr(Task, name) for name in engine.task._SENDING_METHODS}, AsyncResult,
                               signals.before_task_publish, signals.after_task_publish, engine.task._load_transport)
     monkeypatch.setattr(engine.task, "_plain_sender", Spy(sender))

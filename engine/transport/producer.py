@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from engine.core import Outbox, Pending, decode_message, encode_message, split_batch
+from engine.core import Outbox, Pending, decode_message, encode_message, queue_pending, split_batch
 from engine.exceptions import EncodeError, ImproperlyConfigured, OutboxFull
 from engine.transport import protocol
 from engine.transport.discovery import EndpointSet
@@ -114,26 +114,14 @@ class Producer:
     def send(self, message: TaskMessage) -> None:
         """Queue one task message for sending; returns at once.
 
-        A plain ``delay()`` does the same in one compiled step (``engine.core.PlainSender``):
-        a change here belongs there too.
+        A plain ``delay()`` packs its message itself (``engine.core.PlainSender``) and
+        queues it the same way, through ``engine.core.queue_pending``.
         """
         raw = encode_message(message)
         if len(raw) > self.max_batch_bytes:
             raise EncodeError(f"task message {message.task}[{message.id}] is {len(raw)} bytes; max_message_size "
                               f"({self.max_message_size}) allows at most {self.max_batch_bytes} per message")
-        pending = Pending(message.queue, message.id, raw)
-        outbox = self._outbox
-        with self._mutex:
-            if outbox.count + len(self._unacked) >= self.max_outbox:
-                self._wait_for_room()  # waits on the condition, which releases this same lock
-            first_in_queue = outbox.append(pending)
-        # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
-        # others of its queue goes with them, in the dispatch already due or on the next
-        # credit frame (a queue is left non-empty only when its credit ran out). Waking per
-        # message costs a pipe write and a GIL hand-over each: a large share of the client's
-        # CPU in a send loop (bench/RESULTS.md).
-        if first_in_queue:
-            self._wake()
+        queue_pending(self, Pending(message.queue, message.id, raw))
 
     def _wait_for_room(self) -> None:
         """Bounded memory: block until workers took some messages, or raise (``producer_outbox_full``)."""

@@ -753,51 +753,39 @@ class Supervisor:
         outstanding = child.outstanding
         events = self.events
         now = time.monotonic()  # when the next task in the child started, as far as the supervisor knows
+        requeued: list[QueuedTask] = []
         done = 0
         index, count = 0, len(payloads)
         try:
             while index < count:
-                if events is None:  # the plain reports, as below, in one compiled call
-                    held = len(outstanding)
-                    try:
-                        index, _ = finish_done(child, payloads, index, now, runs, released)
-                    finally:
-                        done += held - len(outstanding)  # what it ended, even should it raise
-                    if index == count:
-                        break
+                # With events, one report at a time: each ended task is announced, and the next one's start.
+                end = count if events is None else index + 1
+                held = len(outstanding)
+                name = outstanding[0].message.task if events is not None and held else ""
+                try:
+                    index, _ = finish_done(child, payloads, index, end, now, runs, released, requeued)
+                finally:
+                    done += held - len(outstanding)  # what it ended, even should it raise
+                if index == end:
+                    if events is not None:
+                        task_id, state, runtime, _, _ = read_done(payloads[index - 1])
+                        events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
+                                    self._failure_info.pop(task_id, None))
+                        if outstanding:
+                            events.task("started", outstanding[0].message.id, outstanding[0].message.task)
+                    continue
+                # A report it could not apply: a malformed one raises here, one of a task not given is logged.
                 payload = payloads[index]
                 index += 1
                 child.last_done = payload  # where this child's report log is read from should it die
-                task_id, state, runtime, requeue, _ = read_done(payload)
-                if not outstanding:
-                    logger.error("child %d reported %s it was not given", child.pid, task_id)
-                    continue
-                entry = outstanding.popleft()
-                done += 1
-                child.queued_seconds = max(0.0, child.queued_seconds - entry.expected) if outstanding else 0.0
-                name = entry.message.task
-                run = runs.get(name)
-                if run is None:
-                    run = runs[name] = [[], [], []]
-                run[0].append(state)
-                run[1].append(runtime)
-                run[2].append(max(0.0, entry.started - entry.received))
-                if requeue and state == states.REJECTED:
-                    self.counters["requeued"] += 1
-                    self.scheduler.push(entry)
-                elif entry.journal_ref is not None:
-                    released.append(entry.journal_ref)
-                if events is not None:
-                    events.task(_EVENT_OF.get(state, state.lower()), task_id, name, runtime,
-                                self._failure_info.pop(task_id, None))
-                if outstanding:
-                    head = outstanding[0]
-                    head.started = now
-                    if events is not None:
-                        events.task("started", head.message.id, head.message.task)
+                task_id, *_ = read_done(payload)
+                logger.error("child %d reported %s it was not given", child.pid, task_id)
         finally:
             self.in_children -= done
             self.counters["done"] += done
+            self.counters["requeued"] += len(requeued)
+            for entry in requeued:
+                self.scheduler.push(entry)
 
     def _count_runs(self, runs: dict[str, list[list]], released: list[JournalRef]) -> None:
         """Ended tasks' figures, per task name: to the task and run-time stats; their journal rows to release."""
