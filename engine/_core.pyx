@@ -35,6 +35,7 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Contains, PyDict_GetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport ldexp
@@ -52,6 +53,7 @@ from time import monotonic as _py_monotonic
 import msgpack
 
 from engine.exceptions import EncodeError, MessageDecodeError, NotRegistered
+from engine.utils import process as _process
 from engine.states import CUSTOM_PRECEDENCE, PRECEDENCE_INDEX, READY_STATES
 
 cdef extern from "Python.h":
@@ -253,6 +255,11 @@ def new_task_id():
     The random bytes come from ``os.urandom`` in blocks of 256 ids; a forked child
     draws a fresh block (see ``_discard_id_pool``).
     """
+    return _new_task_id()
+
+
+cdef str _new_task_id():
+    # new_task_id() itself, called from C without a Python call.
     global _id_pool, _id_pos
     cdef Py_ssize_t pos
     cdef bytes pool
@@ -1800,16 +1807,60 @@ cdef extern from "Python.h":
     PyObject* _PyType_Lookup(PyTypeObject* type, PyObject* name)
 
 
-cdef bint _keeps(obj, dict methods) except -1:
-    """True when ``obj``'s class has each of ``methods`` (name -> the original) and ``obj`` shadows none."""
-    cdef PyTypeObject* cls = Py_TYPE(obj)
+cdef extern from *:
+    """
+    /* A type's version tag while it is valid, else 0. CPython gives a type a new tag whenever it,
+       or a class in its MRO, changes (PyType_Modified), and never gives one tag to two types: an
+       unchanged tag means every lookup along the MRO still finds what it found. */
+    static CYTHON_INLINE unsigned int __pyx_engine_type_tag(PyTypeObject* tp) {
+        return PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG) ? tp->tp_version_tag : 0;
+    }
+    """
+    unsigned int _type_tag "__pyx_engine_type_tag" (PyTypeObject* tp)
+
+
+cdef extern from "Python.h":
+    # Where an object keeps its instance dict (NULL when it has none): CPython's own accessor,
+    # which makes the dict of a 3.11 object that keeps its attributes inline, as reading
+    # ``obj.__dict__`` would, without an attribute lookup.
+    PyObject** _PyObject_GetDictPtr(PyObject* obj)
+
+
+cdef dict _instance_dict(obj):
+    """``obj.__dict__`` (None when it has none), read without an attribute lookup."""
+    cdef PyObject** slot = _PyObject_GetDictPtr(<PyObject*>obj)
+    if slot is NULL or slot[0] is NULL or type(<object>slot[0]) is not dict:
+        return None
+    return <dict>slot[0]
+
+
+cdef bint _type_keeps(PyTypeObject* cls, dict methods, dict verified) except -1:
+    """True when ``cls`` has each of ``methods`` (name -> the original) along its MRO.
+
+    ``verified`` holds the version tag of each class found so: while a class keeps
+    that tag, the lookups are not made again.
+    """
+    cdef unsigned int tag = _type_tag(cls)
+    known = verified.get(<object>cls) if tag else None
+    if known is not None and <unsigned int>known == tag:
+        return True
     for name, method in methods.items():
         if _PyType_Lookup(cls, <PyObject*>name) is not <PyObject*>method:
             return False
-    instance = getattr(obj, "__dict__", None)
+    tag = _type_tag(cls)  # the lookups gave it one if it had none
+    if tag:
+        verified[<object>cls] = tag
+    return True
+
+
+cdef bint _keeps(obj, dict methods, dict verified) except -1:
+    """True when ``obj``'s class has each of ``methods`` (name -> the original) and ``obj`` shadows none."""
+    if not _type_keeps(Py_TYPE(obj), methods, verified):
+        return False
+    cdef dict instance = _instance_dict(obj)
     if instance:
         for name in methods:
-            if name in instance:  # patched on the object itself
+            if PyDict_Contains(instance, name):  # patched on the object itself
                 return False
     return True
 
@@ -1916,8 +1967,10 @@ cdef class PlainSender:
     * no before/after_task_publish receiver, eager mode and ``task_routes`` off;
     * a task, an app and a producer that keep the sending methods of ``Task``
       (``task_methods``), ``Engine`` and ``Producer`` (what ``load_transport()``
-      returns, once a producer exists): compared at every call, on their classes
-      and on the objects themselves, so a patched or overridden method is called;
+      returns, once a producer exists): checked at every call, on their classes
+      (looked up again whenever a class in their MRO changed: CPython's type
+      version tag says so) and on the objects themselves, so a patched or
+      overridden method is called;
     * an argument count the task body takes, as ``Task._send`` checks it;
     * a usable producer of exactly the ``Producer`` class (a child's own producer
       or a test's stand-in is called as such) whose reply address, with an
@@ -1925,10 +1978,15 @@ cdef class PlainSender:
 
     Any other call makes :meth:`send` return None having sent nothing: the caller
     goes the general way, which also makes the producer and the reply address.
+
+    The result is made without calling ``result_class``: a copy of the attributes
+    its ``__init__`` gave a sample, while the class keeps that ``__init__``.
     """
 
-    cdef dict task_methods, app_methods, producer_methods
-    cdef object result_class, before_publish, after_publish, load_transport, producer_class
+    cdef dict task_methods, app_methods, producer_methods, result_methods, result_template
+    cdef dict task_classes, app_classes, producer_classes, result_classes
+    cdef object result_class, before_publish, after_publish, load_transport, producer_class, result_new
+    cdef object id_key, name_key, app_key
 
     def __init__(self, dict task_methods not None, result_class, before_publish, after_publish, load_transport):
         self.task_methods = task_methods
@@ -1940,6 +1998,40 @@ cdef class PlainSender:
         self.load_transport = load_transport
         self.app_methods = self.producer_methods = None
         self.producer_class = None
+        # The classes found to keep their sending methods, with the version tag they had then.
+        self.task_classes, self.app_classes, self.producer_classes, self.result_classes = {}, {}, {}, {}
+        self._learn_result(result_class)
+
+    cdef _learn_result(self, result_class):
+        # A result is made without a Python call to its __init__: a copy of the attributes a
+        # sample got, its id, task name and app filled in. Only while the class keeps the
+        # __init__ and __new__ the sample was made with; otherwise the class is called.
+        self.result_template = None
+        if not isinstance(result_class, type):
+            return
+        cdef PyObject* init = _PyType_Lookup(<PyTypeObject*>result_class, <PyObject*>"__init__")
+        cdef PyObject* new = _PyType_Lookup(<PyTypeObject*>result_class, <PyObject*>"__new__")
+        if init is NULL or new is NULL or <object>new is not object.__dict__["__new__"]:
+            return
+        marks = (object(), object(), object())
+        fields = _instance_dict(result_class(marks[0], None, marks[1], marks[2], None))
+        if fields is None:
+            return
+        keys = [None, None, None]
+        for key, value in fields.items():
+            for i in range(3):
+                if value is marks[i]:
+                    keys[i] = key
+                    break
+            else:
+                if value is not None:  # made of something else than the arguments: call it
+                    return
+        if None in keys:
+            return
+        self.id_key, self.name_key, self.app_key = keys
+        self.result_methods = {"__init__": <object>init, "__new__": <object>new}
+        self.result_new = object.__new__
+        self.result_template = dict.fromkeys(fields)
 
     def send(self, task, tuple args not None, reply_to=_MISSING):
         """Send ``task(*args)`` if the call is plain and return its AsyncResult; else None, nothing sent.
@@ -1948,11 +2040,12 @@ cdef class PlainSender:
         share one); without it the app's known address is used.
         """
         cdef TaskMessage msg
-        cdef dict options
+        cdef dict options, settings, fields
+        cdef PyObject* found
         cdef Py_ssize_t count = len(args)
         if self.before_publish.receivers or self.after_publish.receivers:
             return None
-        if not _keeps(task, self.task_methods):
+        if not _keeps(task, self.task_methods, self.task_classes):
             return None
         app = task.app
         producer = getattr(app, "_producer", None)
@@ -1960,18 +2053,31 @@ cdef class PlainSender:
             return None
         if self.app_methods is None:
             self.app_methods, self.producer_class, self.producer_methods = self.load_transport()
-        if type(producer) is not self.producer_class or not _keeps(app, self.app_methods) \
-                or not _keeps(producer, self.producer_methods) or not producer.usable():
+        if type(producer) is not self.producer_class or not _keeps(app, self.app_methods, self.app_classes) \
+                or not _keeps(producer, self.producer_methods, self.producer_classes):
             return None
-        conf = app.conf
-        if conf.task_always_eager or conf.task_routes:
+        # Producer.usable(), kept by the producer as checked above: not inherited through a fork, not closed.
+        if producer.pid != _process._pid or producer._closing:  # _pid: what process.pid() returns
+            return None
+        # The app's settings, read from the Settings' own dict (a plain read of each: see Settings).
+        settings = _instance_dict(app.conf)
+        if settings is None:
+            return None
+        eager = settings.get("task_always_eager", _MISSING)
+        routes = settings.get("task_routes", _MISSING)
+        url = settings.get("result_backend", _MISSING)
+        default_ignore = settings.get("task_ignore_result", _MISSING)
+        default_queue = settings.get("task_default_queue", _MISSING)
+        if eager is _MISSING or routes is _MISSING or url is _MISSING or default_ignore is _MISSING \
+                or default_queue is _MISSING or eager or routes:
             return None
         if task.typing:  # the count Task._send checks; anything else is left to check_arguments
-            checker = type(task).__dict__.get("_arguments_checker")
+            # The class's own checker (type(task).__dict__), read without a call.
+            found = PyDict_GetItem(<object>Py_TYPE(task).tp_dict, "_arguments_checker")
+            checker = <object>found if found is not NULL else None
             if checker is None or not checker.least <= count <= checker.most:
                 return None
         if reply_to is _MISSING:
-            url = conf.result_backend
             reply_to = None
             if url and str(url).startswith("rpc"):  # Engine.reply_address's answer, when it holds
                 known = app._reply_to
@@ -1988,16 +2094,16 @@ cdef class PlainSender:
             options["soft_time_limit"] = soft_time_limit
         ignore = task.ignore_result
         if ignore is None:
-            ignore = conf.task_ignore_result
+            ignore = default_ignore
         msg = TaskMessage.__new__(TaskMessage)
-        msg._id = new_task_id()
+        msg._id = _new_task_id()
         msg._task = _check_str(task.name, "task")
         msg._args = args
         msg._kwargs = {}
         msg._payload = None
         msg._retries = 0
         msg._eta = msg._expires = msg._parent_id = msg._root_id = None
-        msg._queue = _check_str(task.queue or conf.task_default_queue, "queue")
+        msg._queue = _check_str(task.queue or default_queue, "queue")
         msg._reply_to = _check_opt_str(reply_to, "reply_to")
         msg._ignore_result = bool(ignore)
         msg._options = options
@@ -2005,7 +2111,17 @@ cdef class PlainSender:
         if PyBytes_GET_SIZE(raw) > producer.max_batch_bytes:
             return None  # the general path refuses it, saying why
         _queue_pending(producer, Pending(msg._queue, msg._id, raw))
-        return self.result_class(msg._id, None, msg._task, app, None)
+        result_class = self.result_class
+        if self.result_template is None \
+                or not _type_keeps(<PyTypeObject*>result_class, self.result_methods, self.result_classes):
+            return result_class(msg._id, None, msg._task, app, None)
+        result = self.result_new(result_class)
+        fields = self.result_template.copy()
+        fields[self.id_key] = msg._id
+        fields[self.name_key] = msg._task
+        fields[self.app_key] = app
+        result.__dict__ = fields
+        return result
 
 
 def queue_pending(producer, Pending pending not None):
@@ -2020,9 +2136,17 @@ def queue_pending(producer, Pending pending not None):
 
 cdef int _queue_pending(producer, Pending pending) except -1:
     cdef Outbox outbox = <Outbox?>producer._outbox
-    with producer._mutex:
-        if outbox.count + len(producer._unacked) >= producer.max_outbox:
-            producer._wait_for_room()  # waits on the condition, which releases this same lock
+    cdef bint first_in_queue
+    if outbox.count + len(producer._unacked) >= producer.max_outbox:
+        with producer._mutex:
+            if outbox.count + len(producer._unacked) >= producer.max_outbox:
+                producer._wait_for_room()  # waits on the condition, which releases this same lock
+            first_in_queue = outbox.append(pending)
+    else:
+        # Without the producer's lock: this compiled append runs whole under the GIL, as do the
+        # I/O thread's compiled takes and put-backs, and the I/O thread never counts on the
+        # outbox staying as it was between two of its steps (it sends outside the lock anyway).
+        # The lock's acquire and release were a tenth of a plain call's instructions.
         first_in_queue = outbox.append(pending)
     # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
     # others of its queue goes with them, in the dispatch already due or on the next

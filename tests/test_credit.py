@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from unittest import mock
 
 import pytest
 import zmq
@@ -421,6 +422,7 @@ def producer():
     p._lock = threading.Condition(p._mutex)
     p._outbox = Outbox()
     p._unacked = {}
+    p._in_flight = 0
     p._peers = PeerTable()
     p._router = None
     p._result_handlers = []
@@ -508,6 +510,38 @@ def test_dispatch_sends_only_against_credit_and_keeps_messages_until_acknowledge
         assert sock.frames(protocol.DEMAND) == [{"waiting": {"q": 2}, "credit": {}}]
     # ... after the tasks: a worker counts the tasks it receives against what was reported waiting.
     assert [frame[-2] for frame in rich_sock.sent] == [protocol.TASKS, protocol.DEMAND]
+
+
+def test_a_flush_does_not_end_while_messages_are_being_sent(producer, monkeypatch):
+    peer, sock = worker_link(producer, "w1", {"q": 5})
+    queue_messages(producer, "q", 2)
+    producer._thread = mock.Mock(is_alive=lambda: True)
+    seen = []
+
+    def send_multipart(frames, flags=0, copy=True):
+        # Taken from the outbox, not yet acknowledged: neither queued nor unacknowledged.
+        seen.append((producer.waiting, producer.flush(timeout=0)))
+
+    monkeypatch.setattr(sock, "send_multipart", send_multipart)
+    producer._dispatch(now=1.0)
+
+    assert seen == [(2, False)]
+    assert producer._in_flight == 0 and set(producer._unacked) == {"m0", "m1"}
+
+
+def test_a_send_that_fails_with_an_error_puts_its_messages_back(producer, monkeypatch, caplog):
+    peer, sock = worker_link(producer, "w1", {"q": 5})
+    queue_messages(producer, "q", 3)
+
+    def broken(value):
+        raise RuntimeError("packing failed")
+
+    monkeypatch.setattr(protocol, "pack", broken)
+    producer._dispatch(now=1.0)
+
+    assert producer._outbox.demand() == {"q": 3} and producer._unacked == {} and producer._in_flight == 0
+    assert peer.credit == {"q": 0}  # no more sends to it until it grants again
+    assert "sending 3 task(s) to" in caplog.text
 
 
 def test_dispatch_goes_round_robin_over_workers_with_credit(producer):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import types
+
+import pytest
+
 from engine.core import Outbox, Pending
+from tests.support import CORE_TWINS
 
 
 def pending(queue: str, task_id: str, size: int = 10) -> Pending:
@@ -85,3 +91,41 @@ def test_demand_counts_waiting_messages_per_non_empty_queue():
     assert outbox.demand() == {"a": 3, "b": 1}
     outbox.take("b", 1, 1 << 20)
     assert outbox.demand() == {"a": 3}
+
+
+@pytest.mark.parametrize("core", CORE_TWINS)
+def test_senders_in_many_threads_and_a_taking_thread_lose_and_repeat_nothing(core):
+    # queue_pending as delay() calls it, from four threads, while a fifth plays the producer's
+    # I/O thread: takes under the lock and puts some back. (The compiled append takes no lock.)
+    producer = types.SimpleNamespace(_outbox=core.Outbox(), _unacked={}, max_outbox=1 << 30,
+                                     _mutex=threading.RLock(), _wake=lambda: None)
+    per_thread, taken, done = 5000, [], threading.Event()
+
+    def send(name: str) -> None:
+        for i in range(per_thread):
+            core.queue_pending(producer, core.Pending("q", f"{name}-{i}", b"x"))
+
+    def take() -> None:
+        while not done.is_set() or len(producer._outbox):
+            with producer._mutex:
+                items = producer._outbox.take("q", 100, 1 << 20) if producer._outbox.has("q") else []
+            if len(items) > 50:
+                with producer._mutex:
+                    producer._outbox.put_back(items[50:])
+                items = items[:50]
+            taken.extend(p.id for p in items)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    senders = [threading.Thread(target=send, args=(f"t{n}",)) for n in range(4)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(timeout=60)
+    done.set()
+    taker.join(timeout=60)
+    assert not taker.is_alive()
+    assert len(taken) == len(set(taken)) == 4 * per_thread and len(producer._outbox) == 0
+    for n in range(4):  # each sender's messages in its order
+        mine = [int(task_id.split("-")[1]) for task_id in taken if task_id.startswith(f"t{n}-")]
+        assert mine == sorted(mine)

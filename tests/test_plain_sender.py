@@ -303,3 +303,58 @@ def test_a_send_replaced_on_the_app_or_the_producer_or_their_classes_is_called(a
     on_producer_class.assert_called_once()
     assert sent_plainly(app, lambda: add.delay(9, 10))
     assert [m.args for m in queued(app)] == [(0, 0), (9, 10)]
+
+
+def test_the_result_has_the_attributes_its_class_gives_and_a_changed_init_is_called(app, monkeypatch):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(0, 0)
+    result = add.delay(1, 2)
+    assert vars(result) == vars(AsyncResult(result.id, None, add.name, app, None))
+    assert list(vars(result)) == list(vars(AsyncResult(result.id, None, add.name, app, None)))
+    made = []
+    original = AsyncResult.__init__
+
+    def init(self, *args, **kwargs):
+        made.append(args[0])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncResult, "__init__", init)  # the class changed after plain calls
+    result = add.delay(3, 4)
+    assert made == [result.id] and result.task_name == add.name and result.app is app
+
+
+def test_a_producer_replaced_usable_or_one_of_another_process_goes_the_general_way(app):
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(0, 0)
+    producer = app.producer
+    asked = []
+
+    def usable():
+        asked.append(True)
+        return True
+
+    producer.usable = usable
+    try:
+        assert not sent_plainly(app, lambda: add.delay(1, 2))
+    finally:
+        del producer.usable
+    assert asked  # the general path asked the replacement
+    assert sent_plainly(app, lambda: add.delay(3, 4))
+    sender = engine.task._plain_sender.sender
+    pid, producer.pid = producer.pid, -1  # as if inherited through a fork
+    try:
+        assert sender.send(add, (5, 6)) is None
+    finally:
+        producer.pid = pid
+    producer._closing = True
+    try:
+        assert sender.send(add, (7, 8)) is None
+    finally:
+        producer._closing = False
+    assert [m.args for m in queued(app)] == [(0, 0), (1, 2), (3, 4)]

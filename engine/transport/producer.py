@@ -81,6 +81,9 @@ class Producer:
         #: A frame carries at most half the receiving socket's limit, so it is never refused.
         self.max_batch_bytes = self.max_message_size // 2
         self._unacked: dict[str, Pending] = {}
+        #: Messages the I/O thread took from the outbox and is sending (outside the lock): in
+        #: neither the outbox nor ``_unacked`` until sent, yet not delivered.
+        self._in_flight = 0
         # delay() takes the lock itself (a Condition's ``with`` is a Python-level call); the
         # condition shares it, for waiting on acknowledgements and room. Reentrant: a finalizer
         # or a logging handler that sends a task may run while this thread holds it.
@@ -155,7 +158,7 @@ class Producer:
     def waiting(self) -> int:
         """Messages not yet acknowledged by a worker."""
         with self._lock:
-            return len(self._outbox) + len(self._unacked)
+            return len(self._outbox) + self._in_flight + len(self._unacked)
 
     def flush(self, timeout: float | None = None, *, warn_after: float = FLUSH_WARN_EVERY) -> bool:
         """Wait until every sent message was acknowledged by a worker; False on timeout.
@@ -167,7 +170,7 @@ class Producer:
         deadline = None if timeout is None else time.monotonic() + timeout
         warn_at = time.monotonic() + warn_after
         with self._lock:
-            while self._outbox or self._unacked:
+            while self._outbox or self._in_flight or self._unacked:
                 if not self._thread.is_alive():
                     return False
                 now = time.monotonic()
@@ -180,7 +183,7 @@ class Producer:
                     else:
                         bound = f"up to {deadline - now:.1f}s more (producer_flush_timeout)"
                     logger.warning("waiting for a worker to take %d task(s) sent to %s, %s",
-                                   len(self._outbox) + len(self._unacked), ", ".join(self.endpoints), bound)
+                                   self.waiting, ", ".join(self.endpoints), bound)
                     warn_at = now + FLUSH_WARN_EVERY
                 self._lock.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - now)))
         return True
@@ -444,11 +447,17 @@ class Producer:
             # Held back: asked a moment ago, maybe before these tasks were queued (a new client's
             # first burst). The loop wakes for it; a later delay() into this queue would not.
             self._demand_due = self._demand_sent + DEMAND_EVERY if self._outbox and not ask else math.inf
+            self._in_flight += sum(len(items) for _, items in batches)
         # Packing and sending happen outside the lock, so delay() never waits on them.
         for peer, items in batches:
-            frame = protocol.pack([p.raw for p in items])
-            sent = peer.try_send(protocol.TASKS, frame)
+            try:
+                sent = peer.try_send(protocol.TASKS, protocol.pack([p.raw for p in items]))
+            except Exception:  # whatever failed, the messages go back to the outbox, not astray
+                logger.exception("sending %d task(s) to %s failed: they wait for the next dispatch",
+                                 len(items), peer.name)
+                sent = False
             with self._lock:
+                self._in_flight -= len(items)
                 if not sent:
                     peer.credit[items[0].queue] = 0  # full or gone: stop using its credit
                     self._outbox.put_back(items)
@@ -467,7 +476,7 @@ class Producer:
 
 #: Producer's methods a task's send goes through, as defined here: a producer whose class or self
 #: replaces one sends the general way (engine.core.PlainSender queues into the outbox otherwise).
-SENDING_METHODS = {"send": Producer.__dict__["send"]}
+SENDING_METHODS = {name: Producer.__dict__[name] for name in ("send", "usable")}
 
 
 @atexit.register
