@@ -36,6 +36,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Contains, PyDict_GetItem
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport ldexp
@@ -183,6 +185,10 @@ cdef str _kind_of(object value):
 
 
 cdef tuple _unpack_payload(bytes payload):
+    cdef tuple simple = _unpack_simple_payload(<const unsigned char*>PyBytes_AS_STRING(payload),
+                                               PyBytes_GET_SIZE(payload))
+    if simple is not None:
+        return simple
     # Map keys may be any hashable here: args can legitimately hold {1: "a"}.
     try:
         obj = _unpackb(payload, raw=False, use_list=True, strict_map_key=False)
@@ -200,6 +206,93 @@ cdef tuple _unpack_payload(bytes payload):
         if type(key) is not str:
             raise _MDE(f"task message payload kwargs keys must be str, got {_kind_of(key)}")
     return tuple(<list>args), kwargs
+
+
+cdef tuple _unpack_simple_payload(const unsigned char* p, Py_ssize_t size):
+    """``(args, {})`` for the payload of most calls, read here; None for any other, left to msgpack.
+
+    Most calls pass a few scalars and no keyword arguments: ``[[x, y], {}]`` with x and y
+    ints, floats, strings, booleans or None. msgpack.unpackb with keyword options costs
+    several times this whole read. Everything else (containers, bins, exts, keyword
+    arguments, anything malformed) returns None, and msgpack reads it as before,
+    errors included; what is read here equals msgpack's value, type for type.
+    """
+    cdef Py_ssize_t n, i, pos = 2, length
+    cdef unsigned char c
+    cdef uint64_t bits
+    cdef double number
+    if size < 3 or p[0] != 0x92 or (p[1] & 0xf0) != 0x90 or p[size - 1] != 0x80:
+        return None
+    n = p[1] & 0x0f
+    args = PyTuple_New(n)
+    for i in range(n):
+        if pos >= size - 1:
+            return None
+        c = p[pos]
+        if c <= 0x7f:
+            value = <long>c
+            pos += 1
+        elif c >= 0xe0:
+            value = <long>c - 256
+            pos += 1
+        elif 0xa0 <= c <= 0xbf or c == 0xd9:
+            if c == 0xd9:
+                if pos + 2 > size - 1:
+                    return None
+                length = p[pos + 1]
+                pos += 2
+            else:
+                length = c & 0x1f
+                pos += 1
+            if pos + length > size - 1:
+                return None
+            try:
+                value = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
+            except UnicodeDecodeError:
+                return None  # msgpack says why
+            pos += length
+        elif c == 0xc0:
+            value = None
+            pos += 1
+        elif c == 0xc2 or c == 0xc3:
+            value = c == 0xc3
+            pos += 1
+        elif c == 0xcb:
+            if pos + 9 > size - 1:
+                return None
+            bits = _be64(p + pos + 1)
+            memcpy(&number, &bits, 8)
+            value = number
+            pos += 9
+        elif c == 0xcc or c == 0xcd or c == 0xce or c == 0xd0 or c == 0xd1 or c == 0xd2 or c == 0xd3 \
+                or c == 0xcf:
+            length = 1 << ((c - 0xcc) & 3)
+            if pos + 1 + length > size - 1:
+                return None
+            if c == 0xcc:
+                value = <long>p[pos + 1]
+            elif c == 0xcd:
+                value = <long>_be16(p + pos + 1)
+            elif c == 0xce:
+                value = <long long>_be32(p + pos + 1)
+            elif c == 0xcf:
+                value = _be64(p + pos + 1)
+            elif c == 0xd0:
+                value = <long><int8_t>p[pos + 1]
+            elif c == 0xd1:
+                value = <long><int16_t>_be16(p + pos + 1)
+            elif c == 0xd2:
+                value = <long><int32_t>_be32(p + pos + 1)
+            else:
+                value = <long long><int64_t>_be64(p + pos + 1)
+            pos += 1 + length
+        else:
+            return None
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(args, i, value)
+    if pos != size - 1:
+        return None
+    return args, {}
 
 
 #: Packers not in use. A Packer is taken off the list while it packs (list pop and append are
@@ -914,8 +1007,9 @@ cdef dict _REQUEST_TEMPLATE = dict.fromkeys((
     "id", "task", "args", "kwargs", "retries", "eta", "expires", "is_eager", "hostname", "delivery_info",
     "reply_to", "parent_id", "root_id", "correlation_id", "ignore_result", "sender_ignore_result",
     "called_directly", "callbacks", "errbacks", "chain", "timelimit", "options", "retry_dispatcher", "headers"))
-_REQUEST_TEMPLATE["called_directly"] = False
-cdef tuple _NO_TIME_LIMITS = (None, None)
+# The values most runs have: a field keeps its template's value unless the message says otherwise.
+_REQUEST_TEMPLATE.update(retries=0, is_eager=False, sender_ignore_result=False, called_directly=False,
+                         timelimit=(None, None))
 
 
 cdef dict _request_fields(TaskMessage msg, bint eager, hostname, retry_dispatcher):
@@ -928,20 +1022,29 @@ cdef dict _request_fields(TaskMessage msg, bint eager, hostname, retry_dispatche
     fields["task"] = msg._task
     fields["args"] = msg._args
     fields["kwargs"] = msg._kwargs
-    fields["retries"] = msg._retries
-    fields["eta"] = msg._eta
-    fields["expires"] = msg._expires
-    fields["is_eager"] = eager
     fields["hostname"] = hostname
     fields["delivery_info"] = {"queue": queue, "routing_key": queue}
-    fields["reply_to"] = msg._reply_to
-    fields["parent_id"] = msg._parent_id
     fields["root_id"] = msg._root_id or task_id
     fields["correlation_id"] = task_id
-    # What the sender resolved from its own settings, for tasks that set nothing.
-    fields["sender_ignore_result"] = msg._ignore_result
     fields["options"] = options
-    fields["retry_dispatcher"] = retry_dispatcher
+    # Set only where the template's value is not already the message's (a dict store each costs).
+    if msg._retries != 0:
+        fields["retries"] = msg._retries
+    if msg._eta is not None:
+        fields["eta"] = msg._eta
+    if msg._expires is not None:
+        fields["expires"] = msg._expires
+    if eager:
+        fields["is_eager"] = True
+    if msg._reply_to is not None:
+        fields["reply_to"] = msg._reply_to
+    if msg._parent_id is not None:
+        fields["parent_id"] = msg._parent_id
+    # What the sender resolved from its own settings, for tasks that set nothing.
+    if msg._ignore_result:
+        fields["sender_ignore_result"] = True
+    if retry_dispatcher is not None:
+        fields["retry_dispatcher"] = retry_dispatcher
     if options:
         # The call's own choice (None when it made none): call > task option > setting.
         fields["ignore_result"] = options.get("ignore_result")
@@ -951,8 +1054,6 @@ cdef dict _request_fields(TaskMessage msg, bint eager, hostname, retry_dispatche
         fields["timelimit"] = (options.get("time_limit"), options.get("soft_time_limit"))
         # Headers a before_task_publish receiver added (tracing context, ...).
         fields["headers"] = options.get("headers")
-    else:
-        fields["timelimit"] = _NO_TIME_LIMITS
     return fields
 
 
@@ -1667,6 +1768,8 @@ cdef class PlainRunner:
         self.writer = writer
         self.store = store
         self.running = running
+        if not isinstance(context_class, type) or (<PyTypeObject*>context_class).tp_new is NULL:
+            raise TypeError(f"context_class must be a class that can be instantiated, not {context_class!r}")
         self.context_class = context_class
         self.is_plain = is_plain
         self.raised = raised
@@ -1727,7 +1830,7 @@ cdef class PlainRunner:
                 self.writer.flush()  # it may run long: what finished before it is reported first
             fields = _request_fields(msg, False, self.hostname, None)
             fields["recorder"] = store
-            request = self.context_class.__new__(self.context_class)
+            request = _new_instance(self.context_class)
             request.__dict__ = fields
             self.running.append((task, request))
             try:
@@ -1817,6 +1920,22 @@ cdef extern from *:
     }
     """
     unsigned int _type_tag "__pyx_engine_type_tag" (PyTypeObject* tp)
+
+
+cdef extern from *:
+    """
+    /* cls.__new__(cls) through the type's slot: what the attribute lookup and call would find
+       (object.__new__, or a class's own __new__ through its slot), without making either. */
+    static PyObject* __pyx_engine_new_instance(PyObject* cls) {
+        PyObject* none = PyTuple_New(0);
+        PyObject* obj;
+        if (none == NULL) return NULL;
+        obj = ((PyTypeObject*)cls)->tp_new((PyTypeObject*)cls, none, NULL);
+        Py_DECREF(none);
+        return obj;
+    }
+    """
+    object _new_instance "__pyx_engine_new_instance" (object cls)
 
 
 cdef extern from "Python.h":
@@ -1985,7 +2104,7 @@ cdef class PlainSender:
 
     cdef dict task_methods, app_methods, producer_methods, result_methods, result_template
     cdef dict task_classes, app_classes, producer_classes, result_classes
-    cdef object result_class, before_publish, after_publish, load_transport, producer_class, result_new
+    cdef object result_class, before_publish, after_publish, load_transport, producer_class
     cdef object id_key, name_key, app_key
 
     def __init__(self, dict task_methods not None, result_class, before_publish, after_publish, load_transport):
@@ -2030,7 +2149,6 @@ cdef class PlainSender:
             return
         self.id_key, self.name_key, self.app_key = keys
         self.result_methods = {"__init__": <object>init, "__new__": <object>new}
-        self.result_new = object.__new__
         self.result_template = dict.fromkeys(fields)
 
     def send(self, task, tuple args not None, reply_to=_MISSING):
@@ -2115,7 +2233,7 @@ cdef class PlainSender:
         if self.result_template is None \
                 or not _type_keeps(<PyTypeObject*>result_class, self.result_methods, self.result_classes):
             return result_class(msg._id, None, msg._task, app, None)
-        result = self.result_new(result_class)
+        result = _new_instance(result_class)
         fields = self.result_template.copy()
         fields[self.id_key] = msg._id
         fields[self.name_key] = msg._task
@@ -2136,7 +2254,7 @@ def queue_pending(producer, Pending pending not None):
 
 cdef int _queue_pending(producer, Pending pending) except -1:
     cdef Outbox outbox = <Outbox?>producer._outbox
-    cdef bint first_in_queue
+    cdef bint first_in_queue = False
     if outbox.count + len(producer._unacked) >= producer.max_outbox:
         with producer._mutex:
             if outbox.count + len(producer._unacked) >= producer.max_outbox:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import engine._core_py as py_core
@@ -348,6 +348,41 @@ def test_bad_payload_raises_on_access_only(core, payload):
     with pytest.raises(MessageDecodeError):
         _ = msg.kwargs
     assert core.encode_message(msg) == pack(envelope(payload=payload))
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1),
+                     st.floats(allow_nan=False), st.text(max_size=300))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(_SCALARS, max_size=16), single=st.booleans())
+def test_scalar_arguments_decode_as_msgpack_decodes_them(core, args, single):
+    # A call's scalars without keyword arguments are read by the core itself: equal to msgpack's
+    # reading, type for type (bool is not int, float is not int), fixarray or not.
+    try:
+        payload = msgpack.packb([args, {}], use_single_float=single)
+    except OverflowError:  # a double too large for a float32
+        assume(False)
+    msg = core.decode_message(pack(envelope(payload=payload)))
+    expected = msgpack.unpackb(payload, raw=False)[0]
+    assert msg.args == tuple(expected) and msg.kwargs == {}
+    assert [type(value) for value in msg.args] == [type(value) for value in expected]
+    assert [math.copysign(1, v) if type(v) is float else v for v in msg.args] \
+        == [math.copysign(1, v) if type(v) is float else v for v in expected]
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x92\x92\xa2\xc3\x28\x01\x80",      # a string that is not UTF-8
+    b"\x92\x91\xd9\x05abc\x80",             # a str8 cut short
+    b"\x92\x91\xcd\x01\x80",                 # a uint16 cut short
+    b"\x92\x92\x01\x80",                      # one argument of two
+    b"\x92\x91\x01\x80\x80",                 # a byte after the payload
+    b"\x92\x91\xcb\x00\x00\x80",             # a float64 cut short
+])
+def test_a_malformed_scalar_payload_is_refused_as_msgpack_refuses_it(core, payload):
+    msg = core.decode_message(pack(envelope(payload=payload)))
+    with pytest.raises(MessageDecodeError, match="not valid msgpack|must be"):
+        _ = msg.args
 
 
 def test_payload_args_may_hold_non_str_keys(core):
