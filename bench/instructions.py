@@ -76,14 +76,15 @@ os._exit(0)
 """
 
 #: The supervisor's per-task step run under callgrind, without sockets, pipes or processes: N
-#: no-op task messages are accepted, handed to two stand-in children (FrameWriters to
-#: /dev/null) by the ``--fair`` scheduler, and reported done (``supervisor``), or only made
-#: (``none``), 200 at a time as a receive-dispatch-done cycle of the loop would see them.
+#: no-op task messages are received (the loop's ``_receive``, from a stand-in consumer that
+#: yields frames of 200), handed to two stand-in children (FrameWriters to /dev/null) by the
+#: ``--fair`` scheduler, and reported done (``supervisor``), or only made (``none``), as a
+#: receive-dispatch-done cycle of the loop would see them.
 SUPERVISOR = """
 import collections, os, sys, time
 import msgpack
 from engine import Engine
-from engine.core import TaskMessage, decode_message, encode_message
+from engine.core import TaskMessage, encode_message
 from engine.worker import pipe
 from engine.worker.supervisor import Supervisor
 app = Engine("instructions", transport="tcp://127.0.0.1:9")
@@ -99,16 +100,28 @@ class Pool:
     concurrency, by_fd, generation = 2, {}, 0
     def __init__(self):
         self.children = {1: Child(1), 2: Child(2)}
+class Peer:
+    route, name = b"client", "client"
+class Consumer:
+    frames = []
+    def receive(self, sock):
+        frames, self.frames = self.frames, []
+        return frames
+    def consumed(self, peer, queue, count):
+        pass
+    def ack(self, peer, ids):
+        pass
 supervisor = Supervisor(app, concurrency=2, use_journal=False, hostname="w@instructions", fair=True)
 supervisor.pool = supervisor.limits.pool = Pool()
+supervisor.consumer = consumer = Consumer()
 n = int(sys.argv[2])
 ids = [f"{i:036d}" for i in range(n)]
 raws = [encode_message(TaskMessage(id=ids[i], task=noop.name, args=(i, i), kwargs={})) for i in range(n)]
 dones = {i: msgpack.packb((i, "SUCCESS", 1e-05, False, 0)) for i in ids}
 if sys.argv[1] == "supervisor":
     for start in range(0, n, 200):
-        for raw in raws[start:start + 200]:
-            supervisor.accept(decode_message(raw), raw, None, journal_ref=1)
+        consumer.frames = [(Peer, b"frame", raws[start:start + 200])]
+        supervisor._receive(None)
         while len(supervisor.scheduler):
             supervisor._dispatch()
             for child in supervisor.pool.children.values():  # each child's reports, read at once

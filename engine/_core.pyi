@@ -162,6 +162,30 @@ def finish_done(child: Any, payloads: list[bytes], start: int, end: int, now: fl
                 runs: dict[str, list[list[Any]]], released: list[Any], requeued: list[Any]) -> tuple[int, int]:
     """Apply a child's DONE reports from ``start`` to ``end`` in order; where it stopped and how many it applied."""
 
+def take_plain(raws: list[bytes], start: int, registry: TaskRegistry, peer: Any, journal_ref: Any,
+               queued: list[QueuedTask], ids: list[str], per_queue: dict[str, int], remember: Any,
+               watch: Any) -> int:
+    """Queue the plain task messages of ``raws[start:]``; the index of the first one not taken."""
+
+def push_named(by_name: dict[str, Any], seen: dict[str, float], entries: list[QueuedTask],
+               deque_class: Any) -> None:
+    """Append each entry to its task name's queue in ``by_name``; note when its kind was seen."""
+
+def hand_out(queue: Any, child: Any, count: int, cost: float, step: float, budget: float,
+             out: list[tuple[Any, QueuedTask]]) -> float:
+    """Give ``child`` the next ``count`` entries of ``queue``; ``budget`` less ``step`` per entry."""
+
+def write_assigned(assigned: list[tuple[Any, QueuedTask]], now: float, kind: int) -> dict[int, Any]:
+    """Add each assigned task's frame to its child's pipe buffer; the children touched, by pid."""
+
+def count_runs(by_state: dict[str, int], histogram: list[int], buckets: tuple[float, ...], run_states: list[str],
+               runtimes: list[float]) -> float:
+    """Count states and run-time buckets; the sum of the run times."""
+
+def fold_runtimes(average: float, overall: float, count: int, runtimes: list[float], alpha: float,
+                  overall_runs: int) -> tuple[float, float, int]:
+    """Fold run times into a moving average and a slow overall mean."""
+
 def queue_pending(producer: Any, pending: Pending) -> None:
     """Queue ``pending`` in ``producer``'s outbox under its lock, waiting for room; wake its I/O thread."""
 

@@ -79,19 +79,25 @@ __all__ = (
     "TaskMessage",
     "TaskRegistry",
     "compute_backoff",
+    "count_runs",
     "decode_batch",
     "decode_message",
     "encode_batch",
     "encode_message",
     "finish_done",
+    "fold_runtimes",
+    "hand_out",
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "push_named",
     "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
+    "take_plain",
+    "write_assigned",
 )
 
 #: Which twin this is: ``"cython"`` here, ``"python"`` in ``engine._core_py``.
@@ -2316,6 +2322,161 @@ cdef class QueuedTask:
 
     def __repr__(self):
         return f"<QueuedTask {self.message.task}[{self.message.id}]>"
+
+
+def take_plain(list raws not None, Py_ssize_t start, TaskRegistry registry not None, peer, journal_ref,
+               list queued not None, list ids not None, dict per_queue not None, remember, watch):
+    """The supervisor's receive step for the plain tasks of one frame: ``raws[start:]`` while each is plain.
+
+    A plain task message decodes, names a registered task without a rate limit and
+    carries no eta: it is counted in ``per_queue`` (queue -> tasks) and ``ids``, given
+    to ``remember(message, peer)`` and ``watch(message)`` when these are not None,
+    and appended to ``queued`` as a QueuedTask received now, of ``peer`` and
+    ``journal_ref``. Returns the index of the first message it did not take (a
+    malformed one, or one the supervisor's ``accept()`` handles): ``len(raws)``
+    when it took them all.
+    """
+    cdef Py_ssize_t i, n = len(raws)
+    cdef TaskMessage msg
+    cdef QueuedTask entry
+    cdef double now = _py_monotonic()  # Python's clock, as QueuedTask's own
+    tasks = registry._tasks
+    for i in range(start, n):
+        raw = raws[i]
+        try:
+            if type(raw) is bytes:
+                msg = _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+            else:
+                msg = decode_message(raw)
+        except MessageDecodeError:
+            return i
+        task = tasks.get(msg._task)
+        if task is None or msg._eta is not None or task.rate_limit is not None:
+            return i
+        queue = msg._queue
+        per_queue[queue] = per_queue.get(queue, 0) + 1
+        ids.append(msg._id)
+        if remember is not None:
+            remember(msg, peer)
+        if watch is not None:
+            watch(msg)
+        entry = QueuedTask.__new__(QueuedTask)
+        entry.message = msg
+        entry.raw = raw
+        entry.task = task
+        entry.peer = peer
+        entry.journal_ref = journal_ref
+        entry.received = now
+        queued.append(entry)
+    return n
+
+
+def push_named(dict by_name not None, dict seen not None, list entries not None, deque_class):
+    """Append each of ``entries`` to its task name's queue in ``by_name`` (made by ``deque_class()``), in order.
+
+    ``seen[name]`` becomes the entry's receive time. The fair scheduler's
+    ``push_many`` step.
+    """
+    cdef QueuedTask entry
+    for entry in entries:
+        name = entry.message.task
+        queue = by_name.get(name)
+        if queue is None:
+            queue = by_name[name] = deque_class()
+        queue.append(entry)
+        seen[name] = entry.received
+
+
+def hand_out(queue not None, child, Py_ssize_t count, double cost, double step, double budget,
+             list out not None):
+    """Give ``child`` the next ``count`` entries of ``queue``; return ``budget`` less ``step`` per entry.
+
+    Each entry is expected to run ``cost`` seconds (added to ``child.queued_seconds``),
+    goes to ``child.outstanding`` and, as ``(child, entry)``, to ``out``: the fair
+    scheduler's step of handing a batch of one kind to a child.
+    """
+    cdef QueuedTask entry
+    cdef Py_ssize_t i
+    cdef double queued_seconds = child.queued_seconds
+    outstanding = child.outstanding
+    try:
+        for i in range(count):
+            entry = <QueuedTask?>queue.popleft()
+            entry.expected = cost
+            queued_seconds += cost
+            outstanding.append(entry)
+            out.append((child, entry))
+            budget -= step
+    finally:
+        child.queued_seconds = queued_seconds
+    return budget
+
+
+def write_assigned(list assigned not None, double now, unsigned char kind):
+    """Add each assigned task's message to its child's pipe buffer as a frame of ``kind``; return the children.
+
+    ``assigned`` holds ``(child, entry)`` pairs; an entry that is its child's first
+    outstanding task starts ``now``. Each child's ``writer.buffer`` (a bytearray)
+    gets the frames, in order; the result maps child pid -> child, each child once.
+    """
+    cdef dict touched = {}
+    cdef QueuedTask entry
+    cdef bytearray buffer
+    for child, entry in assigned:
+        if child.outstanding[0] is entry:
+            entry.started = now
+        buffer = child.writer.buffer
+        if buffer is None:
+            raise TypeError("a child's writer has no buffer")
+        raw = entry.raw
+        if type(raw) is bytes:
+            memcpy(_append_frame(buffer, kind, PyBytes_GET_SIZE(raw)), PyBytes_AS_STRING(raw),
+                   PyBytes_GET_SIZE(raw))
+        else:
+            pack_frame(buffer, kind, raw)
+        touched[child.pid] = child
+    return touched
+
+
+def count_runs(dict by_state not None, list histogram not None, tuple buckets not None, list run_states not None,
+               list runtimes not None):
+    """Count each state of ``run_states`` in ``by_state``, and each run time in ``histogram``'s bucket.
+
+    A run time's bucket is ``bisect.bisect_left(buckets, runtime)`` (``buckets``
+    sorted; ``histogram`` one longer). Returns the sum of ``runtimes``, added in order.
+    """
+    cdef Py_ssize_t lo, hi, mid, n = len(buckets)
+    cdef double runtime, total = 0.0
+    for state in run_states:
+        by_state[state] = by_state.get(state, 0) + 1
+    for value in runtimes:
+        runtime = value
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if <double>buckets[mid] < runtime:
+                lo = mid + 1
+            else:
+                hi = mid
+        histogram[lo] += 1
+        total += runtime
+    return total
+
+
+def fold_runtimes(double average, double overall, long long count, list runtimes not None, double alpha,
+                  long long overall_runs):
+    """Fold ``runtimes`` into a moving average and a slow overall mean; return ``(average, overall, count)``.
+
+    Each run time moves ``average`` by ``alpha`` of the difference, and ``overall``
+    by the difference over the run count (at most ``overall_runs``).
+    """
+    cdef double runtime
+    for value in runtimes:
+        runtime = value
+        average += alpha * (runtime - average)
+        count += 1
+        overall += (runtime - overall) / <double>(count if count < overall_runs else overall_runs)
+    return average, overall, count
 
 
 def read_done(payload):

@@ -26,6 +26,7 @@ and every problem is reported as ``engine.exceptions.MessageDecodeError``.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import operator
 import os
@@ -59,19 +60,25 @@ __all__ = (
     "TaskMessage",
     "TaskRegistry",
     "compute_backoff",
+    "count_runs",
     "decode_batch",
     "decode_message",
     "encode_batch",
     "encode_message",
     "finish_done",
+    "fold_runtimes",
+    "hand_out",
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "push_named",
     "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
+    "take_plain",
+    "write_assigned",
 )
 
 #: Which twin this is: ``"python"`` here, ``"cython"`` in ``engine._core``.
@@ -1119,6 +1126,123 @@ def finish_done(child: Any, payloads: list, start: int, end: int, now: float, ru
     finally:
         child.queued_seconds = queued
     return index, applied
+
+
+def take_plain(raws: list, start: int, registry: TaskRegistry, peer: Any, journal_ref: Any, queued: list,
+               ids: list, per_queue: dict, remember: Any, watch: Any) -> int:
+    """The supervisor's receive step for the plain tasks of one frame: ``raws[start:]`` while each is plain.
+
+    A plain task message decodes, names a registered task without a rate limit and
+    carries no eta: it is counted in ``per_queue`` (queue -> tasks) and ``ids``, given
+    to ``remember(message, peer)`` and ``watch(message)`` when these are not None,
+    and appended to ``queued`` as a QueuedTask received now, of ``peer`` and
+    ``journal_ref``. Returns the index of the first message it did not take (a
+    malformed one, or one the supervisor's ``accept()`` handles): ``len(raws)``
+    when it took them all.
+    """
+    now = time.monotonic()
+    for index in range(start, len(raws)):
+        raw = raws[index]
+        try:
+            message = decode_message(raw)
+        except MessageDecodeError:
+            return index
+        task = registry.get(message.task)
+        if task is None or message.eta is not None or task.rate_limit is not None:
+            return index
+        queue = message.queue
+        per_queue[queue] = per_queue.get(queue, 0) + 1
+        ids.append(message.id)
+        if remember is not None:
+            remember(message, peer)
+        if watch is not None:
+            watch(message)
+        entry = QueuedTask(message, raw, task, peer, journal_ref)
+        entry.received = now
+        queued.append(entry)
+    return len(raws)
+
+
+def push_named(by_name: dict, seen: dict, entries: list, deque_class: Any) -> None:
+    """Append each of ``entries`` to its task name's queue in ``by_name`` (made by ``deque_class()``), in order.
+
+    ``seen[name]`` becomes the entry's receive time. The fair scheduler's
+    ``push_many`` step.
+    """
+    for entry in entries:
+        name = entry.message.task
+        queue = by_name.get(name)
+        if queue is None:
+            queue = by_name[name] = deque_class()
+        queue.append(entry)
+        seen[name] = entry.received
+
+
+def hand_out(queue: Any, child: Any, count: int, cost: float, step: float, budget: float, out: list) -> float:
+    """Give ``child`` the next ``count`` entries of ``queue``; return ``budget`` less ``step`` per entry.
+
+    Each entry is expected to run ``cost`` seconds (added to ``child.queued_seconds``),
+    goes to ``child.outstanding`` and, as ``(child, entry)``, to ``out``: the fair
+    scheduler's step of handing a batch of one kind to a child.
+    """
+    for _ in range(count):
+        entry = queue.popleft()
+        entry.expected = cost
+        child.queued_seconds += cost
+        child.outstanding.append(entry)
+        out.append((child, entry))
+        budget -= step
+    return budget
+
+
+def write_assigned(assigned: list, now: float, kind: int) -> dict:
+    """Add each assigned task's message to its child's pipe buffer as a frame of ``kind``; return the children.
+
+    ``assigned`` holds ``(child, entry)`` pairs; an entry that is its child's first
+    outstanding task starts ``now``. Each child's ``writer.buffer`` (a bytearray)
+    gets the frames, in order; the result maps child pid -> child, each child once.
+    """
+    touched = {}
+    for child, entry in assigned:
+        if child.outstanding[0] is entry:
+            entry.started = now
+        buffer = child.writer.buffer
+        if buffer is None:
+            raise TypeError("a child's writer has no buffer")
+        pack_frame(buffer, kind, entry.raw)
+        touched[child.pid] = child
+    return touched
+
+
+def count_runs(by_state: dict, histogram: list, buckets: tuple, run_states: list, runtimes: list) -> float:
+    """Count each state of ``run_states`` in ``by_state``, and each run time in ``histogram``'s bucket.
+
+    A run time's bucket is ``bisect.bisect_left(buckets, runtime)`` (``buckets``
+    sorted; ``histogram`` one longer). Returns the sum of ``runtimes``, added in order.
+    """
+    for state in run_states:
+        by_state[state] = by_state.get(state, 0) + 1
+    total = 0.0
+    for runtime in runtimes:
+        histogram[bisect.bisect_left(buckets, runtime)] += 1
+        total += runtime
+    return total
+
+
+def fold_runtimes(average: float, overall: float, count: int, runtimes: list, alpha: float,
+                  overall_runs: int) -> tuple[float, float, int]:
+    """Fold ``runtimes`` into a moving average and a slow overall mean; return ``(average, overall, count)``.
+
+    Each run time moves ``average`` by ``alpha`` of the difference, and ``overall``
+    by the difference over the run count (at most ``overall_runs``).
+    """
+    average, overall = float(average), float(overall)
+    for runtime in runtimes:
+        runtime = float(runtime)
+        average += alpha * (runtime - average)
+        count += 1
+        overall += (runtime - overall) / (count if count < overall_runs else overall_runs)
+    return average, overall, count
 
 
 def read_done(payload: bytes) -> tuple:

@@ -36,19 +36,25 @@ __all__ = (
     "TaskMessage",
     "TaskRegistry",
     "compute_backoff",
+    "count_runs",
     "decode_batch",
     "decode_message",
     "encode_batch",
     "encode_message",
     "finish_done",
+    "fold_runtimes",
+    "hand_out",
     "new_task_id",
     "pack_done",
     "pack_frame",
+    "push_named",
     "queue_pending",
     "read_done",
     "request_fields",
     "split_batch",
     "split_frames",
+    "take_plain",
+    "write_assigned",
 )
 
 
@@ -95,6 +101,12 @@ Outbox = _impl.Outbox
 Pending = _impl.Pending
 PlainRunner = _impl.PlainRunner
 finish_done = _impl.finish_done
+take_plain = _impl.take_plain
+push_named = _impl.push_named
+hand_out = _impl.hand_out
+write_assigned = _impl.write_assigned
+count_runs = _impl.count_runs
+fold_runtimes = _impl.fold_runtimes
 queue_pending = _impl.queue_pending
 PlainSender = _impl.PlainSender
 QueuedTask = _impl.QueuedTask

@@ -1260,3 +1260,113 @@ def test_finish_done_applies_reports_in_order_and_stops_at_one_it_cannot_apply(c
     held = _Child([other, entry(7)])
     assert core.finish_done(held, payloads[:1], 0, 1, 14.0, runs, released, requeued) == (1, 1)
     assert runs["t.work"][2][-1] == 0.5 and released[-1] == "ref6" and held.outstanding[0].started == 14.0
+
+
+# -- the supervisor's per-task steps ------------------------------------------------------------
+
+def test_take_plain_queues_plain_tasks_and_stops_at_the_first_it_leaves_to_accept(core):
+    registry = core.TaskRegistry()
+    plain = type("Task", (), {"rate_limit": None})()
+    limited = type("Task", (), {"rate_limit": "10/s"})()
+    registry.register("t.plain", plain)
+    registry.register("t.limited", limited)
+
+    def raw(n, task="t.plain", **fields):
+        return core.encode_message(core.TaskMessage(f"id{n}", task, (n,), queue=f"q{n % 2}", **fields))
+
+    raws = [raw(0), raw(1), raw(2, "t.limited"), raw(3), b"\xc1 malformed", raw(5, eta=1.0), raw(6, "t.unknown"),
+            raw(7)]
+    queued, ids, per_queue, remembered, watched = [], [], {}, [], []
+
+    def remember(message, peer):
+        remembered.append((message.id, peer))
+
+    before = time.monotonic()
+    assert core.take_plain(raws, 0, registry, "peer", "ref", queued, ids, per_queue, remember, watched.append) == 2
+    assert [entry.message.id for entry in queued] == ids == ["id0", "id1"] and per_queue == {"q0": 1, "q1": 1}
+    assert remembered == [("id0", "peer"), ("id1", "peer")] and [m.id for m in watched] == ["id0", "id1"]
+    entry = queued[0]
+    assert (entry.raw, entry.task, entry.peer, entry.journal_ref) == (raws[0], plain, "peer", "ref")
+    assert before <= entry.received <= time.monotonic() and entry.started == entry.expected == 0.0
+    assert entry.message.args == (0,) and not entry.rate_slot
+    # Each stop: a rate-limited kind, a malformed message, an eta, an unknown name; the last one is taken.
+    for start, stop in ((3, 4), (5, 5), (6, 6), (7, 8)):
+        assert core.take_plain(raws, start, registry, None, None, queued, ids, per_queue, None, None) == stop
+    assert ids == ["id0", "id1", "id3", "id7"] and per_queue == {"q0": 1, "q1": 3}
+    assert core.take_plain(raws, 8, registry, None, None, queued, ids, per_queue, None, None) == 8
+
+
+def test_push_named_and_hand_out_queue_and_hand_tasks_as_their_loops_did(core):
+    entries = [core.QueuedTask(core.TaskMessage(f"id{n}", f"t.{'ab'[n % 2]}"), b"raw", None) for n in range(6)]
+    for n, entry in enumerate(entries):
+        entry.received = 100.0 + n
+    by_name, seen = {"t.b": collections.deque(["older"])}, {}
+    core.push_named(by_name, seen, entries, collections.deque)
+    assert [e.message.id for e in by_name["t.a"]] == ["id0", "id2", "id4"] and list(by_name["t.b"])[0] == "older"
+    assert seen == {"t.a": 104.0, "t.b": 105.0}
+
+    child = _Child([])
+    child.queued_seconds = 0.001
+    out: list = []
+    budget = core.hand_out(by_name["t.a"], child, 2, 0.0003, 0.0003, 0.002, out)
+    expected_budget, expected_seconds = 0.002, 0.001
+    for _ in range(2):
+        expected_budget -= 0.0003
+        expected_seconds += 0.0003
+    assert budget == expected_budget and child.queued_seconds == expected_seconds  # the same float sums
+    assert [e.message.id for e in child.outstanding] == ["id0", "id2"] and [e.expected for e in child.outstanding] \
+        == [0.0003, 0.0003]
+    assert out == [(child, entries[0]), (child, entries[2])] and [e.message.id for e in by_name["t.a"]] == ["id4"]
+
+
+def test_write_assigned_frames_each_task_for_its_child_and_starts_the_first(core):
+    class Writer:
+        def __init__(self):
+            self.buffer = bytearray()
+
+    children = []
+    for pid in (7, 8):
+        child = _Child([])
+        child.pid, child.writer = pid, Writer()
+        children.append(child)
+    entries = [core.QueuedTask(core.TaskMessage(f"id{n}", "t"), f"raw{n}".encode(), None) for n in range(3)]
+    children[0].outstanding.extend(entries[:2])
+    children[1].outstanding.extend([entries[2]])
+    entries[2].raw = bytearray(b"raw2")  # any buffer goes
+    touched = core.write_assigned([(children[0], entries[1]), (children[1], entries[2])], 5.0, 3)
+    assert touched == {7: children[0], 8: children[1]}
+    assert entries[1].started == 0.0 and entries[2].started == 5.0  # only a child's first task starts now
+    for child, raw in ((children[0], b"raw1"), (children[1], b"raw2")):
+        expected = bytearray()
+        core.pack_frame(expected, 3, raw)
+        assert child.writer.buffer == expected
+    children[0].writer.buffer = None
+    with pytest.raises(TypeError):
+        core.write_assigned([(children[0], entries[0])], 6.0, 3)
+
+
+@settings(max_examples=200)
+@given(runtimes=st.lists(st.one_of(st.floats(0, 20, allow_nan=False), st.integers(0, 20)), max_size=40),
+       average=st.floats(0, 5), overall=st.floats(0, 5), count=st.integers(0, 2000))
+def test_count_runs_and_fold_runtimes_equal_their_python_loops(runtimes, average, overall, count):
+    import bisect
+
+    buckets = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+    states = ["SUCCESS" if n % 3 else "FAILURE" for n in range(len(runtimes))]
+    expected_states: dict = {"SUCCESS": 1}
+    expected_histogram = [0] * (len(buckets) + 1)
+    for state in states:
+        expected_states[state] = expected_states.get(state, 0) + 1
+    for runtime in runtimes:
+        expected_histogram[bisect.bisect_left(buckets, runtime)] += 1
+    expected_average, expected_overall, expected_count = average, overall, count
+    for runtime in runtimes:
+        expected_average += 0.2 * (runtime - expected_average)
+        expected_count += 1
+        expected_overall += (runtime - expected_overall) / (expected_count if expected_count < 1024 else 1024)
+    for core in (py_core, engine.core):
+        by_state, histogram = {"SUCCESS": 1}, [0] * (len(buckets) + 1)
+        assert core.count_runs(by_state, histogram, buckets, states, list(runtimes)) == float(sum(runtimes))
+        assert by_state == expected_states and histogram == expected_histogram
+        folded = core.fold_runtimes(average, overall, count, list(runtimes), 0.2, 1024)
+        assert folded == (float(expected_average), float(expected_overall), expected_count)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 # A received task waiting for a child is a class of the compiled core (engine.core.QueuedTask).
-from engine.core import QueuedTask
+from engine.core import QueuedTask, fold_runtimes, hand_out, push_named
 
 __all__ = ("FairScheduler", "FifoScheduler", "QueuedTask", "RuntimeStats", "make_scheduler")
 
@@ -89,12 +89,8 @@ class RuntimeStats:
         """Fold measured run times of ``name`` in, oldest first (as :meth:`add` of each, in one call)."""
         if not runtimes:
             return
-        average = self.by_name.get(name, runtimes[0])
-        overall, count = self.overall, self._runs
-        for runtime in runtimes:
-            average += EWMA_ALPHA * (runtime - average)
-            count += 1
-            overall += (runtime - overall) / (count if count < OVERALL_RUNS else OVERALL_RUNS)
+        average, overall, count = fold_runtimes(self.by_name.get(name, runtimes[0]), self.overall, self._runs,
+                                                runtimes, EWMA_ALPHA, OVERALL_RUNS)
         self.by_name[name] = average
         self.overall, self._runs = overall, count
         self.changed = True
@@ -248,14 +244,7 @@ class FairScheduler(FifoScheduler):
 
     def push_many(self, entries: list[QueuedTask]) -> None:
         """Queue tasks behind the others, in their order (as :meth:`push` of each, in one call)."""
-        by_name, seen = self.by_name, self.seen
-        for entry in entries:
-            name = entry.message.task
-            queue = by_name.get(name)
-            if queue is None:
-                queue = by_name[name] = collections.deque()
-            queue.append(entry)
-            seen[name] = entry.received
+        push_named(self.by_name, self.seen, entries, collections.deque)
         self.count += len(entries)
 
     def _short_arrived_within(self, now: float, horizon: float, long_name: str) -> bool:
@@ -354,14 +343,9 @@ class FairScheduler(FifoScheduler):
                     break
                 queue = self.by_name[name]
                 cost = FAIR_BATCH_SECONDS if expected is None else expected  # not measured: counts as long
-                for _ in range(min(take, len(queue))):
-                    entry = queue.popleft()
-                    entry.expected = cost
-                    child.queued_seconds += cost
-                    child.outstanding.append(entry)
-                    out.append((child, entry))
-                    self.count -= 1
-                    budget -= expected or 0.0
+                take = min(take, len(queue))
+                budget = hand_out(queue, child, take, cost, expected or 0.0, budget, out)
+                self.count -= take
                 if not queue:
                     del self.by_name[name]
                 first = False

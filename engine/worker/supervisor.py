@@ -25,7 +25,7 @@ import msgpack
 import zmq
 
 from engine import signals, states
-from engine.core import decode_message, encode_message, finish_done, read_done
+from engine.core import decode_message, encode_message, finish_done, read_done, take_plain, write_assigned
 from engine.exceptions import (
     ImproperlyConfigured,
     MessageDecodeError,
@@ -532,9 +532,8 @@ class Supervisor:
         assert consumer is not None
         journal = self.journal
         # What accept() does for a task due now, of a known kind without a rate limit, while no
-        # event, revocation or task_received receiver asks for more, is done here in the loop.
+        # event, revocation or task_received receiver asks for more, is done here, in take_plain.
         plain = self.events is None and not self.revoked.entries and not signals.task_received.receivers
-        registered = self.registry.get
         remember = self.replies.remember if self.replies is not None else None
         watch = self.chords.watch if self.chords is not None else None
         for peer, frame, raws in consumer.receive(sock):
@@ -542,11 +541,21 @@ class Supervisor:
             ref = journal.add_frame(frame, len(raws), peer.route) if journal is not None else None
             # Counted against credit and acknowledged once per frame and queue, not per task.
             per_queue: dict[str, int] = {}
-            ids = []
+            ids: list[str] = []
             queued: list[QueuedTask] = []  # to the scheduler in one call, in their order
             received = 0
+            index, count = 0, len(raws)
             try:
-                for raw in raws:
+                while index < count:
+                    if plain:  # the plain ones in one compiled step, up to one it leaves to the code below
+                        start = index
+                        index = take_plain(raws, index, self.registry, peer, ref, queued, ids, per_queue,
+                                           remember, watch)
+                        received += index - start
+                        if index == count:
+                            break
+                    raw = raws[index]
+                    index += 1
                     try:
                         message = decode_message(raw)
                     except MessageDecodeError as exc:
@@ -561,19 +570,10 @@ class Supervisor:
                     queue = message.queue
                     per_queue[queue] = per_queue.get(queue, 0) + 1
                     ids.append(message.id)
-                    task = registered(message.task) if plain else None
-                    if task is not None and task.rate_limit is None and message.eta is None:
-                        received += 1
-                        if remember is not None:
-                            remember(message, peer)
-                        if watch is not None:
-                            watch(message)
-                        queued.append(QueuedTask(message, raw, task, peer, ref))
-                    else:
-                        if queued:  # the tasks before it go first
-                            self.scheduler.push_many(queued)
-                            queued = []
-                        self.accept(message, raw, peer, journal_ref=ref)
+                    if queued:  # the tasks before it go first
+                        self.scheduler.push_many(queued)
+                        queued = []
+                    self.accept(message, raw, peer, journal_ref=ref)
             finally:
                 self.counters["received"] += received
                 if queued:
@@ -676,16 +676,18 @@ class Supervisor:
         if not assigned:
             return
         now = time.monotonic()
-        touched = {}
         self.in_children += len(assigned)
         events = self.events
-        for child, entry in assigned:
-            if child.outstanding[0] is entry:
-                entry.started = now
-                if events is not None:
+        if events is None:
+            touched = write_assigned(assigned, now, pipe.TASK)
+        else:  # each task's start is announced
+            touched = {}
+            for child, entry in assigned:
+                if child.outstanding[0] is entry:
+                    entry.started = now
                     events.task("started", entry.message.id, entry.message.task)
-            child.writer.add(pipe.TASK, entry.raw)
-            touched[child.pid] = child
+                child.writer.add(pipe.TASK, entry.raw)
+                touched[child.pid] = child
         for child in touched.values():
             _safe_flush(child)
 

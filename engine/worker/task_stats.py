@@ -12,6 +12,7 @@ import collections
 from typing import Any
 
 from engine import states
+from engine.core import count_runs
 
 __all__ = ("BUCKETS", "SAMPLES", "TaskStats")
 
@@ -77,16 +78,10 @@ class TaskStats:
     def finished_runs(self, name: str, run_states: list[str], runtimes: list[float], waits: list[float]) -> None:
         """Tasks of ``name`` ran (see :meth:`finished`): their states, run times and waits, in order."""
         kind = self.by_name.get(name) or self._kind(name)
-        by_state = kind.by_state
-        for state in run_states:
-            by_state[state] = by_state.get(state, 0) + 1
         kind.runs += len(runtimes)
         kind.runtimes.extend(runtimes)
         kind.waits.extend(waits)
-        histogram = kind.histogram
-        for runtime in runtimes:
-            histogram[bisect.bisect_left(BUCKETS, runtime)] += 1
-        kind.runtime_sum += sum(runtimes)
+        kind.runtime_sum += count_runs(kind.by_state, kind.histogram, BUCKETS, run_states, runtimes)
 
     def decided(self, name: str, state: str) -> None:
         """A task ended in ``state`` without running (revoked before it started)."""
