@@ -42,7 +42,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLon
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport ldexp
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import operator
@@ -1174,7 +1174,8 @@ cdef object _read_int(_Reader* r, str field, str expected):
     raise _field_error(field, expected, _kind(c))
 
 
-cdef object _read_str(_Reader* r, str field, bint nil_ok):
+cdef Py_ssize_t _str_header(_Reader* r, str field, bint nil_ok) except -2:
+    """Read a str's header: its length in bytes, the reader at its first byte; -1 for nil (when ``nil_ok``)."""
     _need_field(r, 1, field)
     cdef const unsigned char* p = r.buf + r.pos
     cdef unsigned char c = p[0]
@@ -1196,15 +1197,57 @@ cdef object _read_str(_Reader* r, str field, bint nil_ok):
         r.pos += 5
     elif c == 0xc0 and nil_ok:
         r.pos += 1
-        return None
+        return -1
     else:
         raise _field_error(field, "str or nil" if nil_ok else "str", _kind(c))
     _need_field(r, n, field)
+    return n
+
+
+cdef object _str_body(_Reader* r, str field, Py_ssize_t n):
     try:
         s = PyUnicode_DecodeUTF8(<char*>r.buf + r.pos, n, NULL)
     except UnicodeDecodeError:
         raise _MDE(f"task message field {field!r} is not valid UTF-8") from None
     r.pos += n
+    return s
+
+
+cdef object _read_str(_Reader* r, str field, bint nil_ok):
+    cdef Py_ssize_t n = _str_header(r, field, nil_ok)
+    if n < 0:
+        return None
+    return _str_body(r, field, n)
+
+
+#: The last value read of each field that repeats from message to message: task name, queue, reply address.
+cdef list _repeated = [None, None, None]
+cdef enum:
+    _TASK_FIELD = 0
+    _QUEUE_FIELD = 1
+    _REPLY_FIELD = 2
+
+
+cdef object _read_repeated_str(_Reader* r, str field, bint nil_ok, int slot):
+    """``_read_str`` for a field whose value repeats: the last one read is given again when its bytes are the same.
+
+    A batch's messages name the same task, queue and reply address: given again,
+    the string is not decoded, allocated and hashed anew (the hash is what every
+    registry and queue lookup of it needs).
+    """
+    cdef Py_ssize_t n = _str_header(r, field, nil_ok)
+    cdef Py_ssize_t known_size
+    cdef const char* known_bytes
+    if n < 0:
+        return None
+    known = _repeated[slot]
+    if known is not None:
+        known_bytes = PyUnicode_AsUTF8AndSize(known, &known_size)
+        if known_size == n and memcmp(known_bytes, r.buf + r.pos, n) == 0:
+            r.pos += n
+            return known
+    s = _str_body(r, field, n)
+    _repeated[slot] = s
     return s
 
 
@@ -1502,7 +1545,7 @@ cdef TaskMessage _decode_envelope(const unsigned char* buf, Py_ssize_t size):
                    f"(this engine reads {WIRE_VERSION})")
     cdef TaskMessage msg = TaskMessage.__new__(TaskMessage)
     msg._id = _read_str(&r, "id", False)
-    msg._task = _read_str(&r, "task", False)
+    msg._task = _read_repeated_str(&r, "task", False, _TASK_FIELD)
     msg._payload = _read_bin(&r, "payload")
     retries = _read_int(&r, "retries", "a non-negative int")
     if retries < 0:
@@ -1510,8 +1553,8 @@ cdef TaskMessage _decode_envelope(const unsigned char* buf, Py_ssize_t size):
     msg._retries = retries
     msg._eta = _read_time(&r, "eta")
     msg._expires = _read_time(&r, "expires")
-    msg._queue = _read_str(&r, "queue", False)
-    msg._reply_to = _read_str(&r, "reply_to", True)
+    msg._queue = _read_repeated_str(&r, "queue", False, _QUEUE_FIELD)
+    msg._reply_to = _read_repeated_str(&r, "reply_to", True, _REPLY_FIELD)
     msg._parent_id = _read_str(&r, "parent_id", True)
     msg._root_id = _read_str(&r, "root_id", True)
     _need_field(&r, 1, "ignore_result")

@@ -1370,3 +1370,19 @@ def test_count_runs_and_fold_runtimes_equal_their_python_loops(runtimes, average
         assert by_state == expected_states and histogram == expected_histogram
         folded = core.fold_runtimes(average, overall, count, list(runtimes), 0.2, 1024)
         assert folded == (float(expected_average), float(expected_overall), expected_count)
+
+
+def test_a_task_name_queue_and_reply_address_repeated_from_the_last_message_decode_the_same(core):
+    def raw(task, queue, reply_to):
+        return core.encode_message(core.TaskMessage("id", task, (), queue=queue, reply_to=reply_to))
+
+    first = core.decode_message(raw("t.é", "q", "r"))
+    again = core.decode_message(raw("t.é", "q", "r"))
+    assert (again.task, again.queue, again.reply_to) == ("t.é", "q", "r")
+    if core.IMPLEMENTATION == "cython":  # given again, not decoded anew
+        assert again.task is first.task and again.queue is first.queue and again.reply_to is first.reply_to
+    other = core.decode_message(raw("t.e", "q2", None))
+    assert (other.task, other.queue, other.reply_to) == ("t.e", "q2", None)
+    longer = core.decode_message(raw("t.e" + "x" * 300, "q" * 40, "r"))
+    assert (longer.task, longer.queue, longer.reply_to) == ("t.e" + "x" * 300, "q" * 40, "r")
+    assert core.decode_message(raw("t.é", "q", "r")).task == "t.é"
