@@ -104,6 +104,10 @@ class PlainRunner:
                  done_kind: int) -> None: ...
     def run(self, payload: bytes) -> float | None:
         """Run one task message if it is plain and return its run time; else None, nothing done."""
+    def run_many(self, frames: list[tuple[int, bytes]], index: int, done: int, read_at: float, last_flush: float,
+                 last_checkpoint: float, max_tasks: int, task_kind: int, report_every: float, report_bytes: int,
+                 log_every: float, lookahead: float) -> tuple[int, int, float, float, int]:
+        """Run the plain task frames from ``index`` with the loop's after-task steps; where and why it stopped."""
 
 class Pending:
     """A task message in a client's outbox, or sent and not yet acknowledged."""

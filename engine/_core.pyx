@@ -1833,6 +1833,9 @@ cdef class PlainRunner:
 
     def run(self, payload):
         """Run one task message if it is plain and return its run time (seconds); else None, nothing done."""
+        return self._run(payload)
+
+    cdef object _run(self, payload):
         cdef TaskMessage msg
         cdef dict options, fields
         cdef double started, runtime
@@ -1904,6 +1907,48 @@ cdef class PlainRunner:
         self.last_run_times[name] = runtime
         _pack_done(self._buffer(), self.done_kind, task_id, state, runtime, requeue, msg._retries)
         return runtime
+
+    def run_many(self, list frames not None, Py_ssize_t index, Py_ssize_t done, double read_at,
+                 double last_flush, double last_checkpoint, Py_ssize_t max_tasks, unsigned char task_kind,
+                 double report_every, Py_ssize_t report_bytes, double log_every, double lookahead):
+        """The child loop's steps for a run of plain tasks: ``frames[index:]`` while each is one.
+
+        Runs each ``(kind, payload)`` frame of ``task_kind`` that :meth:`run` takes,
+        then does what the child's loop does after a task: the writer is flushed when
+        the task ran longer than ``report_slower_than``, ``report_every`` seconds
+        passed since ``last_flush`` or its buffer holds more than ``report_bytes``;
+        otherwise it is checkpointed when ``log_every`` passed since ``last_checkpoint``.
+        Returns ``(index, done, last_flush, last_checkpoint, due)`` where ``index`` is the
+        next frame to look at and ``done`` counts tasks run; ``due`` is 0 when it stopped
+        at a frame it does not run (or the end), 1 when ``lookahead`` seconds passed since
+        ``read_at`` (the loop looks for revokes in the pipe), 2 when ``done`` reached
+        ``max_tasks`` (0: no limit).
+        """
+        cdef Py_ssize_t count = len(frames)
+        cdef double now
+        cdef tuple frame
+        while index < count:
+            frame = <tuple?>frames[index]
+            if <long>frame[0] != task_kind:
+                return index, done, last_flush, last_checkpoint, 0
+            runtime = self._run(frame[1])
+            if runtime is None:
+                return index, done, last_flush, last_checkpoint, 0
+            index += 1
+            done += 1
+            now = _monotonic()
+            if <double>runtime > self.report_slower_than or now - last_flush > report_every \
+                    or PyByteArray_GET_SIZE(self._buffer()) > report_bytes:
+                self.writer.flush()
+                last_flush = last_checkpoint = now
+            elif now - last_checkpoint > log_every:
+                self.writer.checkpoint()
+                last_checkpoint = now
+            if max_tasks and done >= max_tasks:
+                return index, done, last_flush, last_checkpoint, 2
+            if now - read_at > lookahead:
+                return index, done, last_flush, last_checkpoint, 1
+        return index, done, last_flush, last_checkpoint, 0
 
     cdef bytearray _buffer(self):
         # Read each time: the writer owns it. Typed bytearray lets None through, which C cannot take.

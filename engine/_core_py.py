@@ -821,6 +821,45 @@ class PlainRunner:
         pack_done(self.writer.buffer, self.done_kind, task_id, state, runtime, requeue, msg.retries)
         return runtime
 
+    def run_many(self, frames: list, index: int, done: int, read_at: float, last_flush: float,
+                 last_checkpoint: float, max_tasks: int, task_kind: int, report_every: float, report_bytes: int,
+                 log_every: float, lookahead: float) -> tuple[int, int, float, float, int]:
+        """The child loop's steps for a run of plain tasks: ``frames[index:]`` while each is one.
+
+        Runs each ``(kind, payload)`` frame of ``task_kind`` that :meth:`run` takes,
+        then does what the child's loop does after a task: the writer is flushed when
+        the task ran longer than ``report_slower_than``, ``report_every`` seconds
+        passed since ``last_flush`` or its buffer holds more than ``report_bytes``;
+        otherwise it is checkpointed when ``log_every`` passed since ``last_checkpoint``.
+        Returns ``(index, done, last_flush, last_checkpoint, due)`` where ``index`` is the
+        next frame to look at and ``done`` counts tasks run; ``due`` is 0 when it stopped
+        at a frame it does not run (or the end), 1 when ``lookahead`` seconds passed since
+        ``read_at`` (the loop looks for revokes in the pipe), 2 when ``done`` reached
+        ``max_tasks`` (0: no limit).
+        """
+        while index < len(frames):
+            kind, payload = frames[index]
+            if kind != task_kind:
+                return index, done, last_flush, last_checkpoint, 0
+            runtime = self.run(payload)
+            if runtime is None:
+                return index, done, last_flush, last_checkpoint, 0
+            index += 1
+            done += 1
+            now = time.monotonic()
+            if runtime > self.report_slower_than or now - last_flush > report_every \
+                    or len(self.writer.buffer) > report_bytes:
+                self.writer.flush()
+                last_flush = last_checkpoint = now
+            elif now - last_checkpoint > log_every:
+                self.writer.checkpoint()
+                last_checkpoint = now
+            if max_tasks and done >= max_tasks:
+                return index, done, last_flush, last_checkpoint, 2
+            if now - read_at > lookahead:
+                return index, done, last_flush, last_checkpoint, 1
+        return index, done, last_flush, last_checkpoint, 0
+
 
 def pack_done(buffer: bytearray, kind: int, task_id: str, state: str, runtime: float, requeue: bool,
               retries: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import msgpack
 import pytest
@@ -126,6 +127,7 @@ def runner(request, monkeypatch):
             return plain.run(message if isinstance(message, bytes) else encode_message(message))
 
         run.revoked = revoked
+        run.plain = plain
         yield run, read, writer
 
 
@@ -313,3 +315,50 @@ def test_a_plain_check_that_fails_sends_the_task_the_general_way(runner, monkeyp
         plain = child.plain_runner(app.tasks, recorder2, writer2, "w1@test", set())
         assert plain.run(encode_message(TaskMessage("id-44", quiet.name, (1,)))) is None
         assert not writer2.buffer
+
+
+def run_many(plain, frames, index=0, done=0, read_at=None, max_tasks=0, report_every=60.0, report_bytes=1 << 20,
+             log_every=60.0, lookahead=60.0):
+    now = time.monotonic()
+    return plain.run_many(frames, index, done, now if read_at is None else read_at, now, now, max_tasks, pipe.TASK,
+                          report_every, report_bytes, log_every, lookahead)
+
+
+def test_run_many_runs_plain_tasks_up_to_a_frame_it_leaves_to_the_loop(runner):
+    run, read, _ = runner
+    task = [(pipe.TASK, encode_message(TaskMessage(f"id-{n}", quiet.name, (n,)))) for n in range(3)]
+    frames = task[:2] + [(pipe.STOP, b"")] + task[2:] + [(pipe.TASK, encode_message(TaskMessage("id-h", handled.name)))]
+
+    index, done, *_, due = run_many(run.plain, frames, done=5)
+    assert (index, done, due) == (2, 7, 0)  # stopped at the STOP frame, two tasks run
+    index, done, *_, due = run_many(run.plain, frames, index=3, done=done)
+    assert (index, done, due) == (4, 8, 0)  # stopped at a task of a custom base: the general way runs it
+    reports = read()[pipe.DONE]
+    assert [report[0] for report in reports] == ["id-0", "id-1", "id-2"]
+    assert all(report[1] == states.SUCCESS for report in reports)
+    assert run_many(run.plain, frames, index=5, done=8)[0::4] == (5, 0)  # at the end
+
+
+def test_run_many_stops_at_the_task_limit_and_when_revokes_are_due(runner):
+    run, read, _ = runner
+    frames = [(pipe.TASK, encode_message(TaskMessage(f"id-{n}", quiet.name, (n,)))) for n in range(4)]
+    assert run_many(run.plain, frames, done=1, max_tasks=3)[0::4] == (2, 2)  # the limit: retire
+    assert run_many(run.plain, frames, index=2, read_at=time.monotonic() - 1.0, lookahead=0.5)[0::4] == (3, 1)
+    assert run_many(run.plain, frames, index=3)[0::4] == (4, 0)
+    assert [report[0] for report in read()[pipe.DONE]] == ["id-0", "id-1", "id-2", "id-3"]
+
+
+def test_run_many_flushes_and_checkpoints_as_the_loop_does(runner, monkeypatch):
+    run, read, writer = runner
+    frames = [(pipe.TASK, encode_message(TaskMessage(f"id-{n}", quiet.name, (n,)))) for n in range(3)]
+    flushed: list = []
+    checkpoints: list = []
+    monkeypatch.setattr(pipe.FrameWriter, "flush", lambda self: flushed.append(len(self.buffer)))
+    monkeypatch.setattr(pipe.FrameWriter, "checkpoint", lambda self: checkpoints.append(len(self.buffer)))
+    before = time.monotonic()
+    _, _, last_flush, last_checkpoint, _ = run_many(run.plain, frames[:1], report_every=0.0)
+    assert len(flushed) == 1 and flushed[0] > 0 and last_flush == last_checkpoint >= before  # each reported
+    _, _, last_flush, last_checkpoint, _ = run_many(run.plain, frames[1:2], log_every=0.0)
+    assert len(flushed) == 1 and len(checkpoints) == 1 and last_checkpoint > last_flush
+    run_many(run.plain, frames[2:], report_bytes=0)  # a full buffer is reported
+    assert len(flushed) == 2 and len(checkpoints) == 1

@@ -62,6 +62,10 @@ REPORT_BYTES = 256 * 1024
 LOG_EVERY = 0.001
 #: Seconds between checks that the supervisor is still there.
 PARENT_CHECK = 1.0
+#: What PlainRunner.run_many stopped for, besides a frame it leaves to the loop: time to look for
+#: revokes in the pipe, or the child's task limit reached.
+_LOOKAHEAD_DUE = 1
+_RETIRE_DUE = 2
 #: This child's last run time per task name: a kind not seen yet, or one that ran longer than
 #: REPORT_SLOWER_THAN, gets the reports of the tasks before it flushed before it starts.
 _last_run_times: dict[str, float] = {}
@@ -181,7 +185,11 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
     #: Ids of tasks this child holds that were revoked (the supervisor's REVOKE frames).
     revoked: set[str] = set()
     # A default soft limit applies to every task: then none is plain.
-    run_plain = None if default_soft else plain_runner(registry, recorder, writer, hostname, revoked).run
+    runner = None if default_soft else plain_runner(registry, recorder, writer, hostname, revoked)
+    # Runs of plain tasks go through the compiled loop step; with a memory limit, whose check after
+    # each task is a call of its own, one task at a time.
+    run_many = runner.run_many if runner is not None and not max_memory_kib else None
+    run_plain = runner.run if runner is not None and max_memory_kib else None
     done = 0
     exit_code = 0
     last_flush = last_checkpoint = time.monotonic()
@@ -198,14 +206,33 @@ def child_main(apps: list[Engine], task_fd: int, result_fd: int, hostname: str, 
                     break
                 continue
             read_at = time.monotonic()
-            for kind, payload in frames:  # frames read ahead below are appended: this loop sees them
+            index = 0
+            while index < len(frames):  # frames read ahead below are appended: this loop sees them
+                if run_many is not None:
+                    index, done, last_flush, last_checkpoint, due = run_many(
+                        frames, index, done, read_at, last_flush, last_checkpoint, max_tasks, pipe.TASK,
+                        REPORT_EVERY, REPORT_BYTES, LOG_EVERY, REVOKE_LOOKAHEAD)
+                    if due == _LOOKAHEAD_DUE:
+                        read_at = time.monotonic()
+                        if poller.poll(0):
+                            frames.extend(_take_revokes(reader.read(), revoked))
+                        continue
+                    if due == _RETIRE_DUE:
+                        exit_code = RETIRE_EXIT
+                        running = False
+                        break
+                    if index == len(frames):
+                        break
+                # A frame the compiled step left: not a task, or a task to run the general way.
+                kind, payload = frames[index]
+                index += 1
                 if kind == pipe.STOP:
                     running = False
                     break
                 if kind != pipe.TASK:
                     continue
                 runtime = run_plain(payload) if run_plain is not None else None
-                if runtime is None:  # not a plain task: the general way
+                if runtime is None:  # not a plain task (or one run_many left): the general way
                     runtime = _run_one(payload, registry, recorder, writer, hostname, default_soft, revoked)
                 done += 1
                 now = time.monotonic()
