@@ -193,6 +193,9 @@ def fold_runtimes(average: float, overall: float, count: int, runtimes: list[flo
 def queue_pending(producer: Any, pending: Pending) -> None:
     """Queue ``pending`` in ``producer``'s outbox under its lock, waiting for room; wake its I/O thread."""
 
+def read_record(payload: bytes) -> tuple[Any, ...]:
+    """A child's RECORD report, ``(task_id, state, body, traceback, timestamp)``."""
+
 def read_done(payload: bytes) -> tuple[Any, ...]:
     """A child's DONE report, ``(task_id, state, runtime, requeue, retries)``."""
 

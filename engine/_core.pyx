@@ -93,6 +93,7 @@ __all__ = (
     "push_named",
     "queue_pending",
     "read_done",
+    "read_record",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -1220,12 +1221,14 @@ cdef object _read_str(_Reader* r, str field, bint nil_ok):
     return _str_body(r, field, n)
 
 
-#: The last value read of each field that repeats from message to message: task name, queue, reply address.
-cdef list _repeated = [None, None, None]
+#: The last value read of each field that repeats from message to message: task name, queue, reply
+#: address, and a child's report's state.
+cdef list _repeated = [None, None, None, None]
 cdef enum:
     _TASK_FIELD = 0
     _QUEUE_FIELD = 1
     _REPLY_FIELD = 2
+    _STATE_FIELD = 3
 
 
 cdef object _read_repeated_str(_Reader* r, str field, bint nil_ok, int slot):
@@ -2581,6 +2584,44 @@ def read_done(payload):
     return tuple(_unpackb(payload, raw=False))
 
 
+def read_record(payload):
+    """A child's RECORD report, ``(task_id, state, body, traceback, timestamp)``: what ``msgpack.unpackb`` reads.
+
+    The report a child's recorder packs (two strings, the result's bytes, a string or
+    nil, a float64) is read here directly; anything else, valid or not, goes to
+    ``msgpack.unpackb`` (which raises for a malformed one).
+    """
+    if type(payload) is bytes:
+        found = _read_record(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        if found is not None:
+            return found
+    return tuple(_unpackb(payload, raw=False))
+
+
+cdef tuple _read_record(const unsigned char* buf, Py_ssize_t size):
+    # The layout: 0x95, str, str, bin, str or nil, 0xcb + 8 bytes. None: another.
+    cdef _Reader r
+    cdef uint64_t bits
+    cdef double timestamp
+    if size < 14 or buf[0] != 0x95:
+        return None
+    r.buf, r.pos, r.end = buf, 1, size
+    try:
+        task_id = _read_str(&r, "task_id", False)
+        state = _read_repeated_str(&r, "state", False, _STATE_FIELD)
+        if r.pos >= r.end or not 0xc4 <= r.buf[r.pos] <= 0xc6:
+            return None
+        body = _read_bin(&r, "body")
+        traceback = _read_str(&r, "traceback", True)
+    except MessageDecodeError:
+        return None
+    if r.end - r.pos != 9 or r.buf[r.pos] != 0xcb:
+        return None
+    bits = _be64(r.buf + r.pos + 1)
+    memcpy(&timestamp, &bits, 8)
+    return (task_id, state, body, traceback, timestamp)
+
+
 def finish_done(child, list payloads not None, Py_ssize_t start, Py_ssize_t end, double now,
                 dict runs not None, list released not None, list requeued not None):
     """Apply ``child``'s DONE reports ``payloads[start:end]`` in order: each ends the task it holds first.
@@ -2662,7 +2703,7 @@ cdef tuple _read_done(const unsigned char* buf, Py_ssize_t size):
     r.buf, r.pos, r.end = buf, 1, size
     try:
         task_id = _read_str(&r, "task_id", False)
-        state = _read_str(&r, "state", False)
+        state = _read_repeated_str(&r, "state", False, _STATE_FIELD)
     except MessageDecodeError:
         return None
     if r.end - r.pos != 11 or r.buf[r.pos] != 0xcb or (r.buf[r.pos + 9] != 0xc2 and r.buf[r.pos + 9] != 0xc3) \

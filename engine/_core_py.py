@@ -74,6 +74,7 @@ __all__ = (
     "push_named",
     "queue_pending",
     "read_done",
+    "read_record",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -1282,6 +1283,11 @@ def fold_runtimes(average: float, overall: float, count: int, runtimes: list, al
         count += 1
         overall += (runtime - overall) / (count if count < overall_runs else overall_runs)
     return average, overall, count
+
+
+def read_record(payload: bytes) -> tuple:
+    """A child's RECORD report, ``(task_id, state, body, traceback, timestamp)``: what ``msgpack.unpackb`` reads."""
+    return tuple(msgpack.unpackb(payload, raw=False))
 
 
 def read_done(payload: bytes) -> tuple:

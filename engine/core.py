@@ -50,6 +50,7 @@ __all__ = (
     "push_named",
     "queue_pending",
     "read_done",
+    "read_record",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -112,6 +113,7 @@ PlainSender = _impl.PlainSender
 QueuedTask = _impl.QueuedTask
 pack_done = _impl.pack_done
 read_done = _impl.read_done
+read_record = _impl.read_record
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord

@@ -1386,3 +1386,21 @@ def test_a_task_name_queue_and_reply_address_repeated_from_the_last_message_deco
     longer = core.decode_message(raw("t.e" + "x" * 300, "q" * 40, "r"))
     assert (longer.task, longer.queue, longer.reply_to) == ("t.e" + "x" * 300, "q" * 40, "r")
     assert core.decode_message(raw("t.é", "q", "r")).task == "t.é"
+
+
+@settings(max_examples=200)
+@given(task_id=st.text(max_size=60), state=st.sampled_from(["SUCCESS", "FAILURE", "STARTED", "PROGRESS"]),
+       body=st.binary(max_size=70000), traceback=st.one_of(st.none(), st.text(max_size=300)),
+       timestamp=st.one_of(st.floats(allow_nan=False), st.integers(0, 2 ** 40)))
+def test_read_record_reads_a_childs_report_as_msgpack_does(task_id, state, body, traceback, timestamp):
+    payload = msgpack.packb((task_id, state, body, traceback, timestamp), use_bin_type=True)
+    expected = tuple(msgpack.unpackb(payload, raw=False))
+    for core in (py_core, engine.core):
+        found = core.read_record(payload)
+        assert found == expected and [type(v) for v in found] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize("payload", [b"\xc1", msgpack.packb(("id", "SUCCESS")), b"\x95\xa2id\xa7SUCCESS\xc4\x05ab"])
+def test_read_record_refuses_what_msgpack_refuses(core, payload):
+    with pytest.raises((ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData)):
+        task_id, state, body, traceback, timestamp = core.read_record(payload)

@@ -308,6 +308,31 @@ def test_a_run_of_done_reports_ends_tasks_in_order_before_the_record_that_follow
     assert stored(supervisor, third.message.id).result == 3
 
 
+def test_without_replies_or_events_a_reads_done_reports_are_applied_together_after_its_records(app, supervisor,
+                                                                                                 monkeypatch):
+    entries = [queued(app, started=time.monotonic())] + [queued(app) for _ in range(3)]
+    child = child_holding(supervisor, *entries)
+
+    def record(entry, value):
+        return msgpack.packb((entry.message.id, states.SUCCESS, msgpack.packb(value), None, time.time()))
+
+    calls: list = []
+    end_tasks = supervisor._end_tasks
+    monkeypatch.setattr(supervisor, "_end_tasks", lambda *args: calls.append(len(args[1])) or end_tasks(*args))
+    sent = encode_message(TaskMessage("sent-1", "t.work", (9,)))
+    frames = [(pipe.RECORD, record(entries[0], 0)), (pipe.DONE, done(entries[0])),
+              (pipe.RECORD, record(entries[1], 1)), (pipe.DONE, done(entries[1])),
+              (pipe.SEND, sent),  # what a task sends goes after the tasks ended before it
+              (pipe.RECORD, record(entries[2], 2)), (pipe.DONE, done(entries[2]))]
+    supervisor._handle_child_frames(child, frames)
+
+    assert calls == [2, 1]  # one pass per run of reports between frames of other kinds
+    assert list(child.outstanding) == entries[3:] and entries[3].started > 0
+    assert supervisor.counters["done"] == 3 and child.last_done == done(entries[2])
+    assert [stored(supervisor, e.message.id).result for e in entries[:3]] == [0, 1, 2]
+    assert "sent-1" in waiting_ids(supervisor)
+
+
 def test_a_malformed_done_report_in_a_run_stops_it_with_the_tasks_before_it_counted(app, supervisor):
     first, second = queued(app, started=time.monotonic()), queued(app)
     child = child_holding(supervisor, first, second)

@@ -25,7 +25,15 @@ import msgpack
 import zmq
 
 from engine import signals, states
-from engine.core import decode_message, encode_message, finish_done, read_done, take_plain, write_assigned
+from engine.core import (
+    decode_message,
+    encode_message,
+    finish_done,
+    read_done,
+    read_record,
+    take_plain,
+    write_assigned,
+)
 from engine.exceptions import (
     ImproperlyConfigured,
     MessageDecodeError,
@@ -713,16 +721,21 @@ class Supervisor:
         # (with results, a child's frames alternate RECORD and DONE: runs of one report each).
         runs: dict[str, list[list]] = {}
         released: list[JournalRef] = []
+        # A RECORD is of the task the child runs after the DONEs before it. Only replies (the task
+        # whose route its states follow) and events (the failure of which task) need to know which:
+        # without them a read's DONEs are applied together, after its RECORDs. A DONE still comes
+        # after its task's states, which is all the journal's release needs (StateFlusher.flush).
+        in_order = self.replies is not None or self.events is not None
         try:
             for kind, payload in frames:
                 if kind == pipe.DONE:
                     done.append(payload)
                     continue
-                if done:  # before what follows them: a RECORD is of the task the child runs after these
+                if done and (in_order or kind != pipe.RECORD):
                     self._end_tasks(child, done, runs, released)
                     done = []
                 if kind == pipe.RECORD:
-                    task_id, state, body, traceback, timestamp = msgpack.unpackb(payload, raw=False)
+                    task_id, state, body, traceback, timestamp = read_record(payload)
                     if self.replies is not None and child.outstanding:
                         self.replies.follow(task_id, child.outstanding[0].message.id)
                     if self.events is not None and state == states.FAILURE and traceback and child.outstanding \
