@@ -244,20 +244,22 @@ class RedisBackend(Backend):
         client = self.client
         script = self._script
         now = time.time()
+        # Once per result stored: key() and states.precedence() inlined.
+        ready, strength, custom = states.READY_STATES, states.PRECEDENCE_INDEX.get, states.CUSTOM_PRECEDENCE
         for start in range(0, len(records), CHUNK):
             chunk = records[start:start + CHUNK]
             keys = []
             args: list[Any] = [self.expires_ms]
             for r in chunk:
                 result = r.result
-                if isinstance(result, (bytearray, memoryview)):
+                if type(result) is not bytes and result is not None:
+                    if not isinstance(result, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"RedisBackend.store takes encoded records (result bytes), "
+                                        f"got {type(result).__name__} for task {r.task_id}")
                     result = bytes(result)
-                elif result is not None and not isinstance(result, bytes):
-                    raise TypeError(f"RedisBackend.store takes encoded records (result bytes), "
-                                    f"got {type(result).__name__} for task {r.task_id}")
-                keys.append(self.key(r.task_id))
-                args += [r.state, 1 if r.state in states.READY_STATES else 0, states.precedence(r.state),
-                         repr(float(r.timestamp or now)),
+                state = r.state
+                keys.append(KEY_PREFIX + r.task_id)
+                args += [state, 1 if state in ready else 0, strength(state, custom), repr(float(r.timestamp or now)),
                          0 if result is None else 1, b"" if result is None else result,
                          0 if r.traceback is None else 1, r.traceback or ""]
             script(keys=keys, args=args, client=client)
