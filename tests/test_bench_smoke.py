@@ -237,3 +237,25 @@ def test_the_instructions_command_counts_each_side_in_tens_of_thousands(capsys):
     counts = [int(row[-1].replace(",", "")) for row in rows]
     assert len(counts) == 4 and all(5_000 < n < 500_000 for n in counts)
     assert [row[0] for row in rows] == ["add.delay(i,", "group(add.s(i,", "child:", "supervisor:"]
+
+
+def test_the_completion_counter_counts_every_thread_and_a_forked_child_apart(tmp_path, monkeypatch):
+    import threading
+
+    from bench import apps
+
+    monkeypatch.setenv("BENCH_COUNTER_DIR", str(tmp_path))
+    monkeypatch.setattr(apps, "_local", threading.local())
+    for _ in range(5):
+        apps._bump()
+    thread = threading.Thread(target=lambda: [apps._bump() for _ in range(7)])
+    thread.start()
+    thread.join(timeout=30)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        for _ in range(3):
+            apps._bump()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert apps.completed(str(tmp_path)) == 15 and len(os.listdir(tmp_path)) == 3  # a file per thread
