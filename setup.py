@@ -24,6 +24,8 @@ extensions = [
         "engine._core",
         ["engine/_core.pyx"],
         define_macros=[("CYTHON_TRACE", "1")] if DEBUG else [],
+        # No fused multiply-adds: the moving averages must round as the pure twin's Python floats do.
+        extra_compile_args=[] if sys.platform == "win32" else ["-ffp-contract=off"],
     )
 ]
 

@@ -183,15 +183,15 @@ def write_assigned(assigned: list[tuple[Any, QueuedTask]], now: float, kind: int
     """Add each assigned task's frame to its child's pipe buffer; the children touched, by pid."""
 
 def count_runs(by_state: dict[str, int], histogram: list[int], buckets: tuple[float, ...], run_states: list[str],
-               runtimes: list[float]) -> float:
-    """Count states and run-time buckets; the sum of the run times."""
+               runtimes: list[float]) -> None:
+    """Count states and run-time buckets."""
 
 def fold_runtimes(average: float, overall: float, count: int, runtimes: list[float], alpha: float,
                   overall_runs: int) -> tuple[float, float, int]:
     """Fold run times into a moving average and a slow overall mean."""
 
 def queue_pending(producer: Any, pending: Pending) -> None:
-    """Queue ``pending`` in ``producer``'s outbox under its lock, waiting for room; wake its I/O thread."""
+    """Queue ``pending`` in ``producer``'s outbox, waiting for room; wake its I/O thread."""
 
 def read_record(payload: bytes) -> tuple[Any, ...]:
     """A child's RECORD report, ``(task_id, state, body, traceback, timestamp)``."""

@@ -1939,7 +1939,7 @@ cdef class PlainRunner:
                 return index, done, last_flush, last_checkpoint, 0
             index += 1
             done += 1
-            now = _monotonic()
+            now = _py_monotonic()  # the loop's clock: read_at and last_flush come from it
             if <double>runtime > self.report_slower_than or now - last_flush > report_every \
                     or PyByteArray_GET_SIZE(self._buffer()) > report_bytes:
                 self.writer.flush()
@@ -2013,7 +2013,11 @@ cdef extern from *:
        or a class in its MRO, changes (PyType_Modified), and never gives one tag to two types: an
        unchanged tag means every lookup along the MRO still finds what it found. */
     static CYTHON_INLINE unsigned int __pyx_engine_type_tag(PyTypeObject* tp) {
+    #if PY_VERSION_HEX >= 0x030D0000
+        return tp->tp_version_tag;  /* 3.13: 0 when the type has no valid tag (the flag is gone) */
+    #else
         return PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG) ? tp->tp_version_tag : 0;
+    #endif
     }
     """
     unsigned int _type_tag "__pyx_engine_type_tag" (PyTypeObject* tp)
@@ -2045,7 +2049,7 @@ cdef extern from "Python.h":
 cdef dict _instance_dict(obj):
     """``obj.__dict__`` (None when it has none), read without an attribute lookup."""
     cdef PyObject** slot = _PyObject_GetDictPtr(<PyObject*>obj)
-    if slot is NULL or slot[0] is NULL or type(<object>slot[0]) is not dict:
+    if slot is NULL or slot[0] is NULL or not isinstance(<object>slot[0], dict):
         return None
     return <dict>slot[0]
 
@@ -2106,7 +2110,9 @@ cdef class Pending:
 cdef class Outbox:
     """A client's messages waiting for credit, one FIFO per queue (so a queue without credit costs nothing).
 
-    Not locked: the producer's lock guards it.
+    Not locked: the producer's lock guards it, but for appends to a queue that
+    already has its deque (see :func:`queue_pending`): each method runs whole
+    under the GIL, without Python code in between.
     """
 
     #: Queue name -> its waiting Pending messages, oldest first.
@@ -2227,7 +2233,9 @@ cdef class PlainSender:
             return
         cdef PyObject* init = _PyType_Lookup(<PyTypeObject*>result_class, <PyObject*>"__init__")
         cdef PyObject* new = _PyType_Lookup(<PyTypeObject*>result_class, <PyObject*>"__new__")
-        if init is NULL or new is NULL or <object>new is not object.__dict__["__new__"]:
+        cdef PyObject* setattr = _PyType_Lookup(<PyTypeObject*>result_class, <PyObject*>"__setattr__")
+        if init is NULL or new is NULL or <object>new is not object.__dict__["__new__"] \
+                or setattr is NULL or <object>setattr is not object.__dict__["__setattr__"]:
             return
         marks = (object(), object(), object())
         fields = _instance_dict(result_class(marks[0], None, marks[1], marks[2], None))
@@ -2245,7 +2253,7 @@ cdef class PlainSender:
         if None in keys:
             return
         self.id_key, self.name_key, self.app_key = keys
-        self.result_methods = {"__init__": <object>init, "__new__": <object>new}
+        self.result_methods = {"__init__": <object>init, "__new__": <object>new, "__setattr__": <object>setattr}
         self.result_template = dict.fromkeys(fields)
 
     def send(self, task, tuple args not None, reply_to=_MISSING):
@@ -2342,9 +2350,10 @@ cdef class PlainSender:
 def queue_pending(producer, Pending pending not None):
     """Queue ``pending`` in ``producer``'s outbox: ``Producer.send``'s step after packing, and a plain call's.
 
-    Under the producer's lock, waiting for room first when the outbox and the
-    messages not yet acknowledged fill ``producer.max_outbox``; the producer's
-    I/O thread is woken when the message went into an empty queue.
+    Under the producer's lock when the outbox and the messages not yet
+    acknowledged fill ``producer.max_outbox`` (it waits for room) or the queue
+    has no deque yet; otherwise by one append that runs whole under the GIL. The
+    producer's I/O thread is woken when the message went into an empty queue.
     """
     _queue_pending(producer, pending)
 
@@ -2352,16 +2361,18 @@ def queue_pending(producer, Pending pending not None):
 cdef int _queue_pending(producer, Pending pending) except -1:
     cdef Outbox outbox = <Outbox?>producer._outbox
     cdef bint first_in_queue = False
-    if outbox.count + len(producer._unacked) >= producer.max_outbox:
+    if outbox.count + len(producer._unacked) >= producer.max_outbox or outbox.by_queue.get(pending.queue) is None:
         with producer._mutex:
             if outbox.count + len(producer._unacked) >= producer.max_outbox:
                 producer._wait_for_room()  # waits on the condition, which releases this same lock
             first_in_queue = outbox.append(pending)
     else:
-        # Without the producer's lock: this compiled append runs whole under the GIL, as do the
-        # I/O thread's compiled takes and put-backs, and the I/O thread never counts on the
+        # Without the producer's lock: appending to a queue's existing deque runs whole under the
+        # GIL (no Python code, no allocation the cyclic collector could run a finalizer in), as do
+        # the I/O thread's compiled takes and put-backs, and the I/O thread never counts on the
         # outbox staying as it was between two of its steps (it sends outside the lock anyway).
-        # The lock's acquire and release were a tenth of a plain call's instructions.
+        # A queue's first message, which makes its deque, takes the lock. The lock's acquire and
+        # release were a tenth of a plain call's instructions.
         first_in_queue = outbox.append(pending)
     # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
     # others of its queue goes with them, in the dispatch already due or on the next
@@ -2469,6 +2480,9 @@ def push_named(dict by_name not None, dict seen not None, list entries not None,
     ``push_many`` step.
     """
     cdef QueuedTask entry
+    for item in entries:  # all checked first: a bad one raises before any is queued
+        if not isinstance(item, QueuedTask):
+            raise TypeError(f"push_named queues QueuedTasks, not {type(item).__name__}")
     for entry in entries:
         name = entry.message.task
         queue = by_name.get(name)
@@ -2492,7 +2506,10 @@ def hand_out(queue not None, child, Py_ssize_t count, double cost, double step, 
     outstanding = child.outstanding
     try:
         for i in range(count):
-            entry = <QueuedTask?>queue.popleft()
+            entry = <QueuedTask?>queue[0]  # checked before it leaves the queue
+            if entry is None:
+                raise TypeError("hand_out hands QueuedTasks, not None")
+            queue.popleft()
             entry.expected = cost
             queued_seconds += cost
             outstanding.append(entry)
@@ -2513,7 +2530,10 @@ def write_assigned(list assigned not None, double now, unsigned char kind):
     cdef dict touched = {}
     cdef QueuedTask entry
     cdef bytearray buffer
-    for child, entry in assigned:
+    for child, item in assigned:
+        entry = <QueuedTask?>item
+        if entry is None:
+            raise TypeError("write_assigned writes QueuedTasks, not None")
         if child.outstanding[0] is entry:
             entry.started = now
         buffer = child.writer.buffer
@@ -2534,10 +2554,12 @@ def count_runs(dict by_state not None, list histogram not None, tuple buckets no
     """Count each state of ``run_states`` in ``by_state``, and each run time in ``histogram``'s bucket.
 
     A run time's bucket is ``bisect.bisect_left(buckets, runtime)`` (``buckets``
-    sorted; ``histogram`` one longer). Returns the sum of ``runtimes``, added in order.
+    sorted; ``histogram`` one longer).
     """
     cdef Py_ssize_t lo, hi, mid, n = len(buckets)
-    cdef double runtime, total = 0.0
+    cdef double runtime
+    if len(histogram) <= n:
+        raise ValueError(f"a histogram of {len(buckets)} bucket bounds has {n + 1} counts, not {len(histogram)}")
     for state in run_states:
         by_state[state] = by_state.get(state, 0) + 1
     for value in runtimes:
@@ -2550,8 +2572,6 @@ def count_runs(dict by_state not None, list histogram not None, tuple buckets no
             else:
                 hi = mid
         histogram[lo] += 1
-        total += runtime
-    return total
 
 
 def fold_runtimes(double average, double overall, long long count, list runtimes not None, double alpha,

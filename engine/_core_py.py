@@ -1067,7 +1067,9 @@ def queue_pending(producer: Any, pending: Pending) -> None:
 
     Under the producer's lock, waiting for room first when the outbox and the
     messages not yet acknowledged fill ``producer.max_outbox``; the producer's
-    I/O thread is woken when the message went into an empty queue.
+    I/O thread is woken when the message went into an empty queue. (The
+    compiled twin appends to a queue's existing deque without the lock: its
+    append runs whole under the GIL, which this pure one's does not.)
     """
     outbox = producer._outbox
     with producer._mutex:
@@ -1209,6 +1211,9 @@ def push_named(by_name: dict, seen: dict, entries: list, deque_class: Any) -> No
     ``seen[name]`` becomes the entry's receive time. The fair scheduler's
     ``push_many`` step.
     """
+    for item in entries:  # all checked first: a bad one raises before any is queued
+        if not isinstance(item, QueuedTask):
+            raise TypeError(f"push_named queues QueuedTasks, not {type(item).__name__}")
     for entry in entries:
         name = entry.message.task
         queue = by_name.get(name)
@@ -1226,7 +1231,10 @@ def hand_out(queue: Any, child: Any, count: int, cost: float, step: float, budge
     scheduler's step of handing a batch of one kind to a child.
     """
     for _ in range(count):
-        entry = queue.popleft()
+        entry = queue[0]  # checked before it leaves the queue
+        if not isinstance(entry, QueuedTask):
+            raise TypeError(f"hand_out hands QueuedTasks, not {type(entry).__name__}")
+        queue.popleft()
         entry.expected = cost
         child.queued_seconds += cost
         child.outstanding.append(entry)
@@ -1244,6 +1252,8 @@ def write_assigned(assigned: list, now: float, kind: int) -> dict:
     """
     touched = {}
     for child, entry in assigned:
+        if not isinstance(entry, QueuedTask):
+            raise TypeError(f"write_assigned writes QueuedTasks, not {type(entry).__name__}")
         if child.outstanding[0] is entry:
             entry.started = now
         buffer = child.writer.buffer
@@ -1254,19 +1264,19 @@ def write_assigned(assigned: list, now: float, kind: int) -> dict:
     return touched
 
 
-def count_runs(by_state: dict, histogram: list, buckets: tuple, run_states: list, runtimes: list) -> float:
+def count_runs(by_state: dict, histogram: list, buckets: tuple, run_states: list, runtimes: list) -> None:
     """Count each state of ``run_states`` in ``by_state``, and each run time in ``histogram``'s bucket.
 
     A run time's bucket is ``bisect.bisect_left(buckets, runtime)`` (``buckets``
-    sorted; ``histogram`` one longer). Returns the sum of ``runtimes``, added in order.
+    sorted; ``histogram`` one longer).
     """
+    if len(histogram) <= len(buckets):
+        raise ValueError(f"a histogram of {len(buckets)} bucket bounds has {len(buckets) + 1} counts, "
+                         f"not {len(histogram)}")
     for state in run_states:
         by_state[state] = by_state.get(state, 0) + 1
-    total = 0.0
     for runtime in runtimes:
         histogram[bisect.bisect_left(buckets, runtime)] += 1
-        total += runtime
-    return total
 
 
 def fold_runtimes(average: float, overall: float, count: int, runtimes: list, alpha: float,

@@ -129,3 +129,34 @@ def test_senders_in_many_threads_and_a_taking_thread_lose_and_repeat_nothing(cor
     for n in range(4):  # each sender's messages in its order
         mine = [int(task_id.split("-")[1]) for task_id in taken if task_id.startswith(f"t{n}-")]
         assert mine == sorted(mine)
+
+
+def test_a_queues_first_message_and_a_full_outbox_take_the_producers_lock(monkeypatch):
+    import engine.core
+
+    class CountingLock:
+        def __init__(self):
+            self.lock, self.taken = threading.RLock(), 0
+
+        def __enter__(self):
+            self.taken += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    woken: list = []
+    producer = types.SimpleNamespace(_outbox=engine.core.Outbox(), _unacked={}, max_outbox=3, _mutex=CountingLock(),
+                                     _wake=lambda: woken.append(1), _wait_for_room=lambda: None)
+    engine.core.queue_pending(producer, engine.core.Pending("q", "a", b"x"))
+    first = producer._mutex.taken
+    assert first == 1 and woken == [1]  # a new queue: under the lock, and the I/O thread woken
+    engine.core.queue_pending(producer, engine.core.Pending("q", "b", b"x"))
+    assert woken == [1]  # behind another of its queue: no wake-up
+    locked_again = producer._mutex.taken - first
+    engine.core.queue_pending(producer, engine.core.Pending("q", "c", b"x"))
+    engine.core.queue_pending(producer, engine.core.Pending("q", "d", b"x"))  # the outbox is full (3): the lock
+    assert producer._mutex.taken - first - locked_again >= 1
+    if engine.core.IMPLEMENTATION == "cython":
+        assert locked_again == 0  # an existing queue's append takes no lock
+    assert [p.id for p in producer._outbox.take("q", 10, 1 << 20)] == ["a", "b", "c", "d"]

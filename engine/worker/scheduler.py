@@ -343,9 +343,11 @@ class FairScheduler(FifoScheduler):
                     break
                 queue = self.by_name[name]
                 cost = FAIR_BATCH_SECONDS if expected is None else expected  # not measured: counts as long
-                take = min(take, len(queue))
-                budget = hand_out(queue, child, take, cost, expected or 0.0, budget, out)
-                self.count -= take
+                waiting = len(queue)
+                try:
+                    budget = hand_out(queue, child, min(take, waiting), cost, expected or 0.0, budget, out)
+                finally:  # what it handed out, even should it raise
+                    self.count -= waiting - len(queue)
                 if not queue:
                     del self.by_name[name]
                 first = False

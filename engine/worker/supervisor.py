@@ -556,10 +556,12 @@ class Supervisor:
             try:
                 while index < count:
                     if plain:  # the plain ones in one compiled step, up to one it leaves to the code below
-                        start = index
-                        index = take_plain(raws, index, self.registry, peer, ref, queued, ids, per_queue,
-                                           remember, watch)
-                        received += index - start
+                        taken = len(queued)
+                        try:
+                            index = take_plain(raws, index, self.registry, peer, ref, queued, ids, per_queue,
+                                               remember, watch)
+                        finally:  # what it queued, even should a receiver raise
+                            received += len(queued) - taken
                         if index == count:
                             break
                     raw = raws[index]

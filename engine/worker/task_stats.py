@@ -81,7 +81,8 @@ class TaskStats:
         kind.runs += len(runtimes)
         kind.runtimes.extend(runtimes)
         kind.waits.extend(waits)
-        kind.runtime_sum += count_runs(kind.by_state, kind.histogram, BUCKETS, run_states, runtimes)
+        count_runs(kind.by_state, kind.histogram, BUCKETS, run_states, runtimes)
+        kind.runtime_sum += sum(runtimes)
 
     def decided(self, name: str, state: str) -> None:
         """A task ended in ``state`` without running (revoked before it started)."""
