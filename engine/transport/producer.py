@@ -84,9 +84,10 @@ class Producer:
         #: Messages the I/O thread took from the outbox and is sending (outside the lock): in
         #: neither the outbox nor ``_unacked`` until sent, yet not delivered.
         self._in_flight = 0
-        # delay() takes the lock itself (a Condition's ``with`` is a Python-level call); the
-        # condition shares it, for waiting on acknowledgements and room. Reentrant: a finalizer
-        # or a logging handler that sends a task may run while this thread holds it.
+        # A send takes the lock itself (a Condition's ``with`` is a Python-level call), unless it
+        # only appends to a queue's existing deque (engine.core.queue_pending); the condition
+        # shares it, for waiting on acknowledgements and room. Reentrant: a finalizer or a
+        # logging handler that sends a task may run while this thread holds it.
         self._mutex = threading.RLock()
         self._lock = threading.Condition(self._mutex)
         self._wake_r, self._wake_w = os.pipe()
