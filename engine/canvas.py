@@ -409,8 +409,8 @@ class group:
         members = iter(self._tasks) if self._tasks is not None else self._take_pending()
         if options.get("reply_to") is None:
             options["reply_to"] = app.reply_address()
-        send = _MemberSender(app, tuple(args or ()), dict(kwargs or {}), options)
-        return GroupResult([send(maybe_signature(member, self._app)) for member in members])
+        send = _MemberSender(app, tuple(args or ()), dict(kwargs or {}), options, self._app)
+        return GroupResult([send(member) for member in members])
 
     def apply(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> GroupResult:
         """Run every member here, one after another."""
@@ -430,16 +430,28 @@ class group:
 
 
 class _MemberSender:
-    """Sends group members: a plain member of a registered task goes straight to ``Task._send``."""
+    """Sends group members: a plain member of a registered task goes straight to ``Task._send``.
 
-    def __init__(self, app: Engine, args: tuple, kwargs: dict, options: dict) -> None:
+    When the group adds no arguments and no options but where results go, such a
+    member goes to the client's one-step send (``engine.core.PlainSender``) itself.
+    """
+
+    def __init__(self, app: Engine, args: tuple, kwargs: dict, options: dict, group_app: Engine | None = None) -> None:
+        from engine import task
+
         self.app = app
         self.args = args
         self.kwargs = kwargs
         self.options = options
+        self.group_app = group_app  # what maybe_signature() resolves the members with
         self._fast: dict[str, Any] = {}  # task name -> the task when its sending is not customised, else None
+        plain = not args and not kwargs and len(options) == 1 and "reply_to" in options
+        self._plain_sender = task._plain_sender if plain else None
 
     def __call__(self, member: Any) -> Any:
+        group_app = self.group_app
+        if not (isinstance(member, Signature) and (group_app is None or member._app is group_app)):
+            member = maybe_signature(member, group_app)
         if not isinstance(member, Signature):  # a chain, group or chord as a member
             return member.apply_async(self.args, self.kwargs, **self.options)
         name = member["task"]
@@ -453,6 +465,10 @@ class _MemberSender:
             self._fast[name] = task
         if task is None or member["options"] or member["immutable"]:
             return member.apply_async(self.args, self.kwargs, **self.options)
+        if self._plain_sender is not None and not member["kwargs"]:
+            sent = self._plain_sender.send(task, tuple(member["args"]), self.options["reply_to"])
+            if sent is not None:
+                return sent
         args = self.args + tuple(member["args"]) if self.args else tuple(member["args"])
         kwargs = {**member["kwargs"], **self.kwargs} if self.kwargs else dict(member["kwargs"])
         return task._send(args, kwargs, self.options)

@@ -254,6 +254,25 @@ def test_a_group_of_plain_members_goes_out_in_one_step_each(app):
     assert {m.reply_to for m in messages} == {app.reply_address()}
 
 
+def test_a_group_with_arguments_or_options_of_its_own_or_a_patched_send_goes_the_general_way(app):
+    @app.task
+    def add(x, y, z=0):
+        return x + y + z
+
+    add.delay(0, 0)
+    before = engine.task._plain_sender.sent
+    partial = group(add.s(i) for i in range(3)).apply_async((10,))  # the group's args go before each member's
+    keyword = group([add.s(1, 2), add.s(3, 4, z=5)]).apply_async()
+    assert engine.task._plain_sender.sent == before + 4  # all but the one with a keyword argument
+    with mock.patch.object(Task, "_send", autospec=True, side_effect=Task._send) as on_class:
+        group(add.s(i, i) for i in range(2)).apply_async()
+    assert on_class.call_count == 2  # a changed Task._send is called for each member
+    messages = queued(app)[1:]
+    assert [(m.args, m.kwargs) for m in messages] == [((10, 0), {}), ((10, 1), {}), ((10, 2), {}), ((1, 2), {}),
+                                                      ((3, 4), {"z": 5}), ((0, 0), {}), ((1, 1), {})]
+    assert [m.id for m in messages[:5]] == [r.id for r in partial.results + keyword.results]
+
+
 def test_a_full_outbox_is_refused_when_so_configured(app):
     @app.task
     def add(x, y):
