@@ -256,6 +256,15 @@ class StateRecord:
         """The fields as a plain dict."""
     def __eq__(self, other: object) -> bool: ...
 
+def records_from_rows(rows: Iterable[tuple[Any, ...]], found: dict[str, StateRecord]) -> None:
+    """Put a StateRecord per ``(task_id, state, result, traceback, timestamp)`` row in ``found``."""
+
+def records_from_flat(task_ids: list[str], flat: list[Any], found: dict[str, StateRecord]) -> None:
+    """Put a StateRecord per id with a state in ``flat`` (4 values per id) in ``found``."""
+
+def decode_results(records: dict[str, StateRecord], load: Any) -> dict[str, StateRecord]:
+    """``records`` with each bytes-like result decoded (scalars here, the rest by ``load``)."""
+
 class StateRecorder:
     """Latest state per task id with precedence, plus the set changed since the last flush."""
 

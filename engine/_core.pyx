@@ -82,6 +82,7 @@ __all__ = (
     "count_runs",
     "decode_batch",
     "decode_message",
+    "decode_results",
     "encode_batch",
     "encode_message",
     "finish_done",
@@ -94,6 +95,8 @@ __all__ = (
     "queue_pending",
     "read_done",
     "read_record",
+    "records_from_flat",
+    "records_from_rows",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -2878,6 +2881,156 @@ cdef class StateRecord:
 
     def __repr__(self):
         return f"<StateRecord {self.task_id} {self.state} at {self.timestamp:.6f}>"
+
+
+cdef StateRecord _new_record(task_id, state, result, traceback, double timestamp):
+    # StateRecord(...) without the Python call, its checks kept.
+    if not isinstance(task_id, str):
+        raise TypeError(f"task_id must be str, got {type(task_id).__name__}")
+    if not isinstance(state, str):
+        raise TypeError(f"state must be str, got {type(state).__name__}")
+    if traceback is not None and not isinstance(traceback, str):
+        raise TypeError(f"traceback must be str or None, got {type(traceback).__name__}")
+    cdef StateRecord record = StateRecord.__new__(StateRecord)
+    record.task_id = task_id
+    record.state = state
+    record.result = result
+    record.traceback = traceback
+    record.timestamp = timestamp
+    return record
+
+
+def records_from_rows(rows, dict found not None):
+    """Put a StateRecord per ``(task_id, state, result, traceback, timestamp)`` row of ``rows`` in ``found`` by id.
+
+    A bulk read's loop (``SQLiteBackend.get_many_encoded``): ``rows`` is any
+    iterable of such rows, a database cursor included.
+    """
+    for task_id, state, result, traceback, timestamp in rows:
+        found[task_id] = _new_record(task_id, state, result, traceback, timestamp)
+
+
+def records_from_flat(list task_ids not None, list flat not None, dict found not None):
+    """Put a StateRecord per id of ``task_ids`` that has a state in ``flat`` in ``found`` by id.
+
+    ``flat`` holds four values per id, in order: state, result, traceback and
+    timestamp, as bytes or None (a Redis reply; no state: nothing stored). The
+    state is read as UTF-8, the traceback as UTF-8 with bad bytes replaced, the
+    timestamp as a float (0.0 when missing): ``RedisBackend.get_many_encoded``'s loop.
+    """
+    cdef Py_ssize_t index, n = len(task_ids)
+    if len(flat) != 4 * n:
+        raise ValueError(f"{len(flat)} values for {n} ids (4 per id)")
+    for index in range(n):
+        state = flat[4 * index]
+        if state is None:
+            continue
+        traceback = flat[4 * index + 2]
+        date_done = flat[4 * index + 3]
+        task_id = task_ids[index]
+        found[task_id] = _new_record(task_id, state.decode(), flat[4 * index + 1],
+                                     None if traceback is None else traceback.decode("utf-8", "replace"),
+                                     float(date_done) if date_done is not None else 0.0)
+
+
+def decode_results(dict records not None, load):
+    """``records`` (task id -> StateRecord) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
+
+    A result that is one msgpack scalar (nil, a bool, an int, a float, a str or a
+    bin) is read here, as ``msgpack.unpackb`` reads it; any other goes to
+    ``load(bytes)``.
+    """
+    cdef dict out = {}
+    cdef StateRecord record
+    cdef const unsigned char* p
+    for task_id, item in records.items():
+        record = <StateRecord?>item
+        if record is None:
+            raise TypeError("decode_results decodes StateRecords, not None")
+        result = record.result
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            data = bytes(result)
+            result = _scalar_value(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+            if result is _MISSING:
+                result = load(data)
+        out[task_id] = _new_record(record.task_id, record.state, result, record.traceback, record.timestamp)
+    return out
+
+
+cdef object _scalar_value(const unsigned char* p, Py_ssize_t size):
+    # One whole msgpack scalar, as msgpack.unpackb(raw=False) reads it; _MISSING for anything else.
+    cdef unsigned char c
+    cdef Py_ssize_t n, head
+    cdef uint64_t bits
+    cdef double number
+    cdef float single
+    cdef uint32_t bits32
+    if size < 1:
+        return _MISSING
+    c = p[0]
+    if c <= 0x7f:
+        return <long>c if size == 1 else _MISSING
+    if c >= 0xe0:
+        return <long>c - 256 if size == 1 else _MISSING
+    if c == 0xc0 or c == 0xc2 or c == 0xc3:
+        if size != 1:
+            return _MISSING
+        return None if c == 0xc0 else c == 0xc3
+    if 0xcc <= c <= 0xd3:
+        n = 1 << ((c - 0xcc) & 3)
+        if size != 1 + n:
+            return _MISSING
+        if c == 0xcc:
+            return <long>p[1]
+        if c == 0xcd:
+            return <long>_be16(p + 1)
+        if c == 0xce:
+            return <long long>_be32(p + 1)
+        if c == 0xcf:
+            return _be64(p + 1)
+        if c == 0xd0:
+            return <long><int8_t>p[1]
+        if c == 0xd1:
+            return <long><int16_t>_be16(p + 1)
+        if c == 0xd2:
+            return <long><int32_t>_be32(p + 1)
+        return <long long><int64_t>_be64(p + 1)
+    if c == 0xcb:
+        if size != 9:
+            return _MISSING
+        bits = _be64(p + 1)
+        memcpy(&number, &bits, 8)
+        return number
+    if c == 0xca:
+        if size != 5:
+            return _MISSING
+        bits32 = _be32(p + 1)
+        memcpy(&single, &bits32, 4)
+        return <double>single
+    if 0xa0 <= c <= 0xbf:
+        n, head = c & 0x1f, 1
+    elif c == 0xd9 or c == 0xc4:
+        if size < 2:
+            return _MISSING
+        n, head = p[1], 2
+    elif c == 0xda or c == 0xc5:
+        if size < 3:
+            return _MISSING
+        n, head = _be16(p + 1), 3
+    elif c == 0xdb or c == 0xc6:
+        if size < 5:
+            return _MISSING
+        n, head = _be32(p + 1), 5
+    else:
+        return _MISSING
+    if size != head + n:
+        return _MISSING
+    if 0xc4 <= c <= 0xc6:
+        return PyBytes_FromStringAndSize(<const char*>(p + head), n)
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>(p + head), n, NULL)
+    except UnicodeDecodeError:
+        return _MISSING  # msgpack says why
 
 
 cdef inline double _now() noexcept nogil:

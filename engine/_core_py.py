@@ -63,6 +63,7 @@ __all__ = (
     "count_runs",
     "decode_batch",
     "decode_message",
+    "decode_results",
     "encode_batch",
     "encode_message",
     "finish_done",
@@ -75,6 +76,8 @@ __all__ = (
     "queue_pending",
     "read_done",
     "read_record",
+    "records_from_flat",
+    "records_from_rows",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -1472,6 +1475,52 @@ class StateRecord:
 
     def __repr__(self) -> str:
         return f"<StateRecord {self._task_id} {self._state} at {self._timestamp:.6f}>"
+
+
+def records_from_rows(rows: Iterable, found: dict) -> None:
+    """Put a StateRecord per ``(task_id, state, result, traceback, timestamp)`` row of ``rows`` in ``found`` by id.
+
+    A bulk read's loop (``SQLiteBackend.get_many_encoded``): ``rows`` is any
+    iterable of such rows, a database cursor included.
+    """
+    for task_id, state, result, traceback, timestamp in rows:
+        found[task_id] = StateRecord(task_id, state, result, traceback, timestamp)
+
+
+def records_from_flat(task_ids: list, flat: list, found: dict) -> None:
+    """Put a StateRecord per id of ``task_ids`` that has a state in ``flat`` in ``found`` by id.
+
+    ``flat`` holds four values per id, in order: state, result, traceback and
+    timestamp, as bytes or None (a Redis reply; no state: nothing stored). The
+    state is read as UTF-8, the traceback as UTF-8 with bad bytes replaced, the
+    timestamp as a float (0.0 when missing): ``RedisBackend.get_many_encoded``'s loop.
+    """
+    if len(flat) != 4 * len(task_ids):
+        raise ValueError(f"{len(flat)} values for {len(task_ids)} ids (4 per id)")
+    for index, task_id in enumerate(task_ids):
+        state, result, traceback, date_done = flat[4 * index:4 * index + 4]
+        if state is not None:
+            found[task_id] = StateRecord(task_id, state.decode(), result,
+                                         None if traceback is None else traceback.decode("utf-8", "replace"),
+                                         float(date_done) if date_done is not None else 0.0)
+
+
+def decode_results(records: dict, load: Any) -> dict:
+    """``records`` (task id -> StateRecord) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
+
+    A result that is one msgpack scalar (nil, a bool, an int, a float, a str or a
+    bin) is read here, as ``msgpack.unpackb`` reads it; any other goes to
+    ``load(bytes)``. (This twin gives every result to ``load``: the same values.)
+    """
+    decoded = {}
+    for task_id, record in records.items():
+        if not isinstance(record, StateRecord):
+            raise TypeError(f"decode_results decodes StateRecords, not {type(record).__name__}")
+        result = record.result
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            result = load(bytes(result))
+        decoded[task_id] = StateRecord(record.task_id, record.state, result, record.traceback, record.timestamp)
+    return decoded
 
 
 class StateRecorder:

@@ -39,6 +39,7 @@ __all__ = (
     "count_runs",
     "decode_batch",
     "decode_message",
+    "decode_results",
     "encode_batch",
     "encode_message",
     "finish_done",
@@ -51,6 +52,8 @@ __all__ = (
     "queue_pending",
     "read_done",
     "read_record",
+    "records_from_flat",
+    "records_from_rows",
     "request_fields",
     "split_batch",
     "split_frames",
@@ -117,4 +120,7 @@ read_record = _impl.read_record
 TaskRegistry = _impl.TaskRegistry
 compute_backoff = _impl.compute_backoff
 StateRecord = _impl.StateRecord
+records_from_rows = _impl.records_from_rows
+records_from_flat = _impl.records_from_flat
+decode_results = _impl.decode_results
 StateRecorder = _impl.StateRecorder

@@ -1423,3 +1423,64 @@ def test_the_supervisor_steps_refuse_what_is_not_theirs_having_changed_nothing(c
         core.write_assigned([(child, None)], 1.0, 3)
     with pytest.raises(ValueError):
         core.count_runs({}, [0, 0], (0.1, 1.0), [], [0.5])  # a histogram one count short
+
+
+_RESULTS = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.floats(allow_nan=False),
+                     st.text(max_size=300), st.binary(max_size=300), st.lists(st.integers(), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=300)
+@given(values=st.lists(_RESULTS, max_size=8), single=st.booleans())
+def test_decode_results_decodes_as_the_loader_does(values, single):
+    from engine.serialization import loader
+
+    load = loader(False)
+    records = {}
+    for n, value in enumerate(values):
+        try:
+            packed = msgpack.packb(value, use_bin_type=True, use_single_float=single)
+        except OverflowError:  # a double too large for a float32
+            continue
+        records[f"id{n}"] = py_core.StateRecord(f"id{n}", "SUCCESS", packed if n % 3 else bytearray(packed), None,
+                                                float(n))
+    records["plain"] = py_core.StateRecord("plain", "PENDING", None, "tb", 1.0)
+    for core in (py_core, engine.core):
+        native = {task_id: core.StateRecord(r.task_id, r.state, r.result, r.traceback, r.timestamp)
+                  for task_id, r in records.items()}
+        decoded = core.decode_results(native, load)
+        assert list(decoded) == list(records)
+        for task_id, record in records.items():
+            expected = load(bytes(record.result)) if record.result is not None else None
+            got = decoded[task_id]
+            assert (got.task_id, got.state, got.traceback, got.timestamp) == \
+                (record.task_id, record.state, record.traceback, record.timestamp)
+            assert got.result == expected and type(got.result) is type(expected)
+
+
+@pytest.mark.parametrize("payload", [b"\xa2\xc3\x28", b"\xcd\x01", b"\x01\x02", b"\xd9\x05ab", b"\xc1", b""])
+def test_decode_results_leaves_what_it_does_not_read_to_the_loader(core, payload):
+    seen = []
+
+    def load(data):
+        seen.append(data)
+        return "loaded"
+
+    decoded = core.decode_results({"a": core.StateRecord("a", "SUCCESS", payload, None, 0.0)}, load)
+    assert decoded["a"].result == "loaded" and seen == [payload]
+
+
+def test_records_from_rows_and_from_flat_make_the_records_the_loops_made(core):
+    found: dict = {}
+    core.records_from_rows(iter([("a", "SUCCESS", b"\x01", None, 1.5), ("b", "FAILURE", None, "tb", 2)]), found)
+    assert found == {"a": core.StateRecord("a", "SUCCESS", b"\x01", None, 1.5),
+                     "b": core.StateRecord("b", "FAILURE", None, "tb", 2.0)}
+    flat = [b"SUCCESS", b"\x02", None, b"3.25", None, None, None, None, b"FAILURE", None, b"bad \xff", None]
+    found = {}
+    core.records_from_flat(["x", "y", "z"], flat, found)
+    assert found == {"x": core.StateRecord("x", "SUCCESS", b"\x02", None, 3.25),
+                     "z": core.StateRecord("z", "FAILURE", None, "bad \ufffd", 0.0)}
+    with pytest.raises(ValueError):
+        core.records_from_flat(["x"], flat, {})
+    with pytest.raises(TypeError):
+        core.records_from_rows([(1, "SUCCESS", None, None, 0.0)], {})

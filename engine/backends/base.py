@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import states
-from engine.core import StateRecord
+from engine.core import StateRecord, decode_results
 from engine.exceptions import ResultsDisabledError, TimeoutError
 from engine.serialization import dumps, loader, loads
 
@@ -140,14 +140,7 @@ class Backend:
         """:meth:`decode` of each record, by id (a group's results: one loop, no call per record)."""
         if type(self).decode is not Backend.decode:  # a backend's own decoding is kept
             return {task_id: self.decode(record) for task_id, record in records.items()}
-        load = loader(self.accept_pickle)
-        decoded = {}
-        for task_id, record in records.items():
-            result = record.result
-            if isinstance(result, (bytes, bytearray, memoryview)):
-                result = load(bytes(result))
-            decoded[task_id] = StateRecord(record.task_id, record.state, result, record.traceback, record.timestamp)
-        return decoded
+        return decode_results(records, loader(self.accept_pickle))
 
     def store_state(self, task_id: str, state: str, result: Any = None, traceback: str | None = None) -> None:
         """Store one state now (``update_state`` outside a worker-run call)."""

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import states
 from engine.backends.base import FIRER_TTL, Backend
-from engine.core import StateRecord
+from engine.core import StateRecord, records_from_flat
 from engine.exceptions import ImproperlyConfigured, TimeoutError
 from engine.utils import process
 
@@ -369,18 +369,13 @@ class RedisBackend(Backend):
 
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One script call (one command, one flat reply) per :data:`READ_MANY` ids."""
-        found = {}
+        found: dict[str, StateRecord] = {}
         client = self.client
         read_many = self._read_many
         for start in range(0, len(task_ids), READ_MANY):
             chunk = task_ids[start:start + READ_MANY]
             flat = read_many(keys=[KEY_PREFIX + task_id for task_id in chunk], client=client)
-            for index, task_id in enumerate(chunk):
-                state, result, traceback, date_done = flat[4 * index:4 * index + 4]
-                if state is not None:
-                    found[task_id] = StateRecord(task_id, state.decode(), result,
-                                                 None if traceback is None else traceback.decode("utf-8", "replace"),
-                                                 float(date_done) if date_done is not None else 0.0)
+            records_from_flat(list(chunk), list(flat), found)
         return found
 
     def forget(self, task_id: str) -> None:

@@ -24,7 +24,7 @@ import msgpack
 
 from engine import states
 from engine.backends.base import FIRER_TTL, Backend
-from engine.core import StateRecord
+from engine.core import StateRecord, records_from_rows
 from engine.exceptions import ImproperlyConfigured
 from engine.utils import process
 
@@ -255,14 +255,13 @@ class SQLiteBackend(Backend):
     def get_many_encoded(self, task_ids: Sequence[str]) -> dict[str, StateRecord]:
         """One query per :data:`READ_MANY` ids."""
         connection = self._connection()
-        found = {}
+        found: dict[str, StateRecord] = {}
         for start in range(0, len(task_ids), READ_MANY):
             chunk = task_ids[start:start + READ_MANY]
             marks = ",".join("?" * len(chunk))
-            for task_id, state, result, traceback, date_done in connection.execute(
-                    "SELECT task_id, state, result, traceback, date_done FROM engine_results "
-                    f"WHERE task_id IN ({marks})", tuple(chunk)):
-                found[task_id] = StateRecord(task_id, state, result, traceback, date_done)
+            records_from_rows(connection.execute("SELECT task_id, state, result, traceback, date_done "
+                                                 f"FROM engine_results WHERE task_id IN ({marks})", tuple(chunk)),
+                              found)
         return found
 
     def forget(self, task_id: str) -> None:
