@@ -3,7 +3,7 @@
 See the module docstring of either twin for wire format v1.
 """
 
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
 from typing import Any, Final, TypeVar, overload
 
 from engine.task import Task
@@ -259,11 +259,11 @@ class StateRecord:
 def records_from_rows(rows: Iterable[tuple[Any, ...]], found: dict[str, StateRecord]) -> None:
     """Put a StateRecord per ``(task_id, state, result, traceback, timestamp)`` row in ``found``."""
 
-def records_from_flat(task_ids: list[str], flat: list[Any], found: dict[str, StateRecord]) -> None:
+def records_from_flat(task_ids: Sequence[str], flat: Sequence[Any], found: dict[str, StateRecord]) -> None:
     """Put a StateRecord per id with a state in ``flat`` (4 values per id) in ``found``."""
 
-def decode_results(records: dict[str, StateRecord], load: Any) -> dict[str, StateRecord]:
-    """``records`` with each bytes-like result decoded (scalars here, the rest by ``load``)."""
+def decode_results(records: Mapping[str, Any], load: Any) -> dict[str, StateRecord]:
+    """``records`` as StateRecords, each bytes-like result decoded (scalars here, the rest by ``load``)."""
 
 class StateRecorder:
     """Latest state per task id with precedence, plus the set changed since the last flush."""

@@ -222,87 +222,109 @@ cdef tuple _unpack_simple_payload(const unsigned char* p, Py_ssize_t size):
     """``(args, {})`` for the payload of most calls, read here; None for any other, left to msgpack.
 
     Most calls pass a few scalars and no keyword arguments: ``[[x, y], {}]`` with x and y
-    ints, floats, strings, booleans or None. msgpack.unpackb with keyword options costs
-    several times this whole read. Everything else (containers, bins, exts, keyword
+    ints, floats, strings, bytes, booleans or None. msgpack.unpackb with keyword options
+    costs several times this whole read. Everything else (containers, exts, keyword
     arguments, anything malformed) returns None, and msgpack reads it as before,
     errors included; what is read here equals msgpack's value, type for type.
     """
-    cdef Py_ssize_t n, i, pos = 2, length
-    cdef unsigned char c
-    cdef uint64_t bits
-    cdef double number
+    cdef Py_ssize_t n, i, pos = 2
     if size < 3 or p[0] != 0x92 or (p[1] & 0xf0) != 0x90 or p[size - 1] != 0x80:
         return None
     n = p[1] & 0x0f
     args = PyTuple_New(n)
     for i in range(n):
-        if pos >= size - 1:
-            return None
-        c = p[pos]
-        if c <= 0x7f:
-            value = <long>c
-            pos += 1
-        elif c >= 0xe0:
-            value = <long>c - 256
-            pos += 1
-        elif 0xa0 <= c <= 0xbf or c == 0xd9:
-            if c == 0xd9:
-                if pos + 2 > size - 1:
-                    return None
-                length = p[pos + 1]
-                pos += 2
-            else:
-                length = c & 0x1f
-                pos += 1
-            if pos + length > size - 1:
-                return None
-            try:
-                value = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
-            except UnicodeDecodeError:
-                return None  # msgpack says why
-            pos += length
-        elif c == 0xc0:
-            value = None
-            pos += 1
-        elif c == 0xc2 or c == 0xc3:
-            value = c == 0xc3
-            pos += 1
-        elif c == 0xcb:
-            if pos + 9 > size - 1:
-                return None
-            bits = _be64(p + pos + 1)
-            memcpy(&number, &bits, 8)
-            value = number
-            pos += 9
-        elif c == 0xcc or c == 0xcd or c == 0xce or c == 0xd0 or c == 0xd1 or c == 0xd2 or c == 0xd3 \
-                or c == 0xcf:
-            length = 1 << ((c - 0xcc) & 3)
-            if pos + 1 + length > size - 1:
-                return None
-            if c == 0xcc:
-                value = <long>p[pos + 1]
-            elif c == 0xcd:
-                value = <long>_be16(p + pos + 1)
-            elif c == 0xce:
-                value = <long long>_be32(p + pos + 1)
-            elif c == 0xcf:
-                value = _be64(p + pos + 1)
-            elif c == 0xd0:
-                value = <long><int8_t>p[pos + 1]
-            elif c == 0xd1:
-                value = <long><int16_t>_be16(p + pos + 1)
-            elif c == 0xd2:
-                value = <long><int32_t>_be32(p + pos + 1)
-            else:
-                value = <long long><int64_t>_be64(p + pos + 1)
-            pos += 1 + length
-        else:
+        value = _read_scalar(p, size - 1, &pos)  # the last byte is the empty kwargs map
+        if value is _MISSING:
             return None
         Py_INCREF(value)
         PyTuple_SET_ITEM(args, i, value)
     if pos != size - 1:
         return None
     return args, {}
+
+
+cdef object _read_scalar(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos):
+    """The msgpack scalar at ``p[pos[0]:end]`` as ``msgpack.unpackb(raw=False)`` reads it, ``pos`` moved past it.
+
+    Scalars are nil, a bool, an int of any width, a float32 or float64, a str (valid
+    UTF-8) and a bin. Anything else, one cut short by ``end`` or a str that is not
+    UTF-8 returns ``_MISSING``, ``pos`` unmoved: msgpack reads it, and says why.
+    """
+    cdef Py_ssize_t at = pos[0], n, head
+    cdef unsigned char c
+    cdef uint64_t bits
+    cdef uint32_t bits32
+    cdef double number
+    cdef float single
+    if at >= end:
+        return _MISSING
+    c = p[at]
+    if c <= 0x7f or c >= 0xe0 or c == 0xc0 or c == 0xc2 or c == 0xc3:
+        pos[0] = at + 1
+        if c <= 0x7f:
+            return <long>c
+        if c >= 0xe0:
+            return <long>c - 256
+        return None if c == 0xc0 else c == 0xc3
+    if 0xcc <= c <= 0xd3:
+        n = 1 << ((c - 0xcc) & 3)  # uint8, 16, 32, 64, then int8, 16, 32, 64
+        if at + 1 + n > end:
+            return _MISSING
+        pos[0] = at + 1 + n
+        if c == 0xcc:
+            return <long>p[at + 1]
+        if c == 0xcd:
+            return <long>_be16(p + at + 1)
+        if c == 0xce:
+            return <long long>_be32(p + at + 1)
+        if c == 0xcf:
+            return _be64(p + at + 1)
+        if c == 0xd0:
+            return <long><int8_t>p[at + 1]
+        if c == 0xd1:
+            return <long><int16_t>_be16(p + at + 1)
+        if c == 0xd2:
+            return <long><int32_t>_be32(p + at + 1)
+        return <long long><int64_t>_be64(p + at + 1)
+    if c == 0xcb or c == 0xca:
+        n = 8 if c == 0xcb else 4
+        if at + 1 + n > end:
+            return _MISSING
+        pos[0] = at + 1 + n
+        if c == 0xcb:
+            bits = _be64(p + at + 1)
+            memcpy(&number, &bits, 8)
+            return number
+        bits32 = _be32(p + at + 1)
+        memcpy(&single, &bits32, 4)
+        return <double>single
+    if 0xa0 <= c <= 0xbf:
+        n, head = c & 0x1f, 1
+    elif c == 0xd9 or c == 0xc4:
+        if at + 2 > end:
+            return _MISSING
+        n, head = p[at + 1], 2
+    elif c == 0xda or c == 0xc5:
+        if at + 3 > end:
+            return _MISSING
+        n, head = _be16(p + at + 1), 3
+    elif c == 0xdb or c == 0xc6:
+        if at + 5 > end:
+            return _MISSING
+        n, head = _be32(p + at + 1), 5
+    else:
+        return _MISSING
+    if at + head + n > end:
+        return _MISSING
+    if 0xc4 <= c <= 0xc6:
+        value = PyBytes_FromStringAndSize(<const char*>(p + at + head), n)
+    else:
+        try:
+            value = PyUnicode_DecodeUTF8(<const char*>(p + at + head), n, NULL)
+        except UnicodeDecodeError:
+            return _MISSING
+    pos[0] = at + head + n
+    return value
 
 
 #: Packers not in use. A Packer is taken off the list while it packs (list pop and append are
@@ -2910,7 +2932,7 @@ def records_from_rows(rows, dict found not None):
         found[task_id] = _new_record(task_id, state, result, traceback, timestamp)
 
 
-def records_from_flat(list task_ids not None, list flat not None, dict found not None):
+def records_from_flat(task_ids, flat, dict found not None):
     """Put a StateRecord per id of ``task_ids`` that has a state in ``flat`` in ``found`` by id.
 
     ``flat`` holds four values per id, in order: state, result, traceback and
@@ -2918,119 +2940,53 @@ def records_from_flat(list task_ids not None, list flat not None, dict found not
     state is read as UTF-8, the traceback as UTF-8 with bad bytes replaced, the
     timestamp as a float (0.0 when missing): ``RedisBackend.get_many_encoded``'s loop.
     """
-    cdef Py_ssize_t index, n = len(task_ids)
-    if len(flat) != 4 * n:
-        raise ValueError(f"{len(flat)} values for {n} ids (4 per id)")
+    cdef tuple ids = tuple(task_ids), values = tuple(flat)  # copies: no call below can change their length
+    cdef Py_ssize_t index, n = len(ids)
+    if len(values) != 4 * n:
+        raise ValueError(f"{len(values)} values for {n} ids (4 per id)")
     for index in range(n):
-        state = flat[4 * index]
+        state = values[4 * index]
         if state is None:
             continue
-        traceback = flat[4 * index + 2]
-        date_done = flat[4 * index + 3]
-        task_id = task_ids[index]
-        found[task_id] = _new_record(task_id, state.decode(), flat[4 * index + 1],
+        traceback = values[4 * index + 2]
+        date_done = values[4 * index + 3]
+        task_id = ids[index]
+        found[task_id] = _new_record(task_id, state.decode(), values[4 * index + 1],
                                      None if traceback is None else traceback.decode("utf-8", "replace"),
                                      float(date_done) if date_done is not None else 0.0)
 
 
-def decode_results(dict records not None, load):
-    """``records`` (task id -> StateRecord) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
+def decode_results(records not None, load):
+    """``records`` (task id -> record) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
 
-    A result that is one msgpack scalar (nil, a bool, an int, a float, a str or a
-    bin) is read here, as ``msgpack.unpackb`` reads it; any other goes to
-    ``load(bytes)``.
+    Each record becomes a StateRecord of the same fields (read as attributes
+    unless it is one already). A result that is one msgpack scalar (nil, a bool,
+    an int, a float, a str or a bin) is read here, as ``msgpack.unpackb`` reads
+    it; any other goes to ``load(bytes)``.
     """
     cdef dict out = {}
     cdef StateRecord record
-    cdef const unsigned char* p
     for task_id, item in records.items():
-        record = <StateRecord?>item
-        if record is None:
-            raise TypeError("decode_results decodes StateRecords, not None")
-        result = record.result
+        if type(item) is StateRecord:
+            record = <StateRecord>item
+            fields = (record.task_id, record.state, record.result, record.traceback, record.timestamp)
+        else:
+            fields = (item.task_id, item.state, item.result, item.traceback, item.timestamp)
+        result = fields[2]
         if isinstance(result, (bytes, bytearray, memoryview)):
             data = bytes(result)
             result = _scalar_value(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
             if result is _MISSING:
                 result = load(data)
-        out[task_id] = _new_record(record.task_id, record.state, result, record.traceback, record.timestamp)
+        out[task_id] = _new_record(fields[0], fields[1], result, fields[3], fields[4])
     return out
 
 
 cdef object _scalar_value(const unsigned char* p, Py_ssize_t size):
-    # One whole msgpack scalar, as msgpack.unpackb(raw=False) reads it; _MISSING for anything else.
-    cdef unsigned char c
-    cdef Py_ssize_t n, head
-    cdef uint64_t bits
-    cdef double number
-    cdef float single
-    cdef uint32_t bits32
-    if size < 1:
-        return _MISSING
-    c = p[0]
-    if c <= 0x7f:
-        return <long>c if size == 1 else _MISSING
-    if c >= 0xe0:
-        return <long>c - 256 if size == 1 else _MISSING
-    if c == 0xc0 or c == 0xc2 or c == 0xc3:
-        if size != 1:
-            return _MISSING
-        return None if c == 0xc0 else c == 0xc3
-    if 0xcc <= c <= 0xd3:
-        n = 1 << ((c - 0xcc) & 3)
-        if size != 1 + n:
-            return _MISSING
-        if c == 0xcc:
-            return <long>p[1]
-        if c == 0xcd:
-            return <long>_be16(p + 1)
-        if c == 0xce:
-            return <long long>_be32(p + 1)
-        if c == 0xcf:
-            return _be64(p + 1)
-        if c == 0xd0:
-            return <long><int8_t>p[1]
-        if c == 0xd1:
-            return <long><int16_t>_be16(p + 1)
-        if c == 0xd2:
-            return <long><int32_t>_be32(p + 1)
-        return <long long><int64_t>_be64(p + 1)
-    if c == 0xcb:
-        if size != 9:
-            return _MISSING
-        bits = _be64(p + 1)
-        memcpy(&number, &bits, 8)
-        return number
-    if c == 0xca:
-        if size != 5:
-            return _MISSING
-        bits32 = _be32(p + 1)
-        memcpy(&single, &bits32, 4)
-        return <double>single
-    if 0xa0 <= c <= 0xbf:
-        n, head = c & 0x1f, 1
-    elif c == 0xd9 or c == 0xc4:
-        if size < 2:
-            return _MISSING
-        n, head = p[1], 2
-    elif c == 0xda or c == 0xc5:
-        if size < 3:
-            return _MISSING
-        n, head = _be16(p + 1), 3
-    elif c == 0xdb or c == 0xc6:
-        if size < 5:
-            return _MISSING
-        n, head = _be32(p + 1), 5
-    else:
-        return _MISSING
-    if size != head + n:
-        return _MISSING
-    if 0xc4 <= c <= 0xc6:
-        return PyBytes_FromStringAndSize(<const char*>(p + head), n)
-    try:
-        return PyUnicode_DecodeUTF8(<const char*>(p + head), n, NULL)
-    except UnicodeDecodeError:
-        return _MISSING  # msgpack says why
+    # One whole msgpack scalar (see _read_scalar); _MISSING for anything else, or more after it.
+    cdef Py_ssize_t pos = 0
+    value = _read_scalar(p, size, &pos)
+    return value if pos == size else _MISSING
 
 
 cdef inline double _now() noexcept nogil:

@@ -1487,7 +1487,7 @@ def records_from_rows(rows: Iterable, found: dict) -> None:
         found[task_id] = StateRecord(task_id, state, result, traceback, timestamp)
 
 
-def records_from_flat(task_ids: list, flat: list, found: dict) -> None:
+def records_from_flat(task_ids: Any, flat: Any, found: dict) -> None:
     """Put a StateRecord per id of ``task_ids`` that has a state in ``flat`` in ``found`` by id.
 
     ``flat`` holds four values per id, in order: state, result, traceback and
@@ -1495,27 +1495,28 @@ def records_from_flat(task_ids: list, flat: list, found: dict) -> None:
     state is read as UTF-8, the traceback as UTF-8 with bad bytes replaced, the
     timestamp as a float (0.0 when missing): ``RedisBackend.get_many_encoded``'s loop.
     """
-    if len(flat) != 4 * len(task_ids):
-        raise ValueError(f"{len(flat)} values for {len(task_ids)} ids (4 per id)")
-    for index, task_id in enumerate(task_ids):
-        state, result, traceback, date_done = flat[4 * index:4 * index + 4]
+    ids, values = tuple(task_ids), tuple(flat)
+    if len(values) != 4 * len(ids):
+        raise ValueError(f"{len(values)} values for {len(ids)} ids (4 per id)")
+    for index, task_id in enumerate(ids):
+        state, result, traceback, date_done = values[4 * index:4 * index + 4]
         if state is not None:
             found[task_id] = StateRecord(task_id, state.decode(), result,
                                          None if traceback is None else traceback.decode("utf-8", "replace"),
                                          float(date_done) if date_done is not None else 0.0)
 
 
-def decode_results(records: dict, load: Any) -> dict:
-    """``records`` (task id -> StateRecord) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
+def decode_results(records: Any, load: Any) -> dict:
+    """``records`` (task id -> record) with each bytes-like result decoded: ``Backend.decode_many``'s loop.
 
-    A result that is one msgpack scalar (nil, a bool, an int, a float, a str or a
-    bin) is read here, as ``msgpack.unpackb`` reads it; any other goes to
-    ``load(bytes)``. (This twin gives every result to ``load``: the same values.)
+    Each record becomes a StateRecord of the same fields (read as attributes
+    unless it is one already). A result that is one msgpack scalar (nil, a bool,
+    an int, a float, a str or a bin) is read here, as ``msgpack.unpackb`` reads
+    it; any other goes to ``load(bytes)``. (This twin gives every result to
+    ``load``: the same values.)
     """
     decoded = {}
     for task_id, record in records.items():
-        if not isinstance(record, StateRecord):
-            raise TypeError(f"decode_results decodes StateRecords, not {type(record).__name__}")
         result = record.result
         if isinstance(result, (bytes, bytearray, memoryview)):
             result = load(bytes(result))

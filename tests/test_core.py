@@ -351,7 +351,7 @@ def test_bad_payload_raises_on_access_only(core, payload):
 
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1),
-                     st.floats(allow_nan=False), st.text(max_size=300))
+                     st.floats(allow_nan=False), st.text(max_size=300), st.binary(max_size=300))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -360,7 +360,7 @@ def test_scalar_arguments_decode_as_msgpack_decodes_them(core, args, single):
     # A call's scalars without keyword arguments are read by the core itself: equal to msgpack's
     # reading, type for type (bool is not int, float is not int), fixarray or not.
     try:
-        payload = msgpack.packb([args, {}], use_single_float=single)
+        payload = msgpack.packb([args, {}], use_single_float=single, use_bin_type=True)
     except OverflowError:  # a double too large for a float32
         assume(False)
     msg = core.decode_message(pack(envelope(payload=payload)))
@@ -1484,3 +1484,20 @@ def test_records_from_rows_and_from_flat_make_the_records_the_loops_made(core):
         core.records_from_flat(["x"], flat, {})
     with pytest.raises(TypeError):
         core.records_from_rows([(1, "SUCCESS", None, None, 0.0)], {})
+
+    class Shrinking(float):  # reading it empties the list being read: nothing past its end is read
+        def __float__(self):
+            flat.clear()
+            return 1.0
+
+    flat = [b"SUCCESS", None, None, Shrinking(2.0), b"SUCCESS", None, None, None]
+    found = {}
+    core.records_from_flat(("x", "y"), flat, found)
+    assert sorted(found) == ["x", "y"] and found["x"].timestamp == 1.0
+
+
+def test_decode_results_takes_any_record_with_the_fields(core):
+    record = type("Record", (), {"task_id": "a", "state": "SUCCESS", "result": b"\x05", "traceback": None,
+                                 "timestamp": 2.0})()
+    decoded = core.decode_results({"a": record}, msgpack.unpackb)
+    assert decoded == {"a": core.StateRecord("a", "SUCCESS", 5, None, 2.0)}

@@ -375,7 +375,7 @@ class RedisBackend(Backend):
         for start in range(0, len(task_ids), READ_MANY):
             chunk = task_ids[start:start + READ_MANY]
             flat = read_many(keys=[KEY_PREFIX + task_id for task_id in chunk], client=client)
-            records_from_flat(list(chunk), list(flat), found)
+            records_from_flat(chunk, flat, found)
         return found
 
     def forget(self, task_id: str) -> None:
