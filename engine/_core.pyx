@@ -2396,8 +2396,8 @@ cdef int _queue_pending(producer, Pending pending) except -1:
         # GIL (no Python code, no allocation the cyclic collector could run a finalizer in), as do
         # the I/O thread's compiled takes and put-backs, and the I/O thread never counts on the
         # outbox staying as it was between two of its steps (it sends outside the lock anyway).
-        # A queue's first message, which makes its deque, takes the lock. The lock's acquire and
-        # release were a tenth of a plain call's instructions.
+        # A queue's first message, which makes its deque, takes the lock. (The lock's acquire and
+        # release were a large share of a plain call's instructions: bench/RESULTS.md.)
         first_in_queue = outbox.append(pending)
     # Only a message into an empty queue of the outbox wakes the I/O thread: one behind
     # others of its queue goes with them, in the dispatch already due or on the next
