@@ -57,8 +57,11 @@ def test_nothing_is_lost_while_processes_are_killed(tmp_path):
                 if victim == "child":
                     children = worker.children()
                     if children:
-                        os.kill(rng.choice(children).pid, signal.SIGKILL)
-                        kills["child"] += 1
+                        try:
+                            os.kill(rng.choice(children).pid, signal.SIGKILL)
+                            kills["child"] += 1
+                        except ProcessLookupError:  # it ended (and was reaped) since it was listed
+                            pass
                 else:
                     os.kill(worker.pid, signal.SIGKILL)
                     worker.proc.wait(10)
