@@ -252,10 +252,6 @@ cdef object _read_scalar(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos
     """
     cdef Py_ssize_t at = pos[0], n, head
     cdef unsigned char c
-    cdef uint64_t bits
-    cdef uint32_t bits32
-    cdef double number
-    cdef float single
     if at >= end:
         return _MISSING
     c = p[at]
@@ -291,13 +287,7 @@ cdef object _read_scalar(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos
         if at + 1 + n > end:
             return _MISSING
         pos[0] = at + 1 + n
-        if c == 0xcb:
-            bits = _be64(p + at + 1)
-            memcpy(&number, &bits, 8)
-            return number
-        bits32 = _be32(p + at + 1)
-        memcpy(&single, &bits32, 4)
-        return <double>single
+        return _be_float64(p + at + 1) if c == 0xcb else _be_float32(p + at + 1)
     if 0xa0 <= c <= 0xbf:
         n, head = c & 0x1f, 1
     elif c == 0xd9 or c == 0xc4:
@@ -1115,6 +1105,22 @@ cdef inline uint64_t _be64(const unsigned char* p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
 
 
+cdef inline double _be_float64(const unsigned char* p) noexcept nogil:
+    # A msgpack float64's 8 bytes (big-endian), as a double.
+    cdef uint64_t bits = _be64(p)
+    cdef double value
+    memcpy(&value, &bits, 8)
+    return value
+
+
+cdef inline double _be_float32(const unsigned char* p) noexcept nogil:
+    # A msgpack float32's 4 bytes (big-endian), widened to a double as msgpack widens it.
+    cdef uint32_t bits = _be32(p)
+    cdef float value
+    memcpy(&value, &bits, 4)
+    return <double>value
+
+
 cdef str _kind(unsigned char c):
     # The msgpack type a first byte announces, as the twin's error messages name it.
     if c <= 0x7f or c >= 0xe0 or 0xcc <= c <= 0xd3:
@@ -1308,25 +1314,17 @@ cdef object _read_time(_Reader* r, str field):
     _need_field(r, 1, field)
     cdef const unsigned char* p = r.buf + r.pos
     cdef unsigned char c = p[0]
-    cdef uint32_t bits32
-    cdef uint64_t bits64
-    cdef float f
-    cdef double d
     if c == 0xc0:
         r.pos += 1
         return None
     if c == 0xcb:
         _need_field(r, 9, field)
-        bits64 = _be64(p + 1)
-        memcpy(&d, &bits64, 8)
         r.pos += 9
-        return d
+        return _be_float64(p + 1)
     if c == 0xca:
         _need_field(r, 5, field)
-        bits32 = _be32(p + 1)
-        memcpy(&f, &bits32, 4)
         r.pos += 5
-        return <double>f
+        return _be_float32(p + 1)
     return float(_read_int(r, field, "a float or nil"))
 
 
@@ -1629,6 +1627,11 @@ def decode_message(data):
     Accepts bytes, bytearray or memoryview. The arguments stay packed until
     ``.args``/``.kwargs`` is read; a bad payload raises MessageDecodeError then.
     """
+    return _decode_message(data)
+
+
+cdef TaskMessage _decode_message(data):
+    # decode_message() itself, called from C without a Python call.
     cdef Py_buffer view
     if type(data) is bytes:
         return _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(data),
@@ -1872,10 +1875,7 @@ cdef class PlainRunner:
             return None
         started = _monotonic()
         try:
-            if type(payload) is bytes:
-                msg = _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
-            else:
-                msg = decode_message(payload)
+            msg = _decode_message(payload)
             msg._decode()
         except MessageDecodeError:
             return None
@@ -2471,10 +2471,7 @@ def take_plain(list raws not None, Py_ssize_t start, TaskRegistry registry not N
     for i in range(start, n):
         raw = raws[i]
         try:
-            if type(raw) is bytes:
-                msg = _decode_envelope(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
-            else:
-                msg = decode_message(raw)
+            msg = _decode_message(raw)
         except MessageDecodeError:
             return i
         task = tasks.get(msg._task)
@@ -2646,8 +2643,6 @@ def read_record(payload):
 cdef tuple _read_record(const unsigned char* buf, Py_ssize_t size):
     # The layout: 0x95, str, str, bin, str or nil, 0xcb + 8 bytes. None: another.
     cdef _Reader r
-    cdef uint64_t bits
-    cdef double timestamp
     if size < 14 or buf[0] != 0x95:
         return None
     r.buf, r.pos, r.end = buf, 1, size
@@ -2662,9 +2657,7 @@ cdef tuple _read_record(const unsigned char* buf, Py_ssize_t size):
         return None
     if r.end - r.pos != 9 or r.buf[r.pos] != 0xcb:
         return None
-    bits = _be64(r.buf + r.pos + 1)
-    memcpy(&timestamp, &bits, 8)
-    return (task_id, state, body, traceback, timestamp)
+    return (task_id, state, body, traceback, _be_float64(r.buf + r.pos + 1))
 
 
 def finish_done(child, list payloads not None, Py_ssize_t start, Py_ssize_t end, double now,
@@ -2741,8 +2734,6 @@ def finish_done(child, list payloads not None, Py_ssize_t start, Py_ssize_t end,
 cdef tuple _read_done(const unsigned char* buf, Py_ssize_t size):
     # The fixed layout: 0x95, str, str, 0xcb + 8 bytes, 0xc2/0xc3, a positive fixint. None: another.
     cdef _Reader r
-    cdef uint64_t bits
-    cdef double runtime
     if size < 14 or buf[0] != 0x95:
         return None
     r.buf, r.pos, r.end = buf, 1, size
@@ -2754,9 +2745,7 @@ cdef tuple _read_done(const unsigned char* buf, Py_ssize_t size):
     if r.end - r.pos != 11 or r.buf[r.pos] != 0xcb or (r.buf[r.pos + 9] != 0xc2 and r.buf[r.pos + 9] != 0xc3) \
             or r.buf[r.pos + 10] > 0x7f:
         return None
-    bits = _be64(r.buf + r.pos + 1)
-    memcpy(&runtime, &bits, 8)
-    return (task_id, state, runtime, r.buf[r.pos + 9] == 0xc3, <long>r.buf[r.pos + 10])
+    return (task_id, state, _be_float64(r.buf + r.pos + 1), r.buf[r.pos + 9] == 0xc3, <long>r.buf[r.pos + 10])
 
 
 # -- registry -------------------------------------------------------------------------------

@@ -687,17 +687,11 @@ class Supervisor:
             return
         now = time.monotonic()
         self.in_children += len(assigned)
-        events = self.events
-        if events is None:
-            touched = write_assigned(assigned, now, pipe.TASK)
-        else:  # each task's start is announced
-            touched = {}
+        touched = write_assigned(assigned, now, pipe.TASK)
+        if self.events is not None:  # each task that starts now is announced
             for child, entry in assigned:
                 if child.outstanding[0] is entry:
-                    entry.started = now
-                    events.task("started", entry.message.id, entry.message.task)
-                child.writer.add(pipe.TASK, entry.raw)
-                touched[child.pid] = child
+                    self.events.task("started", entry.message.id, entry.message.task)
         for child in touched.values():
             _safe_flush(child)
 
